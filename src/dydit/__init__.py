@@ -1,0 +1,29 @@
+"""dydit: the Dynamic Diffusion Transformer (DyDiT, arXiv 2410.03456) on top of DiT.
+
+Public API::
+
+    import dydit
+    model = dydit.create_model("DiT-XL/2")
+    model.load_state_dict(dydit.load_checkpoint("DiT-XL-2-256x256.pt"))
+"""
+
+from dydit.checkpoint import checkpoint_config, fit_state_dict, load_checkpoint
+from dydit.errors import CheckpointError, DyditError
+from dydit.factory import build_model, create_model
+from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODEL_NAMES",
+    "CheckpointError",
+    "DyditError",
+    "ModelConfig",
+    "__version__",
+    "build_model",
+    "checkpoint_config",
+    "create_model",
+    "fit_state_dict",
+    "get_model_config",
+    "load_checkpoint",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from dydit.cli import main
+
+sys.exit(main())

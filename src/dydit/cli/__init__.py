@@ -1,0 +1,73 @@
+"""The ``dydit`` command line. Each subcommand lives in its own module of this package.
+
+A subcommand module defines ``register(subparsers) -> None``, which adds a parser whose defaults
+set ``func`` to a callable taking the parsed arguments. Modules are discovered automatically.
+User errors (:class:`~dydit.errors.DyditError`, bad files, bad options) end in a one-line message
+and a non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from dydit.errors import DyditError
+
+# Subcommands listed first appear first in --help; others follow alphabetically.
+_ORDER = ("demo", "train", "finetune", "sample", "evaluate", "flops", "bench", "export")
+
+
+def _subcommand_modules() -> list[str]:
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dydit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dydit",
+        description="DyDiT: Dynamic Diffusion Transformers (timestep-wise dynamic width, "
+        "spatial-wise dynamic tokens) on top of DiT.",
+    )
+    parser.add_argument("--version", action="version", version=f"dydit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _subcommand_modules():
+        module = importlib.import_module(f"{__name__}.{name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or "--debug" in argv
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("dydit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's single error boundary
+        if debug:
+            raise
+        if isinstance(e, DyditError):
+            msg = str(e)
+        elif isinstance(e, OSError):
+            msg = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        else:
+            msg = f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback"
+        print(f"dydit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

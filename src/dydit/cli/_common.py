@@ -1,0 +1,56 @@
+"""Option types and helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from dydit.errors import DyditError
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    """A number in (0, 1], e.g. a FLOPs target lambda."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DyditError(f"device {name!r} requested but CUDA is not available")
+    return name
+
+
+def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "DiT-XL/2") -> None:
+    p.add_argument("--model", default=default_model, help="model preset, e.g. DiT-XL/2, DyDiT-S/2, DiT-Ti/2")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="input size in pixels; latent models use image_size/8 latents (default: preset)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="number of classes (default: preset)")
+    p.add_argument("--checkpoint", default=None, help="weights: .pt/.pth state dict or training dict, or .safetensors")

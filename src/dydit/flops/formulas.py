@@ -1,0 +1,71 @@
+"""The MAC formulas of DiT and DyDiT, in one place (METHOD.md §1.1, §5.3, §7.3).
+
+Convention: one multiply-accumulate counts as one FLOP, as in the DiT paper, so DiT-XL/2 at
+256 px costs about 118.6 G. Elementwise work (norms, modulation, activations, softmax) is not
+counted. All functions are plain arithmetic on ints and take no model object, so ``models`` can
+call into this module without a reverse import.
+"""
+
+from __future__ import annotations
+
+from dydit.constants import TIMESTEP_FREQ_DIM
+
+
+def linear_macs(tokens: int, d_in: int, d_out: int) -> int:
+    """A dense layer applied to ``tokens`` rows: tokens * d_in * d_out MACs."""
+    return tokens * d_in * d_out
+
+
+def attention_macs(tokens: int, width: int, active_heads: int | None = None, num_heads: int = 1) -> int:
+    """Multi-head self-attention: qkv N·D·3D + QKᵀ N²·D + AV N²·D + proj N·D·D = 4ND² + 2N²D.
+
+    With ``active_heads`` of ``num_heads`` heads running (TDW), every term scales by
+    active_heads / num_heads: qkv and QKᵀ/AV shrink with the active head dimension, and so
+    does the input dimension of ``proj``.
+    """
+    active = num_heads if active_heads is None else active_heads
+    d_active = width * active // num_heads
+    return (
+        linear_macs(tokens, width, 3 * d_active)  # q, k, v of the active heads
+        + 2 * tokens * tokens * d_active  # QKᵀ and AV
+        + linear_macs(tokens, d_active, width)  # proj
+    )
+
+
+def mlp_macs(tokens: int, width: int, hidden: int, active_groups: int | None = None, num_groups: int = 1) -> int:
+    """Two-layer MLP D -> hidden -> D: 2·N·D·hidden (8ND² for ratio 4), scaled by active groups."""
+    active = num_groups if active_groups is None else active_groups
+    h_active = hidden * active // num_groups
+    return linear_macs(tokens, width, h_active) + linear_macs(tokens, h_active, width)
+
+
+def layer_costs(tokens: int, width: int, mlp_ratio: float = 4.0) -> tuple[int, int]:
+    """Per-layer static costs (A, M) of attention and MLP: the constants of the FLOPs loss (§5.3)."""
+    return attention_macs(tokens, width), mlp_macs(tokens, width, int(width * mlp_ratio))
+
+
+def dit_macs_table(
+    *,
+    depth: int,
+    width: int,
+    num_heads: int,
+    patch_size: int,
+    input_size: int,
+    in_channels: int,
+    out_channels: int,
+    mlp_ratio: float = 4.0,
+) -> dict[str, int]:
+    """Per-component MACs of one DiT forward for one sample, in forward order.
+
+    Returns a dict of component name -> MACs; the total is ``sum(table.values())``.
+    """
+    n = (input_size // patch_size) ** 2
+    attn, mlp = layer_costs(n, width, mlp_ratio)
+    return {
+        "patch_embed": linear_macs(n, in_channels * patch_size**2, width),
+        "t_embedder": linear_macs(1, TIMESTEP_FREQ_DIM, width) + linear_macs(1, width, width),
+        "adaLN": depth * linear_macs(1, width, 6 * width),
+        "attention": depth * attn,
+        "mlp": depth * mlp,
+        "final_layer": linear_macs(1, width, 2 * width) + linear_macs(n, width, patch_size**2 * out_channels),
+    }

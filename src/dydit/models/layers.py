@@ -1,0 +1,145 @@
+"""DiT building blocks, written in paper order (DiT, arXiv 2212.09748; METHOD.md §1.2).
+
+Module and parameter names follow the official DiT checkpoints exactly (``x_embedder.proj``,
+``t_embedder.mlp.0``/``.2``, ``y_embedder.embedding_table``, ``attn.qkv``/``attn.proj``,
+``mlp.fc1``/``mlp.fc2``) so that official state dicts load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dydit.constants import TIMESTEP_FREQ_DIM
+from dydit.flops import formulas
+from dydit.flops.counter import record
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation x·(1 + scale) + shift, broadcast over tokens. x: (B, N, D); shift/scale: (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
+    """Fixed 2-D sin-cos position table of shape (grid_size², dim), MAE recipe (METHOD.md §1.2 item 2).
+
+    The first half of the channels encodes the column (w) coordinate and the second half the row
+    (h) coordinate; each half concatenates [sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(−k/(dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # each (grid, grid), w varies fastest
+
+    def encode_1d(pos: Tensor) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)  # (M, dim/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim/2)
+
+    return torch.cat([encode_1d(grid_w), encode_1d(grid_h)], dim=1).float()  # (grid², dim)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> tokens (B, N, D) with a stride-p convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        b, d, h, w = x.shape
+        record("patch_embed", b * formulas.linear_macs(h * w, self.proj.in_channels * self.patch_size**2, d))
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (B,) -> E_t (B, D): sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQ_DIM):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """[cos(t·f), sin(t·f)] with f_k = exp(−ln(max_period)·k/half); t may be fractional. (B,) -> (B, dim)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = self.timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        d = self.mlp[2].out_features
+        record("t_embedder", t.shape[0] * (formulas.linear_macs(1, self.frequency_dim, d) + d * d))
+        return self.mlp(freq)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (B,) -> E_y (B, D). Row ``num_classes`` is the null class for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: Tensor) -> Tensor:
+        """Replace each label by the null class with probability ``dropout_prob`` (training only)."""
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: Tensor, train: bool) -> Tensor:
+        if train and self.dropout_prob > 0:
+            labels = self.token_drop(labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and SDPA (no q/k norm, as in DiT)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)  # rows [q; k; v], each head-major
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def heads(self, x: Tensor) -> Tensor:
+        """Per-head attention outputs, concatenated head-major before ``proj``. (B, N, D) -> (B, N, D)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, d)
+        record("attention", b * formulas.attention_macs(n, d))
+        return out.transpose(1, 2).reshape(b, n, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.heads(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.shape[:-1].numel()
+        record("mlp", formulas.mlp_macs(tokens, self.fc1.in_features, self.fc1.out_features))
+        return self.fc2(self.act(self.fc1(x)))

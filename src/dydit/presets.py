@@ -1,0 +1,136 @@
+"""Typed registry of model presets (METHOD.md §1.1).
+
+``MODEL_PRESETS`` maps names such as ``"DiT-XL/2"`` to a :class:`ModelConfig`; ``"DyDiT-XL/2"``
+resolves to the same architecture with ``dynamic=True``. Small single-channel presets
+(``DiT-Ti/*``, ``DiT-Mi/*``) target 28/32-pixel data such as Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dydit.errors import DyditError
+
+RouterLayout = Literal["forced_first", "all"]
+ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DiT or DyDiT. Serialises to a plain dict with :meth:`to_dict`."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    dynamic: bool = False
+    router_layout: RouterLayout = "forced_first"
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels"):
+            if getattr(self, name) <= 0:
+                raise DyditError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 1:
+            raise DyditError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.hidden_size % self.num_heads:
+            raise DyditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise DyditError(
+                f"image/latent size {self.input_size} is not divisible by the patch size {self.patch_size}"
+            )
+        if self.router_layout not in ROUTER_LAYOUTS:
+            raise DyditError(f"router_layout must be one of {ROUTER_LAYOUTS}, got {self.router_layout!r}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise DyditError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.hidden_size % 4:
+            raise DyditError("hidden_size must be divisible by 4 (2-D sin-cos position embedding)")
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DyditError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        bad = set(overrides) - known
+        if bad:
+            raise DyditError(f"unknown model option(s) {sorted(bad)}; valid: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# (depth, width, heads) of the four DiT sizes, METHOD.md §1.1.
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# Small single-channel sizes for 28/32-pixel data (10 classes, pixel space).
+_SMALL_SIZES = {"Ti": (6, 192, 6), "Mi": (8, 256, 8)}
+
+MODEL_PRESETS: dict[str, ModelConfig] = {}
+for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
+    for _p in (2, 4, 8):
+        MODEL_PRESETS[f"DiT-{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p)
+for _size, (_depth, _width, _heads) in _SMALL_SIZES.items():
+    for _p in (2, 4):
+        MODEL_PRESETS[f"DiT-{_size}/{_p}"] = ModelConfig(
+            _depth, _width, _heads, _p, input_size=32, in_channels=1, num_classes=10
+        )
+
+DIT_NAMES: tuple[str, ...] = tuple(MODEL_PRESETS)
+MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple("DyDiT" + n[3:] for n in DIT_NAMES)
+
+
+def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+    """Resolve a preset name (``DiT-XL/2``, ``DyDiT-S/2``, ...) and apply overrides."""
+    dynamic = name.startswith("DyDiT-")
+    base = "DiT-" + name[len("DyDiT-") :] if dynamic else name
+    if base not in MODEL_PRESETS:
+        close = difflib.get_close_matches(name, MODEL_NAMES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise DyditError(f"unknown model {name!r}.{hint} Valid models: {', '.join(MODEL_NAMES)}")
+    cfg = MODEL_PRESETS[base]
+    if dynamic:
+        overrides = {"dynamic": True, **overrides}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def preset_name(cfg: ModelConfig) -> str | None:
+    """The preset whose architecture (depth, width, heads, patch) matches ``cfg``, if any."""
+    for name, p in MODEL_PRESETS.items():
+        if (p.depth, p.hidden_size, p.num_heads, p.patch_size) == (
+            cfg.depth,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.patch_size,
+        ):
+            return ("DyDiT" + name[3:]) if cfg.dynamic else name
+    return None
