@@ -1,5 +1,6 @@
 """Networks: DiT (static) and DyDiT (dynamic width and tokens)."""
 
 from dydit.models.dit import DiT, DiTBlock, FinalLayer
+from dydit.models.dydit import DyDiT, DyDiTBlock, RoutingStats, WidthPlan, execution
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer"]
+__all__ = ["DiT", "DiTBlock", "DyDiT", "DyDiTBlock", "FinalLayer", "RoutingStats", "WidthPlan", "execution"]
