@@ -18,21 +18,27 @@ loss needs come from :meth:`DyDiT.forward_with_routing`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import fit_state_dict, guess_preset, read_file, state_dict_from_object
 from dydit.constants import TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
-from dydit.errors import DyditError
+from dydit.errors import CheckpointError, DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
 from dydit.models.dit import DiT, DiTBlock
 from dydit.models.layers import modulate
 from dydit.models.routers import TokenRouter, WidthRouter
-from dydit.presets import ModelConfig
+from dydit.presets import ModelConfig, get_model_config
+
+_log = logging.getLogger(__name__)
 
 # Sub-module names that exist in DyDiT but not in DiT (METHOD.md §12).
 ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
@@ -184,8 +190,6 @@ class DyDiT(DiT):
     @classmethod
     def from_dit(cls, dit: DiT, router_layout: str | None = None) -> DyDiT:
         """A DyDiT with ``dit``'s weights and freshly initialised routers (same device/dtype/mode)."""
-        from dydit.checkpoint import fit_state_dict
-
         cfg = dit.config.replace(dynamic=True, router_layout=router_layout or dit.config.router_layout)
         model = cls(cfg)
         ref = next(dit.parameters())
@@ -258,3 +262,120 @@ def execution(model: DyDiT, mode: str) -> Iterator[DyDiT]:
         yield model
     finally:
         model.execution = previous
+
+
+# Checkpoints (METHOD.md §12) ---------------------------------------------------------------
+def detect_router_layout(sd: Mapping[str, Tensor], num_heads: int) -> str | None:
+    """Router layout of a state dict from its width-router shapes; None when it has no width routers.
+
+    H - 1 outputs: ``"forced_first"`` (current release); H outputs: ``"all"`` (Dec-2024 release).
+    """
+    suffixes = ("attn_rate.router.weight", "mlp_rate.router.weight")
+    outputs = {v.shape[0] for k, v in sd.items() if k.endswith(suffixes)}
+    if not outputs:
+        return None
+    if len(outputs) > 1:
+        raise CheckpointError(f"width routers disagree on their output count: {sorted(outputs)}")
+    k = outputs.pop()
+    if k == num_heads - 1:
+        return "forced_first"
+    if k == num_heads:
+        return "all"
+    raise CheckpointError(
+        f"width routers have {k} outputs, which fits neither layout for {num_heads} heads "
+        f"(forced_first: {num_heads - 1}, all: {num_heads}); is the checkpoint for another model size?"
+    )
+
+
+def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | None = None) -> list[str]:
+    """Load ``sd`` (a DyDiT or a plain DiT state dict) into ``model`` strictly.
+
+    A plain DiT state dict may lack exactly the router keys, which keep their initialisation; the
+    keys left initialised are returned (empty for a DyDiT checkpoint). ``layout`` forces a router
+    layout and must agree with the checkpoint. Any other mismatch raises CheckpointError.
+    """
+    sd = dict(sd)
+    try:
+        detected = detect_router_layout(sd, model.config.num_heads)
+    except CheckpointError:
+        fit_state_dict(model, sd)  # reports every mismatch and names the model the file looks like
+        raise
+    if layout is not None and detected is not None and layout != detected:
+        raise CheckpointError(
+            f"router layout {layout!r} was requested, but the checkpoint's width routers have "
+            f"{'H-1' if detected == 'forced_first' else 'H'} outputs (layout {detected!r})"
+        )
+    wanted = detected or layout
+    if wanted is not None and wanted != model.router_layout:
+        raise CheckpointError(
+            f"the model uses router layout {model.router_layout!r} but the checkpoint needs {wanted!r}; "
+            f"build the model with router_layout={wanted!r}"
+        )
+    return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if detected is None else ())
+
+
+def has_routers(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict holds any DyDiT router weights."""
+    return any(m in k for k in sd for m in ROUTER_KEY_MARKERS)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig | None]:
+    """(state dict, stored model config or None) of a checkpoint file, reading it once."""
+    obj, meta = read_file(path)
+    raw = json.loads(meta["config"]) if "config" in meta else obj.get("config")
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        raw = raw["model"]
+    stored = ModelConfig.from_dict(raw) if isinstance(raw, dict) else None
+    return state_dict_from_object(obj, str(path)), stored
+
+
+def resolve_config(
+    sd: Mapping[str, Tensor], stored: ModelConfig | None = None, config: ModelConfig | str | None = None
+) -> ModelConfig:
+    """The model config for ``sd``: ``config`` (a ModelConfig or preset name), else ``stored``,
+    else the preset matching the shapes, with input size, channels and classes read from them."""
+    if isinstance(config, str):
+        return get_model_config(config)
+    if config is not None or stored is not None:
+        return config or stored
+    name = guess_preset(dict(sd))
+    if name is None:
+        raise CheckpointError("cannot tell which model this checkpoint belongs to; pass its model config")
+    base = get_model_config(name)
+    p = base.patch_size
+    in_channels = sd["x_embedder.proj.weight"].shape[1]
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    return base.replace(
+        input_size=round(sd["pos_embed"].shape[1] ** 0.5) * p,
+        in_channels=in_channels,
+        num_classes=rows - 1 if base.class_dropout_prob > 0 else rows,
+        learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * in_channels * p * p,
+    )
+
+
+def load_dydit_checkpoint(
+    source: str | os.PathLike | Mapping[str, Tensor],
+    config: ModelConfig | str | None = None,
+    layout: str | None = None,
+) -> DyDiT:
+    """Build a DyDiT for a checkpoint file (or state dict) and load it strictly, in eval mode.
+
+    The config comes from :func:`resolve_config`. The router layout is read from the
+    width-router shapes (``layout`` may force one; a disagreement raises CheckpointError). A plain
+    DiT checkpoint gets fresh routers; the keys left initialised are logged.
+    """
+    if isinstance(source, Mapping):
+        sd, stored = state_dict_from_object(dict(source), "state dict"), None
+    else:
+        sd, stored = read_checkpoint(source)
+    cfg = resolve_config(sd, stored, config)
+    try:
+        detected = detect_router_layout(sd, cfg.num_heads)
+    except CheckpointError:
+        detected = None  # load_dydit_state_dict reports the full mismatch
+    cfg = cfg.replace(dynamic=True, router_layout=detected or layout or cfg.router_layout)
+    model = DyDiT(cfg)
+    fresh = load_dydit_state_dict(model, sd, layout)
+    if fresh:
+        _log.info("initialised %d router parameters that the checkpoint lacks", len(fresh))
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Training: pretraining and DyDiT fine-tuning (METHOD.md §5, §6)."""
