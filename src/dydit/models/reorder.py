@@ -70,7 +70,7 @@ def permute_heads(block: nn.Module, order: Tensor) -> None:
     order = order.to(attn.qkv.weight.device)
     attn.qkv.weight.copy_(attn.qkv.weight.reshape(3, h, d, width)[:, order].reshape(3 * h * d, width))
     attn.qkv.bias.copy_(attn.qkv.bias.reshape(3, h, d)[:, order].reshape(-1))
-    attn.proj.weight.copy_(attn.proj.weight.reshape(width, h, d)[:, :, order].reshape(width, h * d))
+    attn.proj.weight.copy_(attn.proj.weight.reshape(width, h, d)[:, order].reshape(width, h * d))
     if hasattr(block, "attn_rate"):
         _permute_router(block.attn_rate, order)
 
