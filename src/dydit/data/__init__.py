@@ -1,0 +1,71 @@
+"""Training data: datasets named by a spec string, and a resumable batch stream.
+
+``make_dataset(spec)`` understands
+
+- ``"fashion-mnist"`` or ``"fashion-mnist:/dir"`` -- the Debian package's idx files (default data),
+- ``"fashion-mnist-test"`` -- its 10 000-image test split,
+- ``"digits"`` -- scikit-learn's 8x8 digits (tiny tests),
+- ``"folder:/path"`` -- an ImageFolder-style directory, ADM centre crop,
+- ``"latents:/path"`` -- a latent cache written by :func:`~dydit.data.latents.encode_dataset`.
+
+Every dataset carries a :class:`~dydit.data.base.DataInfo` (channels, size, classes, codec,
+whether flips make sense). See METHOD.md §1.6 and §6 for the recipes these follow.
+"""
+
+from __future__ import annotations
+
+from dydit.data.base import ArrayDataset, DataInfo, ImageDataset
+from dydit.data.loader import DataStream, derive_seed
+from dydit.errors import DyditError
+
+DATASET_KINDS: tuple[str, ...] = ("fashion-mnist", "fashion-mnist-test", "digits", "folder:", "latents:")
+
+
+def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> ImageDataset:
+    """The dataset a spec string names (see the module docstring).
+
+    Args:
+        spec: dataset spec.
+        image_size: output size for pixel datasets (default: 32 for Fashion-MNIST, 8 for digits,
+            256 for folders); latent caches have a fixed size and reject a different one.
+        fit: how small images reach ``image_size``: ``"pad"`` or ``"resize"``.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind in ("fashion-mnist", "fashion-mnist-test"):
+        from dydit.data.fashion_mnist import load_fashion_mnist
+
+        split = "test" if kind.endswith("-test") else "train"
+        return load_fashion_mnist(arg or None, split=split, image_size=image_size, fit=fit)
+    if kind == "digits" and not arg:
+        from dydit.data.digits import load_digits
+
+        return load_digits(image_size=image_size, fit=fit)
+    if kind == "folder" and arg:
+        from dydit.data.imagefolder import ImageFolderDataset
+
+        return ImageFolderDataset(arg, image_size=image_size)
+    if kind == "latents" and arg:
+        from dydit.data.latents import LatentDataset
+
+        ds = LatentDataset(arg)
+        if image_size is not None and image_size != ds.info.image_size:
+            raise DyditError(
+                f"latent cache {arg} holds {ds.info.image_size}x{ds.info.image_size} latents, "
+                f"not {image_size}x{image_size}"
+            )
+        return ds
+    raise DyditError(
+        f"unknown dataset spec {spec!r}; use one of: fashion-mnist[:DIR], fashion-mnist-test, digits, "
+        "folder:PATH, latents:PATH"
+    )
+
+
+__all__ = [
+    "DATASET_KINDS",
+    "ArrayDataset",
+    "DataInfo",
+    "DataStream",
+    "ImageDataset",
+    "derive_seed",
+    "make_dataset",
+]

@@ -1,0 +1,179 @@
+"""Training states and EMA exports (METHOD.md §6.2, §12; DESIGN.md §3 rule 7).
+
+Two kinds of files, as in k-diffusion and EDM2:
+
+- the **training state** ``checkpoints/state.pt``: model, EMA, optimizer, step, data position,
+  RNG states (as tensors), the config as a plain dict and the package version. Only dicts,
+  lists, numbers, strings and tensors, so it loads with ``torch.load(weights_only=True)``.
+- the **EMA export** ``ema.safetensors``: the EMA weights, with the configuration as JSON under
+  the metadata key ``"config"`` (``{"model": ModelConfig.to_dict(), "data": ..., "train": ...}``),
+  which is what sampling and evaluation load (:func:`dydit.checkpoint.checkpoint_config`).
+
+Every write goes to a temporary file in the same directory, is flushed to disk, and then
+``os.replace``-d over the old file: the previous checkpoint stays intact until the new one is
+complete, and a failed write (full disk, no permission) loses nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dydit.errors import CheckpointError, DyditError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.pt"
+EXPORT_FILE = "ema.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FORMAT = "dydit-train-state"
+STATE_VERSION = 1
+
+
+def state_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
+
+
+def export_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / EXPORT_FILE
+
+
+_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
+
+    The temporary file is removed when anything fails, and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise DyditError(f"cannot write {path}: {reason}{kept}") from None
+    return path
+
+
+# RNG states as tensors ------------------------------------------------------------------------
+def capture_rng() -> dict[str, Any]:
+    """The torch CPU and CUDA generator states, as uint8 tensors."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Training state -------------------------------------------------------------------------------
+def _cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def make_state(
+    *,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    data: dict[str, int],
+    config: dict[str, Any],
+    model_config: dict[str, Any],
+    data_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The training state as plain containers and tensors (``weights_only``-loadable)."""
+    from dydit import __version__
+
+    return {
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "version": __version__,
+        "step": int(step),
+        "model": _cpu_state_dict(model),
+        "ema": _cpu_state_dict(ema),
+        "optimizer": optimizer.state_dict(),
+        "data": dict(data),
+        "rng": capture_rng(),
+        "config": {"model": model_config, "data": data_info, "train": config},
+    }
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write a training state made by :func:`make_state`."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training state with ``weights_only=True``; CheckpointError if it is not one."""
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"training state not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing checkpoint error
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read training state {path}: {msg}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a dydit training state")
+    return state
+
+
+# EMA export -----------------------------------------------------------------------------------
+def export_weights(
+    path: str | os.PathLike,
+    module: nn.Module,
+    config: dict[str, Any],
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Atomically write ``module``'s weights as safetensors with ``config`` (JSON) under "config"."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    metadata = {"config": json.dumps(config), "format": "pt", **(extra_metadata or {})}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def export_state(state_file: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:
+    """Write the ``ema`` (or ``model``) weights of a training state as a safetensors export."""
+    from safetensors.torch import save_file
+
+    if which not in ("ema", "model"):
+        raise DyditError(f"export 'ema' or 'model' weights, not {which!r}")
+    state = load_state(state_file)
+    tensors = {k: v.contiguous() for k, v in state[which].items()}
+    config = {**state["config"], "step": state["step"], "version": state["version"], "weights": which}
+    metadata = {"config": json.dumps(config), "format": "pt"}
+    return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Atomically write the resolved run config as ``config.json``."""
+    text = json.dumps(config, indent=2) + "\n"
+    return atomic_write(Path(run_dir) / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))

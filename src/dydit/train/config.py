@@ -1,0 +1,157 @@
+"""The typed configuration of one training run (METHOD.md §1.6, §6; DESIGN.md §3 rule 4).
+
+One frozen dataclass covers DiT pre-training and DyDiT fine-tuning: they differ by the model
+preset (``DyDiT-*`` routes), ``init_from`` and the FLOPs target λ. The resolved config is saved as
+``config.json`` in the run directory and inside every training state and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dydit.constants import FLOPS_LOSS_WEIGHT, TARGET_HOLD_STEPS
+from dydit.errors import DyditError
+from dydit.flops.analytic import check_target
+from dydit.presets import ModelConfig, get_model_config
+
+GradGuard = Literal["clip", "skip", "none"]
+GRAD_GUARDS: tuple[str, ...] = ("clip", "skip", "none")
+FITS: tuple[str, ...] = ("pad", "resize")
+
+# Fields that may change between an interrupted run and its resumption without changing results
+# (or that only say how far to go); all other fields must match the stored config.
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"out_dir", "steps", "ckpt_every", "log_every", "num_workers", "device", "progress"}
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Durations are in optimisation steps.
+
+    Model:
+        model: preset name (``DiT-Ti/2``, ``DyDiT-S/2``, ...); ``model_overrides`` replace fields
+            of its :class:`~dydit.presets.ModelConfig` (``input_size``, ``in_channels`` and
+            ``num_classes`` are taken from the data unless overridden).
+        init_from: checkpoint to start from (a DiT for fine-tuning, or weights to continue).
+    Data:
+        data: dataset spec (``fashion-mnist``, ``digits``, ``folder:PATH``, ``latents:PATH``).
+        image_size, fit: pixel size and how small images reach it (``pad`` or ``resize``).
+        flip: horizontal flips (None: the dataset's default, off for digits).
+    Optimisation (METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; global ``batch_size``
+        split over the processes; ``grad_guard`` "clip" scales gradients to norm ``grad_threshold``,
+        "skip" skips the update when the norm exceeds it; one optimizer step per iteration at most.
+    EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` uses
+        min(decay, (1 + step) / (10 + step)) for short runs.
+    DyDiT (METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t
+        schedule, ``complete_steps`` iterations with the complete-model loss, ``flops_weight``,
+        ``stratified_t`` (None: on for DyDiT, off for DiT).
+    Runtime: ``bf16`` autocast, ``grad_checkpointing``, ``device``, ``num_workers``, ``progress``.
+    """
+
+    out_dir: str = "runs/train"
+    model: str = "DiT-Ti/2"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    data: str = "fashion-mnist"
+    image_size: int | None = None
+    fit: str = "pad"
+    flip: bool | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    steps: int = 1000
+    ckpt_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    grad_guard: GradGuard = "clip"
+    grad_threshold: float = 200.0
+    target: float | None = None
+    target_warmup_steps: int = 1000
+    target_hold_steps: int = TARGET_HOLD_STEPS
+    complete_steps: int = 0
+    flops_weight: float = FLOPS_LOSS_WEIGHT
+    stratified_t: bool | None = None
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "steps", "ckpt_every", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise DyditError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        non_negative = ("target_warmup_steps", "target_hold_steps", "complete_steps", "num_workers", "seed")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise DyditError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise DyditError(f"learning rate must be positive, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise DyditError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DyditError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_guard not in GRAD_GUARDS:
+            raise DyditError(f"grad_guard must be one of {GRAD_GUARDS}, got {self.grad_guard!r}")
+        if self.grad_guard != "none" and not self.grad_threshold > 0:
+            raise DyditError(f"grad_threshold must be positive, got {self.grad_threshold}")
+        if self.fit not in FITS:
+            raise DyditError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if not self.flops_weight >= 0:
+            raise DyditError(f"FLOPs loss weight must be >= 0, got {self.flops_weight}")
+        if self.target is not None:
+            check_target(self.target)
+        dynamic = self.model_config().dynamic
+        if dynamic and self.target is None:
+            raise DyditError(f"{self.model} is a DyDiT: set the FLOPs target lambda in (0, 1] (--target)")
+        if not dynamic and (self.target is not None or self.complete_steps):
+            raise DyditError(
+                f"{self.model} is a static DiT: a FLOPs target and complete-model steps need DyDiT"
+            )
+
+    # Derived --------------------------------------------------------------------------------
+    def model_config(self, **data_defaults: Any) -> ModelConfig:
+        """The model's config: preset, then ``data_defaults`` (channels/size/classes), then overrides."""
+        return get_model_config(self.model, **{**data_defaults, **self.model_overrides})
+
+    @property
+    def dynamic(self) -> bool:
+        return self.model_config().dynamic
+
+    @property
+    def use_stratified_t(self) -> bool:
+        return self.dynamic if self.stratified_t is None else self.stratified_t
+
+    # Serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DyditError(f"unknown training config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resume_conflicts(self, stored: dict[str, Any]) -> list[str]:
+        """Fields whose values differ from a stored run's config in a way that changes results."""
+        mine = self.to_dict()
+        return [
+            f"{k}: {stored.get(k)!r} -> {mine[k]!r}"
+            for k in mine
+            if k not in RESUMABLE_CHANGES and stored.get(k) != mine[k]
+        ]

@@ -1,0 +1,195 @@
+"""One training iteration: the loss composition and the guarded optimizer step (METHOD.md §5, §6.3).
+
+The objective of METHOD.md §5.5, spelled out in :func:`compute_loss`:
+
+    L = L_diff(DyDiT, masked)                      §5.1, every iteration
+      + L_diff(complete DiT, same weights)         §5.2, while step < complete_steps
+      + w · (ρ − λ_t)²                             §5.3, ρ the batch-mean FLOPs ratio
+
+For a static DiT only the first term exists. :func:`guarded_step` then takes at most one
+optimizer step (the reference stage-1 script takes two, §6.2): with ``clip`` the gradients are
+scaled to the threshold norm, with ``skip`` the update is skipped when the norm exceeds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dydit.constants import NUM_TIMESTEPS
+from dydit.diffusion import GaussianDiffusion
+from dydit.flops.analytic import flops_loss, flops_ratio
+from dydit.models.dydit import RoutingStats, execution
+
+# Router statistics are summarised per timestep bucket: t in [k·T/4, (k+1)·T/4) for k = 0..3.
+ROUTER_BUCKETS = 4
+_ROUTER_FIELDS = ("count", "heads", "groups", "tokens")
+
+
+class TrainForward(nn.Module):
+    """The module DDP wraps: one call is one network pass in a named execution.
+
+    ``forward(x, t, y, mode)`` returns ``(output, routing)``: for a DyDiT in ``"masked"`` mode the
+    routing statistics of :meth:`DyDiT.forward_with_routing`; ``"dense"`` is the complete model
+    (routers bypassed); a static DiT always returns ``routing=None``. DDP must see every network
+    pass through its own ``forward``, hence this wrapper instead of calling the model's methods.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dynamic = bool(model.config.dynamic)
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, mode: str = "masked"
+    ) -> tuple[Tensor, RoutingStats | None]:
+        if not self.dynamic:
+            return self.model(x, t, y), None
+        if mode == "dense":
+            with execution(self.model, "dense"):
+                return self.model(x, t, y), None
+        return self.model.forward_with_routing(x, t, y)
+
+
+def compute_loss(
+    net: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: Tensor,
+    y: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    *,
+    lambda_t: float | None = None,
+    complete: bool = False,
+    flops_weight: float = 2.0,
+    layer_costs: tuple[float, float] = (1.0, 1.0),
+    bf16: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
+    """The training loss of one batch (METHOD.md §5.5) and its parts for logging.
+
+    Args:
+        net: a :class:`TrainForward` (possibly DDP-wrapped).
+        diffusion: the training diffusion (all T steps).
+        x0: (B, C, H, W) clean data; y: (B,) labels; t: (B,) step indices; noise: ε like x0.
+        lambda_t: the FLOPs target of this step (DyDiT), None for a static DiT.
+        complete: add the complete-model loss (§5.2).
+        flops_weight: w of the FLOPs loss; layer_costs: per-layer (A, M) of §5.3.
+        bf16: run the network under bfloat16 autocast (the losses stay in float32).
+    Returns:
+        (loss, parts, routing): the scalar loss, a dict of detached scalars, the router decisions.
+    """
+    cast = torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    x_t = diffusion.q_sample(x0, t, noise)
+    t_model = diffusion.original_timesteps(t)
+    with cast:
+        out, routing = net(x_t, t_model, y, "masked")
+    terms = diffusion.loss_terms(out.float(), x0, x_t, t, noise)
+    loss = terms["loss"].mean()  # §5.1: hybrid loss of the (dynamic) network
+    parts = {
+        "loss_diffusion": loss.detach(),
+        "mse": terms["mse"].mean().detach(),
+        "vb": terms["vb"].mean().detach(),
+    }
+    if complete:
+        with cast:
+            full, _ = net(x_t, t_model, y, "dense")
+        complete_loss = diffusion.loss_terms(full.float(), x0, x_t, t, noise)["loss"].mean()
+        loss = loss + complete_loss  # §5.2: keep the complete model healthy while routers prune
+        parts["loss_complete"] = complete_loss.detach()
+    if routing is not None:
+        assert lambda_t is not None, "a DyDiT step needs a FLOPs target"
+        rho = flops_ratio(routing, *layer_costs)
+        loss_flops = flops_loss(rho, lambda_t, flops_weight)
+        loss = loss + loss_flops  # §5.3: w·(ρ − λ_t)²
+        parts.update(flops_ratio=rho.detach(), loss_flops=loss_flops.detach())
+    parts["loss"] = loss.detach()
+    return loss, parts, routing
+
+
+def grad_norm(params: list[Tensor]) -> Tensor:
+    """Global 2-norm of the gradients of ``params`` (a 0-dim tensor)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def guarded_step(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], guard: str, threshold: float
+) -> tuple[float, bool]:
+    """At most one optimizer step after backward (METHOD.md §6.2 gradient-norm guard).
+
+    ``clip``: scale the gradients by min(1, threshold / norm), then step. ``skip``: step only if
+    norm <= threshold. ``none``: always step. A non-finite norm never steps.
+    Returns (norm before clipping, whether the optimizer stepped).
+    """
+    norm = grad_norm(params)
+    value = float(norm)
+    if not math.isfinite(value) or (guard == "skip" and value > threshold):
+        optimizer.zero_grad(set_to_none=True)
+        return value, False
+    if guard == "clip" and value > threshold:
+        scale = threshold / (value + 1e-6)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+    optimizer.step()
+    return value, True
+
+
+def route_buckets(routing: RoutingStats, t: Tensor, num_timesteps: int = NUM_TIMESTEPS) -> Tensor:
+    """Sums of (count, head, group, token keep ratios) per timestep bucket: (ROUTER_BUCKETS, 4).
+
+    Divide columns 1..3 by column 0 (after summing over steps and ranks) for mean keep ratios.
+    """
+    bucket = (t.long() * ROUTER_BUCKETS // num_timesteps).clamp(0, ROUTER_BUCKETS - 1)  # (B,)
+    per_sample = torch.stack(
+        [
+            torch.ones(t.shape[0], device=t.device),
+            routing.heads.detach().float().mean((1, 2)),
+            routing.groups.detach().float().mean((1, 2)),
+            routing.tokens.detach().float().mean((1, 2)),
+        ],
+        dim=1,
+    )  # (B, 4)
+    sums = torch.zeros(ROUTER_BUCKETS, len(_ROUTER_FIELDS), device=t.device)
+    return sums.index_add_(0, bucket, per_sample)
+
+
+def router_report(bucket_sums: Tensor) -> dict[str, float]:
+    """Mean keep ratios per bucket: ``router/t{k}/{heads,groups,tokens}``."""
+    out = {}
+    for k, row in enumerate(bucket_sums.tolist()):
+        if row[0] > 0:
+            for name, value in zip(_ROUTER_FIELDS[1:], row[1:]):
+                out[f"router/t{k}/{name}"] = value / row[0]
+    return out
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations in the backward pass (non-reentrant checkpointing).
+
+    Wraps the block methods the forward passes call (``forward`` and DyDiT's ``forward_masked``)
+    on the instances, so the state dict and the class are unchanged. RNG state is preserved, so the
+    recomputed Gumbel noise and masks are the ones of the forward pass. Create the EMA copy before
+    calling this.
+    """
+    for block in model.blocks:
+        for name in ("forward", "forward_masked"):
+            method = getattr(block, name, None)
+            if method is not None:
+                setattr(block, name, _checkpointed(method))
+
+
+def _checkpointed(method: Any) -> Any:
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return method(*args, **kwargs)
+        return checkpoint(method, *args, use_reentrant=False, **kwargs)
+
+    return run
