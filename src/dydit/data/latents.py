@@ -86,17 +86,19 @@ def encode_dataset(
     pending: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flip": []}
     shape: tuple[int, ...] | None = None
 
-    def flush() -> None:
-        if not pending["labels"]:
-            return
-        tensors = {k: torch.cat(v).contiguous() for k, v in pending.items() if v}
-        name = _shard_name(len(shards))
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "count": len(tensors["labels"])})
-        for v in pending.values():
-            v.clear()
+    def flush(final: bool) -> None:
+        """Write shards of ``shard_size`` items while enough are pending; the rest too when final."""
+        while (count := sum(len(v) for v in pending["labels"])) >= shard_size or (final and count):
+            limit = min(count, shard_size)
+            merged = {k: torch.cat(v) for k, v in pending.items() if v}
+            tensors = {k: v[:limit].contiguous() for k, v in merged.items()}
+            name = _shard_name(len(shards))
+            tmp = out / (name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, out / name)
+            shards.append({"file": name, "count": len(tensors["labels"])})
+            for k, v in merged.items():
+                pending[k] = [v[limit:]] if len(v) > limit else []
 
     for x, y in tqdm(loader, desc="encoding latents", unit="batch", disable=not progress):
         x = x.to(device)
@@ -106,9 +108,8 @@ def encode_dataset(
         pending["labels"].append(y.long())
         if flip:
             pending["latents_flip"].append(encode(x.flip(-1)).float().cpu().to(_DTYPES[dtype]))
-        if sum(len(v) for v in pending["labels"]) >= shard_size:
-            flush()
-    flush()
+        flush(final=False)
+    flush(final=True)
     assert shape is not None
     meta = {
         "format": CACHE_FORMAT,

@@ -155,3 +155,17 @@ class TrainConfig:
             for k in mine
             if k not in RESUMABLE_CHANGES and stored.get(k) != mine[k]
         ]
+
+
+def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, dict[str, Any]]:
+    """A (preset name, overrides) pair that reproduces ``config`` (as ``DyDiT-*`` when ``dynamic``).
+
+    Used to fine-tune from a checkpoint whose stored config need not match a preset exactly.
+    """
+    from dydit.presets import DIT_NAMES, preset_name
+
+    dynamic = config.dynamic if dynamic is None else dynamic
+    name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
+    base = get_model_config(name)
+    overrides = {k: v for k, v in config.to_dict().items() if k != "dynamic" and getattr(base, k) != v}
+    return ("DyDiT" + name[3:] if dynamic else name), overrides

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,13 +53,15 @@ _MODEL_RNG_STREAM = 1
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a run ended: its directory, step, the training state and the EMA export."""
+    """Where a run ended: its directory, step, files, last logged scalars, and the trained networks."""
 
     run_dir: Path
     step: int
     state: Path
     export: Path
     last: dict[str, float]
+    model: nn.Module = field(repr=False)
+    ema: nn.Module = field(repr=False)
 
 
 def configure_torch(tf32: bool = True) -> None:
@@ -142,29 +144,30 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
                 "use another --out-dir or the original options"
             )
     start = int(state["step"]) if state is not None else 0
-    run_config = {"train": cfg.to_dict(), "model": mc.to_dict(), "data": info.to_dict(), "world_size": world}
-    _prepare_run_dir(run_dir, run_config, device)
-    logger = get_logger(run_dir)
-
+    position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
+    stream = DataStream(
+        dataset, local_batch, seed=cfg.seed, rank=rank, world_size=world, flip=flip,
+        num_workers=cfg.num_workers, **position,
+    )  # fmt: skip
     # Model, EMA, optimizer: built identically on every rank; DDP also broadcasts rank 0's weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mc)
-    if state is None and cfg.init_from:
-        tolerated = _load_init(model, cfg.init_from, dynamic)
-        logger.info(
-            f"initialised from {cfg.init_from}"
-            + (f" ({len(tolerated)} router tensors new)" if tolerated else "")
-        )
+    tolerated = _load_init(model, cfg.init_from, dynamic) if state is None and cfg.init_from else None
+
+    run_config = {"train": cfg.to_dict(), "model": mc.to_dict(), "data": info.to_dict(), "world_size": world}
+    _prepare_run_dir(run_dir, run_config, device)
+    logger = get_logger(run_dir)
+    if tolerated is not None:
+        new = f" ({len(tolerated)} router tensors newly initialised)" if tolerated else ""
+        logger.info(f"initialised from {cfg.init_from}{new}")
     model.to(device).train()
     ema = create_ema(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    position = {"epoch": 0, "batch": 0}
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        position = dict(state["data"])
         ckpt.restore_rng(state["rng"])
         if distributed.is_main():
             truncate_stats(run_dir, start)
@@ -178,10 +181,6 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[distributed.local_rank()] if device != "cpu" else None
         )
-    stream = DataStream(
-        dataset, local_batch, seed=cfg.seed, rank=rank, world_size=world, flip=flip,
-        num_workers=cfg.num_workers, **position,
-    )  # fmt: skip
     diffusion = create_diffusion(learn_sigma=mc.learn_sigma)
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
     stratified = cfg.use_stratified_t
@@ -315,7 +314,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     if saved != step:
         save(step)  # nothing was left to do, but the export must exist
     logger.info(f"stopped at step {step} of {cfg.steps}; EMA weights: {ckpt.export_path(run_dir)}")
-    return TrainResult(run_dir, step, state_file, ckpt.export_path(run_dir), last)
+    return TrainResult(run_dir, step, state_file, ckpt.export_path(run_dir), last, model, ema)
 
 
 def _sum_ranks(x: torch.Tensor) -> torch.Tensor:

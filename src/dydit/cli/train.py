@@ -1,0 +1,274 @@
+"""``dydit train``: DiT training from scratch or from weights; rerun the command to resume.
+
+A thin layer over :func:`dydit.train.loop.train` (METHOD.md §1.6, §6): options overlay a
+:class:`~dydit.train.config.TrainConfig`, ``--dry-run`` prints it. The same command runs under
+``torchrun --nproc_per_node=N`` for data-parallel training. ``dydit finetune`` shares these options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from dydit.cli._common import non_negative_float, positive_int
+from dydit.errors import DyditError
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def _decay(text: str) -> float:
+    v = non_negative_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
+    """The options shared by ``train`` and ``finetune``; defaults come from TrainConfig."""
+    from dydit.train.config import GRAD_GUARDS, TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None if finetune else d.model,
+        help="model preset, e.g. DiT-Ti/2, DiT-S/2"
+        + (
+            " (default: the DyDiT version of the --init-from checkpoint's model)"
+            if finetune
+            else f" (default {d.model})"
+        ),
+    )
+    g.add_argument(
+        "--model-option", action="append", type=_model_option, default=[], metavar="KEY=VALUE",
+        help="override a model config field, e.g. depth=4 or learn_sigma=false (repeatable)",
+    )  # fmt: skip
+    g.add_argument(
+        "--init-from", required=finetune, default=None, metavar="CKPT",
+        help="start from these weights (.pt state dict or training state, or .safetensors export)"
+        + ("; a DiT checkpoint gets fresh routers" if finetune else ""),
+    )  # fmt: skip
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", default=d.data,
+        help="dataset: fashion-mnist[:DIR], fashion-mnist-test, digits, folder:PATH, latents:PATH "
+        "(default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--image-size", type=positive_int, default=None, help="pixel size (default: the dataset's)"
+    )
+    g.add_argument(
+        "--fit", choices=("pad", "resize"), default=d.fit, help="how small images reach --image-size"
+    )
+    g.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=None,
+        help="random horizontal flips (default: on, except for digits)",
+    )  # fmt: skip
+    g.add_argument(
+        "--num-workers", type=_non_negative_int, default=d.num_workers, help="data loader processes"
+    )
+    g.add_argument(
+        "--cache-latents", default=None, metavar="DIR",
+        help="encode --data with --vae into a latent cache in DIR once (one process), then train on it",
+    )  # fmt: skip
+    g.add_argument("--vae", default=None, help="AutoencoderKL for --cache-latents: a local path or hub id")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help="global batch size (all processes)"
+    )
+    g.add_argument(
+        "--lr", type=non_negative_float, default=d.lr, help="AdamW learning rate (default %(default)g)"
+    )
+    g.add_argument(
+        "--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW weight decay"
+    )
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="total optimisation steps of the run")
+    g.add_argument(
+        "--grad-guard", choices=GRAD_GUARDS, default=d.grad_guard,
+        help="gradient-norm guard: clip to the threshold, skip the step above it, or none",
+    )  # fmt: skip
+    g.add_argument(
+        "--grad-threshold", type=non_negative_float, default=d.grad_threshold, help="gradient-norm threshold"
+    )
+    g.add_argument(
+        "--ema-decay", type=_decay, default=d.ema_decay, help="EMA decay per step (default %(default)g)"
+    )
+    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(d, (1+k)/(10+k)) for short runs")
+    g.add_argument(
+        "--seed", type=_non_negative_int, default=d.seed, help="run seed (data order, noise, init)"
+    )
+
+    if finetune:
+        from dydit.cli._common import unit_interval
+
+        g = p.add_argument_group("DyDiT fine-tuning (METHOD.md §5)")
+        g.add_argument("--target", type=unit_interval, required=True, help="FLOPs target lambda in (0, 1]")
+        g.add_argument(
+            "--target-warmup-steps", type=_non_negative_int, default=d.target_warmup_steps,
+            help="lambda_t decays linearly from 1 to the target until this step",
+        )  # fmt: skip
+        g.add_argument(
+            "--target-hold-steps", type=_non_negative_int, default=d.target_hold_steps,
+            help="lambda_t stays 1 for this many steps",
+        )  # fmt: skip
+        g.add_argument(
+            "--complete-steps", type=_non_negative_int, default=d.complete_steps,
+            help="add the complete-model loss for this many steps (30000 for DiT-XL in the paper)",
+        )  # fmt: skip
+        g.add_argument(
+            "--flops-weight", type=non_negative_float, default=d.flops_weight, help="weight of the FLOPs loss"
+        )
+        g.add_argument(
+            "--stratified-t", action=argparse.BooleanOptionalAction, default=True,
+            help="stratified timesteps: sample i draws t from quarter i mod 4 of [0, 1000)",
+        )  # fmt: skip
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default=d.out_dir, help="run directory; rerunning with it resumes")
+    g.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every, help="steps between checkpoints")
+    g.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between logged scalars")
+    g.add_argument(
+        "--stop-at", type=positive_int, default=None, metavar="STEP",
+        help="end this invocation at STEP with a checkpoint (rerun to continue)",
+    )  # fmt: skip
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network (GPU and CPU)")
+    g.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute block activations in backward"
+    )
+    g.add_argument(
+        "--no-tf32", action="store_true", help="keep full float32 matmuls on GPU (TF32 is on by default)"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+
+
+def config_from_args(args: argparse.Namespace, *, finetune: bool):
+    """The :class:`TrainConfig` the parsed options describe."""
+    from dydit.train.config import TrainConfig, model_spec
+
+    overrides = dict(args.model_option)
+    model = args.model
+    if finetune and model is None:
+        from dydit.checkpoint import checkpoint_config
+
+        stored = checkpoint_config(args.init_from)
+        if stored is None:
+            raise DyditError(f"{args.init_from} stores no model config; name the model with --model")
+        model, stored_overrides = model_spec(stored, dynamic=True)
+        overrides = {**stored_overrides, **overrides}
+    elif finetune and not model.startswith("DyDiT-"):
+        model = "DyDiT-" + model.removeprefix("DiT-")
+    data = args.data
+    if args.cache_latents:
+        data = f"latents:{args.cache_latents}"
+    extra: dict[str, Any] = {}
+    if finetune:
+        extra = dict(
+            target=args.target,
+            target_warmup_steps=args.target_warmup_steps,
+            target_hold_steps=args.target_hold_steps,
+            complete_steps=args.complete_steps,
+            flops_weight=args.flops_weight,
+            stratified_t=args.stratified_t,
+        )
+    return TrainConfig(
+        out_dir=args.out_dir,
+        model=model,
+        model_overrides=overrides,
+        init_from=args.init_from,
+        data=data,
+        image_size=None if args.cache_latents else args.image_size,
+        fit=args.fit,
+        flip=args.flip,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        steps=args.steps,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        ema_decay=args.ema_decay,
+        ema_warmup=args.ema_warmup,
+        grad_guard=args.grad_guard,
+        grad_threshold=args.grad_threshold,
+        bf16=args.bf16,
+        grad_checkpointing=args.grad_checkpointing,
+        device=args.device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        **extra,
+    )
+
+
+def cache_latents(args: argparse.Namespace) -> None:
+    """Encode ``--data`` into ``--cache-latents`` with ``--vae`` unless a complete cache is there."""
+    import os
+    from pathlib import Path
+
+    from dydit.data.latents import META_FILE
+
+    if (Path(args.cache_latents) / META_FILE).exists():
+        return
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise DyditError(f"no latent cache in {args.cache_latents} yet: build it once without torchrun")
+    if not args.vae:
+        raise DyditError(
+            "--cache-latents needs --vae (a local AutoencoderKL path or hub id) to build the cache"
+        )
+    from dydit.cli._common import resolve_device
+    from dydit.data import make_dataset
+    from dydit.data.codec import make_codec
+    from dydit.data.latents import encode_dataset
+
+    device = resolve_device(args.device)
+    dataset = make_dataset(args.data, args.image_size, args.fit)
+    codec = make_codec(args.vae, device=device)
+    flip = dataset.info.flip if args.flip is None else args.flip
+    encode_dataset(dataset, codec.encode, args.cache_latents, codec=args.vae, flip=flip, device=device)
+
+
+def execute(args: argparse.Namespace, *, finetune: bool) -> int:
+    cfg = config_from_args(args, finetune=finetune)
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    from dydit import distributed
+    from dydit.train.loop import configure_torch, train
+
+    configure_torch(tf32=not args.no_tf32)
+    if args.cache_latents:
+        cache_latents(args)
+    try:
+        result = train(cfg, stop_at=args.stop_at)
+    finally:
+        distributed.destroy()
+    if distributed.is_main():
+        print(f"step {result.step}/{cfg.steps}; EMA weights: {result.export}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DiT from scratch or from weights (rerun to resume; works under torchrun)",
+        description="Train a DiT (METHOD.md §1.6). Rerunning the same command resumes from the run "
+        "directory's checkpoint. Launch with torchrun --nproc_per_node=N for data-parallel training.",
+    )
+    add_run_options(p, finetune=False)
+    p.set_defaults(func=lambda args: execute(args, finetune=False))
