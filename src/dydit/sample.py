@@ -1,0 +1,396 @@
+"""Sampling with per-image seeds, rank striding and resumable output directories (METHOD.md §7.1, §7.2).
+
+Reproducibility is structural (DESIGN.md §3 rule 9, the EDM2 recipe): image i is defined by
+``(seeds[i], labels[i])`` alone. Its initial noise and every per-step noise come from its own
+``torch.Generator`` seeded with ``seeds[i]``, so an image does not depend on the batch size, on its
+batch neighbours or on the number of processes. Ranks stride the list (image i goes to rank
+i % world_size). Labels not given are drawn per image from a separate stream derived from the same seed.
+
+- :func:`generate` yields batches of samples in model space (pixels or latents).
+- :func:`sample_images` decodes them to uint8 and gathers all images on every rank (small runs).
+- :func:`sample_to_dir` writes one file per image (``000123.png`` and/or ``.npy``) atomically, skips
+  images already written when rerun (resume = rerun), then packs an ADM-format ``.npz`` on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dydit import distributed
+from dydit.data.codec import Codec
+from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, guided
+from dydit.diffusion.samplers import DEFAULT_STEPS
+from dydit.diffusion.schedules import Steps, space_timesteps
+from dydit.errors import DyditError
+
+MANIFEST = "sampling.json"
+_INDEX_DIGITS = 6  # file names 000000.png ... as in DiT's sample_ddp.py
+_LABEL_STREAM = 1  # second entropy word of the per-image label generator
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: sampler, steps, guidance. ``eta`` applies to DDIM only (None: its default 0)."""
+
+    sampler: str = "ddpm"
+    steps: Steps = DEFAULT_STEPS
+    cfg_scale: float = 1.0
+    guidance_channels: str = "all"
+    eta: float | None = None
+    clip_denoised: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise DyditError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if isinstance(self.steps, int) and self.steps < 1:
+            raise DyditError(f"the number of sampling steps must be positive, got {self.steps}")
+        if not self.cfg_scale >= 0 or self.cfg_scale == float("inf"):
+            raise DyditError(f"guidance scale must be a finite number >= 0, got {self.cfg_scale}")
+        if self.guidance_channels not in GUIDANCE_CHANNELS:
+            raise DyditError(f"guidance channels must be one of {GUIDANCE_CHANNELS}")
+        if self.eta is not None and (self.sampler != "ddim" or not self.eta >= 0):
+            raise DyditError(f"eta must be >= 0 and applies to the ddim sampler only (got {self.eta})")
+
+    def sampler_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"clip_denoised": self.clip_denoised}
+        if self.eta is not None:
+            opts["eta"] = self.eta
+        return opts
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The original timesteps the network will see (validates ``steps``)."""
+        return space_timesteps(num_timesteps, self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["steps"] = d["steps"] if isinstance(d["steps"], int | str) else list(d["steps"])
+        return d
+
+
+@dataclass
+class SampleBatch:
+    """One batch of a rank's share: global indices, seeds, labels (B,) and samples (B, C, H, W)."""
+
+    indices: list[int]
+    seeds: list[int]
+    labels: Tensor
+    samples: Tensor
+
+
+def resolve_labels(seeds: Sequence[int], labels: Sequence[int] | Tensor | None, num_classes: int) -> Tensor:
+    """Labels (N,) int64 for every seed: checked if given, else drawn from each seed's label stream."""
+    if any(int(s) < 0 for s in seeds):
+        raise DyditError("seeds must be non-negative integers")
+    if labels is None:
+        # A stream of its own (SeedSequence mixing), so a label is independent of its image's noise.
+        drawn = [int(np.random.default_rng([int(s), _LABEL_STREAM]).integers(num_classes)) for s in seeds]
+        return torch.tensor(drawn, dtype=torch.long)
+    out = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(out) != len(seeds):
+        raise DyditError(f"got {len(out)} labels for {len(seeds)} seeds")
+    bad = out[(out < 0) | (out >= num_classes)]
+    if len(bad):
+        raise DyditError(f"class {int(bad[0])} is out of range for a model with {num_classes} classes")
+    return out
+
+
+def rank_share(num_images: int, rank: int | None = None, world: int | None = None) -> list[int]:
+    """Indices of the images this rank produces: i with i % world == rank."""
+    rank = distributed.rank() if rank is None else rank
+    world = distributed.world_size() if world is None else world
+    return list(range(rank, num_images, world))
+
+
+@torch.no_grad()
+def generate(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    settings: SamplingSettings,
+    *,
+    seeds: Sequence[int],
+    shape: tuple[int, int, int],
+    num_classes: int,
+    labels: Sequence[int] | Tensor | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    indices: Sequence[int] | None = None,
+    progress: bool = True,
+) -> Iterator[SampleBatch]:
+    """Yield batches of samples in model space.
+
+    Args:
+        model_fn: ``(x, t, y) -> (B, C_out, H, W)`` on ``device`` (eval mode); guidance is added here.
+        diffusion: the full diffusion (T = 1000); ``settings.steps`` respaces it.
+        seeds: one seed per image; image i is defined by ``seeds[i]`` and its label.
+        shape: (C, H, W) of one sample in model space.
+        num_classes: classes of the model; the null class for guidance is ``num_classes``.
+        labels: one label per seed, or None to draw them from the seeds.
+        dtype: dtype of the samples (noise is always drawn in float32, then cast).
+        indices: which images to produce (default: this rank's share, :func:`rank_share`).
+    """
+    if batch_size < 1:
+        raise DyditError(f"batch size must be positive, got {batch_size}")
+    settings.timesteps(diffusion.num_timesteps)  # fail early on a bad step spec
+    all_labels = resolve_labels(seeds, labels, num_classes)
+    todo = rank_share(len(seeds)) if indices is None else list(indices)
+    fn = guided(model_fn, settings.cfg_scale, num_classes, settings.guidance_channels)
+    sampler = SAMPLERS[settings.sampler]
+    bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not (progress and distributed.is_main()))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)  # (B, C, H, W)
+        y = all_labels[chunk].to(device)  # (B,)
+        x = sampler(
+            fn,
+            noise,
+            diffusion,
+            settings.steps,
+            model_kwargs={"y": y},
+            generators=gens,
+            **settings.sampler_options(),
+        )
+        bar.update(len(chunk))
+        yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], y.cpu(), x)
+    bar.close()
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(B, C, H, W) pixels in [-1, 1] -> (B, H, W, C) uint8 via clamp(127.5·x + 128, 0, 255), as DiT."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def sample_images(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    settings: SamplingSettings,
+    codec: Codec,
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All images of a (small) run as uint8 (N, H, W, C) and their labels (N,), on every rank.
+
+    Takes the keyword arguments of :func:`generate`; each rank samples its share and the shares
+    are gathered, so the result equals a one-process run.
+    """
+    parts: list[tuple[list[int], np.ndarray, np.ndarray]] = []
+    for b in generate(model_fn, diffusion, settings, **kwargs):
+        parts.append((b.indices, to_uint8(codec.decode(b.samples)), b.labels.numpy()))
+    if distributed.is_initialized():
+        gathered: list[Any] = [None] * distributed.world_size()
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = [p for rank_parts in gathered for p in rank_parts]
+    if not parts:
+        raise DyditError("no images to sample")
+    order = np.argsort(np.concatenate([np.asarray(p[0]) for p in parts]))
+    images = np.concatenate([p[1] for p in parts])[order]
+    return images, np.concatenate([p[2] for p in parts])[order]
+
+
+# Output directories --------------------------------------------------------------------------
+def image_name(index: int, suffix: str) -> str:
+    return f"{index:0{_INDEX_DIGITS}d}{suffix}"
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a hidden per-rank temp file and rename, so a file either exists whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp{distributed.rank()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write one (H, W, C) uint8 image (C = 1 or 3) as a PNG, atomically."""
+    from PIL import Image
+
+    if image.shape[-1] not in (1, 3):
+        raise DyditError(f"cannot write a {image.shape[-1]}-channel image as PNG; decode latents with a VAE")
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    _atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def load_png(path: Path) -> np.ndarray:
+    """(H, W, C) uint8 of a PNG written by :func:`save_png`."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _digest(values: Sequence[int] | np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class DirResult:
+    """What :func:`sample_to_dir` did on this rank."""
+
+    out_dir: Path
+    num_images: int
+    generated: int
+    skipped: int
+    npz: Path | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to mix images of different runs in one directory (all ranks check, rank 0 writes)."""
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if diff:
+            raise DyditError(
+                f"{out} holds samples of another run (differs in: {', '.join(diff)}); use another directory"
+            )
+    distributed.barrier()
+    if distributed.is_main() and not path.exists():
+        _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
+    distributed.barrier()
+
+
+def sample_to_dir(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    settings: SamplingSettings,
+    out_dir: str | os.PathLike,
+    *,
+    seeds: Sequence[int],
+    shape: tuple[int, int, int],
+    num_classes: int,
+    codec: Codec | None,
+    labels: Sequence[int] | Tensor | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    save_raw: bool = False,
+    npz_path: str | os.PathLike | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DirResult:
+    """Sample every image into ``out_dir``, resuming where an earlier run stopped.
+
+    Files: ``{i:06d}.png`` (decoded by ``codec``) and, with ``save_raw`` or without a codec,
+    ``{i:06d}.npy`` (float32 (C, H, W) samples in model space, e.g. latents). An image counts as done
+    when all its files exist; files are written atomically, so a rerun never keeps a partial one.
+    ``sampling.json`` records the settings; a rerun with other settings is refused. With
+    ``npz_path`` (requires a codec), rank 0 packs ``arr_0`` (N, H, W, C) uint8 and ``arr_1`` (N,)
+    labels after all ranks finish, written atomically (never a partial npz).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if npz_path is not None and codec is None:
+        raise DyditError("an .npz of images needs decoded images; give a codec (e.g. --vae)")
+    all_labels = resolve_labels(seeds, labels, num_classes)
+    suffixes = ([".npy"] if save_raw or codec is None else []) + ([".png"] if codec is not None else [])
+    manifest = {
+        "settings": settings.to_dict(),
+        "num_images": len(seeds),
+        "seeds": _digest(seeds),
+        "labels": _digest(all_labels.numpy()),
+        "shape": list(shape),
+        "codec": None if codec is None else codec.spec,
+        "files": suffixes,
+        **(meta or {}),
+    }
+    _check_manifest(out, json.loads(json.dumps(manifest)))
+
+    for stale in out.glob(f".*.tmp{distributed.rank()}"):  # left by an interrupted run of this rank
+        stale.unlink()
+    existing = set(os.listdir(out))
+    share = rank_share(len(seeds))
+    todo = [i for i in share if not all(image_name(i, s) in existing for s in suffixes)]
+    result = DirResult(out, len(seeds), generated=0, skipped=len(share) - len(todo))
+    batches = generate(
+        model_fn,
+        diffusion,
+        settings,
+        seeds=seeds,
+        shape=shape,
+        num_classes=num_classes,
+        labels=all_labels,
+        batch_size=batch_size,
+        device=device,
+        indices=todo,
+        progress=progress,
+    )
+    for b in batches:
+        raw = b.samples.float().cpu().numpy()
+        images = to_uint8(codec.decode(b.samples)) if codec is not None else None
+        for j, i in enumerate(b.indices):
+            if ".npy" in suffixes:
+                _atomic_write(out / image_name(i, ".npy"), lambda f, a=raw[j]: np.save(f, a))
+            if images is not None:
+                save_png(out / image_name(i, ".png"), images[j])
+        result.generated += len(b.indices)
+
+    distributed.barrier()
+    if npz_path is not None:
+        result.npz = Path(npz_path)
+        if distributed.is_main():
+            pack_npz(out, len(seeds), all_labels.numpy(), result.npz)
+        distributed.barrier()
+    return result
+
+
+def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path) -> Path:
+    """Stack ``000000.png`` ... into an ADM-format npz: ``arr_0`` (N, H, W, C) uint8, ``arr_1`` (N,) int64."""
+    missing = [i for i in range(num_images) if not (out_dir / image_name(i, ".png")).exists()]
+    if missing:
+        raise DyditError(
+            f"cannot pack {npz_path}: {len(missing)} images missing (e.g. {image_name(missing[0], '.png')})"
+        )
+    first = load_png(out_dir / image_name(0, ".png"))
+    arr = np.empty((num_images, *first.shape), dtype=np.uint8)
+    for i in tqdm(range(num_images), desc="packing npz", unit="img", leave=False):
+        arr[i] = load_png(out_dir / image_name(i, ".png"))
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr, arr_1=labels.astype(np.int64)))
+    return npz_path
+
+
+def save_grid(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: Sequence[int] | None = None,
+    columns: int | None = None,
+    min_tile: int = 64,
+) -> Path:
+    """Save (N, H, W, C) uint8 images as one grid PNG, each tile captioned with its class label.
+
+    Tiles are upscaled by an integer factor (nearest) to at least ``min_tile`` pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    n, h, w, c = images.shape
+    if c not in (1, 3):
+        raise DyditError(f"cannot draw {c}-channel samples; decode latents with a VAE (--vae)")
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    k = max(1, -(-min_tile // max(h, w)))
+    th, tw, cap, pad = h * k, w * k, 12 if labels is not None else 0, 2
+    grid = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        tile = Image.fromarray(images[i, ..., 0] if c == 1 else images[i]).convert("RGB")
+        x0, y0 = pad + (i % cols) * (tw + pad), pad + (i // cols) * (th + cap + pad)
+        grid.paste(tile.resize((tw, th), Image.NEAREST), (x0, y0 + cap))
+        if labels is not None:
+            draw.text((x0 + 1, y0), str(int(labels[i])), fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    return path
