@@ -13,7 +13,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-block, 2-head DiT on 8x8x4 inputs with 4 classes."""
-    base = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=4)
+    base = dict(
+        depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=4
+    )
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -33,8 +33,13 @@ def test_per_layer_constants(name: str, latent: int) -> None:
 def _table(name: str, **kw) -> dict[str, int]:
     cfg = get_model_config(name, **kw)
     return dit_macs_table(
-        depth=cfg.depth, width=cfg.hidden_size, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
-        input_size=cfg.input_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        depth=cfg.depth,
+        width=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        input_size=cfg.input_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
     )
 
 
@@ -70,9 +75,15 @@ def test_counter_agrees_with_torch_flop_counter() -> None:
     assert 2 * ours.total == ref.get_total_flops()
     cfg = model.config
     assert ours.total == 3 * sum(
-        dit_macs_table(depth=cfg.depth, width=cfg.hidden_size, num_heads=cfg.num_heads,
-                       patch_size=cfg.patch_size, input_size=cfg.input_size,
-                       in_channels=cfg.in_channels, out_channels=cfg.out_channels).values()
+        dit_macs_table(
+            depth=cfg.depth,
+            width=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            patch_size=cfg.patch_size,
+            input_size=cfg.input_size,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+        ).values()
     )
 
 

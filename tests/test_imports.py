@@ -43,6 +43,8 @@ def test_import_direction() -> None:
 
 def test_nothing_imports_cli() -> None:
     offenders = [
-        str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "cli" not in p.parts and p.name != "__main__.py" and "cli" in _imports(p)
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "cli" not in p.parts and p.name != "__main__.py" and "cli" in _imports(p)
     ]
     assert not offenders

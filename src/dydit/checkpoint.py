@@ -61,7 +61,9 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({msg})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({msg})"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj, {}

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         "spatial-wise dynamic tokens) on top of DiT.",
     )
     parser.add_argument("--version", action="version", version=f"dydit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _subcommand_modules():
         module = importlib.import_module(f"{__name__}.{name}")
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         else:
             msg = f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback"
-        print(f"dydit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        print(
+            f"dydit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
+            file=sys.stderr,
+        )
         return 1
     return int(result or 0)
 

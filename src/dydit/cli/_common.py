@@ -50,7 +50,15 @@ def resolve_device(name: str) -> str:
 
 def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "DiT-XL/2") -> None:
     p.add_argument("--model", default=default_model, help="model preset, e.g. DiT-XL/2, DyDiT-S/2, DiT-Ti/2")
-    p.add_argument("--image-size", type=positive_int, default=None,
-                   help="input size in pixels; latent models use image_size/8 latents (default: preset)")
-    p.add_argument("--num-classes", type=positive_int, default=None, help="number of classes (default: preset)")
-    p.add_argument("--checkpoint", default=None, help="weights: .pt/.pth state dict or training dict, or .safetensors")
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="input size in pixels; latent models use image_size/8 latents (default: preset)",
+    )
+    p.add_argument(
+        "--num-classes", type=positive_int, default=None, help="number of classes (default: preset)"
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="weights: .pt/.pth state dict or training dict, or .safetensors"
+    )

@@ -32,7 +32,9 @@ def attention_macs(tokens: int, width: int, active_heads: int | None = None, num
     )
 
 
-def mlp_macs(tokens: int, width: int, hidden: int, active_groups: int | None = None, num_groups: int = 1) -> int:
+def mlp_macs(
+    tokens: int, width: int, hidden: int, active_groups: int | None = None, num_groups: int = 1
+) -> int:
     """Two-layer MLP D -> hidden -> D: 2·N·D·hidden (8ND² for ratio 4), scaled by active groups."""
     active = num_groups if active_groups is None else active_groups
     h_active = hidden * active // num_groups

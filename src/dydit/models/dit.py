@@ -126,9 +126,8 @@ class DiT(nn.Module):
     def embed(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns tokens (B, N, D), conditioning c = E_t + E_y (B, D) and E_t (B, D)."""
         if x.shape[-1] != self.config.input_size or x.shape[-2] != self.config.input_size:
-            raise ValueError(
-                f"expected inputs of size {self.config.input_size}x{self.config.input_size}, got {tuple(x.shape)}"
-            )
+            size = self.config.input_size
+            raise ValueError(f"expected inputs of size {size}x{size}, got {tuple(x.shape)}")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)

@@ -71,9 +71,11 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """[cos(t·f), sin(t·f)] with f_k = exp(−ln(max_period)·k/half); t may be fractional. (B,) -> (B, dim)."""
+        """[cos(t·f), sin(t·f)], f_k = exp(−ln(max_period)·k/half); t may be fractional. (B,) -> (B, dim)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
