@@ -91,17 +91,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     return state_dict_from_object(obj, str(path))
 
 
-def checkpoint_config(path: str | os.PathLike) -> ModelConfig | None:
-    """The model config stored with a checkpoint (safetensors metadata or a training dict), if any."""
-    obj, meta = read_file(path)
-    raw: Any = None
-    if "config" in meta:
-        raw = json.loads(meta["config"])
-    elif isinstance(obj.get("config"), dict):
-        raw = obj["config"]
+def config_from_object(obj: dict[str, Any], meta: dict[str, str]) -> ModelConfig | None:
+    """The model config stored in safetensors metadata ``config`` or a training dict's ``config``."""
+    raw: Any = json.loads(meta["config"]) if "config" in meta else obj.get("config")
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]
     return ModelConfig.from_dict(raw) if isinstance(raw, dict) else None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig | None]:
+    """(normalised state dict, stored model config or None) of a checkpoint file, reading it once."""
+    obj, meta = read_file(path)
+    return state_dict_from_object(obj, str(path)), config_from_object(obj, meta)
+
+
+def checkpoint_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The model config stored with a checkpoint (safetensors metadata or a training dict), if any."""
+    return read_checkpoint(path)[1]
 
 
 def guess_preset(sd: dict[str, Tensor]) -> str | None:

@@ -18,7 +18,6 @@ loss needs come from :meth:`DyDiT.forward_with_routing`.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint import fit_state_dict, guess_preset, read_file, state_dict_from_object
+from dydit.checkpoint import fit_state_dict, guess_preset, read_checkpoint, state_dict_from_object
 from dydit.constants import TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
 from dydit.errors import CheckpointError, DyditError
 from dydit.flops import formulas
@@ -317,16 +316,6 @@ def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | 
 def has_routers(sd: Mapping[str, Tensor]) -> bool:
     """Whether a state dict holds any DyDiT router weights."""
     return any(m in k for k in sd for m in ROUTER_KEY_MARKERS)
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig | None]:
-    """(state dict, stored model config or None) of a checkpoint file, reading it once."""
-    obj, meta = read_file(path)
-    raw = json.loads(meta["config"]) if "config" in meta else obj.get("config")
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        raw = raw["model"]
-    stored = ModelConfig.from_dict(raw) if isinstance(raw, dict) else None
-    return state_dict_from_object(obj, str(path)), stored
 
 
 def resolve_config(
