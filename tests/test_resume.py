@@ -1,0 +1,108 @@
+"""Exact resume: k steps, an interruption, and a rerun equal 2k steps in one go (bitwise on CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dydit.log import read_stats
+from dydit.train import checkpoint as ckpt
+from dydit.train.config import TrainConfig
+from dydit.train.loop import train
+
+TINY = dict(depth=1, hidden_size=32, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_same_state(a_path, b_path):
+    a = torch.load(a_path, weights_only=True)
+    b = torch.load(b_path, weights_only=True)
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(model="DiT-Ti/2"),
+        # DyDiT: Gumbel noise, stratified t, the lambda schedule and the complete-model loss cross the cut.
+        dict(model="DyDiT-Ti/2", target=0.5, target_hold_steps=1, target_warmup_steps=4, complete_steps=3),
+    ],
+    ids=["dit", "dydit"],
+)
+def test_stop_and_rerun_equals_one_go(tmp_path, kind):
+    base = dict(
+        model_overrides=TINY, data="digits", batch_size=8, steps=6, ckpt_every=100, log_every=1,
+        progress=False, flip=True, ema_decay=0.9, grad_guard="clip", grad_threshold=0.5, **kind,
+    )  # fmt: skip
+    one = TrainConfig(out_dir=str(tmp_path / "one"), **base)
+    two = TrainConfig(out_dir=str(tmp_path / "two"), **base)
+    train(one)
+    first = train(two, stop_at=3)
+    assert first.step == 3 and torch.load(first.state, weights_only=True)["step"] == 3
+    second = train(two)
+    assert second.step == 6
+    _assert_same_state(ckpt.state_path(one.out_dir), ckpt.state_path(two.out_dir))
+    # The resumed run's log has one record per step, like the uninterrupted one, and the same losses.
+    a, b = read_stats(one.out_dir), read_stats(two.out_dir)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def _cli(out_dir, steps, extra=()):
+    return [
+        sys.executable, "-m", "dydit", "train", "--data", "digits", "--model", "DiT-Ti/2",
+        "--model-option", "depth=1", "--model-option", "hidden_size=32", "--model-option", "num_heads=2",
+        "--batch-size", "8", "--steps", str(steps), "--ckpt-every", "1", "--log-every", "1",
+        "--out-dir", str(out_dir), "--no-progress", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_equals_one_go(tmp_path):
+    """A real SIGKILL at an arbitrary moment (possibly mid-checkpoint), then a rerun of the same command."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    subprocess.run(_cli(tmp_path / "one", steps), env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen(
+        _cli(tmp_path / "two", steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    state = ckpt.state_path(tmp_path / "two")
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed (machine too fast)")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert 3 <= killed_at < steps
+    rerun = subprocess.run(
+        _cli(tmp_path / "two", steps), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming {tmp_path / 'two'} from step" in rerun.stderr
+    _assert_same_state(ckpt.state_path(tmp_path / "one"), state)
