@@ -218,8 +218,11 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 
 def cache_latents(args: argparse.Namespace) -> None:
     """Encode ``--data`` into ``--cache-latents`` with ``--vae`` unless a complete cache is there."""
+    import functools
     import os
     from pathlib import Path
+
+    import torch
 
     from dydit.data.latents import META_FILE
 
@@ -240,7 +243,17 @@ def cache_latents(args: argparse.Namespace) -> None:
     dataset = make_dataset(args.data, args.image_size, args.fit)
     codec = make_codec(args.vae, device=device)
     flip = dataset.info.flip if args.flip is None else args.flip
-    encode_dataset(dataset, codec.encode, args.cache_latents, codec=args.vae, flip=flip, device=device)
+    generator = torch.Generator(device).manual_seed(args.seed)  # posterior samples, reproducibly
+    encode = functools.partial(codec.encode, generator=generator)
+    encode_dataset(
+        dataset,
+        encode,
+        args.cache_latents,
+        codec=args.vae,
+        flip=flip,
+        device=device,
+        progress=not args.no_progress,
+    )
 
 
 def execute(args: argparse.Namespace, *, finetune: bool) -> int:
