@@ -77,8 +77,14 @@ def test_rank_share_strides() -> None:
 
 
 def test_settings_validation() -> None:
-    for bad in (dict(sampler="euler"), dict(steps=0), dict(cfg_scale=-1.0), dict(guidance_channels="x"),
-                dict(sampler="ddpm", eta=0.5), dict(sampler="ddim", eta=-1.0)):  # fmt: skip
+    for bad in (
+        dict(sampler="euler"),
+        dict(steps=0),
+        dict(cfg_scale=-1.0),
+        dict(guidance_channels="x"),
+        dict(sampler="ddpm", eta=0.5),
+        dict(sampler="ddim", eta=-1.0),
+    ):
         with pytest.raises(DyditError):
             SamplingSettings(**bad)
     with pytest.raises(DyditError):
@@ -109,8 +115,14 @@ def test_interrupted_sampling_resumes_without_duplicates(tmp_path) -> None:
     cfg, model, shape = _model()
     d = create_diffusion()
     settings = SamplingSettings(sampler="ddpm", steps=STEPS)
-    kw = dict(seeds=list(range(100, 106)), shape=shape, num_classes=cfg.num_classes, codec=PixelCodec(),
-              batch_size=2, progress=False)  # fmt: skip
+    kw = dict(
+        seeds=list(range(100, 106)),
+        shape=shape,
+        num_classes=cfg.num_classes,
+        codec=PixelCodec(),
+        batch_size=2,
+        progress=False,
+    )
     ref = sample_to_dir(model, d, settings, tmp_path / "ref", npz_path=tmp_path / "ref.npz", **kw)
     assert ref.generated == 6 and ref.skipped == 0
 
@@ -119,7 +131,12 @@ def test_interrupted_sampling_resumes_without_duplicates(tmp_path) -> None:
     with pytest.raises(_Interrupt):  # dies in the third batch
         sample_to_dir(_counting(model, calls, fail_at=2 * STEPS + 1), d, settings, out, npz_path=npz, **kw)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "000000.png", "000001.png", "000002.png", "000003.png", "sampling.json"]  # fmt: skip
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "000003.png",
+        "sampling.json",
+    ]
     assert not npz.exists(), "no npz before every image exists"
 
     calls.clear()
@@ -157,9 +174,18 @@ def test_latents_without_codec_are_saved_raw(tmp_path) -> None:
 
 def test_sample_images_and_grid(tmp_path) -> None:
     cfg, model, shape = _model(in_channels=1)
-    images, labels = sample_images(model, create_diffusion(), SamplingSettings(steps=2), PixelCodec(),
-                                   seeds=[5, 6, 7], labels=[0, 1, 2], shape=shape, num_classes=4,
-                                   batch_size=2, progress=False)  # fmt: skip
+    images, labels = sample_images(
+        model,
+        create_diffusion(),
+        SamplingSettings(steps=2),
+        PixelCodec(),
+        seeds=[5, 6, 7],
+        labels=[0, 1, 2],
+        shape=shape,
+        num_classes=4,
+        batch_size=2,
+        progress=False,
+    )
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2]
     from PIL import Image
 
@@ -172,10 +198,16 @@ def _tiny_vae():
     diffusers = pytest.importorskip("diffusers", reason="optional 'latent' extra (diffusers) not installed")
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4, sample_size=16,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
 
 
 def test_vae_codec_owns_the_latent_scale_and_decodes_samples(tmp_path) -> None:
@@ -193,9 +225,19 @@ def test_vae_codec_owns_the_latent_scale_and_decodes_samples(tmp_path) -> None:
 
     # Latent model + VAE: PNGs at pixel resolution, raw latents alongside on request.
     cfg, model, shape = _model(in_channels=4)
-    res = sample_to_dir(model, create_diffusion(), SamplingSettings(steps=2), tmp_path / "vae", seeds=[1, 2],
-                        shape=shape, num_classes=4, codec=codec, save_raw=True, npz_path=tmp_path / "v.npz",
-                        progress=False)  # fmt: skip
+    res = sample_to_dir(
+        model,
+        create_diffusion(),
+        SamplingSettings(steps=2),
+        tmp_path / "vae",
+        seeds=[1, 2],
+        shape=shape,
+        num_classes=4,
+        codec=codec,
+        save_raw=True,
+        npz_path=tmp_path / "v.npz",
+        progress=False,
+    )
     assert res.generated == 2
     arr = np.load(tmp_path / "v.npz")["arr_0"]
     assert arr.shape == (2, 16, 16, 3)

@@ -101,11 +101,15 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not() -> None:
     assert not torch.allclose(a1, b1)
     # DDPM draws per-step noise too; DPM-Solver++ never does.
     dp = SAMPLERS["ddpm"]
-    assert not torch.allclose(dp(model, noise, d, 8, model_kwargs=kw, generators=gens(0)),
-                              dp(model, noise, d, 8, model_kwargs=kw, generators=gens(100)))
+    assert not torch.allclose(
+        dp(model, noise, d, 8, model_kwargs=kw, generators=gens(0)),
+        dp(model, noise, d, 8, model_kwargs=kw, generators=gens(100)),
+    )
     pp = SAMPLERS["dpm++2m"]
-    assert torch.equal(pp(model, noise, d, 8, model_kwargs=kw, generators=gens(0)),
-                       pp(model, noise, d, 8, model_kwargs=kw, generators=gens(100)))
+    assert torch.equal(
+        pp(model, noise, d, 8, model_kwargs=kw, generators=gens(0)),
+        pp(model, noise, d, 8, model_kwargs=kw, generators=gens(100)),
+    )
 
 
 def test_ode_samplers_converge_on_an_analytic_model() -> None:

@@ -1,0 +1,306 @@
+"""``dydit sample``: class-conditional samples from a checkpoint or a preset (METHOD.md §1.3, §7.1, §7.2).
+
+A thin layer over :mod:`dydit.sample`. Writes a class-labelled grid PNG; with ``--out-dir`` also one
+file per image (resumable: rerun the command) and, with ``--npz``, an ADM-format ``.npz`` for FID.
+Image i has seed ``--seed + i``, so results do not depend on ``--batch-size`` or on the number of
+processes; the same command runs under ``torchrun --nproc_per_node=N`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device
+from dydit.errors import DyditError
+
+DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (METHOD.md §7.1)
+DEFAULT_NUM_SAMPLES = 16
+GRID_MAX = 64  # the grid shows at most this many images; the rest go to --out-dir
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.replace(" ", "").split(",") if c]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {text!r}") from None
+    if not classes:
+        raise argparse.ArgumentTypeError("expected at least one class index")
+    return classes
+
+
+def _steps(text: str) -> int | str:
+    """A positive step count, or ``ddimN`` for DDIM striding of the original timesteps."""
+    if text.startswith("ddim"):
+        positive_int(text[len("ddim") :])
+        return text
+    return positive_int(text)
+
+
+def _seed(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample images: a labelled grid, optionally per-image PNGs and an FID .npz",
+        description="Sample class-conditional images with DDPM, DDIM or DPM-Solver++(2M) and classifier-free "
+        "guidance. Weights come from --checkpoint (its stored config, else --model, else the preset its "
+        "shapes match) or, without a checkpoint, are the random initialisation of --model.",
+    )
+    g = p.add_argument_group("model")
+    add_model_options(g, default_model=None)
+    g.add_argument(
+        "--execution",
+        default=None,
+        help="DyDiT execution mode: dense, masked or sliced (default: the model's, masked)",
+    )
+    g.add_argument(
+        "--vae",
+        default=None,
+        help="AutoencoderKL (diffusers directory or hub id) that decodes a latent model's samples",
+    )
+
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm", help="sampler (default ddpm)"
+    )
+    g.add_argument(
+        "--steps",
+        type=_steps,
+        default=250,
+        help="network evaluations on evenly spaced original timesteps, or ddimN for DDIM striding "
+        "(default 250)",
+    )
+    g.add_argument(
+        "--eta", type=non_negative_float, default=None, help="DDIM noise scale eta (ddim only; default 0)"
+    )
+    g.add_argument(
+        "--cfg-scale",
+        type=non_negative_float,
+        default=DEFAULT_CFG_SCALE,
+        help="classifier-free guidance scale; 1 disables guidance (default %(default)s)",
+    )
+    g.add_argument(
+        "--guidance-channels",
+        choices=("all", "dit_compat"),
+        default="all",
+        help="guide all eps channels (default) or only the first 3, as the official DiT/DyDiT code",
+    )
+    g.add_argument(
+        "--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)"
+    )
+    g.add_argument(
+        "--classes",
+        type=_class_list,
+        default=None,
+        help="comma-separated class labels, cycled over the samples (default: drawn from each seed)",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=None,
+        help=f"number of images (default: the number of --classes, else {DEFAULT_NUM_SAMPLES})",
+    )
+    g.add_argument("--seed", type=_seed, default=0, help="image i uses seed SEED + i (default 0)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--grid",
+        default="sample.png",
+        help=f"grid PNG of the first {GRID_MAX} images, labelled by class (default %(default)s)",
+    )
+    g.add_argument(
+        "--out-dir",
+        default=None,
+        help="also write one file per image here (000000.png, ...); rerunning resumes",
+    )
+    g.add_argument(
+        "--npz",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="pack the --out-dir images into an ADM-format .npz (default PATH: OUT_DIR.npz)",
+    )
+    g.add_argument(
+        "--save-raw",
+        action="store_true",
+        help="also save raw model-space samples (.npy; always for latent models without --vae)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    p.set_defaults(func=run)
+
+
+def _model_config(args: argparse.Namespace) -> tuple[Any, dict | None, str]:
+    """(ModelConfig, state dict or None, description of the weights)."""
+    from dydit.cli.flops import model_config_from_args
+
+    if args.checkpoint is None:
+        if args.model is None:
+            raise DyditError("give --checkpoint or --model")
+        return model_config_from_args(args), None, f"random initialisation of {args.model}"
+    from dydit.models.dydit import read_checkpoint, resolve_config
+
+    sd, stored = read_checkpoint(args.checkpoint)
+    if stored is None and args.model is not None:
+        cfg = model_config_from_args(args)
+    else:
+        cfg = resolve_config(sd, stored)
+    return cfg, sd, str(args.checkpoint)
+
+
+def _build_model(cfg: Any, sd: dict | None, execution: str | None) -> Any:
+    from dydit.checkpoint import fit_state_dict
+    from dydit.factory import build_model
+    from dydit.models.dydit import has_routers, load_dydit_checkpoint
+
+    if sd is not None and (cfg.dynamic or has_routers(sd)):
+        model = load_dydit_checkpoint(sd, cfg)
+    else:
+        model = build_model(cfg)
+        if sd is not None:
+            fit_state_dict(model, sd)
+    if execution is not None:
+        if not model.config.dynamic:
+            raise DyditError("--execution applies to DyDiT models only")
+        model.execution = execution
+    return model.eval()
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the run needs, validated; what --dry-run prints."""
+    from dydit import distributed
+    from dydit.diffusion import create_diffusion
+    from dydit.sample import SamplingSettings, resolve_labels
+
+    cfg, sd, source = _model_config(args)
+    settings = SamplingSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        guidance_channels=args.guidance_channels,
+        eta=args.eta,
+        clip_denoised=args.clip_denoised,
+    )
+    if settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
+        raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
+    n = args.num_samples or (len(args.classes) if args.classes else DEFAULT_NUM_SAMPLES)
+    seeds = list(range(args.seed, args.seed + n))
+    labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
+    labels = resolve_labels(seeds, labels, cfg.num_classes)
+    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
+    timesteps = settings.timesteps(diffusion.num_timesteps)
+    if args.vae is not None:
+        codec = args.vae
+    elif cfg.in_channels in (1, 3):
+        codec = "pixel"
+    else:
+        codec = None
+        if args.out_dir is None:
+            raise DyditError(
+                f"a {cfg.in_channels}-channel latent model needs --vae to make images; "
+                "or pass --out-dir to save raw latents"
+            )
+    if args.out_dir is None and n > GRID_MAX:
+        raise DyditError(
+            f"without --out-dir only a grid of at most {GRID_MAX} images is made; got {n} samples"
+        )
+    if args.npz is not None and (args.out_dir is None or codec is None):
+        raise DyditError("--npz packs the PNGs of --out-dir; give --out-dir (and --vae for a latent model)")
+    npz = (args.npz or str(Path(args.out_dir).with_suffix(".npz"))) if args.npz is not None else None
+    return {
+        "weights": source,
+        "model": cfg.to_dict(),
+        "sampling": settings.to_dict(),
+        "timesteps": f"{len(timesteps)} original timesteps {timesteps[-1]}..{timesteps[0]}",
+        "num_samples": n,
+        "seeds": f"{seeds[0]}..{seeds[-1]}",
+        "labels": labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
+        "codec": codec,
+        "execution": args.execution,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "world_size": distributed.world_size(),
+        "grid": args.grid if codec is not None else None,
+        "out_dir": args.out_dir,
+        "npz": npz,
+        "_objects": (cfg, sd, settings, seeds, labels, diffusion),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from dydit import distributed
+
+    resolve_device(args.device)  # a clear error for cuda without CUDA
+    plan = _resolve(args)
+    cfg, sd, settings, seeds, labels, diffusion = plan.pop("_objects")
+    if args.dry_run:
+        print(json.dumps(plan, indent=2))
+        return 0
+    device = distributed.init(args.device)
+    try:
+        _sample(args, plan, cfg, sd, settings, seeds, labels, diffusion, device)
+    finally:
+        distributed.destroy()
+    return 0
+
+
+def _sample(args, plan, cfg, sd, settings, seeds, labels, diffusion, device) -> None:
+    import numpy as np
+    import torch
+
+    from dydit import distributed
+    from dydit.data.codec import make_codec
+    from dydit.sample import image_name, load_png, sample_images, sample_to_dir, save_grid
+
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sampling scripts
+        torch.backends.cudnn.allow_tf32 = True
+    model = _build_model(cfg, sd, args.execution).to(device)
+    codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    common = dict(
+        seeds=seeds,
+        labels=labels,
+        shape=shape,
+        num_classes=cfg.num_classes,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
+    say = print if distributed.is_main() else (lambda *a, **k: None)
+    if args.out_dir is not None:
+        meta = {"weights": plan["weights"], "model": plan["model"]}
+        res = sample_to_dir(
+            model,
+            diffusion,
+            settings,
+            args.out_dir,
+            codec=codec,
+            save_raw=args.save_raw,
+            npz_path=plan["npz"],
+            meta=meta,
+            **common,
+        )
+        say(f"{args.out_dir}: {len(seeds)} images ({res.skipped} already there)", file=sys.stderr)
+        if res.npz is not None:
+            say(f"wrote {res.npz}", file=sys.stderr)
+        if codec is None or not distributed.is_main():
+            return
+        n = min(len(seeds), GRID_MAX)
+        images = np.stack([load_png(Path(args.out_dir) / image_name(i, ".png")) for i in range(n)])
+        grid_labels = labels[:n].numpy()
+    else:
+        common.update(seeds=seeds[:GRID_MAX], labels=labels[:GRID_MAX])
+        images, grid_labels = sample_images(model, diffusion, settings, codec, **common)
+    if distributed.is_main():
+        save_grid(args.grid, images, grid_labels)
+        say(f"wrote {args.grid}", file=sys.stderr)

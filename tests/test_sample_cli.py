@@ -1,0 +1,226 @@
+"""``dydit sample``: dry run, outputs, one-line errors, DyDiT execution modes, and a 2-process torchrun
+run that reproduces the 1-process images exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import save_file
+
+from dydit.cli import main
+from dydit.factory import build_model
+
+FAST = ["--steps", "3", "--device", "cpu", "--no-progress"]
+
+
+def _save(model, path: Path) -> Path:
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"config": json.dumps({"model": model.config.to_dict()})})
+    return path
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    model = build_model(tiny_config(in_channels=3))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.2)
+    torch.nn.init.normal_(model.final_layer.adaLN_modulation[-1].weight, std=0.2)
+    return _save(model, tmp_path / "tiny.safetensors")
+
+
+def test_dry_run_prints_settings_and_writes_nothing(ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        "--sampler",
+        "ddim",
+        "--steps",
+        "ddim50",
+        "--eta",
+        "0.5",
+        "--classes",
+        "1,3",
+        "--num-samples",
+        "3",
+        "--dry-run",
+    ]
+    assert main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["sampling"]["sampler"] == "ddim" and plan["sampling"]["eta"] == 0.5
+    assert plan["timesteps"].startswith("50 original timesteps 980..0")
+    assert plan["labels"] == [1, 3, 1] and plan["model"]["num_classes"] == 4 and plan["codec"] == "pixel"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
+
+
+def test_grid_out_dir_and_npz(ckpt: Path, tmp_path: Path) -> None:
+    grid, out = tmp_path / "grid.png", tmp_path / "imgs"
+    args = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        *FAST,
+        "--classes",
+        "0,2",
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+        "--grid",
+        str(grid),
+        "--out-dir",
+        str(out),
+        "--npz",
+    ]
+    assert main(args) == 0
+    assert grid.exists() and len(list(out.glob("*.png"))) == 5
+    data = np.load(tmp_path / "imgs.npz")
+    assert data["arr_0"].shape == (5, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].tolist() == [0, 2, 0, 2, 0]
+    # Without --out-dir the grid is sampled in memory: the same images.
+    from PIL import Image
+
+    grid2 = tmp_path / "grid2.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(ckpt),
+                *FAST,
+                "--classes",
+                "0,2",
+                "--num-samples",
+                "5",
+                "--grid",
+                str(grid2),
+            ]
+        )
+        == 0
+    )
+    with Image.open(grid) as a, Image.open(grid2) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--checkpoint", "{tmp}/missing.pt"], "checkpoint not found"),
+        (["--checkpoint", "{tmp}/corrupt.pt"], "corrupt"),
+        (["--model", "DiT-Q/2"], "unknown model"),
+        (["--checkpoint", "{ckpt}", "--classes", "1,4"], "class 4 is out of range"),
+        (["--checkpoint", "{ckpt}", "--eta", "0.5"], "ddim sampler only"),
+        (["--model", "DiT-S/2"], "needs --vae"),
+        (["--checkpoint", "{ckpt}", "--execution", "sliced"], "DyDiT models only"),
+        (["--checkpoint", "{ckpt}", "--npz"], "--out-dir"),
+        ([], "give --checkpoint or --model"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(extra, needle, ckpt: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    extra = [e.format(tmp=tmp_path, ckpt=ckpt) for e in extra]
+    assert main(["sample", *extra, *FAST, "--grid", str(tmp_path / "g.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--cfg-scale", "-1"),
+        ("--steps", "0"),
+        ("--steps", "ddim0"),
+        ("--num-samples", "-2"),
+        ("--seed", "-1"),
+    ],
+)
+def test_bad_option_values_exit_nonzero(option: str, value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", "DiT-Ti/2", option, value, "--dry-run"])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_dydit_checkpoint_in_sliced_execution(tmp_path: Path) -> None:
+    dit = build_model(tiny_config(in_channels=3))
+    torch.nn.init.normal_(dit.final_layer.linear.weight, std=0.2)
+    from dydit.models.dydit import DyDiT
+
+    ck = _save(DyDiT.from_dit(dit), tmp_path / "dydit.safetensors")
+    for mode in ("masked", "sliced"):
+        out = tmp_path / f"{mode}.png"
+        assert (
+            main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(ck),
+                    *FAST,
+                    "--execution",
+                    mode,
+                    "--num-samples",
+                    "2",
+                    "--grid",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        assert out.exists()
+
+
+@pytest.mark.distributed
+def test_two_process_torchrun_matches_one_process(ckpt: Path, tmp_path: Path) -> None:
+    common = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        *FAST,
+        "--cfg-scale",
+        "2",
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+    ]
+    # Reference: one process, one thread (torchrun gives each rank one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = ["--out-dir", str(tmp_path / "one"), "--npz", "--grid", str(tmp_path / "g1.png")]
+        assert main([*common, *one]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+    ]
+
+    def run2(*args: str) -> None:
+        cmd = [*torchrun, "-m", "dydit", *common, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run2("--out-dir", str(tmp_path / "two"), "--npz", "--grid", str(tmp_path / "g2.png"))
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+    np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+    assert len(list((tmp_path / "two").glob("*.png"))) == 5
+    assert (tmp_path / "g2.png").read_bytes() == (tmp_path / "g1.png").read_bytes()
+    # In-memory path: each rank samples its share and the shares are gathered for the grid.
+    run2("--grid", str(tmp_path / "g3.png"))
+    assert (tmp_path / "g3.png").read_bytes() == (tmp_path / "g1.png").read_bytes()
