@@ -348,6 +348,8 @@ def sample_to_dir(
 
 def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path) -> Path:
     """Stack ``000000.png`` ... into an ADM-format npz: ``arr_0`` (N, H, W, C) uint8, ``arr_1`` (N,) int64."""
+    if num_images < 1:
+        raise DyditError(f"cannot pack {npz_path}: no images")
     missing = [i for i in range(num_images) if not (out_dir / image_name(i, ".png")).exists()]
     if missing:
         raise DyditError(

@@ -154,7 +154,7 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, dict | None, str]:
         cfg = model_config_from_args(args)
     else:
         cfg = resolve_config(sd, stored)
-    return cfg, sd, str(args.checkpoint)
+    return cfg, sd, str(Path(args.checkpoint).resolve())
 
 
 def _build_model(cfg: Any, sd: dict | None, execution: str | None) -> Any:
