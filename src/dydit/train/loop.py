@@ -239,14 +239,13 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
             x0, y = next(batches)
             x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # All randomness of this step derives from (seed, rank, step): resume is exact.
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, step))
+            g = torch.Generator(device).manual_seed(derive_seed(cfg.seed, rank, step))
             torch.manual_seed(derive_seed(cfg.seed, rank, step, _MODEL_RNG_STREAM))
             if stratified:
-                t = stratified_timesteps(local_batch, NUM_TIMESTEPS, generator=g)
+                t = stratified_timesteps(local_batch, NUM_TIMESTEPS, generator=g, device=device)
             else:
-                t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = t.to(device)
+                t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g, device=device)
+            noise = torch.randn(x0.shape, generator=g, device=device)
             lambda_t = (
                 target_schedule(step, cfg.target, cfg.target_warmup_steps, cfg.target_hold_steps)
                 if dynamic
@@ -308,8 +307,10 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
                 counted, skipped = 0, 0
                 tic = time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == end:
+                saving = time.perf_counter()
                 save(step)
                 saved = step
+                tic += time.perf_counter() - saving  # checkpoint time is not training throughput
     bar.close()
     if saved != step:
         save(step)  # nothing was left to do, but the export must exist
