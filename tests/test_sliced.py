@@ -177,7 +177,8 @@ def test_counted_flops_are_the_work_of_the_plan():
     cfg, n = model.config, model.config.num_tokens
     attn = sum(3 * formulas.attention_macs(n, cfg.hidden_size, int(heads[0, i].sum()), 4) for i, _ in hooks)
     mlp = sum(
-        formulas.mlp_macs(kept[i], cfg.hidden_size, cfg.mlp_hidden, int(groups[0, i].sum()), 4) for i, _ in hooks
+        formulas.mlp_macs(kept[i], cfg.hidden_size, cfg.mlp_hidden, int(groups[0, i].sum()), 4)
+        for i, _ in hooks
     )
     assert fc.by_component["attention"] == attn
     assert fc.by_component["mlp"] == mlp

@@ -1,0 +1,160 @@
+"""The prepared GPU benchmark of issue 5 (METHOD.md §8): DiT-XL/2 at 256 px, bf16, CFG, one H100.
+
+Phases, each appending its rows to ``$OUT/bench.json`` and ``$OUT/bench.md`` as soon as it ends, so
+a run cut short still leaves results:
+
+1. batch 64 (128 rows with CFG): dense, dense-compiled, masked, sliced, sliced-compiled at ρ≈0.5
+   (the paper's λ = 0.5 point), plus a 50-step DDIM sampler timing (s/image);
+2. batch 64 at ρ≈0.34 (half heads, half groups, half tokens: the §8 prototype's second point);
+3. batches 8 and 256: dense, dense-compiled, sliced, sliced-compiled at ρ≈0.5.
+
+A phase is skipped when the time already spent plus its estimate exceeds ``--budget`` seconds.
+``--dry`` runs the same phases on a tiny random model on the CPU in a few seconds (CI checks it).
+Weights are random (adaLN-Zero layers filled with small random values) and the routers calibrated,
+unless ``--checkpoint`` names a DyDiT checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dydit.bench import BenchConfig, device_name, markdown_table, run_bench
+
+# (name, config changes, rough H100 seconds: compile + timing) for DiT-XL/2, bf16.
+PHASES: list[tuple[str, dict, float]] = [
+    ("b64-rho0.50", dict(batches=(64,), sampler_steps=50), 150.0),
+    (
+        "b64-rho0.34",
+        dict(
+            batches=(64,),
+            rho=0.34,
+            token_keep=0.5,
+            modes=("dense", "dense-compiled", "sliced", "sliced-compiled"),
+        ),
+        60.0,
+    ),
+    (
+        "b8-b256-rho0.50",
+        dict(batches=(8, 256), modes=("dense", "dense-compiled", "sliced", "sliced-compiled")),
+        90.0,
+    ),
+]
+ALL_MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
+
+
+def base_config(args: argparse.Namespace) -> BenchConfig:
+    if args.dry:  # tiny, CPU, seconds: exercises every code path of the real run
+        return BenchConfig(
+            model="DiT-S/2",
+            device="cpu",
+            dtype="float32",
+            modes=("dense", "masked", "sliced"),
+            timesteps=(999, 500),
+            repeats=1,
+            warmup=1,
+            cfg_scale=1.5,
+            seed=args.seed,
+            overrides=dict(depth=2, hidden_size=64, num_heads=4, input_size=8, num_classes=10),
+        )
+    return BenchConfig(
+        model="DiT-XL/2",
+        checkpoint=args.checkpoint,
+        device="cuda",
+        dtype="bfloat16",
+        modes=ALL_MODES,
+        timesteps=(999, 749, 499, 249),
+        repeats=args.repeats,
+        warmup=1,
+        cfg_scale=1.5,
+        seed=args.seed,
+    )
+
+
+def phase_config(base: BenchConfig, changes: dict, dry: bool) -> BenchConfig:
+    if dry:  # keep the tiny model's CPU settings; shrink batches and the sampler
+        changes = dict(changes, batches=tuple(max(1, b // 32) for b in changes.get("batches", base.batches)))
+        changes["modes"] = tuple(m for m in changes.get("modes", base.modes) if "compiled" not in m)
+        if changes.get("sampler_steps"):
+            changes["sampler_steps"] = 2
+    return replace(base, **changes)
+
+
+def environment(device: str) -> dict:
+    env = {
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if device.startswith("cuda"):
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="DyDiT inference-speed benchmark on one GPU (issue 5).")
+    p.add_argument("--out", required=True, help="folder for bench.json, bench.md and env.json")
+    p.add_argument("--dry", action="store_true", help="tiny CPU run of every phase (seconds)")
+    p.add_argument(
+        "--checkpoint", default=None, help="DyDiT checkpoint with trained routers (default: calibrate)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default: 5)")
+    p.add_argument("--budget", type=float, default=270.0, help="seconds; later phases are skipped past it")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_config(args)
+    if args.dry:
+        torch.set_num_threads(1)  # tiny matrices: threads only add stalls on a shared CPU
+    if base.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print("gpu_bench: CUDA is not available (use --dry for the CPU check)", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env = environment(base.device)
+    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    rows: list[dict] = []
+    md = [
+        f"# DyDiT inference speed: {base.model}, {base.dtype}, CFG {base.cfg_scale}",
+        "",
+        f"{env['device_name']}, torch {env['torch']}, {env['date']}",
+        "",
+    ]
+    for name, changes, estimate in PHASES:
+        spent = time.perf_counter() - start
+        if not args.dry and spent + estimate > args.budget:
+            md += [f"## {name}: skipped ({spent:.0f} s spent, about {estimate:.0f} s more needed)", ""]
+            print(f"gpu_bench: skipping {name}", file=sys.stderr)
+            continue
+        cfg = phase_config(base, changes, args.dry)
+        print(f"gpu_bench: phase {name} ({spent:.0f} s so far)", file=sys.stderr, flush=True)
+        phase_rows = run_bench(cfg, log=lambda s: print("  " + s, file=sys.stderr, flush=True))
+        for r in phase_rows:
+            r.extra["phase"] = name
+        rows += [r.to_dict() for r in phase_rows]
+        md += [
+            f"## {name} (target rho {cfg.rho}, token keep {cfg.token_keep})",
+            "",
+            markdown_table(phase_rows),
+            "",
+        ]
+        (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "bench.md").write_text("\n".join(md) + "\n")
+    md.append(f"total {time.perf_counter() - start:.0f} s")
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Inference-speed benchmark: dense DiT, masked DyDiT and sliced DyDiT side by side (METHOD.md §7.4, §8).
+
+One run builds every model from the same weights, feeds them the same inputs and times them
+interleaved (repeat r of every mode before repeat r+1 of any), so load changes hit all modes alike.
+Each measurement is a :class:`BenchRow`: milliseconds per network forward (the mean over a few
+timesteps, whose width plans differ) and, optionally, full-sampler seconds per image (DDIM with
+classifier-free guidance, both halves in one pass). ρ is the realised attention+MLP FLOPs ratio
+(§5.3) counted on the sliced path; speed-up is against the dense DiT with the same compile setting,
+and efficiency = speed-up ÷ (1/ρ) = speed-up·ρ (1.0 would be the ideal of §8).
+
+Routers come from a DyDiT checkpoint or, for models without trained routers (a DiT checkpoint or
+random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a target ρ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dydit.diffusion import create_diffusion, guided, sample_ddim
+from dydit.errors import DyditError
+from dydit.factory import create_model
+from dydit.flops.counter import count_flops
+from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
+from dydit.models.dit import DiT
+from dydit.models.dydit import DyDiT, has_routers, load_dydit_checkpoint, read_checkpoint
+from dydit.models.sliced import SlicedDyDiT
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
+DEFAULT_MODES = ("dense", "masked", "sliced")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to time. ``batches`` count images; with ``cfg_scale`` != 1 the network sees 2x rows."""
+
+    model: str = "DiT-S/2"
+    checkpoint: str | None = None
+    batches: tuple[int, ...] = (16,)
+    dtype: str = "float32"
+    device: str = "cpu"
+    modes: tuple[str, ...] = DEFAULT_MODES
+    rho: float = 0.5  # calibration target when the routers are not trained
+    token_keep: float = 0.75  # fraction of tokens the calibrated token routers keep
+    timesteps: tuple[int, ...] = (999, 749, 499, 249)  # the forward timing cycles through these
+    repeats: int = 5
+    warmup: int = 1
+    sampler_steps: int = 0  # 0: no full-sampler timing
+    cfg_scale: float = 1.5
+    seed: int = 0
+    compile_mode: str | None = None
+    token_bucket: int | None = None
+    input_size: int | None = None  # latent size override (default: the preset's)
+    overrides: dict = field(default_factory=dict)  # other ModelConfig fields (tiny models in tests)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise DyditError(f"unknown bench mode(s) {bad}; valid: {', '.join(MODES)}")
+        if self.dtype not in DTYPES:
+            raise DyditError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.batches or min(self.batches) < 1:
+            raise DyditError("batch sizes must be positive")
+        if not self.timesteps or not all(0 <= t < 1000 for t in self.timesteps):
+            raise DyditError("bench timesteps must lie in [0, 1000)")
+        if self.repeats < 1 or self.warmup < 0 or self.sampler_steps < 0:
+            raise DyditError("repeats must be >= 1, warmup and sampler steps >= 0")
+
+
+@dataclass
+class BenchRow:
+    """One measurement; ``to_dict`` is what ``--json`` writes."""
+
+    mode: str
+    model: str
+    batch: int  # images
+    rows: int  # network batch (2x batch with CFG)
+    dtype: str
+    device: str
+    measurement: str  # "forward" or "sampler"
+    ms_per_forward: float  # median; for sampler rows, sampler time / steps
+    flops_ratio: float  # ρ, attention+MLP MACs relative to dense (1.0 for dense)
+    ms_min: float | None = None
+    s_per_image: float | None = None
+    steps: int | None = None
+    speedup: float | None = None  # vs the dense DiT with the same compile setting
+    speedup_vs_eager_dense: float | None = None
+    efficiency: float | None = None  # speedup·ρ
+    max_rel_err: float | None = None  # sliced vs masked output (sanity check), when both ran
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def device_name(device: str) -> str:
+    """A readable name of the CPU or GPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def _fill_zero_init(model: nn.Module, seed: int) -> None:
+    """Random weights for the adaLN-Zero / final layers of an untrained model, so that blocks do work."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * 0.02)
+
+
+def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
+    """(dense DiT, DyDiT with the same backbone weights, calibration or None), in eval mode."""
+    dtype, overrides = DTYPES[cfg.dtype], dict(cfg.overrides)
+    if cfg.input_size is not None:
+        overrides["input_size"] = cfg.input_size
+    base = cfg.model.replace("DyDiT-", "DiT-")
+    dev = torch.device(cfg.device)
+    with dev:  # build (and initialise) directly on the target device
+        if cfg.checkpoint:
+            sd, stored = read_checkpoint(cfg.checkpoint)
+            dy, trained = load_dydit_checkpoint(sd, config=stored), has_routers(sd)
+            dit = DiT(dy.config.replace(dynamic=False))
+            own = dit.state_dict()
+            dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})
+        else:
+            torch.manual_seed(cfg.seed)
+            dit = create_model(base, **overrides)
+            _fill_zero_init(dit, cfg.seed)
+            dy, trained = DyDiT.from_dit(dit), False
+    dit, dy = dit.to(dev, dtype).eval(), dy.to(dev, dtype).eval()
+    calibration = None
+    if not trained:
+        c = dy.config
+        heads, groups, tokens = fractions_for_rho(
+            cfg.rho, c.num_tokens, c.hidden_size, c.mlp_ratio, cfg.token_keep
+        )
+        calibration = calibrate_routers(dy, heads=heads, groups=groups, tokens=tokens, seed=cfg.seed)
+    return dit, dy, calibration
+
+
+def make_runners(
+    cfg: BenchConfig, dit: DiT, dy: DyDiT
+) -> dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    """The callables ``(x, t, y) -> Tensor`` of every requested mode."""
+
+    def masked(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return dy(x, t, y)
+
+    factories: dict[str, Callable[[], Callable]] = {
+        "dense": lambda: dit,
+        "dense-compiled": lambda: torch.compile(dit, mode=cfg.compile_mode),
+        "masked": lambda: masked,
+        "sliced": lambda: SlicedDyDiT(dy, plan_timesteps=cfg.timesteps, token_bucket=cfg.token_bucket),
+        "sliced-compiled": lambda: SlicedDyDiT(
+            dy,
+            plan_timesteps=cfg.timesteps,
+            compile=True,
+            compile_mode=cfg.compile_mode,
+            token_bucket=cfg.token_bucket,
+        ),
+    }
+    return {m: factories[m]() for m in cfg.modes}
+
+
+def _inputs(cfg: BenchConfig, model: DiT, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x rows, y rows, noise of the images): CFG doubles the rows as [x; x] with labels [y; null]."""
+    c = model.config
+    gen = torch.Generator().manual_seed(cfg.seed + batch)
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=gen)
+    y = torch.randint(0, c.num_classes, (batch,), generator=gen)
+    dev, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    noise = x.to(dev, dtype)
+    if cfg.cfg_scale != 1.0:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, c.num_classes)])
+    return x.to(dev, dtype), y.to(dev), noise
+
+
+def _attn_mlp_macs(fn: Callable, x: Tensor, ts: tuple[int, ...], y: Tensor) -> int:
+    with count_flops() as fc, torch.inference_mode():
+        for t in ts:
+            fn(x, torch.full((x.shape[0],), t, device=x.device), y)
+    return fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
+
+
+def time_forwards(cfg: BenchConfig, runners: dict, x: Tensor, y: Tensor) -> dict[str, list[float]]:
+    """Seconds per forward of each mode, one value per repeat, modes interleaved."""
+    ts = [torch.full((x.shape[0],), t, device=x.device) for t in cfg.timesteps]
+    times: dict[str, list[float]] = {m: [] for m in runners}
+    with torch.inference_mode():
+        for _ in range(cfg.warmup):
+            for fn in runners.values():
+                for t in ts:
+                    fn(x, t, y)
+        _sync(cfg.device)
+        for _ in range(cfg.repeats):
+            for mode, fn in runners.items():
+                start = time.perf_counter()
+                for t in ts:
+                    fn(x, t, y)
+                _sync(cfg.device)
+                times[mode].append((time.perf_counter() - start) / len(ts))
+    return times
+
+
+def time_sampler(cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int) -> tuple[float, Tensor]:
+    """Seconds for one DDIM run of ``cfg.sampler_steps`` steps with CFG; returns (seconds, x_0)."""
+    diffusion = create_diffusion()
+    model_fn = guided(fn, cfg.cfg_scale, null)
+    _sync(cfg.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = sample_ddim(model_fn, noise, diffusion, cfg.sampler_steps, model_kwargs=dict(y=y))
+    _sync(cfg.device)
+    return time.perf_counter() - start, out
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> list[BenchRow]:
+    """Build the models, calibrate if needed, and time every mode at every batch size."""
+    dit, dy, calibration = build_models(cfg)
+    if calibration is not None:
+        log(
+            f"calibrated routers: heads {calibration.heads:.3f}, groups {calibration.groups:.3f}, "
+            f"tokens {calibration.tokens:.3f} (expected rho {calibration.rho:.3f})"
+        )
+    runners = make_runners(cfg, dit, dy)
+    common = dict(model=cfg.model, dtype=cfg.dtype, device=cfg.device)
+    extra = {
+        "device_name": device_name(cfg.device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cfg_scale": cfg.cfg_scale,
+        "timesteps": list(cfg.timesteps),
+    }
+    rows: list[BenchRow] = []
+    for batch in cfg.batches:
+        x, y, noise = _inputs(cfg, dit, batch)
+        dense_macs = _attn_mlp_macs(dit, x[:1], cfg.timesteps, y[:1]) * x.shape[0]
+        sliced_macs = _attn_mlp_macs(SlicedDyDiT(dy), x, cfg.timesteps, y)
+        rho = sliced_macs / dense_macs
+        err = None
+        if "masked" in runners and any(m.startswith("sliced") for m in runners):
+            with torch.inference_mode():
+                t = torch.full((x.shape[0],), cfg.timesteps[0], device=x.device)
+                err = _rel_err(
+                    runners[next(m for m in runners if m.startswith("sliced"))](x, t, y), dy(x, t, y)
+                )
+        log(f"batch {batch}: rho {rho:.3f}; timing {', '.join(runners)} ...")
+        times = time_forwards(cfg, runners, x, y)
+        batch_rows = []
+        for mode, ts in times.items():
+            dynamic = mode.startswith(("masked", "sliced"))
+            batch_rows.append(
+                BenchRow(
+                    mode,
+                    batch=batch,
+                    rows=x.shape[0],
+                    measurement="forward",
+                    ms_per_forward=1e3 * statistics.median(ts),
+                    ms_min=1e3 * min(ts),
+                    flops_ratio=rho if dynamic else 1.0,
+                    max_rel_err=err if mode.startswith("sliced") else None,
+                    extra=dict(extra),
+                    **common,
+                )
+            )
+        if cfg.sampler_steps:
+            dense_per_forward = dense_macs / len(cfg.timesteps)
+            sampler_rho = rho
+            for mode, fn in runners.items():
+                with count_flops() as fc:  # the sliced path records the work it really does
+                    seconds, _ = time_sampler(cfg, fn, noise, y[:batch], dit.config.num_classes)
+                if mode.startswith("sliced"):
+                    done = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
+                    sampler_rho = done / (dense_per_forward * cfg.sampler_steps)
+                log(f"  sampler {mode}: {seconds:.2f} s")
+                batch_rows.append(
+                    BenchRow(
+                        mode,
+                        batch=batch,
+                        rows=x.shape[0],
+                        measurement="sampler",
+                        ms_per_forward=1e3 * seconds / cfg.sampler_steps,
+                        flops_ratio=1.0,
+                        s_per_image=seconds / batch,
+                        steps=cfg.sampler_steps,
+                        extra=dict(extra),
+                        **common,
+                    )
+                )
+            for r in batch_rows:  # masked DyDiT runs the same plans as sliced: same ρ
+                if r.measurement == "sampler" and r.mode.startswith(("masked", "sliced")):
+                    r.flops_ratio = sampler_rho
+        _add_speedups(batch_rows)
+        rows += batch_rows
+    return rows
+
+
+def _add_speedups(rows: list[BenchRow]) -> None:
+    for kind in ("forward", "sampler"):
+        group = {r.mode: r for r in rows if r.measurement == kind}
+        for r in group.values():
+            base = group.get("dense-compiled" if r.mode.endswith("-compiled") else "dense")
+            eager = group.get("dense")
+            if base is not None:
+                r.speedup = base.ms_per_forward / r.ms_per_forward
+                r.efficiency = r.speedup * r.flops_ratio
+            if eager is not None:
+                r.speedup_vs_eager_dense = eager.ms_per_forward / r.ms_per_forward
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    """The rows as a Markdown table (forward rows first, then sampler rows)."""
+    lines = [
+        "| measurement | mode | batch | rows | dtype | ms/forward | s/image | ρ | speed-up "
+        "| vs eager dense | efficiency |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.measurement != "forward", r.batch, MODES.index(r.mode))):
+        label = r.measurement if r.steps is None else f"sampler ({r.steps} steps)"
+        lines.append(
+            f"| {label} | {r.mode} | {r.batch} | {r.rows} | {r.dtype} | {r.ms_per_forward:.1f} | "
+            f"{_fmt(r.s_per_image, '.3f')} | {r.flops_ratio:.3f} | {_fmt(r.speedup, '.2f')}x | "
+            f"{_fmt(r.speedup_vs_eager_dense, '.2f')}x | {_fmt(r.efficiency, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
+    """One JSON object per measurement, in a list."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")

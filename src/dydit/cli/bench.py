@@ -1,0 +1,173 @@
+"""``dydit bench``: dense DiT vs masked DyDiT vs sliced DyDiT, timed side by side (METHOD.md §7.4, §8)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dydit.cli._common import positive_int, resolve_device, unit_interval
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from dydit.bench import DEFAULT_MODES, DTYPES, MODES
+
+    p = sub.add_parser(
+        "bench",
+        help="time dense DiT, masked DyDiT and sliced DyDiT on the same weights and inputs",
+        description="Time dense DiT, masked DyDiT and the sliced DyDiT engine side by side: ms per "
+        "forward and (with --sampler-steps) full-sampler seconds per image, with the FLOPs ratio rho, "
+        "the speed-up and the efficiency (speed-up x rho). Routers come from a DyDiT checkpoint, or "
+        "are calibrated to --rho for models without trained routers.",
+    )
+    p.add_argument(
+        "--model", default="DiT-S/2", help="model preset, e.g. DiT-S/2, DiT-XL/2 (default: DiT-S/2)"
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="DiT or DyDiT weights (.pt/.safetensors); default: random weights"
+    )
+    p.add_argument(
+        "--batch",
+        type=_int_list,
+        default=(16,),
+        help="comma-separated numbers of images per forward, e.g. 8,64,256 (default: 16)",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default: float32)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument(
+        "--modes",
+        type=_str_list,
+        default=DEFAULT_MODES,
+        help=f"comma-separated modes among {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)})",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time dense-compiled and sliced-compiled (torch.compile)"
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead",
+    )
+    p.add_argument(
+        "--token-bucket",
+        type=positive_int,
+        default=None,
+        help="pad kept-token counts to a multiple of this (bounded shapes for static compile modes)",
+    )
+    p.add_argument(
+        "--rho",
+        type=unit_interval,
+        default=0.5,
+        help="target FLOPs ratio for calibrated routers (ignored with trained routers; default 0.5)",
+    )
+    p.add_argument(
+        "--token-keep",
+        type=unit_interval,
+        default=0.75,
+        help="fraction of tokens the calibrated token routers keep (default: 0.75)",
+    )
+    p.add_argument(
+        "--timesteps",
+        type=_int_list,
+        default=(999, 749, 499, 249),
+        help="timesteps cycled through by the forward timing (default: 999,749,499,249)",
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per mode (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per mode first (default: 1)")
+    p.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=0,
+        help="also time a full DDIM sampler with this many steps (default: 0 = off)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.5,
+        help="classifier-free guidance scale; != 1 doubles the rows (default: 1.5)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="image size in pixels (latent = size/8 for 4-channel models; default: preset)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for weights, inputs and calibration (default: 0)"
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from dydit.bench import BenchConfig
+    from dydit.presets import get_model_config
+
+    modes = tuple(args.modes)
+    if args.compile:
+        modes += tuple(m for m in ("dense-compiled", "sliced-compiled") if m not in modes)
+    input_size = None
+    if args.image_size is not None:
+        base = get_model_config(args.model)
+        input_size = args.image_size // 8 if base.in_channels == 4 else args.image_size
+    return BenchConfig(
+        model=args.model,
+        checkpoint=args.checkpoint,
+        batches=args.batch,
+        dtype=args.dtype,
+        device=resolve_device(args.device),
+        modes=modes,
+        rho=args.rho,
+        token_keep=args.token_keep,
+        timesteps=args.timesteps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        sampler_steps=args.sampler_steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        compile_mode=args.compile_mode,
+        token_bucket=args.token_bucket,
+        input_size=input_size,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dydit.bench import device_name, markdown_table, run_bench, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    if args.dry_run:
+        print(cfg)
+        return 0
+    rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(
+        f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}"
+    )
+    print(markdown_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
+    return 0
