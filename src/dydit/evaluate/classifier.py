@@ -73,9 +73,12 @@ def to_classifier_input(images: Tensor) -> Tensor:
 
 
 def train_classifier(
-    epochs: int = _EPOCHS, seed: int = _SEED, progress: bool = True
+    epochs: int = _EPOCHS, seed: int = _SEED, progress: bool = True, max_images: int | None = None
 ) -> tuple[FashionCNN, float]:
-    """Train on the Fashion-MNIST training set; returns the model and its test-set accuracy."""
+    """Train on the Fashion-MNIST training set (its first ``max_images``, default all).
+
+    Returns the model in eval mode and its accuracy on the test set.
+    """
     from dydit.data.fashion_mnist import load_fashion_mnist
 
     train = load_fashion_mnist(split="train", image_size=IMAGE_SIZE)
@@ -84,7 +87,8 @@ def train_classifier(
     torch.manual_seed(seed)
     model = FashionCNN()
     opt = torch.optim.Adam(model.parameters(), lr=_LR)
-    x_train = train.images.float() / 127.5 - 1.0  # (60000, 1, 28, 28)
+    x_train = train.images[:max_images].float() / 127.5 - 1.0  # (60000, 1, 28, 28)
+    y_train = train.labels[:max_images]
     steps = epochs * (len(x_train) // _BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_LR, total_steps=steps)
     bar = tqdm(total=steps, desc=f"training {CLASSIFIER_NAME}", disable=not progress, leave=False)
@@ -97,7 +101,7 @@ def train_classifier(
             x = torch.where(
                 torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x
             )  # flips keep labels
-            loss = F.cross_entropy(model(x), train.labels[idx])
+            loss = F.cross_entropy(model(x), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

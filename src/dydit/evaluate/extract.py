@@ -64,7 +64,7 @@ def extract(
     count = 0
     with tqdm(total=len(source), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for batch in source.batches(batch_size):
-            images = torch.from_numpy(np.ascontiguousarray(batch))
+            images = torch.from_numpy(np.require(batch, requirements=("C", "W")))  # copies read-only views
             for net, stats, keep in zip(nets, running, kept):
                 out = net(images)
                 for kind, acc in stats.items():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,9 @@ class InceptionFeatures(FeatureNet):
         if not path.is_file():
             raise DyditError(f"Inception weights {path} not found; {INCEPTION_HINT}")
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # TorchScript is deprecated but is the format this file ships in
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DyditError(f"{path} is not a TorchScript network ({first})") from None

@@ -97,8 +97,15 @@ class RunningGaussian:
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((Σ₁ Σ₂)^½) via ``scipy.linalg.sqrtm``, with the ADM evaluator's safeguards."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    """tr((Σ₁ Σ₂)^½) via ``scipy.linalg.sqrtm``, with the ADM evaluator's safeguards.
+
+    Covariances of fewer vectors than dimensions are singular; scipy then warns that the root may
+    be inaccurate. That is the normal case for small sets, so the warning is silenced and only a
+    non-finite result triggers the ``eps·I`` retry.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(
             f"Fréchet distance: Σ₁Σ₂ is singular; adding {SQRTM_EPS}·I to both covariances", stacklevel=2
