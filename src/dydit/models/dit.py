@@ -129,7 +129,8 @@ class DiT(nn.Module):
             size = self.config.input_size
             raise ValueError(f"expected inputs of size {size}x{size}, got {tuple(x.shape)}")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        # Row-major (B, N, D): the patch embedding's transposed layout would slow every matmul after it.
+        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
         c = t_emb + self.y_embedder(y, self.training)  # (B, D)
         return tokens, c, t_emb
