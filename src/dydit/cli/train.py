@@ -94,6 +94,11 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g.add_argument(
         "--lr", type=non_negative_float, default=d.lr, help="AdamW learning rate (default %(default)g)"
     )
+    if finetune:
+        g.add_argument(
+            "--router-lr", type=non_negative_float, default=None,
+            help="learning rate of the routers alone (default: --lr); helps short fine-tunes",
+        )  # fmt: skip
     g.add_argument(
         "--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW weight decay"
     )
@@ -186,6 +191,7 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
             complete_steps=args.complete_steps,
             flops_weight=args.flops_weight,
             stratified_t=args.stratified_t,
+            router_lr=args.router_lr,
         )
     return TrainConfig(
         out_dir=args.out_dir,

@@ -41,7 +41,9 @@ class TrainConfig:
         data: dataset spec (``fashion-mnist``, ``digits``, ``folder:PATH``, ``latents:PATH``).
         image_size, fit: pixel size and how small images reach it (``pad`` or ``resize``).
         flip: horizontal flips (None: the dataset's default, off for digits).
-    Optimisation (METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; global ``batch_size``
+    Optimisation (METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; ``router_lr`` (None:
+        ``lr``) is the learning rate of DyDiT's routers alone, a project option for short fine-tunes
+        (the paper uses one rate for all parameters); global ``batch_size``
         split over the processes; ``grad_guard`` "clip" scales gradients to norm ``grad_threshold``,
         "skip" skips the update when the norm exceeds it; one optimizer step per iteration at most.
     EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` uses
@@ -62,6 +64,7 @@ class TrainConfig:
     flip: bool | None = None
     batch_size: int = 64
     lr: float = 1e-4
+    router_lr: float | None = None
     weight_decay: float = 0.0
     steps: int = 1000
     ckpt_every: int = 500
@@ -94,6 +97,8 @@ class TrainConfig:
                 raise DyditError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise DyditError(f"learning rate must be positive, got {self.lr}")
+        if self.router_lr is not None and not self.router_lr > 0:
+            raise DyditError(f"router learning rate must be positive, got {self.router_lr}")
         if not self.weight_decay >= 0:
             raise DyditError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,6 +112,20 @@ def _load_init(model: nn.Module, path: str, dynamic: bool) -> list[str]:
     return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if dynamic else ())
 
 
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group, or two when ``cfg.router_lr`` gives the DyDiT routers their own rate."""
+    from dydit.models.dydit import ROUTER_KEY_MARKERS
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.router_lr is None:
+        return [{"params": [p for _, p in named]}]
+    is_router = [any(m in f".{n}" for m in ROUTER_KEY_MARKERS) for n, _ in named]
+    return [
+        {"params": [p for (_, p), r in zip(named, is_router) if not r]},
+        {"params": [p for (_, p), r in zip(named, is_router) if r], "lr": cfg.router_lr},
+    ]
+
+
 def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     """Train (or resume) the run ``cfg`` describes, until ``cfg.steps`` or ``stop_at`` steps.
 
@@ -162,8 +177,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         logger.info(f"initialised from {cfg.init_from}{new}")
     model.to(device).train()
     ema = create_ema(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
