@@ -245,3 +245,55 @@ def test_calibration_reaches_the_fractions_and_plans_vary_with_t(layout):
     x, y = inputs(model, 2)
     t = torch.full((2,), 900)
     assert rel_err(SlicedDyDiT(model)(x, t, y), model(x, t, y)) < 1e-5
+
+
+def fixed_token_logits(model: DyDiT, batch: int, seed: int = 5) -> list[torch.Tensor]:
+    """A fixed random keep pattern per layer, independent of x (so low precision cannot flip it)."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.config.num_tokens
+    return [torch.randn(batch, n, generator=g) for _ in model.blocks]
+
+
+def use_fixed_tokens(model: DyDiT, logits: list[torch.Tensor]):
+    for i, block in enumerate(model.blocks):
+        block.token_selection.logits = lambda x, z=logits[i]: z.to(x.device, x.dtype)
+    return lambda i, x: logits[i].to(x.device, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sliced_is_as_accurate_as_masked(dtype):
+    model = random_dydit(4, 32, "forced_first")
+    x, y = inputs(model, 3)
+    t = torch.full((3,), 600)
+    override = use_fixed_tokens(model, fixed_token_logits(model, 3))
+    ref = model(x, t, y)  # float32 masked
+    model.to(dtype)
+    engine = SlicedDyDiT(model, token_logits=override)
+    masked = model(x.to(dtype), t, y)
+    fast = engine(x.to(dtype), t, y)
+    assert fast.dtype == dtype
+    assert rel_err(fast.float(), ref) <= 2 * rel_err(masked.float(), ref) + 1e-3
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_sliced_equals_masked(compiled, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_dydit(4, 32, "all")
+    x, y = inputs(model, 4)
+    override = use_fixed_tokens(model, fixed_token_logits(model, 4))
+    t = torch.full((4,), 300)
+    ref = model(x, t, y)
+    model.to("cuda", dtype)
+    engine = SlicedDyDiT(model, token_logits=override, compile=compiled)
+    masked = model(x.to("cuda", dtype), t.cuda(), y.cuda())
+    fast = engine(x.to("cuda", dtype), t.cuda(), y.cuda())
+    if dtype == torch.float32:
+        assert rel_err(fast, masked) < 1e-5
+    else:
+        assert rel_err(fast.float().cpu(), ref) <= 2 * rel_err(masked.float().cpu(), ref) + 1e-3

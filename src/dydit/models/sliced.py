@@ -211,6 +211,8 @@ class SlicedDyDiT(nn.Module):
         self.eps = float(blocks[0].norm1.eps)
         self._attn_fn: Callable = attention_region
         self._mlp_fn: Callable = mlp_region
+        # CUDA graphs (mode "reduce-overhead") must not copy the weights into static buffers per replay.
+        self._static_weights = compile and "reduce-overhead" in (compile_mode or "")
         if compile:
             self._attn_fn = torch.compile(attention_region, dynamic=True, mode=compile_mode)
             self._mlp_fn = torch.compile(mlp_region, dynamic=True, mode=compile_mode)
@@ -273,13 +275,24 @@ class SlicedDyDiT(nn.Module):
             for layer, block in enumerate(self.model.blocks):
                 hk = (layer, heads[row, layer].numpy().tobytes())
                 if hk not in self._attn_packs:
-                    self._attn_packs[hk] = slice_attention(block.attn.qkv, block.attn.proj, heads[row, layer])
+                    pack = slice_attention(block.attn.qkv, block.attn.proj, heads[row, layer])
+                    self._attn_packs[hk] = self._mark_static(pack)
                 gk = (layer, groups[row, layer].numpy().tobytes())
                 if gk not in self._mlp_packs:
-                    self._mlp_packs[gk] = slice_mlp(block.mlp.fc1, block.mlp.fc2, groups[row, layer])
+                    self._mlp_packs[gk] = self._mark_static(
+                        slice_mlp(block.mlp.fc1, block.mlp.fc2, groups[row, layer])
+                    )
                 attn.append(self._attn_packs[hk])
                 mlp.append(self._mlp_packs[gk])
             self._plans[keys[i]] = StepPlan(tuple(attn), tuple(mlp))
+
+    def _mark_static(self, pack):
+        """Tell torch.compile's CUDA graphs that these weights keep their address (no copy per replay)."""
+        if self._static_weights:
+            for w in vars(pack).values():
+                if isinstance(w, Tensor):
+                    torch._dynamo.mark_static_address(w)
+        return pack
 
     def plan(self, t: float) -> StepPlan:
         """The step plan of one t value (built on first use)."""
@@ -311,9 +324,16 @@ class SlicedDyDiT(nn.Module):
                     self._routers.append(None)
                     continue
                 first, last = head[0], head[-1]
-                self._routers.append(
-                    (first.weight.detach(), first.bias.detach(), last.weight.detach(), last.bias.detach())
+                router = (
+                    first.weight.detach(),
+                    first.bias.detach(),
+                    last.weight.detach(),
+                    last.bias.detach(),
                 )
+                if self._static_weights:
+                    for w in router:
+                        torch._dynamo.mark_static_address(w)
+                self._routers.append(router)
         return self._routers
 
     # forward ------------------------------------------------------------------------------------------
