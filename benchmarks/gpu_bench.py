@@ -1,12 +1,12 @@
 """The prepared GPU benchmark of issue 5 (METHOD.md §8): DiT-XL/2 at 256 px, bf16, CFG, one H100.
 
-Phases, each appending its rows to ``$OUT/bench.json`` and ``$OUT/bench.md`` as soon as it ends, so
-a run cut short still leaves results:
+Models and compiled graphs are built once; phases, each appending its rows to ``$OUT/bench.json``
+and ``$OUT/bench.md`` as soon as it ends (a run cut short still leaves results):
 
 1. batch 64 (128 rows with CFG): dense, dense-compiled, masked, sliced, sliced-compiled at ρ≈0.5
    (the paper's λ = 0.5 point), plus a 50-step DDIM sampler timing (s/image);
-2. batch 64 at ρ≈0.34 (half heads, half groups, half tokens: the §8 prototype's second point);
-3. batches 8 and 256: dense, dense-compiled, sliced, sliced-compiled at ρ≈0.5.
+2. batches 8 and 256: dense, dense-compiled, sliced, sliced-compiled at ρ≈0.5;
+3. batch 64 at ρ≈0.34 (half heads, half groups, half tokens: the §8 prototype's second point).
 
 A phase is skipped when the time already spent plus its estimate exceeds ``--budget`` seconds.
 ``--dry`` runs the same phases on a tiny random model on the CPU in a few seconds (CI checks it).
@@ -20,31 +20,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from dydit.bench import BenchConfig, device_name, markdown_table, run_bench
+from dydit.bench import Bench, BenchConfig, device_name, markdown_table
 
-# (name, config changes, rough H100 seconds: compile + timing) for DiT-XL/2, bf16.
+FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
+# (name, what to run, rough H100 seconds) for DiT-XL/2, bf16. The models, and the compiled graphs,
+# are built once and shared by the phases; only the third one recalibrates the routers.
 PHASES: list[tuple[str, dict, float]] = [
     ("b64-rho0.50", dict(batches=(64,), sampler_steps=50), 150.0),
-    (
-        "b64-rho0.34",
-        dict(
-            batches=(64,),
-            rho=0.34,
-            token_keep=0.5,
-            modes=("dense", "dense-compiled", "sliced", "sliced-compiled"),
-        ),
-        60.0,
-    ),
-    (
-        "b8-b256-rho0.50",
-        dict(batches=(8, 256), modes=("dense", "dense-compiled", "sliced", "sliced-compiled")),
-        90.0,
-    ),
+    ("b8-b256-rho0.50", dict(batches=(8, 256), modes=FAST), 70.0),
+    ("b64-rho0.34", dict(batches=(64,), modes=FAST, rho=0.34, token_keep=0.5), 30.0),
 ]
 ALL_MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
 
@@ -77,13 +65,13 @@ def base_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def phase_config(base: BenchConfig, changes: dict, dry: bool) -> BenchConfig:
-    if dry:  # keep the tiny model's CPU settings; shrink batches and the sampler
-        changes = dict(changes, batches=tuple(max(1, b // 32) for b in changes.get("batches", base.batches)))
-        changes["modes"] = tuple(m for m in changes.get("modes", base.modes) if "compiled" not in m)
-        if changes.get("sampler_steps"):
-            changes["sampler_steps"] = 2
-    return replace(base, **changes)
+def phase_plan(base: BenchConfig, spec: dict, dry: bool) -> dict:
+    """Arguments of :meth:`Bench.run` for one phase (shrunk, and without compiled modes, when dry)."""
+    modes = tuple(m for m in spec.get("modes", base.modes) if m in base.modes)
+    batches, steps = spec["batches"], spec.get("sampler_steps", 0)
+    if dry:
+        batches, steps = tuple(max(1, b // 32) for b in batches), min(steps, 2)
+    return dict(batches=batches, modes=modes, sampler_steps=steps)
 
 
 def environment(device: str) -> dict:
@@ -130,18 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['device_name']}, torch {env['torch']}, {env['date']}",
         "",
     ]
-    for name, changes, estimate in PHASES:
+    bench = Bench(base, log=lambda s: print("  " + s, file=sys.stderr, flush=True))
+    for name, spec, estimate in PHASES:
         spent = time.perf_counter() - start
         if not args.dry and spent + estimate > args.budget:
             md += [f"## {name}: skipped ({spent:.0f} s spent, about {estimate:.0f} s more needed)", ""]
             print(f"gpu_bench: skipping {name}", file=sys.stderr)
             continue
-        cfg = phase_config(base, changes, args.dry)
         print(f"gpu_bench: phase {name} ({spent:.0f} s so far)", file=sys.stderr, flush=True)
-        phase_rows = run_bench(cfg, log=lambda s: print("  " + s, file=sys.stderr, flush=True))
+        if "rho" in spec:
+            bench.recalibrate(spec["rho"], spec["token_keep"])
+        phase_rows = bench.run(**phase_plan(base, spec, args.dry))
         for r in phase_rows:
             r.extra["phase"] = name
         rows += [r.to_dict() for r in phase_rows]
+        cfg = bench.cfg
         md += [
             f"## {name} (target rho {cfg.rho}, token keep {cfg.token_keep})",
             "",

@@ -136,6 +136,9 @@ def test_gpu_script_dry_path(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {d["phase"] for d in data} == {name for name, _, _ in gpu_bench.PHASES}
     assert "## b64-rho0.50" in (tmp_path / "bench.md").read_text()
+    sliced = [d for d in data if d["mode"] == "sliced" and d["measurement"] == "forward"]
+    rho = {d["phase"]: d["flops_ratio"] for d in sliced}
+    assert rho["b64-rho0.34"] < rho["b64-rho0.50"] - 0.1  # the last phase recalibrates the same models
     # The real configuration: XL/2 at 256 px (32x32 latents), bf16 on CUDA, CFG, batches 8/64/256.
     real = gpu_bench.base_config(gpu_bench_args(gpu_bench))
     assert (real.model, real.dtype, real.device, real.cfg_scale) == ("DiT-XL/2", "bfloat16", "cuda", 1.5)

@@ -227,14 +227,16 @@ def time_forwards(cfg: BenchConfig, runners: dict, x: Tensor, y: Tensor) -> dict
     return times
 
 
-def time_sampler(cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int) -> tuple[float, Tensor]:
-    """Seconds for one DDIM run of ``cfg.sampler_steps`` steps with CFG; returns (seconds, x_0)."""
+def time_sampler(
+    cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int, steps: int
+) -> tuple[float, Tensor]:
+    """Seconds for one DDIM run of ``steps`` steps with CFG; returns (seconds, x_0)."""
     diffusion = create_diffusion()
     model_fn = guided(fn, cfg.cfg_scale, null)
     _sync(cfg.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = sample_ddim(model_fn, noise, diffusion, cfg.sampler_steps, model_kwargs=dict(y=y))
+        out = sample_ddim(model_fn, noise, diffusion, steps, model_kwargs=dict(y=y))
     _sync(cfg.device)
     return time.perf_counter() - start, out
 
@@ -244,85 +246,121 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> list[BenchRow]:
-    """Build the models, calibrate if needed, and time every mode at every batch size."""
-    dit, dy, calibration = build_models(cfg)
-    if calibration is not None:
-        log(
-            f"calibrated routers: heads {calibration.heads:.3f}, groups {calibration.groups:.3f}, "
-            f"tokens {calibration.tokens:.3f} (expected rho {calibration.rho:.3f})"
-        )
-    runners = make_runners(cfg, dit, dy)
-    common = dict(model=cfg.model, dtype=cfg.dtype, device=cfg.device)
-    extra = {
-        "device_name": device_name(cfg.device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cfg_scale": cfg.cfg_scale,
-        "timesteps": list(cfg.timesteps),
-    }
-    rows: list[BenchRow] = []
-    for batch in cfg.batches:
+class Bench:
+    """Models and runners built once; :meth:`run` measures, :meth:`recalibrate` moves to another ρ.
+
+    Reusing one Bench across measurements keeps compiled graphs (dense and sliced) warm.
+    """
+
+    def __init__(self, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None):
+        self.cfg, self.log = cfg, log
+        self.dit, self.dy, calibration = build_models(cfg)
+        self._log_calibration(calibration)
+        self.runners = make_runners(cfg, self.dit, self.dy)
+
+    def _log_calibration(self, c: Calibration | None) -> None:
+        if c is not None:
+            self.log(
+                f"calibrated routers: heads {c.heads:.3f}, groups {c.groups:.3f}, tokens {c.tokens:.3f} "
+                f"(expected rho {c.rho:.3f})"
+            )
+
+    def recalibrate(self, rho: float, token_keep: float) -> Calibration:
+        """Calibrate the routers to another target ρ; sliced engines drop their plans and packs."""
+        self.cfg = dataclasses.replace(self.cfg, rho=rho, token_keep=token_keep)
+        c = self.dy.config
+        h, g, k = fractions_for_rho(rho, c.num_tokens, c.hidden_size, c.mlp_ratio, token_keep)
+        calibration = calibrate_routers(self.dy, heads=h, groups=g, tokens=k, seed=self.cfg.seed)
+        self._log_calibration(calibration)
+        for fn in self.runners.values():
+            if isinstance(fn, SlicedDyDiT):
+                fn.clear_cache()
+                fn.prepare(self.cfg.timesteps)
+        return calibration
+
+    def run(
+        self,
+        batches: tuple[int, ...] | None = None,
+        modes: tuple[str, ...] | None = None,
+        sampler_steps: int | None = None,
+    ) -> list[BenchRow]:
+        """Time ``modes`` (default: all built) at ``batches``; a sampler timing when ``sampler_steps``."""
+        cfg = self.cfg
+        runners = {m: self.runners[m] for m in (modes or tuple(self.runners))}
+        steps = cfg.sampler_steps if sampler_steps is None else sampler_steps
+        rows: list[BenchRow] = []
+        for batch in batches or cfg.batches:
+            rows += self._run_batch(batch, runners, steps)
+        return rows
+
+    def _run_batch(self, batch: int, runners: dict, steps: int) -> list[BenchRow]:
+        cfg, dit, dy = self.cfg, self.dit, self.dy
         x, y, noise = _inputs(cfg, dit, batch)
         dense_macs = _attn_mlp_macs(dit, x[:1], cfg.timesteps, y[:1]) * x.shape[0]
-        sliced_macs = _attn_mlp_macs(SlicedDyDiT(dy), x, cfg.timesteps, y)
-        rho = sliced_macs / dense_macs
+        rho = _attn_mlp_macs(SlicedDyDiT(dy), x, cfg.timesteps, y) / dense_macs
         err = None
-        if "masked" in runners and any(m.startswith("sliced") for m in runners):
+        sliced_mode = next((m for m in runners if m.startswith("sliced")), None)
+        if sliced_mode is not None:  # the sliced output must be the masked output
             with torch.inference_mode():
                 t = torch.full((x.shape[0],), cfg.timesteps[0], device=x.device)
-                err = _rel_err(
-                    runners[next(m for m in runners if m.startswith("sliced"))](x, t, y), dy(x, t, y)
-                )
-        log(f"batch {batch}: rho {rho:.3f}; timing {', '.join(runners)} ...")
-        times = time_forwards(cfg, runners, x, y)
-        batch_rows = []
-        for mode, ts in times.items():
+                err = _rel_err(runners[sliced_mode](x, t, y), dy(x, t, y))
+        self.log(f"batch {batch}: rho {rho:.3f}; timing {', '.join(runners)} ...")
+        meta = dict(model=cfg.model, batch=batch, rows=x.shape[0], dtype=cfg.dtype, device=cfg.device)
+        extra = {
+            "device_name": device_name(cfg.device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cfg_scale": cfg.cfg_scale,
+            "timesteps": list(cfg.timesteps),
+            "rho_target": cfg.rho,
+            "token_keep_target": cfg.token_keep,
+        }
+        rows = []
+        for mode, ts in time_forwards(cfg, runners, x, y).items():
             dynamic = mode.startswith(("masked", "sliced"))
-            batch_rows.append(
+            rows.append(
                 BenchRow(
                     mode,
-                    batch=batch,
-                    rows=x.shape[0],
                     measurement="forward",
                     ms_per_forward=1e3 * statistics.median(ts),
                     ms_min=1e3 * min(ts),
                     flops_ratio=rho if dynamic else 1.0,
                     max_rel_err=err if mode.startswith("sliced") else None,
                     extra=dict(extra),
-                    **common,
+                    **meta,
                 )
             )
-        if cfg.sampler_steps:
-            dense_per_forward = dense_macs / len(cfg.timesteps)
+        if steps:
             sampler_rho = rho
             for mode, fn in runners.items():
                 with count_flops() as fc:  # the sliced path records the work it really does
-                    seconds, _ = time_sampler(cfg, fn, noise, y[:batch], dit.config.num_classes)
+                    seconds, _ = time_sampler(cfg, fn, noise, y[:batch], dit.config.num_classes, steps)
                 if mode.startswith("sliced"):
                     done = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
-                    sampler_rho = done / (dense_per_forward * cfg.sampler_steps)
-                log(f"  sampler {mode}: {seconds:.2f} s")
-                batch_rows.append(
+                    sampler_rho = done / (dense_macs / len(cfg.timesteps) * steps)
+                self.log(f"  sampler {mode}: {seconds:.2f} s")
+                rows.append(
                     BenchRow(
                         mode,
-                        batch=batch,
-                        rows=x.shape[0],
                         measurement="sampler",
-                        ms_per_forward=1e3 * seconds / cfg.sampler_steps,
+                        ms_per_forward=1e3 * seconds / steps,
                         flops_ratio=1.0,
                         s_per_image=seconds / batch,
-                        steps=cfg.sampler_steps,
+                        steps=steps,
                         extra=dict(extra),
-                        **common,
+                        **meta,
                     )
                 )
-            for r in batch_rows:  # masked DyDiT runs the same plans as sliced: same ρ
+            for r in rows:  # masked DyDiT runs the same plans as sliced: same ρ
                 if r.measurement == "sampler" and r.mode.startswith(("masked", "sliced")):
                     r.flops_ratio = sampler_rho
-        _add_speedups(batch_rows)
-        rows += batch_rows
-    return rows
+        _add_speedups(rows)
+        return rows
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> list[BenchRow]:
+    """Build the models, calibrate if needed, and time every mode at every batch size."""
+    return Bench(cfg, log).run()
 
 
 def _add_speedups(rows: list[BenchRow]) -> None:
