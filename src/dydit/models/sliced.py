@@ -51,6 +51,11 @@ class AttnPack:
     proj_weight: Tensor | None  # (D, |I|·d)
     proj_bias: Tensor  # (D,), always added
 
+    @property
+    def args(self) -> tuple:
+        """The arguments of :func:`attention_region` that come from the pack."""
+        return self.qkv_weight, self.qkv_bias, self.proj_weight, self.proj_bias, self.num_heads
+
 
 @dataclass(frozen=True)
 class MlpPack:
@@ -61,6 +66,11 @@ class MlpPack:
     fc1_bias: Tensor | None  # (|J|·g,)
     fc2_weight: Tensor | None  # (D, |J|·g)
     fc2_bias: Tensor  # (D,), added for every kept token
+
+    @property
+    def args(self) -> tuple:
+        """The arguments of :func:`mlp_region` that come from the pack."""
+        return self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
 
 
 @dataclass(frozen=True)
@@ -364,7 +374,7 @@ class SlicedDyDiT(nn.Module):
         plan = self.plan(t_value)
         x = x.to(next(model.parameters()).dtype)
         tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-        tokens = tokens.contiguous()  # the patch embedding yields a transposed layout; rows must be flat
+        tokens = tokens.contiguous()  # mlp_region views it as (B·N, D) rows
         b, n, d = tokens.shape
         w, bias = self._fused_adaln()
         mods = F.linear(F.silu(c), w, bias).view(b, self.num_layers, 6, d)  # (B, L, 6, D)
@@ -373,17 +383,7 @@ class SlicedDyDiT(nn.Module):
         hidden = model.config.mlp_hidden
         for layer in range(self.num_layers):
             ap, mp, mod = plan.attn[layer], plan.mlp[layer], mods[:, layer]
-            tokens, h, logits = self._attn_fn(
-                tokens,
-                mod,
-                ap.qkv_weight,
-                ap.qkv_bias,
-                ap.proj_weight,
-                ap.proj_bias,
-                ap.num_heads,
-                self.eps,
-                routers[layer],
-            )
+            tokens, h, logits = self._attn_fn(tokens, mod, *ap.args, self.eps, routers[layer])
             record("attention", b * formulas.attention_macs(n, d, ap.num_heads, self.num_heads))
             if logits is None:
                 logits = self._logits_eager(layer, tokens)
@@ -393,9 +393,7 @@ class SlicedDyDiT(nn.Module):
             idx, sample, gate, rows = self._kept_rows(logits, mod[:, 5], n)
             if rows == 0:
                 continue
-            tokens = self._mlp_fn(
-                tokens, h, idx, sample, gate, mp.fc1_weight, mp.fc1_bias, mp.fc2_weight, mp.fc2_bias
-            )
+            tokens = self._mlp_fn(tokens, h, idx, sample, gate, *mp.args)
             record("mlp", formulas.mlp_macs(rows, d, hidden, mp.num_groups, self.num_heads))
         return model.head(tokens, c)
 
