@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dydit.errors import CheckpointError
+from dydit.errors import CheckpointError, DyditError
 from dydit.presets import MODEL_PRESETS, ModelConfig
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -54,7 +54,10 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        # torch's message starts with advice to retry unsafely; name the offending global instead.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        first = (named or lines or ["unsupported content"])[0]
         raise CheckpointError(
             f"refusing to load {path}: it holds Python objects that weights_only loading does not allow "
             f"({first}). Re-save it as a plain state dict or .safetensors."
@@ -93,10 +96,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def config_from_object(obj: dict[str, Any], meta: dict[str, str]) -> ModelConfig | None:
     """The model config stored in safetensors metadata ``config`` or a training dict's ``config``."""
-    raw: Any = json.loads(meta["config"]) if "config" in meta else obj.get("config")
+    try:
+        raw: Any = json.loads(meta["config"]) if "config" in meta else obj.get("config")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the checkpoint's stored config is not valid JSON ({e})") from None
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]
-    return ModelConfig.from_dict(raw) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return ModelConfig.from_dict(raw)
+    except DyditError as e:
+        raise CheckpointError(f"the checkpoint's stored model config is invalid: {e}") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig | None]:

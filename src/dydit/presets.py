@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,17 @@ from dydit.errors import DyditError
 
 RouterLayout = Literal["forced_first", "all"]
 ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
+
+# The type of each ModelConfig field (an int is also a valid float; a bool is never a number).
+_FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"), int
+    ),
+    **dict.fromkeys(("mlp_ratio", "class_dropout_prob"), (int, float)),
+    **dict.fromkeys(("learn_sigma", "dynamic"), bool),
+    "router_layout": str,
+}
+_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,14 @@ class ModelConfig:
     router_layout: RouterLayout = "forced_first"
 
     def __post_init__(self) -> None:
+        # Types first: configs also come from JSON in checkpoints and from --model-option KEY=VALUE.
+        for name, kind in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            is_bool = isinstance(value, bool)
+            if not (is_bool if kind is bool else isinstance(value, kind) and not is_bool):
+                raise DyditError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise DyditError(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels"):
             if getattr(self, name) <= 0:
                 raise DyditError(f"{name} must be positive, got {getattr(self, name)}")
@@ -80,6 +100,10 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise DyditError(f"unknown model config fields: {sorted(unknown)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise DyditError(f"model config lacks the fields {missing}")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> ModelConfig:

@@ -14,6 +14,7 @@ i % world_size). Labels not given are drawn per image from a separate stream der
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -163,6 +164,13 @@ def generate(
             generators=gens,
             **settings.sampler_options(),
         )
+        finite = torch.isfinite(x).flatten(1).all(1).tolist()
+        if not all(finite):  # never write NaN as black images into an FID set
+            bad = [int(seeds[i]) for i, ok in zip(chunk, finite) if not ok]
+            raise DyditError(
+                f"non-finite samples for seed(s) {bad[:4]}{' ...' if len(bad) > 4 else ''}: the weights "
+                "hold NaN/inf or the sampler diverged (try a smaller --cfg-scale or more steps)"
+            )
         bar.update(len(chunk))
         yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], y.cpu(), x)
     bar.close()
@@ -205,11 +213,20 @@ def image_name(index: int, suffix: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a hidden per-rank temp file and rename, so a file either exists whole or not at all."""
+    """Write through a hidden per-rank temp file and rename, so a file either exists whole or not at all.
+
+    A failed write (full disk, read-only directory) removes the temp file and raises DyditError; the
+    files written before stay, so rerunning the command resumes.
+    """
     tmp = path.with_name(f".{path.name}.tmp{distributed.rank()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DyditError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def save_png(path: Path, image: np.ndarray) -> None:

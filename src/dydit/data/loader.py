@@ -106,7 +106,15 @@ class DataStream:
             return
         keys = [list(zip(i.tolist(), f.tolist())) for i, f in zip(indices, flips)]
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, pin_memory=False)
-        yield from loader
+        try:
+            yield from loader
+        except DyditError as e:
+            # A worker's error comes back as "Caught DyditError in DataLoader worker ..." followed by
+            # the worker's traceback; keep the original message (its last line) for the one-line report.
+            text = str(e)
+            if "Original Traceback" not in text:
+                raise
+            raise DyditError(text.rstrip().splitlines()[-1].partition("Error: ")[2] or text) from None
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:

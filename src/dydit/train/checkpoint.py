@@ -16,6 +16,7 @@ complete, and a failed write (full disk, no permission) loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import read_file
 from dydit.errors import CheckpointError, DyditError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -53,22 +55,51 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers killed mid-write (their process is gone).
+
+    A SIGKILL during :func:`atomic_write` leaves ``.NAME.tmp-PID`` behind; for a large model that is
+    gigabytes per interruption, so the next write of the same file clears them first.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
 
     The temporary file is removed when anything fails, and ``path`` keeps its previous content.
+    Temporary files of ``path`` left by killed processes are removed first (:func:`remove_stale_temps`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         write(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             reason = "no space left on device"
@@ -133,14 +164,10 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read a training state with ``weights_only=True``; CheckpointError if it is not one."""
     path = Path(path)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"training state not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing checkpoint error
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read training state {path}: {msg}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not path.exists():
+        raise CheckpointError(f"training state not found: {path}")
+    state, _ = read_file(path)  # weights_only; corrupt or code-carrying files raise CheckpointError
+    if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a dydit training state")
     return state
 
