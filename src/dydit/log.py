@@ -16,6 +16,7 @@ optional dependency, imported lazily).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dydit import distributed
+from dydit.errors import DyditError
 
 LOGGER_NAME = "dydit"
 STATS_FILE = "stats.jsonl"
@@ -52,10 +54,32 @@ def get_logger(run_dir: str | os.PathLike | None = None, *, console: bool = True
         stream.setFormatter(fmt)
         logger.addHandler(stream)
     if run_dir is not None:
-        file = logging.FileHandler(Path(run_dir) / LOG_FILE)
+        file = _QuietFileHandler(Path(run_dir) / LOG_FILE)
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) print one warning line, not a traceback per message.
+
+    A lost log line is not worth stopping a run for; the checkpoint writes report a full disk clearly.
+    """
+
+    _warned = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self._warned:
+            self._warned = True
+            err = sys.exc_info()[1]
+            reason = getattr(err, "strerror", None) or err
+            print(f"dydit: warning: cannot write {self.baseFilename}: {reason}", file=sys.stderr)
+        # Drop the stream with the unwritable bytes (closing it fails the same way, but closes it);
+        # the next record reopens the file in append mode and tries again.
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def report(name: str, value: float) -> None:
@@ -98,8 +122,11 @@ class RunLogger:
             record = {"step": int(step), "time": round(time.time() - self._start, 3)}
             record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
             assert self._stats is not None
-            self._stats.write(json.dumps(record) + "\n")
-            self._stats.flush()
+            try:
+                self._stats.write(json.dumps(record) + "\n")
+                self._stats.flush()
+            except OSError as e:
+                raise DyditError(f"cannot write {self.run_dir / STATS_FILE}: {e.strerror or e}") from None
             if self._tb is not None:
                 for k, v in values.items():
                     self._tb.add_scalar(k, v, step)
@@ -111,7 +138,9 @@ class RunLogger:
         if _active is self:
             _active = None
         if self._stats is not None:
-            self._stats.close()
+            # Every record was flushed when written; a close can only fail on a write already reported.
+            with contextlib.suppress(OSError):
+                self._stats.close()
             self._stats = None
         if self._tb is not None:
             self._tb.close()
@@ -133,9 +162,20 @@ def truncate_stats(run_dir: str | os.PathLike, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line for line in lines if (r := _record(line)) is not None and r.get("step", 0) <= step]
     if len(keep) != len(lines):
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp = path.with_name(f".{path.name}.tmp")  # a kill while rewriting must not lose the log
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One stats record, or None for a blank or torn line (a write cut short by a kill or a full disk)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -143,4 +183,5 @@ def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / STATS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = (_record(line) for line in path.read_text(encoding="utf-8").splitlines())
+    return [r for r in records if r is not None]

@@ -15,6 +15,9 @@ import sys
 
 from dydit.errors import DyditError
 
+# How gloo and NCCL report a collective whose peer process died (the peer prints the real cause).
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
 # Subcommands listed first appear first in --help; others follow alphabetically.
 _ORDER = ("demo", "train", "finetune", "sample", "evaluate", "flops", "bench", "export")
 
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             msg = str(e)
         elif isinstance(e, OSError):
             msg = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        elif isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_FAILURES):
+            msg = "another process of this distributed run failed (its own error names the cause); stopping"
         else:
             msg = f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback"
         print(

@@ -20,11 +20,13 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from dydit.checkpoint import read_file
@@ -81,6 +83,13 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
 
@@ -97,11 +106,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # torch.save reports a full disk as a short write ("unexpected pos"), without errno: a short
+        # write fills the disk, so look at the free space before the partial file is removed.
+        full = _disk_full(path.parent)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else f"{e}".strip().split("\n")[0]
+        if full or (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e):
             reason = "no space left on device"
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise DyditError(f"cannot write {path}: {reason}{kept}") from None
