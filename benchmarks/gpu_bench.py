@@ -31,7 +31,7 @@ FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
 # are built once and shared by the phases; only the third one recalibrates the routers.
 PHASES: list[tuple[str, dict, float]] = [
     ("b64-rho0.50", dict(batches=(64,), sampler_steps=50), 150.0),
-    ("b8-b256-rho0.50", dict(batches=(8, 256), modes=FAST), 70.0),
+    ("b8-b256-rho0.50", dict(batches=(8, 256), modes=FAST), 90.0),
     ("b64-rho0.34", dict(batches=(64,), modes=FAST, rho=0.34, token_keep=0.5), 30.0),
 ]
 ALL_MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
