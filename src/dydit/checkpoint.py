@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +42,31 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError, ...
+            first = str(e).strip().split("\n")[0] or type(e).__name__
+            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {first}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message starts with advice to retry unsafely; name the offending global instead.
+    except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes raises nearly any exception type
+        # torch's message starts with advice to retry unsafely; keep the line that names the problem.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-        first = (named or lines or ["unsupported content"])[0]
+        if isinstance(e, pickle.UnpicklingError) and any("GLOBAL" in line for line in lines):
+            named = next(line for line in lines if "GLOBAL" in line)
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects that weights_only loading does not "
+                f"allow ({named}). Re-save it as a plain state dict or .safetensors."
+            ) from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        if not isinstance(e, RuntimeError | pickle.UnpicklingError | OSError):
+            detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
         raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects that weights_only loading does not allow "
-            f"({first}). Re-save it as a plain state dict or .safetensors."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({msg})"
+            f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({detail or type(e).__name__})"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
