@@ -83,13 +83,13 @@ class ImageFolderDataset(ImageDataset):
         return len(self.samples)
 
     def get(self, index: int, flip: bool = False) -> tuple[Tensor, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         path, label = self.samples[index]
         try:
             with Image.open(path) as im:
                 image = center_crop_adm(im.convert("RGB"), self.size)
-        except (OSError, UnidentifiedImageError) as e:
+        except Exception as e:  # noqa: BLE001 - PIL on a broken or hostile file: OSError, bombs, ValueError...
             raise DyditError(f"cannot read image {path}: {e}") from None
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
