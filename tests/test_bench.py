@@ -55,8 +55,11 @@ def test_rows_for_every_mode_batch_and_measurement():
 
 
 def test_markdown_and_json(tmp_path):
-    rows = run_bench(tiny_bench(batches=(1,), modes=("dense", "sliced"), cfg_scale=1.0))
+    rows = run_bench(
+        tiny_bench(batches=(1,), modes=("dense", "sliced"), cfg_scale=1.0, stat="min", repeats=2)
+    )
     assert [r.rows for r in rows] == [1, 1]  # no CFG: one row per image
+    assert all(r.ms_per_forward == r.ms_min <= r.ms_median for r in rows)
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| measurement | mode |") and len(table) == 2 + len(rows)
     write_json(rows, tmp_path / "r" / "bench.json")
@@ -87,6 +90,8 @@ def test_trained_routers_from_a_checkpoint_are_used_as_they_are(tmp_path):
 def test_config_errors():
     with pytest.raises(DyditError, match="unknown bench mode"):
         BenchConfig(modes=("fast",))
+    with pytest.raises(DyditError, match="stat"):
+        BenchConfig(stat="mean")
     with pytest.raises(DyditError, match="dtype"):
         BenchConfig(dtype="int8")
 

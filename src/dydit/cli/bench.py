@@ -88,6 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="timesteps cycled through by the forward timing (default: 999,749,499,249)",
     )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per mode (default: 5)")
+    p.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="statistic of the timed repeats behind ms/forward and the speed-ups; min is the more "
+        "robust on a CPU shared with other jobs (default: median; the JSON holds both)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per mode first (default: 1)")
     p.add_argument(
         "--sampler-steps",
@@ -146,6 +153,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         compile_mode=args.compile_mode,
         token_bucket=args.token_bucket,
+        stat=args.stat,
         input_size=input_size,
     )
 
@@ -164,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(
         f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}"
+        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}; ms/forward = {cfg.stat} of "
+        f"{cfg.repeats} repeats"
     )
     print(markdown_table(rows))
     if args.json:
