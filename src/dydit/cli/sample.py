@@ -20,6 +20,7 @@ from dydit.errors import DyditError
 DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (METHOD.md §7.1)
 DEFAULT_NUM_SAMPLES = 16
 GRID_MAX = 64  # the grid shows at most this many images; the rest go to --out-dir
+MAX_NUM_SAMPLES = 10_000_000  # 200x FID-50K; far more is a typo that would exhaust memory
 
 
 def _class_list(text: str) -> list[int]:
@@ -193,6 +194,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
     n = args.num_samples or (len(args.classes) if args.classes else DEFAULT_NUM_SAMPLES)
+    if n > MAX_NUM_SAMPLES:
+        raise DyditError(f"--num-samples {n} is more than {MAX_NUM_SAMPLES:,} images; split the run")
     seeds = list(range(args.seed, args.seed + n))
     labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
     labels = resolve_labels(seeds, labels, cfg.num_classes)
