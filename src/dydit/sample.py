@@ -93,7 +93,7 @@ class SampleBatch:
 def resolve_labels(seeds: Sequence[int], labels: Sequence[int] | Tensor | None, num_classes: int) -> Tensor:
     """Labels (N,) int64 for every seed: checked if given, else drawn from each seed's label stream."""
     if any(not 0 <= int(s) < 2**64 for s in seeds):  # torch.Generator takes unsigned 64-bit seeds
-        raise DyditError("seeds must be integers in [0, 2**64)")
+        raise DyditError("seeds must be non-negative integers below 2**64")
     if labels is None:
         # A stream of its own (SeedSequence mixing), so a label is independent of its image's noise.
         drawn = [int(np.random.default_rng([int(s), _LABEL_STREAM]).integers(num_classes)) for s in seeds]
