@@ -19,6 +19,8 @@ from dydit.data.loader import DataStream, derive_seed
 from dydit.errors import DyditError
 
 DATASET_KINDS: tuple[str, ...] = ("fashion-mnist", "fashion-mnist-test", "digits", "folder:", "latents:")
+# DiT trains at 256 or 512 pixels; a far larger --image-size is a typo that would exhaust memory.
+MAX_IMAGE_SIZE = 4096
 
 
 def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> ImageDataset:
@@ -30,6 +32,8 @@ def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> 
             256 for folders); latent caches have a fixed size and reject a different one.
         fit: how small images reach ``image_size``: ``"pad"`` or ``"resize"``.
     """
+    if image_size is not None and not 0 < image_size <= MAX_IMAGE_SIZE:
+        raise DyditError(f"image size must be in 1..{MAX_IMAGE_SIZE} pixels, got {image_size}")
     kind, _, arg = spec.partition(":")
     if kind in ("fashion-mnist", "fashion-mnist-test"):
         from dydit.data.fashion_mnist import load_fashion_mnist

@@ -9,6 +9,7 @@ reproducible and resumable (DESIGN.md §3 rule 9).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +102,31 @@ class ArrayDataset(ImageDataset):
         return True
 
 
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: do not guess
+        return 2**62
+
+
+def check_fits_in_memory(n: int, channels: int, size: int, bytes_per_value: int) -> None:
+    """Refuse to hold ``n`` images of ``size`` x ``size`` in memory when they would take more than half
+    of it (a typo in --image-size should be an error, not a machine swapping or killed)."""
+    needed = n * channels * size * size * bytes_per_value
+    if needed > _memory_bytes() // 2:
+        raise DyditError(
+            f"{n} images at {size}x{size} need {needed / 2**30:.1f} GiB in memory, more than half of this "
+            "machine's; use a smaller --image-size"
+        )
+
+
 def pad_or_resize(images: Tensor, size: int, fit: str, background: int = 0) -> Tensor:
     """Fit uint8 images (N, C, h, w) to (N, C, size, size): ``pad`` centres them on the background
     value (only when they are smaller), ``resize`` uses bicubic interpolation (PIL-like, clamped)."""
     n, c, h, w = images.shape
     if (h, w) == (size, size):
         return images
+    check_fits_in_memory(n, c, size, 5 if fit == "resize" else 1)  # uint8, plus a float copy to resize
     if fit == "pad":
         if h > size or w > size:
             raise DyditError(f"cannot pad {h}x{w} images to {size}x{size}; use resize")

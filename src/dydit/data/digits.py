@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dydit.data.base import ArrayDataset, DataInfo
+from dydit.data.base import ArrayDataset, DataInfo, check_fits_in_memory
 from dydit.errors import DyditError
 
 NATIVE_SIZE = 8
@@ -29,6 +29,7 @@ def load_digits(image_size: int | None = None, fit: str = "pad") -> ArrayDataset
     x = (raw / _MAX_INTENSITY * 2.0 - 1.0).unsqueeze(1)  # (N, 1, 8, 8) in [-1, 1]
     size = image_size or NATIVE_SIZE
     if size != NATIVE_SIZE:
+        check_fits_in_memory(len(x), 1, size, 8 if fit == "resize" else 4)
         if fit == "pad":
             if size < NATIVE_SIZE:
                 raise DyditError(f"cannot pad 8x8 digits to {size}x{size}; use resize")
