@@ -79,6 +79,15 @@ def train_classifier(
 
     Returns the model in eval mode and its accuracy on the test set.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads gain little, and oversubscribed CPUs lose a lot
+    try:
+        return _train(epochs, seed, progress, max_images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(epochs: int, seed: int, progress: bool, max_images: int | None) -> tuple[FashionCNN, float]:
     from dydit.data.fashion_mnist import load_fashion_mnist
 
     train = load_fashion_mnist(split="train", image_size=IMAGE_SIZE)
@@ -97,10 +106,8 @@ def train_classifier(
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(len(x_train) // _BATCH):
             idx = order[i * _BATCH : (i + 1) * _BATCH]
-            x = x_train[idx]
-            x = torch.where(
-                torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(-1), x
-            )  # flips keep labels
+            flip = torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5  # flips keep clothes' labels
+            x = torch.where(flip, x_train[idx].flip(-1), x_train[idx])
             loss = F.cross_entropy(model(x), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

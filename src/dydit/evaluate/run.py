@@ -32,7 +32,7 @@ from dydit.evaluate.metrics import inception_score, label_accuracy, precision_re
 METRICS = ("fid", "sfid", "is", "pr")
 # Inception runs at a few images per second on a small CPU: by default a built-in dataset
 # reference is cut to its first images for Inception metrics (the classifier sees all of it).
-DATASET_INCEPTION_REF_LIMIT = 2000
+DATASET_INCEPTION_REF_LIMIT = 1000
 
 
 @dataclass
@@ -42,6 +42,7 @@ class EvalReport:
     metrics: dict[str, float] = field(default_factory=dict)
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def add(self, name: str, value: float, samples: int, reference: int = 0) -> None:
@@ -55,7 +56,7 @@ class EvalReport:
             detail = f"{n_gen} samples" + (f" vs {n_ref} reference images" if n_ref else "")
             lines.append(f"{name:<{width}}  {value:10.4f}   ({detail})")
         lines += [f"note: {note}" for note in self.notes]
-        lines.append(f"time: {self.seconds:.1f} s")
+        lines.append(f"feature networks: {', '.join(self.networks)}; time: {self.seconds:.1f} s")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -63,6 +64,7 @@ class EvalReport:
             "metrics": self.metrics,
             "counts": {k: {"samples": s, "reference": r} for k, (s, r) in self.counts.items()},
             "notes": self.notes,
+            "networks": self.networks,
             "seconds": self.seconds,
         }
 
@@ -119,7 +121,7 @@ def evaluate(
     if not nets:
         raise DyditError("nothing to compute: Inception metrics and the classifier are both off")
 
-    report = EvalReport()
+    report = EvalReport(networks=[net.name for net in nets])
     wanted = set(metrics) if inception_net is not None else set()
     if inception_net is not None:
         report.notes += [n for n in inception_net.notes if n.split()[0].lower() in wanted]
