@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device
+from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device, seed_int
 from dydit.errors import DyditError
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images sampled to measure the token keep rates (default 4)")
     p.add_argument("--cfg-scale", type=non_negative_float, default=1.5,
                    help="classifier-free guidance scale of the measured trajectory (default 1.5; 1 = none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled images and labels (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampled images and labels")
     p.add_argument("--device", default="auto", help="device for the measured forward passes: auto, cpu, cuda")
     p.add_argument("--per-timestep", action="store_true",
                    help="also print one row per sampling timestep (DyDiT checkpoints)")
