@@ -174,6 +174,11 @@ def test_wrong_model_or_router_layout(tmp_path, capsys):
     assert "does not fit the model" in line and not (tmp_path / "run").exists()
     line = cli_error(["sample", "--checkpoint", str(ck), "--execution", "sliced", *common], capsys, "sample")
     assert "DyDiT models only" in line and not (tmp_path / "g.png").exists()
+    for option, needle in (("depth=abc", "depth must be an integer, got 'abc'"),
+                           ("learn_sigma=maybe", "learn_sigma must be true or false"),
+                           ("mlp_ratio=-1", "mlp_ratio must be a positive number")):  # fmt: skip
+        args = [*train_args(tmp_path / "run", 1), "--model-option", option, "--dry-run"]
+        assert needle in cli_error(args, capsys, "train")
 
 
 def test_nan_weights_are_caught_before_they_reach_disk(tmp_path, capsys):
