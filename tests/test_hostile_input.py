@@ -337,18 +337,11 @@ SETS = [
     "truncated-png-folder", "text-file",
 ]  # fmt: skip
 # Known bugs in src/dydit/evaluate/images.py (owned by the evaluate work; listed in docs/RELIABILITY.md).
-EVALUATE_BUGS = {
-    "empty": "open_image_set's np.load does not catch EOFError: a 0-byte .npz is an internal error",
-    "bomb-folder": "FolderImages catches OSError only: PIL's DecompressionBombError is an internal error",
-    "truncated-png-folder": "FolderImages._load does not catch OSError: the message lacks the file name",
-}
 
 
 @pytest.mark.parametrize("role", ["samples", "ref"])
 @pytest.mark.parametrize("name", SETS)
 def test_malformed_image_sets_to_evaluate(name, role, tmp_path, capsys, request):
-    if name in EVALUATE_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=EVALUATE_BUGS[name]))
     marker = tmp_path / "PWNED"
     sets = _bad_sets(tmp_path, marker)
     if name == "stats-without-sigma" and role == "samples":
@@ -365,11 +358,6 @@ def test_malformed_image_sets_to_evaluate(name, role, tmp_path, capsys, request)
         assert Path(bad).name in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in src/dydit/evaluate/images.py (NpzImages reads arr_1 without catching numpy's "
-    "allow_pickle ValueError): an object-dtype label array is reported as an internal error",
-)
 def test_object_label_array_in_an_npz_is_a_clear_error(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     images = np.zeros((3, 8, 8, 3), np.uint8)

@@ -17,6 +17,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+MAX_THREADS = 4096
+
+
+def thread_count(text: str) -> int:
+    """A number of CPU threads in [1, MAX_THREADS]."""
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {v}")
+    return v
+
+
 def seed_int(text: str) -> int:
     """A seed: an integer in [0, 2**63), leaving room for the per-image offsets added to it."""
     try:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dydit.cli._common import positive_int, resolve_device, unit_interval
+from dydit.cli._common import (
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    seed_int,
+    thread_count,
+    unit_interval,
+)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -104,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cfg-scale",
-        type=float,
+        type=non_negative_float,
         default=1.5,
         help="classifier-free guidance scale; != 1 doubles the rows (default: 1.5)",
     )
@@ -115,10 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="image size in pixels (latent = size/8 for 4-channel models; default: preset)",
     )
     p.add_argument(
-        "--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)"
+        "--threads", type=thread_count, default=None, help="CPU threads for torch (default: torch's)"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for weights, inputs and calibration (default: 0)"
+        "--seed", type=seed_int, default=0, help="seed for weights, inputs and calibration (default: 0)"
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")

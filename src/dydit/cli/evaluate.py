@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dydit.cli._common import positive_int, resolve_device
+from dydit.cli._common import positive_int, resolve_device, thread_count
 
 _DESCRIPTION = """\
 Compare a sample set with a reference using the ADM evaluator's metrics: FID and k=3
@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is often faster on a busy machine)",
     )

@@ -82,9 +82,14 @@ class NpzImages(ImageSource):
         self.count = self.total if limit is None else min(limit, self.total)
         self.shape = tuple(int(s) for s in shape[1:])
         self.labels = None
-        with np.load(path) as data:
+        with np.load(path) as data:  # allow_pickle stays False: object arrays are refused
             if "arr_1" in data.files:
-                labels = data["arr_1"]
+                try:
+                    labels = data["arr_1"]
+                except ValueError as e:
+                    raise DyditError(f"{path}: arr_1 is not a plain numeric array ({e})") from None
+                if labels.dtype.kind not in "iu":
+                    raise DyditError(f"{path}: arr_1 must hold integer labels, got dtype {labels.dtype}")
                 if labels.shape != (self.total,):
                     raise DyditError(f"{path}: arr_1 must hold one label per image, got shape {labels.shape}")
                 self.labels = labels[: self.count]
@@ -131,7 +136,7 @@ class FolderImages(ImageSource):
                 with Image.open(path) as im:
                     sizes.setdefault(im.size, path)
                     grey &= im.mode in ("L", "1", "I;16", "I", "F")
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError, ValueError) as e:
                 raise DyditError(f"cannot read image {path}: {e}") from None
             if len(sizes) > 1:
                 (s1, p1), (s2, p2) = sizes.items()
@@ -149,8 +154,11 @@ class FolderImages(ImageSource):
     def _load(self, path: Path) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(path) as im:
-            x = np.asarray(im.convert(self.mode), dtype=np.uint8)
+        try:
+            with Image.open(path) as im:
+                x = np.asarray(im.convert(self.mode), dtype=np.uint8)
+        except (OSError, Image.DecompressionBombError, ValueError) as e:
+            raise DyditError(f"cannot read image {path}: {e}") from None
         return x.reshape(self.shape)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
@@ -213,8 +221,8 @@ def open_image_set(spec: str | Path, limit: int | None = None, image_size: int |
         with np.load(path) as data:
             keys = set(data.files)
             stats = {k: data[k] for k in _STAT_KEYS if k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DyditError(f"{text}: not a readable .npz file ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DyditError(f"{text}: not a readable .npz file ({e or type(e).__name__})") from None
     _check_stats(stats, text)
     if "arr_0" not in keys and "mu" not in keys:
         raise DyditError(
