@@ -116,7 +116,7 @@ class ModelResult:
         return self.seconds / max(1, self.images)
 
 
-def _load_dit(path: Path, device: str) -> torch.nn.Module:
+def load_dit(path: Path, device: str) -> torch.nn.Module:
     sd, cfg = read_checkpoint(path)
     if cfg is None:
         raise DyditError(f"{path} carries no model config; export it with `dydit export` or `dydit train`")
@@ -127,25 +127,32 @@ def _load_dit(path: Path, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def _finetune(cfg: DemoConfig, base: Path, out: Path) -> Path:
-    """Fine-tune the base DiT into a DyDiT at ``cfg.target``; returns the EMA export."""
+def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Path:
+    """Fine-tune the base DiT into a DyDiT at ``cfg.target``; returns the EMA export.
+
+    ``dynamic=False`` fine-tunes the static DiT with the same data, steps, batch, learning rate and
+    EMA instead: the control that separates DyDiT's effect from that of extra training.
+    """
     from dydit.train import TrainConfig, train
     from dydit.train.config import model_spec
 
     _, stored = read_checkpoint(base)
-    name, overrides = model_spec(stored, dynamic=True)
+    name, overrides = model_spec(stored, dynamic=dynamic)
+    dyn = dict(
+        router_lr=cfg.router_lr, target=cfg.target, target_hold_steps=cfg.target_hold_steps,
+        target_warmup_steps=cfg.target_warmup_steps,
+    ) if dynamic else {}  # fmt: skip
     tc = TrainConfig(
         out_dir=str(out), model=name, model_overrides=overrides, init_from=str(base),
-        data="fashion-mnist", batch_size=cfg.finetune_batch, lr=cfg.lr, router_lr=cfg.router_lr,
-        steps=cfg.finetune_steps, ckpt_every=max(1, cfg.finetune_steps // 2),
-        log_every=max(1, cfg.finetune_steps // 10), seed=cfg.seed, ema_decay=cfg.ema_decay,
-        ema_warmup=True, target=cfg.target, target_hold_steps=cfg.target_hold_steps,
-        target_warmup_steps=cfg.target_warmup_steps, device=cfg.device, progress=cfg.progress,
+        data="fashion-mnist", batch_size=cfg.finetune_batch, lr=cfg.lr, steps=cfg.finetune_steps,
+        ckpt_every=max(1, cfg.finetune_steps // 2), log_every=max(1, cfg.finetune_steps // 10),
+        seed=cfg.seed, ema_decay=cfg.ema_decay, ema_warmup=True, device=cfg.device,
+        progress=cfg.progress, **dyn,
     )  # fmt: skip
     return train(tc).export
 
 
-def _sample(
+def sample_timed(
     name: str, model_fn: Callable, cfg: DemoConfig, shape: tuple[int, int, int], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, ModelResult]:
     """Sample ``cfg.num_samples`` images (seeds 0.., balanced labels), timed and FLOPs-counted."""
@@ -196,7 +203,7 @@ def _routing_profile(model: DyDiT, cfg: DemoConfig, images: np.ndarray, labels: 
     return {"plan": plan, "tokens": torch.stack(tokens), "timesteps": ts, "n": n}  # tokens (T, n, L, N)
 
 
-def _evaluate(npz: Path, cfg: DemoConfig) -> dict[str, float]:
+def evaluate_samples(npz: Path, cfg: DemoConfig) -> dict[str, float]:
     from dydit.evaluate.run import evaluate
 
     report = evaluate(
@@ -221,10 +228,10 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     _log.info("[1/5] fine-tuning DyDiT at lambda=%s for %d steps", cfg.target, cfg.finetune_steps)
     t0 = time.perf_counter()
-    dydit_ckpt = _finetune(cfg, base, out / "finetune")
+    dydit_ckpt = finetune(cfg, base, out / "finetune")
     timings["finetune"] = time.perf_counter() - t0
 
-    dit = _load_dit(base, cfg.device)
+    dit = load_dit(base, cfg.device)
     dyn = load_dydit_checkpoint(dydit_ckpt).to(cfg.device).eval()
     mc = dit.config
     shape = (mc.in_channels, mc.input_size, mc.input_size)
@@ -233,16 +240,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     with torch.inference_mode():
         # The same seeds and labels for both; the sliced engine is warmed up by its width plans.
         dyn.execution = "sliced"
-        img_dit, labels, r_dit = _sample("DiT (dense)", dit, cfg, shape, mc.num_classes)
-        img_dyn, _, r_dyn = _sample(f"DyDiT λ={cfg.target} (sliced)", dyn, cfg, shape, mc.num_classes)
+        img_dit, labels, r_dit = sample_timed("DiT (dense)", dit, cfg, shape, mc.num_classes)
+        img_dyn, _, r_dyn = sample_timed(f"DyDiT λ={cfg.target} (sliced)", dyn, cfg, shape, mc.num_classes)
     timings["sampling"] = r_dit.seconds + r_dyn.seconds
     for tag, images in (("dit", img_dit), ("dydit", img_dyn)):
         write_npz(out / f"samples_{tag}.npz", images, labels)
 
     _log.info("[3/5] evaluating both sample sets against %s", REFERENCE)
     t0 = time.perf_counter()
-    r_dit.metrics = _evaluate(out / "samples_dit.npz", cfg)  # reference statistics are cached
-    r_dyn.metrics = _evaluate(out / "samples_dydit.npz", cfg)
+    r_dit.metrics = evaluate_samples(out / "samples_dit.npz", cfg)  # reference statistics are cached
+    r_dyn.metrics = evaluate_samples(out / "samples_dydit.npz", cfg)
     timings["evaluation"] = time.perf_counter() - t0
 
     _log.info("[4/5] drawing grids, the FLOPs profile, the router map and token-keep maps")
@@ -296,12 +303,12 @@ def _results(cfg, base, ckpt, r_dit: ModelResult, r_dyn: ModelResult, timings, t
         "rows": rows,
         "checks": checks,
         "timings_s": {**timings, "total": total},
-        "machine": _machine(),
+        "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def _machine() -> str:
+def machine_description() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
