@@ -106,3 +106,19 @@ def test_sigkill_and_rerun_equals_one_go(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {tmp_path / 'two'} from step" in rerun.stderr
     _assert_same_state(ckpt.state_path(tmp_path / "one"), state)
+
+
+def test_restart_without_checkpoint_drops_the_dead_runs_log(tmp_path):
+    """A run killed before its first checkpoint restarts from step 0; its log must not keep the
+    records of the dead run beside the new ones."""
+    cfg = TrainConfig(
+        out_dir=str(tmp_path / "run"), model="DiT-Ti/2", model_overrides=TINY, data="digits", batch_size=8,
+        steps=3, ckpt_every=100, log_every=1, progress=False,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    train(cfg)
+    records = read_stats(cfg.out_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] != 9.0 for r in records)

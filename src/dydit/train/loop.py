@@ -184,10 +184,12 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state["rng"])
-        if distributed.is_main():
-            truncate_stats(run_dir, start)
         logger.info(f"resuming {run_dir} from step {start}")
         del state
+    if distributed.is_main():
+        # Steps after ``start`` were logged by a run that died before checkpointing them (or, when
+        # no checkpoint exists, by a run killed before its first one): they are logged again.
+        truncate_stats(run_dir, start)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)  # after the EMA copy, which must stay a plain model
 
