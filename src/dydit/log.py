@@ -159,7 +159,7 @@ def _tensorboard_writer(path: Path):
 def truncate_stats(run_dir: str | os.PathLike, step: int) -> None:
     """Drop records after ``step`` (a resumed run logs those steps again)."""
     path = Path(run_dir) / STATS_FILE
-    if not path.exists():
+    if not path.is_file():  # absent, or not a regular file (e.g. a link to /dev/full): nothing to drop
         return
     lines = path.read_text(encoding="utf-8").splitlines()
     keep = [line for line in lines if (r := _record(line)) is not None and r.get("step", 0) <= step]
