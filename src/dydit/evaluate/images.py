@@ -88,10 +88,10 @@ class NpzImages(ImageSource):
                     labels = data["arr_1"]
                 except ValueError as e:
                     raise DyditError(f"{path}: arr_1 is not a plain numeric array ({e})") from None
-                if labels.dtype.kind not in "iu":
-                    raise DyditError(f"{path}: arr_1 must hold integer labels, got dtype {labels.dtype}")
                 if labels.shape != (self.total,):
                     raise DyditError(f"{path}: arr_1 must hold one label per image, got shape {labels.shape}")
+                if labels.dtype.kind not in "iu":
+                    raise DyditError(f"{path}: arr_1 must hold integer labels, got dtype {labels.dtype}")
                 self.labels = labels[: self.count]
 
     def __len__(self) -> int:
