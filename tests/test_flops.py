@@ -9,7 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dydit.cli import main
-from dydit.flops import count_flops, dit_macs_table, layer_costs
+from dydit.cli.flops import static_table
+from dydit.flops import count_flops, layer_costs
 from dydit.models.dit import DiT
 from dydit.presets import get_model_config
 
@@ -31,16 +32,7 @@ def test_per_layer_constants(name: str, latent: int) -> None:
 
 
 def _table(name: str, **kw) -> dict[str, int]:
-    cfg = get_model_config(name, **kw)
-    return dit_macs_table(
-        depth=cfg.depth,
-        width=cfg.hidden_size,
-        num_heads=cfg.num_heads,
-        patch_size=cfg.patch_size,
-        input_size=cfg.input_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-    )
+    return static_table(get_model_config(name, **kw))
 
 
 @pytest.mark.parametrize(
@@ -73,18 +65,7 @@ def test_counter_agrees_with_torch_flop_counter() -> None:
     with count_flops() as ours:
         model(x, t, y)
     assert 2 * ours.total == ref.get_total_flops()
-    cfg = model.config
-    assert ours.total == 3 * sum(
-        dit_macs_table(
-            depth=cfg.depth,
-            width=cfg.hidden_size,
-            num_heads=cfg.num_heads,
-            patch_size=cfg.patch_size,
-            input_size=cfg.input_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-        ).values()
-    )
+    assert ours.total == 3 * sum(static_table(model.config).values())
 
 
 def test_counter_is_inactive_outside_context() -> None:
