@@ -28,3 +28,12 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (training on a busy 2-core machine; bitwise comparisons)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

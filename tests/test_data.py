@@ -17,12 +17,7 @@ from dydit.errors import DyditError
 HAVE_FMNIST = (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_dataset(n: int = 40, size: int = 4, channels: int = 1, flip: bool = True) -> ArrayDataset:

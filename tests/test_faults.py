@@ -48,13 +48,7 @@ needs_tmpfs = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process runs use one thread, like the OMP_NUM_THREADS=1 subprocesses they are compared with."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _export_step(path: Path) -> int:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from faultkit import assert_same_state
 
 from dydit.log import read_stats
 from dydit.train import checkpoint as ckpt
@@ -19,26 +20,7 @@ from dydit.train.loop import train
 TINY = dict(depth=1, hidden_size=32, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _assert_same_state(a_path, b_path):
-    a = torch.load(a_path, weights_only=True)
-    b = torch.load(b_path, weights_only=True)
-    assert a["step"] == b["step"] and a["data"] == b["data"]
-    for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -62,7 +44,7 @@ def test_stop_and_rerun_equals_one_go(tmp_path, kind):
     assert first.step == 3 and torch.load(first.state, weights_only=True)["step"] == 3
     second = train(two)
     assert second.step == 6
-    _assert_same_state(ckpt.state_path(one.out_dir), ckpt.state_path(two.out_dir))
+    assert_same_state(ckpt.state_path(one.out_dir), ckpt.state_path(two.out_dir))
     # The resumed run's log has one record per step, like the uninterrupted one, and the same losses.
     a, b = read_stats(one.out_dir), read_stats(two.out_dir)
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -105,7 +87,7 @@ def test_sigkill_and_rerun_equals_one_go(tmp_path):
     )
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {tmp_path / 'two'} from step" in rerun.stderr
-    _assert_same_state(ckpt.state_path(tmp_path / "one"), state)
+    assert_same_state(ckpt.state_path(tmp_path / "one"), state)
 
 
 def test_restart_without_checkpoint_drops_the_dead_runs_log(tmp_path):

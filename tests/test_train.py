@@ -32,12 +32,7 @@ from dydit.train.step import (
 TINY = dict(depth=1, hidden_size=32, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_run(tmp_path, name="run", **kw) -> TrainConfig:

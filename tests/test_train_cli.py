@@ -17,12 +17,7 @@ from dydit.train.config import TrainConfig
 TINY_OPTS = ["--model-option", "depth=1", "--model-option", "hidden_size=32", "--model-option", "num_heads=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
