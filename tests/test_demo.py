@@ -44,3 +44,18 @@ def test_bad_demo_settings() -> None:
     with pytest.raises(DyditError, match="sampler"):
         DemoConfig(sampler="euler")
     assert main(["demo", "--dry-run", "--fast"]) == 0
+
+
+def test_demo_help_states_the_real_defaults(capsys) -> None:
+    """Every "(default X)" in `dydit demo --help` is DemoConfig's value, so the help cannot go stale."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    stated = dict(re.findall(r"--([a-z-]+) [A-Z_]+ (?:(?!--).)*?\(default ([^):]+)", text))
+    assert {"target", "finetune-steps", "num-samples", "steps", "cfg-scale"} <= set(stated)
+    defaults = DemoConfig()
+    for flag, value in stated.items():
+        field = {"cfg-scale": "cfg_scale"}.get(flag, flag.replace("-", "_"))
+        assert str(getattr(defaults, field)) == value or float(getattr(defaults, field)) == float(value), flag

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target", type=unit_interval, default=None, help="FLOPs target lambda in (0, 1] (default 0.5)"
     )
     p.add_argument(
-        "--finetune-steps", type=positive_int, default=None, help="fine-tuning iterations (default 100)"
+        "--finetune-steps", type=positive_int, default=None, help="fine-tuning iterations (default 300)"
     )
     p.add_argument("--num-samples", type=positive_int, default=None, help="images per model (default 1000)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm++2m (default dpm++2m)")
