@@ -53,6 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="iterations per fine-tune")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="images per model")
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (dpm++2m)")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance scale (1: none)")
     p.add_argument("--no-control", action="store_true", help="skip the static fine-tuned DiT control")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.checkpoint)
     common = dict(finetune_steps=args.finetune_steps, num_samples=args.num_samples, steps=args.steps,
-                  device=args.device, progress=False)  # fmt: skip
+                  cfg_scale=args.cfg_scale, device=args.device, progress=False)  # fmt: skip
     cfg = DemoConfig(**common)
     dit = load_dit(base, args.device)
     mc = dit.config

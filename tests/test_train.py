@@ -267,6 +267,24 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(tiny_run(tmp_path, steps=2, lr=1e-3))
 
 
+def test_resume_refuses_an_init_file_whose_contents_changed(tmp_path):
+    """A fine-tune pins its base weights by content: same path, new bytes -> a clear error."""
+    import shutil
+
+    first = train(tiny_run(tmp_path, "a", steps=2))
+    other = train(tiny_run(tmp_path, "b", steps=2, seed=1))
+    base = tmp_path / "base.safetensors"
+    shutil.copy(first.export, base)
+    ft = tiny_run(tmp_path, "ft", init_from=str(base), steps=4)
+    train(ft, stop_at=2)
+    assert torch.load(ckpt.state_path(ft.out_dir), weights_only=True)["config"]["init_sha256"]
+    shutil.copy(other.export, base)  # a new base at the old path
+    with pytest.raises(DyditError, match="not the file .* started from"):
+        train(ft)
+    shutil.copy(first.export, base)  # the original bytes again: resumes
+    assert train(ft).step == 4
+
+
 def test_batch_not_divisible_by_world_size(tmp_path, monkeypatch):
     import dydit.train.loop as loop
 

@@ -6,6 +6,7 @@ is unpickled beyond tensors and plain containers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -177,3 +178,19 @@ def fit_state_dict(model: nn.Module, sd: dict[str, Tensor], allow_missing: tuple
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(parts) + hint)
     model.load_state_dict(sd, strict=False)
     return tolerated
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) for this process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]

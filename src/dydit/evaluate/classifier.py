@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dydit.checkpoint import file_sha256
 from dydit.errors import DyditError
-from dydit.evaluate.features import FeatureNet, file_sha256
+from dydit.evaluate.features import FeatureNet
 
 # Bump when the architecture or recipe changes: cached weights of another version are retrained.
 CLASSIFIER_VERSION = 1

@@ -25,7 +25,6 @@ and yields ``pool`` only.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import file_sha256
 from dydit.errors import DyditError
 
 INCEPTION_SIZE = 299
@@ -184,22 +184,6 @@ def load_inception(
         if path is None:
             raise DyditError(f"no Inception weights found: {INCEPTION_HINT}")
     return InceptionFeatures(path, device)
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, size, mtime) for this process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def softmax_np(logits: np.ndarray) -> np.ndarray:

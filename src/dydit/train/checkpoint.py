@@ -150,8 +150,12 @@ def make_state(
     config: dict[str, Any],
     model_config: dict[str, Any],
     data_info: dict[str, Any],
+    init_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """The training state as plain containers and tensors (``weights_only``-loadable)."""
+    """The training state as plain containers and tensors (``weights_only``-loadable).
+
+    ``init_sha256`` pins the ``init_from`` file a fine-tune started from (checked on resume).
+    """
     from dydit import __version__
 
     return {
@@ -164,8 +168,11 @@ def make_state(
         "optimizer": optimizer.state_dict(),
         "data": dict(data),
         "rng": capture_rng(),
-        "config": {"model": model_config, "data": data_info, "train": config},
-    }
+        "config": {
+            "model": model_config, "data": data_info, "train": config,
+            **({"init_sha256": init_sha256} if init_sha256 else {}),
+        },
+    }  # fmt: skip
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
