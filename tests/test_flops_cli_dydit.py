@@ -62,9 +62,11 @@ def test_dydit_checkpoint_per_timestep_and_average(tmp_path, capsys):
     rho = (2 * 0.5 * a + 0.5 * m) / (2 * (a + m))  # §5.3 with r_h = r_g = 1/2, r_t = 1 then 0
     other = (
         linear_macs(16, 4 * 4, 32)  # patch embed
-        + linear_macs(1, 256, 32) + linear_macs(1, 32, 32)  # t-embedder
+        + linear_macs(1, 256, 32)
+        + linear_macs(1, 32, 32)  # t-embedder
         + 2 * linear_macs(1, 32, 6 * 32)  # adaLN
-        + linear_macs(1, 32, 64) + linear_macs(16, 32, 4 * 8)  # final layer
+        + linear_macs(1, 32, 64)
+        + linear_macs(16, 32, 4 * 8)  # final layer
     )
     routers = 2 * (linear_macs(16, 32, 2) + linear_macs(16, 2, 1))
     total = other + routers + a + 0.5 * m

@@ -21,9 +21,7 @@ def test_router_lr_groups() -> None:
     assert router_names and all(
         (".attn_rate." in n or ".mlp_rate." in n or ".token_selection." in n) for n in router_names
     )
-    assert len(base["params"]) + len(routers["params"]) == sum(
-        p.requires_grad for p in model.parameters()
-    )
+    assert len(base["params"]) + len(routers["params"]) == sum(p.requires_grad for p in model.parameters())
     assert len(router_names) == 2 * 8  # per block: two width routers (w, b) and a token MLP (2 w, 2 b)
 
 

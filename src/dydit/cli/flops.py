@@ -26,20 +26,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "With a DyDiT --checkpoint, report its FLOPs per sampling timestep and averaged over the schedule.",
     )
     add_model_options(p, default_model=None)
-    p.add_argument("--router-layout", choices=("forced_first", "all"), default=None,
-                   help="router layout of the DyDiT checkpoint (default: read from the router shapes)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="sampling steps: N evenly spaced original timesteps (DyDiT checkpoints; default 250)")
-    p.add_argument("--sampler", default="ddpm",
-                   help=f"sampler that drives the measured trajectory: {_SAMPLER_NAMES} (default ddpm)")
-    p.add_argument("--samples", type=positive_int, default=4,
-                   help="images sampled to measure the token keep rates (default 4)")
-    p.add_argument("--cfg-scale", type=non_negative_float, default=1.5,
-                   help="classifier-free guidance scale of the measured trajectory (default 1.5; 1 = none)")
+    p.add_argument(
+        "--router-layout",
+        choices=("forced_first", "all"),
+        default=None,
+        help="router layout of the DyDiT checkpoint (default: read from the router shapes)",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="sampling steps: N evenly spaced original timesteps (DyDiT checkpoints; default 250)",
+    )
+    p.add_argument(
+        "--sampler",
+        default="ddpm",
+        help=f"sampler that drives the measured trajectory: {_SAMPLER_NAMES} (default ddpm)",
+    )
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=4,
+        help="images sampled to measure the token keep rates (default 4)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=non_negative_float,
+        default=1.5,
+        help="classifier-free guidance scale of the measured trajectory (default 1.5; 1 = none)",
+    )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampled images and labels")
     p.add_argument("--device", default="auto", help="device for the measured forward passes: auto, cpu, cuda")
-    p.add_argument("--per-timestep", action="store_true",
-                   help="also print one row per sampling timestep (DyDiT checkpoints)")
+    p.add_argument(
+        "--per-timestep",
+        action="store_true",
+        help="also print one row per sampling timestep (DyDiT checkpoints)",
+    )
     p.set_defaults(func=run)
 
 
@@ -87,16 +109,25 @@ def print_static(title: str, cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dynamic_opts = [o for o, v in (("--steps", args.steps), ("--per-timestep", args.per_timestep),
-                                   ("--router-layout", args.router_layout)) if v]
+    dynamic_opts = [
+        o
+        for o, v in (
+            ("--steps", args.steps),
+            ("--per-timestep", args.per_timestep),
+            ("--router-layout", args.router_layout),
+        )
+        if v
+    ]
     if args.checkpoint is None:
         if dynamic_opts:
             raise DyditError(f"{', '.join(dynamic_opts)} describe a DyDiT checkpoint; pass --checkpoint")
         print_static(args.model or DEFAULT_MODEL, model_config_from_args(args))
         return 0
     if args.image_size is not None or args.num_classes is not None:
-        raise DyditError("with --checkpoint, the image size and classes come from the checkpoint; "
-                         "drop --image-size/--num-classes")
+        raise DyditError(
+            "with --checkpoint, the image size and classes come from the checkpoint; "
+            "drop --image-size/--num-classes"
+        )
 
     from dydit.models.dydit import has_routers, read_checkpoint, resolve_config
     from dydit.presets import preset_name
@@ -155,15 +186,28 @@ def measure_schedule(model, args: argparse.Namespace) -> list[dict]:
     fn = guided(recording_model, args.cfg_scale, null_class=cfg.num_classes)
     diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
     with torch.no_grad():
-        SAMPLERS[args.sampler](fn, noise, diffusion, args.steps or DEFAULT_STEPS,
-                               model_kwargs=dict(y=y.to(device)), generators=gens)
+        SAMPLERS[args.sampler](
+            fn,
+            noise,
+            diffusion,
+            args.steps or DEFAULT_STEPS,
+            model_kwargs=dict(y=y.to(device)),
+            generators=gens,
+        )
     rows = []
     for t in sorted(seen, reverse=True):
         parts = [torch.cat([p[i] for p in seen[t]]) for i in range(5)]
         attn, mlp, h, g, k = parts
-        rows.append(dict(t=t, attn=attn.double().mean().item(), mlp=mlp.double().mean().item(),
-                         heads=h.float().mean().item(), groups=g.float().mean().item(),
-                         tokens=k.float().mean().item()))
+        rows.append(
+            dict(
+                t=t,
+                attn=attn.double().mean().item(),
+                mlp=mlp.double().mean().item(),
+                heads=h.float().mean().item(),
+                groups=g.float().mean().item(),
+                tokens=k.float().mean().item(),
+            )
+        )
     return rows
 
 
@@ -181,10 +225,14 @@ def print_dynamic(model, rows: list[dict], args: argparse.Namespace) -> None:
     router = cfg.depth * (linear_macs(n_tok, cfg.hidden_size, hidden) + linear_macs(n_tok, hidden, 1))
     static_core = table["attention"] + table["mlp"]
     name = args.model or preset_name(cfg) or "DyDiT"
-    print(f"{name} checkpoint {args.checkpoint}: router layout {cfg.router_layout}, "
-          f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens")
-    print(f"token keep rates measured on the {args.sampler} trajectory: {len(rows)} timesteps, "
-          f"{args.samples} images, cfg scale {args.cfg_scale:g}, seed {args.seed}")
+    print(
+        f"{name} checkpoint {args.checkpoint}: router layout {cfg.router_layout}, "
+        f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens"
+    )
+    print(
+        f"token keep rates measured on the {args.sampler} trajectory: {len(rows)} timesteps, "
+        f"{args.samples} images, cfg scale {args.cfg_scale:g}, seed {args.seed}"
+    )
     if args.per_timestep:
         print("| timestep | heads on | groups on | tokens kept | GFLOPs | attn+MLP ratio |")
         print("|---:|---:|---:|---:|---:|---:|")
@@ -198,10 +246,15 @@ def print_dynamic(model, rows: list[dict], args: argparse.Namespace) -> None:
     total = other + router + attn + mlp
     print("| component (mean over the schedule) | GFLOPs | share |")
     print("|---|---:|---:|")
-    for label, macs in (("embedders, adaLN, final layer", other), ("attention", attn), ("mlp", mlp),
-                        ("token routers", router)):
+    for label, macs in (
+        ("embedders, adaLN, final layer", other),
+        ("attention", attn),
+        ("mlp", mlp),
+        ("token routers", router),
+    ):
         print(f"| {label} | {macs / 1e9:.6g} | {100 * macs / total:.2f}% |")
     print(f"| **total** | **{total / 1e9:.6g}** | 100% |")
-    print(f"attn+MLP ratio {(attn + mlp) / static_core:.4f}; total {100 * total / dense:.2f}% of the dense "
-          f"model's {dense / 1e9:.6g} GFLOPs")
-
+    print(
+        f"attn+MLP ratio {(attn + mlp) / static_core:.4f}; total {100 * total / dense:.2f}% of the dense "
+        f"model's {dense / 1e9:.6g} GFLOPs"
+    )
