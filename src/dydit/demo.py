@@ -174,9 +174,11 @@ def sample_timed(
         calls += x.shape[0]
         return model_fn(x, t, y)
 
-    # Warm up outside the timed region (first-call allocations, the sliced engine's first plans).
-    x = torch.randn(2, *shape, device=cfg.device)
-    model_fn(x, torch.full((2,), 999, device=cfg.device), torch.zeros(2, dtype=torch.long, device=cfg.device))
+    # Warm up outside the timed region at the batch the sampler will use (first-call allocations,
+    # kernel selection for that shape, the sliced engine's first plans); guidance doubles the batch.
+    n = min(cfg.sample_batch, cfg.num_samples) * (2 if cfg.cfg_scale != 1 else 1)
+    x = torch.randn(n, *shape, device=cfg.device)
+    model_fn(x, torch.full((n,), 999, device=cfg.device), torch.zeros(n, dtype=torch.long, device=cfg.device))
     with count_flops() as fc:
         start = time.perf_counter()
         images, labs = sample_images(
