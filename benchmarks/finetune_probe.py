@@ -1,0 +1,53 @@
+"""Benchmark (not a test): one fine-tune setting, judged quickly by the classifier distance.
+
+Fine-tunes the base DiT into a DyDiT (or the static control) with the demo's settings changed by a
+JSON of ``DemoConfig`` fields, samples it (sliced engine) and reports the Fréchet distance in the
+Fashion-MNIST classifier's features and its accuracy on the samples, without Inception (fast).
+Used to compare fine-tune recipes before a full `dydit demo` run.
+
+Usage::
+
+    python benchmarks/finetune_probe.py TAG '{"finetune_steps": 300, "ema_decay": 0.99}' [NUM_SAMPLES]
+    # keys besides DemoConfig fields: "dynamic" (false: the static control), "base" (a DiT export)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dydit.demo import BASE_CHECKPOINT, DemoConfig, evaluate_samples, finetune, load_dit, sample_timed
+from dydit.evaluate.images import write_npz
+from dydit.models.dydit import load_dydit_checkpoint
+
+
+def main() -> None:
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    tag, settings = sys.argv[1], json.loads(sys.argv[2])
+    num_samples = int(sys.argv[3]) if len(sys.argv) == 4 else 500
+    dynamic = settings.pop("dynamic", True)
+    base = Path(settings.pop("base", str(BASE_CHECKPOINT)))
+    cfg = DemoConfig(progress=False, num_samples=num_samples, inception=False, **settings)
+    out = Path("runs/probe") / tag
+    ckpt = finetune(cfg, base, out, dynamic=dynamic)
+    if dynamic:
+        model = load_dydit_checkpoint(ckpt).eval()
+        model.execution = "sliced"
+    else:
+        model = load_dit(ckpt, cfg.device)
+    mc = model.config
+    with torch.inference_mode():
+        images, labels, r = sample_timed(tag, model, cfg, (mc.in_channels, mc.input_size, mc.input_size),
+                                         mc.num_classes)  # fmt: skip
+    write_npz(out / "samples.npz", images, labels)
+    metrics = evaluate_samples(out / "samples.npz", cfg)
+    row = {"tag": tag, **settings, "seconds": round(r.seconds, 1), "macs_attn_mlp": r.macs_attn_mlp}
+    print(json.dumps({**row, **{k: round(v, 3) for k, v in metrics.items()}}))
+
+
+if __name__ == "__main__":
+    main()
