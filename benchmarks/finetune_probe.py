@@ -17,11 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from dydit.demo import BASE_CHECKPOINT, DemoConfig, evaluate_samples, finetune, load_dit, sample_timed
-from dydit.evaluate.images import write_npz
-from dydit.models.dydit import load_dydit_checkpoint
+from dydit.demo import BASE_CHECKPOINT, DemoConfig, finetune, load_dit, load_sliced_dydit, measure
 
 
 def main() -> None:
@@ -34,19 +30,10 @@ def main() -> None:
     cfg = DemoConfig(progress=False, num_samples=num_samples, inception=False, **settings)
     out = Path("runs/probe") / tag
     ckpt = finetune(cfg, base, out, dynamic=dynamic)
-    if dynamic:
-        model = load_dydit_checkpoint(ckpt).eval()
-        model.execution = "sliced"
-    else:
-        model = load_dit(ckpt, cfg.device)
-    mc = model.config
-    with torch.inference_mode():
-        images, labels, r = sample_timed(tag, model, cfg, (mc.in_channels, mc.input_size, mc.input_size),
-                                         mc.num_classes)  # fmt: skip
-    write_npz(out / "samples.npz", images, labels)
-    metrics = evaluate_samples(out / "samples.npz", cfg)
+    model = load_sliced_dydit(ckpt, cfg.device) if dynamic else load_dit(ckpt, cfg.device)
+    r = measure(tag, model, cfg, out / "samples.npz")
     row = {"tag": tag, **settings, "seconds": round(r.seconds, 1), "macs_attn_mlp": r.macs_attn_mlp}
-    print(json.dumps({**row, **{k: round(v, 3) for k, v in metrics.items()}}))
+    print(json.dumps({**row, **{k: round(v, 3) for k, v in r.metrics.items()}}))
 
 
 if __name__ == "__main__":

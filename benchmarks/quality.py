@@ -34,14 +34,12 @@ import torch
 from dydit.demo import (
     BASE_CHECKPOINT,
     DemoConfig,
-    evaluate_samples,
     finetune,
     load_dit,
+    load_sliced_dydit,
     machine_description,
-    sample_timed,
+    measure,
 )
-from dydit.evaluate.images import write_npz
-from dydit.models.dydit import load_dydit_checkpoint
 
 
 def parse() -> argparse.Namespace:
@@ -75,30 +73,24 @@ def main() -> None:
                   cfg_scale=args.cfg_scale, device=args.device, progress=False)  # fmt: skip
     cfg = DemoConfig(**common)
     dit = load_dit(base, args.device)
-    mc = dit.config
-    shape, classes = (mc.in_channels, mc.input_size, mc.input_size), mc.num_classes
     rows: list[dict] = []
 
-    def measure(name: str, model, extra: dict) -> None:
+    def add_row(name: str, model, extra: dict) -> None:
         log.info("sampling and evaluating %s", name)
-        with torch.inference_mode():
-            images, labels, r = sample_timed(name, model, cfg, shape, classes)
-        npz = out / f"samples_{len(rows)}.npz"
-        write_npz(npz, images, labels)
+        r = measure(name, model, cfg, out / f"samples_{len(rows)}.npz")
+        gflops = r.macs_total / r.forwards / 1e9
         rows.append(dict(model=name, seconds=r.seconds, macs_attn_mlp=r.macs_attn_mlp,
-                         gflops_per_forward=r.macs_total / r.forwards / 1e9, **extra,
-                         **evaluate_samples(npz, cfg)))  # fmt: skip
+                         gflops_per_forward=gflops, **extra, **r.metrics))  # fmt: skip
 
-    measure("DiT (base)", dit, dict(kind="base", target=1.0))
+    add_row("DiT (base)", dit, dict(kind="base", target=1.0))
     if not args.no_control:
         ckpt = finetune(cfg, base, out / "static-finetune", dynamic=False)
-        measure(f"DiT + {args.finetune_steps} steps (control)", load_dit(ckpt, args.device),
+        add_row(f"DiT + {args.finetune_steps} steps (control)", load_dit(ckpt, args.device),
                 dict(kind="control", target=1.0))  # fmt: skip
     for target in [float(x) for x in args.targets.split(",")]:
         ckpt = finetune(DemoConfig(**common, target=target), base, out / f"dydit-{target:g}")
-        model = load_dydit_checkpoint(ckpt).to(args.device).eval()
-        model.execution = "sliced"
-        measure(f"DyDiT λ={target:g} (sliced)", model, dict(kind="dydit", target=target))
+        add_row(f"DyDiT λ={target:g} (sliced)", load_sliced_dydit(ckpt, args.device),
+                dict(kind="dydit", target=target))  # fmt: skip
 
     for r in rows:
         r["flops_ratio"] = r["macs_attn_mlp"] / rows[0]["macs_attn_mlp"]

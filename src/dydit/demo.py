@@ -191,6 +191,27 @@ def sample_timed(
     return images, labs, ModelResult(name, seconds, core, fc.total, calls, len(images))
 
 
+def load_sliced_dydit(path: Path, device: str) -> DyDiT:
+    """A fine-tuned DyDiT export, ready to sample through the sliced engine."""
+    model = load_dydit_checkpoint(path).to(device).eval()
+    model.execution = "sliced"
+    return model
+
+
+def measure(name: str, model: torch.nn.Module, cfg: DemoConfig, npz: Path) -> ModelResult:
+    """Sample ``model`` (timed, FLOPs-counted) into ``npz`` and evaluate it; metrics on the result."""
+    from dydit.evaluate.images import write_npz
+
+    mc = model.config
+    with torch.inference_mode():
+        images, labels, result = sample_timed(
+            name, model, cfg, (mc.in_channels, mc.input_size, mc.input_size), mc.num_classes
+        )
+    write_npz(npz, images, labels)
+    result.metrics = evaluate_samples(npz, cfg)
+    return result
+
+
 def _routing_profile(model: DyDiT, cfg: DemoConfig, images: np.ndarray, labels: np.ndarray) -> dict:
     """Per sampling timestep: width plan and token-keep masks measured on real (masked) forwards."""
     n = min(16, len(images))
@@ -240,14 +261,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["finetune"] = time.perf_counter() - t0
 
     dit = load_dit(base, cfg.device)
-    dyn = load_dydit_checkpoint(dydit_ckpt).to(cfg.device).eval()
+    dyn = load_sliced_dydit(dydit_ckpt, cfg.device)
     mc = dit.config
     shape = (mc.in_channels, mc.input_size, mc.input_size)
 
     _log.info("[2/5] sampling %d images from the dense DiT and the sliced DyDiT", cfg.num_samples)
     with torch.inference_mode():
         # The same seeds and labels for both; the sliced engine is warmed up by its width plans.
-        dyn.execution = "sliced"
         img_dit, labels, r_dit = sample_timed("DiT (dense)", dit, cfg, shape, mc.num_classes)
         img_dyn, _, r_dyn = sample_timed(f"DyDiT λ={cfg.target} (sliced)", dyn, cfg, shape, mc.num_classes)
     timings["sampling"] = r_dit.seconds + r_dyn.seconds

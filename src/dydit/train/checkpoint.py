@@ -168,11 +168,8 @@ def make_state(
         "optimizer": optimizer.state_dict(),
         "data": dict(data),
         "rng": capture_rng(),
-        "config": {
-            "model": model_config, "data": data_info, "train": config,
-            **({"init_sha256": init_sha256} if init_sha256 else {}),
-        },
-    }  # fmt: skip
+        "config": {"model": model_config, "data": data_info, "train": config, "init_sha256": init_sha256},
+    }
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -112,17 +112,6 @@ def _load_init(model: nn.Module, path: str, dynamic: bool) -> list[str]:
     return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if dynamic else ())
 
 
-def _check_init_unchanged(cfg: TrainConfig, stored: str | None, run_dir: Path) -> None:
-    """Refuse to resume a run whose ``init_from`` file now holds different bytes than at its start."""
-    if not (stored and cfg.init_from and Path(cfg.init_from).is_file()):
-        return  # nothing recorded (older run), or the file is gone: the resumed state is all we need
-    if file_sha256(cfg.init_from) != stored:
-        raise DyditError(
-            f"{cfg.init_from} is not the file {run_dir} started from (its contents changed since); "
-            "use another --out-dir to start afresh from the new weights"
-        )
-
-
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group, or two when ``cfg.router_lr`` gives the DyDiT routers their own rate."""
     from dydit.models.dydit import ROUTER_KEY_MARKERS
@@ -169,12 +158,16 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
                 f"{run_dir} holds a run with a different configuration ({'; '.join(conflicts)}); "
                 "use another --out-dir or the original options"
             )
-        # The base weights a fine-tune started from are pinned by content: a resumed run must not
-        # silently continue from a different file that happens to have the same path.
-        init_digest = state["config"].get("init_sha256")
-        _check_init_unchanged(cfg, init_digest, run_dir)
-    else:
-        init_digest = file_sha256(cfg.init_from) if cfg.init_from and Path(cfg.init_from).is_file() else None
+    # The base weights a fine-tune started from are pinned by content: a resumed run must not
+    # silently continue from a different file at the same path. (A file that is gone, or a run
+    # recorded before the pin existed, leaves nothing to compare: the resumed state is all we need.)
+    current = file_sha256(cfg.init_from) if cfg.init_from and Path(cfg.init_from).is_file() else None
+    init_digest = state["config"].get("init_sha256") if state is not None else current
+    if state is not None and init_digest and current and current != init_digest:
+        raise DyditError(
+            f"{cfg.init_from} is not the file {run_dir} started from (its contents changed since); "
+            "use another --out-dir to start afresh from the new weights"
+        )
     start = int(state["step"]) if state is not None else 0
     position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
     stream = DataStream(
@@ -187,8 +180,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     tolerated = _load_init(model, cfg.init_from, dynamic) if state is None and cfg.init_from else None
 
     run_config = {"train": cfg.to_dict(), "model": mc.to_dict(), "data": info.to_dict(), "world_size": world}
-    if init_digest:
-        run_config["init_sha256"] = init_digest
+    run_config["init_sha256"] = init_digest
     _prepare_run_dir(run_dir, run_config, device)
     logger = get_logger(run_dir)
     if tolerated is not None:
