@@ -37,9 +37,9 @@ from dydit.demo import (
     finetune,
     load_dit,
     load_sliced_dydit,
-    machine_description,
     measure,
 )
+from dydit.demo_report import machine_description
 
 
 def parse() -> argparse.Namespace:

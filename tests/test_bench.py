@@ -120,7 +120,9 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "| forward | sliced | 1 | 2 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| forward | sliced | 1 | 2 |" in printed
+    assert "per network evaluation" in printed and "round(rho*N) steps" in printed
     assert {d["mode"] for d in json.loads(out.read_text())} == {"dense", "masked", "sliced"}
 
 

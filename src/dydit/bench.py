@@ -385,6 +385,14 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+# What a per-forward speed-up does and does not claim (printed under every table).
+PER_EVALUATION_NOTE = (
+    "Speed-ups are per network evaluation, at the same number of sampler steps. A DyDiT sampling N "
+    "steps at ratio rho costs about what the dense DiT costs at round(rho*N) steps; whether it is worth "
+    "it depends on the quality at that equal compute (benchmarks/frontier.py measures it)."
+)
+
+
 def markdown_table(rows: list[BenchRow]) -> str:
     """The rows as a Markdown table (forward rows first, then sampler rows)."""
     lines = [

@@ -168,7 +168,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dydit.bench import device_name, markdown_table, run_bench, write_json
+    from dydit.bench import PER_EVALUATION_NOTE, device_name, markdown_table, run_bench, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.repeats} repeats"
     )
     print(markdown_table(rows))
+    print(f"\n{PER_EVALUATION_NOTE}")
     if args.json:
         write_json(rows, args.json)
         print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)

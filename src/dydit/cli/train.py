@@ -142,6 +142,22 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
             "--stratified-t", action=argparse.BooleanOptionalAction, default=True,
             help="stratified timesteps: sample i draws t from quarter i mod 4 of [0, 1000)",
         )  # fmt: skip
+        g.add_argument(
+            "--reorder",
+            action="store_true",
+            help="sort each block's heads and MLP groups by weight-norm importance before fine-tuning "
+            "(function-preserving; the always-on index 0 becomes the most important unit)",
+        )
+        g.add_argument(
+            "--distill-weight", type=non_negative_float, default=d.distill_weight,
+            help="weight of a distillation loss: mean squared difference between the DyDiT's output "
+            "(all channels: eps and variance) and a frozen dense teacher's on the same x_t, t, y; "
+            "costs one teacher forward per step (not in the paper; default 0 = off)",
+        )  # fmt: skip
+        g.add_argument(
+            "--distill-from", default=None, metavar="CKPT",
+            help="the teacher's weights (default: --init-from, the dense base)",
+        )  # fmt: skip
 
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=d.out_dir, help="run directory; rerunning with it resumes")
@@ -192,6 +208,9 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
             flops_weight=args.flops_weight,
             stratified_t=args.stratified_t,
             router_lr=args.router_lr,
+            reorder=args.reorder,
+            distill_weight=args.distill_weight,
+            distill_from=args.distill_from,
         )
     return TrainConfig(
         out_dir=args.out_dir,

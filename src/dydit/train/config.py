@@ -50,7 +50,13 @@ class TrainConfig:
         min(decay, (1 + step) / (10 + step)) for short runs.
     DyDiT (METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t
         schedule, ``complete_steps`` iterations with the complete-model loss, ``flops_weight``,
-        ``stratified_t`` (None: on for DyDiT, off for DiT).
+        ``stratified_t`` (None: on for DyDiT, off for DiT); ``reorder`` sorts every block's heads
+        and MLP groups by weight-norm importance before fine-tuning starts (function-preserving, so
+        the forced-on index 0 is the most important unit; ``dydit.models.reorder``).
+    Distillation (a project option, not in the paper; docs/TRAINING.md, "Distillation"):
+        ``distill_weight`` w_d of the loss w_d · mean((f_θ(x_t, t, y) − f_teacher(x_t, t, y))²)
+        over every output channel (ε and variance), against a frozen teacher loaded from
+        ``distill_from`` (None: ``init_from``, the dense base a fine-tune starts from); 0: off.
     Runtime: ``bf16`` autocast, ``grad_checkpointing``, ``device``, ``num_workers``, ``progress``.
     """
 
@@ -80,6 +86,9 @@ class TrainConfig:
     complete_steps: int = 0
     flops_weight: float = FLOPS_LOSS_WEIGHT
     stratified_t: bool | None = None
+    reorder: bool = False
+    distill_weight: float = 0.0
+    distill_from: str | None = None
     bf16: bool = False
     grad_checkpointing: bool = False
     device: str = "auto"
@@ -111,14 +120,19 @@ class TrainConfig:
             raise DyditError(f"fit must be one of {FITS}, got {self.fit!r}")
         if not self.flops_weight >= 0:
             raise DyditError(f"FLOPs loss weight must be >= 0, got {self.flops_weight}")
+        if not self.distill_weight >= 0:
+            raise DyditError(f"distillation weight must be >= 0, got {self.distill_weight}")
+        if self.distill_weight > 0 and self.teacher_path is None:
+            raise DyditError("distillation needs a teacher: set --distill-from or --init-from")
         if self.target is not None:
             check_target(self.target)
         dynamic = self.model_config().dynamic
         if dynamic and self.target is None:
             raise DyditError(f"{self.model} is a DyDiT: set the FLOPs target lambda in (0, 1] (--target)")
-        if not dynamic and (self.target is not None or self.complete_steps):
+        if not dynamic and (self.target is not None or self.complete_steps or self.reorder):
             raise DyditError(
-                f"{self.model} is a static DiT: a FLOPs target and complete-model steps need DyDiT"
+                f"{self.model} is a static DiT: a FLOPs target, complete-model steps and reordering "
+                "need DyDiT"
             )
 
     # Derived --------------------------------------------------------------------------------
@@ -129,6 +143,11 @@ class TrainConfig:
     @property
     def dynamic(self) -> bool:
         return self.model_config().dynamic
+
+    @property
+    def teacher_path(self) -> str | None:
+        """The frozen teacher of the distillation loss (``distill_from``, else ``init_from``)."""
+        return self.distill_from or self.init_from
 
     @property
     def use_stratified_t(self) -> bool:
@@ -153,12 +172,19 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def resume_conflicts(self, stored: dict[str, Any]) -> list[str]:
-        """Fields whose values differ from a stored run's config in a way that changes results."""
+        """Fields whose values differ from a stored run's config in a way that changes results.
+
+        A field the stored config lacks (a run recorded before the field existed) counts as its
+        default, which is what that run used.
+        """
         mine = self.to_dict()
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING
+        }
         return [
-            f"{k}: {stored.get(k)!r} -> {mine[k]!r}"
+            f"{k}: {stored.get(k, defaults.get(k))!r} -> {mine[k]!r}"
             for k in mine
-            if k not in RESUMABLE_CHANGES and stored.get(k) != mine[k]
+            if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != mine[k]
         ]
 
 

@@ -112,6 +112,21 @@ def _load_init(model: nn.Module, path: str, dynamic: bool) -> list[str]:
     return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if dynamic else ())
 
 
+def _load_teacher(path: str, mc: ModelConfig, device: str) -> nn.Module:
+    """The frozen distillation teacher: the network in ``path`` run complete (a DyDiT runs dense)."""
+    from dydit.models.dydit import has_routers, load_dydit_state_dict
+
+    sd = load_checkpoint(path)
+    dynamic = has_routers(sd)
+    teacher = build_model(mc.replace(dynamic=dynamic))
+    if dynamic:
+        load_dydit_state_dict(teacher, sd)
+        teacher.execution = "dense"
+    else:
+        fit_state_dict(teacher, sd)
+    return teacher.requires_grad_(False).to(device).eval()
+
+
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group, or two when ``cfg.router_lr`` gives the DyDiT routers their own rate."""
     from dydit.models.dydit import ROUTER_KEY_MARKERS
@@ -178,6 +193,10 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = build_model(mc)
     tolerated = _load_init(model, cfg.init_from, dynamic) if state is None and cfg.init_from else None
+    if state is None and cfg.reorder:
+        from dydit.models.reorder import reorder_by_importance
+
+        reorder_by_importance(model)  # before the EMA copy; a resumed state is already reordered
 
     run_config = {"train": cfg.to_dict(), "model": mc.to_dict(), "data": info.to_dict(), "world_size": world}
     run_config["init_sha256"] = init_digest
@@ -209,6 +228,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[distributed.local_rank()] if device != "cpu" else None
         )
+    teacher = _load_teacher(cfg.teacher_path, mc, device) if cfg.distill_weight > 0 else None
     diffusion = create_diffusion(learn_sigma=mc.learn_sigma)
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
     stratified = cfg.use_stratified_t
@@ -284,6 +304,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
             loss, parts, routing = compute_loss(
                 net, diffusion, x0, y, t, noise, lambda_t=lambda_t, complete=complete,
                 flops_weight=cfg.flops_weight, layer_costs=costs, bf16=cfg.bf16,
+                teacher=teacher, distill_weight=cfg.distill_weight,
             )  # fmt: skip
             names = sorted(parts)
             means = dict(

@@ -5,6 +5,8 @@ The objective of METHOD.md §5.5, spelled out in :func:`compute_loss`:
     L = L_diff(DyDiT, masked)                      §5.1, every iteration
       + L_diff(complete DiT, same weights)         §5.2, while step < complete_steps
       + w · (ρ − λ_t)²                             §5.3, ρ the batch-mean FLOPs ratio
+      + w_d · ‖f_θ(x_t) − f_teacher(x_t)‖²         distillation from a frozen dense teacher
+                                                   (a project option, off by default)
 
 For a static DiT only the first term exists. :func:`guarded_step` then takes at most one
 optimizer step (the reference stage-1 script takes two, §6.2): with ``clip`` the gradients are
@@ -70,6 +72,8 @@ def compute_loss(
     flops_weight: float = 2.0,
     layer_costs: tuple[float, float] = (1.0, 1.0),
     bf16: bool = False,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
     """The training loss of one batch (METHOD.md §5.5) and its parts for logging.
 
@@ -81,14 +85,19 @@ def compute_loss(
         complete: add the complete-model loss (§5.2).
         flops_weight: w of the FLOPs loss; layer_costs: per-layer (A, M) of §5.3.
         bf16: run the network under bfloat16 autocast (the losses stay in float32).
+        teacher: a frozen network ``teacher(x, t, y)`` (in eval mode); with ``distill_weight`` > 0
+            the loss gains w_d · mean((out − teacher(x_t, t, y))²) over all output channels. The
+            class dropout is then drawn once here, so that student and teacher see the same labels.
     Returns:
         (loss, parts, routing): the scalar loss, a dict of detached scalars, the router decisions.
     """
     cast = torch.autocast(x0.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     x_t = diffusion.q_sample(x0, t, noise)
     t_model = diffusion.original_timesteps(t)
-    with cast:
-        out, routing = net(x_t, t_model, y, "masked")
+    distill = teacher is not None and distill_weight > 0
+    with cast, _labels_dropped_by_caller(net) if distill else contextlib.nullcontext():
+        y_in = _drop_labels(net, y) if distill else y
+        out, routing = net(x_t, t_model, y_in, "masked")
     terms = diffusion.loss_terms(out.float(), x0, x_t, t, noise)
     loss = terms["loss"].mean()  # §5.1: hybrid loss of the (dynamic) network
     parts = {
@@ -102,6 +111,12 @@ def compute_loss(
         complete_loss = diffusion.loss_terms(full.float(), x0, x_t, t, noise)["loss"].mean()
         loss = loss + complete_loss  # §5.2: keep the complete model healthy while routers prune
         parts["loss_complete"] = complete_loss.detach()
+    if distill:
+        with torch.no_grad(), cast:
+            target = teacher(x_t, t_model, y_in)
+        loss_distill = (out.float() - target.float()).square().mean()
+        loss = loss + distill_weight * loss_distill
+        parts["loss_distill"] = loss_distill.detach()
     if routing is not None:
         assert lambda_t is not None, "a DyDiT step needs a FLOPs target"
         rho = flops_ratio(routing, *layer_costs)
@@ -110,6 +125,28 @@ def compute_loss(
         parts.update(flops_ratio=rho.detach(), loss_flops=loss_flops.detach())
     parts["loss"] = loss.detach()
     return loss, parts, routing
+
+
+def _model(net: nn.Module) -> nn.Module:
+    """The network inside a (possibly DDP-wrapped) :class:`TrainForward`."""
+    return (net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net).model
+
+
+def _drop_labels(net: nn.Module, y: Tensor) -> Tensor:
+    """Class dropout (METHOD.md §1.2 item 4) drawn outside the network, as the network would."""
+    return _model(net).y_embedder.token_drop(y)
+
+
+@contextlib.contextmanager
+def _labels_dropped_by_caller(net: nn.Module):
+    """Inside the block the network uses its labels as given (the caller drew the class dropout)."""
+    embedder = _model(net).y_embedder
+    p = embedder.dropout_prob
+    embedder.dropout_prob = 0.0
+    try:
+        yield
+    finally:
+        embedder.dropout_prob = p
 
 
 def grad_norm(params: list[Tensor]) -> Tensor:

@@ -1,0 +1,262 @@
+"""Benchmark (not a test): is DyDiT better than taking fewer sampler steps? The equal-compute frontier.
+
+The free alternative to a DyDiT is the dense DiT with fewer sampler steps. This script samples the
+same seeds and labels from
+
+- the dense base DiT at every step count of ``--dense-steps`` (the *frontier*),
+- DyDiT fine-tunes (sliced engine) at every step count of ``--dydit-steps``: one per λ of
+  ``--lambdas`` fine-tuned here with the ``--recipe`` (the demo's settings unless changed), and any
+  existing DyDiT exports given with ``--checkpoint LABEL=PATH`` (e.g. the shipped one),
+- the static control (the base fine-tuned with the same recipe, no routers) at ``--control-steps``,
+
+and records for each point the attention+MLP multiply-accumulates per image that the layers really
+performed over the whole sampling run, the sampling seconds per image, the FID (offline Inception)
+and the Fréchet distance in a Fashion-MNIST classifier's features. Every DyDiT point is compared
+with the dense frontier at equal compute (FID of the dense curve interpolated at the same MACs per
+image, and the dense DiT at round(ρ·N) steps when measured) and the verdict says which wins.
+
+Results accumulate in ``frontier.json`` (a point already measured with the same settings is not
+measured again, so an interrupted run loses nothing); ``--render`` redraws ``frontier.md``,
+``frontier_macs.png`` (FID against MACs per image) and ``frontier_time.png`` (FID against s/image).
+
+Usage::
+
+    python benchmarks/frontier.py                                   # the whole grid (hours on a CPU)
+    python benchmarks/frontier.py --lambdas 0.5 \
+        --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors
+    python benchmarks/frontier.py --render runs/frontier/frontier.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dydit.demo import (
+    BASE_CHECKPOINT,
+    DemoConfig,
+    finetune,
+    load_dit,
+    load_sliced_dydit,
+    measure,
+)
+from dydit.demo_report import machine_description
+
+_log = logging.getLogger("frontier")
+
+
+def _ints(text: str) -> list[int]:
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive step counts, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"lambda values must be in (0, 1], got {text!r}")
+    return values
+
+
+def _labelled(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH to an existing DyDiT export, got {text!r}")
+    return label, path
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", default="runs/frontier", help="runs, samples and frontier.json go here")
+    p.add_argument("--base", default=str(BASE_CHECKPOINT), help="the dense base DiT (.safetensors export)")
+    p.add_argument("--dense-steps", type=_ints, default=_ints("3,4,5,6,8,10,14,20"),
+                   help="sampler step counts of the dense frontier")  # fmt: skip
+    p.add_argument("--dydit-steps", type=_ints, default=_ints("5,6,8,10,14,20"),
+                   help="sampler step counts of every DyDiT")  # fmt: skip
+    p.add_argument("--control-steps", type=_ints, default=_ints("5,10,20"),
+                   help="sampler step counts of the static fine-tune control")  # fmt: skip
+    p.add_argument("--lambdas", type=_floats, default=_floats("0.3,0.5,0.7,0.9"),
+                   help="FLOPs targets to fine-tune with --recipe (empty string: none)")  # fmt: skip
+    p.add_argument("--checkpoint", type=_labelled, action="append", default=[], metavar="LABEL=PATH",
+                   help="an existing DyDiT export to put on the frontier (repeatable)")  # fmt: skip
+    p.add_argument("--recipe", type=json.loads, default={}, metavar="JSON",
+                   help='DemoConfig fields of the fine-tunes, e.g. {"finetune_steps": 1200}')  # fmt: skip
+    p.add_argument("--no-control", action="store_true", help="skip the static fine-tune control")
+    p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
+    p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--render", metavar="JSON", help="only redraw the table and plots of a frontier.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.render:
+        path = Path(args.render)
+        render(json.loads(path.read_text()), path.parent)
+        return
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(args.base)
+    cfg = DemoConfig(num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False)
+    recipe = replace(cfg, **args.recipe)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(args.recipe.items()))
+
+    store = out / "frontier.json"
+    result = json.loads(store.read_text()) if store.exists() else {"points": []}
+    result.update(machine=machine_description(), torch=torch.__version__, base=str(base))
+
+    def run(label: str, kind: str, load, steps: list[int], **extra) -> None:
+        model = None
+        for n in steps:
+            key = dict(label=label, steps=n, num_samples=cfg.num_samples, sampler=cfg.sampler)
+            if any(all(p.get(k) == v for k, v in key.items()) for p in result["points"]):
+                continue
+            model = model or load()
+            _log.info("%s at %d steps", label, n)
+            point_cfg = replace(cfg, steps=n)
+            r = measure(label, model, point_cfg, out / "samples" / f"{_slug(label)}-{n}.npz")
+            result["points"].append(dict(
+                **key, kind=kind, macs_per_image=r.macs_attn_mlp / r.images,
+                seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **r.metrics,
+            ))  # fmt: skip
+            store.write_text(json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
+
+    (out / "samples").mkdir(exist_ok=True)
+    run("DiT (dense)", "dense", lambda: load_dit(base, args.device), args.dense_steps)
+    if not args.no_control:
+        ckpt = finetune(recipe, base, out / f"static{'-' + tag if tag else ''}", dynamic=False)
+        run(f"control ({recipe.finetune_steps} steps)", "control", lambda: load_dit(ckpt, args.device),
+            args.control_steps, recipe=args.recipe)  # fmt: skip
+    for lam in args.lambdas:
+        ckpt = finetune(replace(recipe, target=lam), base, out / f"dydit-{lam:g}{'-' + tag if tag else ''}")
+        label = f"DyDiT λ={lam:g}" + (f" ({tag})" if tag else "")
+        run(label, "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device), args.dydit_steps,
+            target=lam, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
+    for label, path in args.checkpoint:
+        run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
+            checkpoint=path)  # fmt: skip
+    result["config"] = asdict(cfg)
+    store.write_text(json.dumps(result, indent=2) + "\n")
+    render(result, out)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label).strip("_")
+
+
+# Equal-compute comparison -----------------------------------------------------------------------
+def dense_frontier(points: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(MACs per image, FID) of the dense DiT's step curve, sorted by compute."""
+    dense = sorted(
+        (p for p in points if p["kind"] == "dense" and "FID" in p), key=lambda p: p["macs_per_image"]
+    )
+    return np.array([p["macs_per_image"] for p in dense]), np.array([p["FID"] for p in dense])
+
+
+def equal_compute(point: dict, points: list[dict]) -> dict:
+    """The dense frontier at ``point``'s compute: interpolated FID and the nearest-step dense point.
+
+    The FID of the dense curve is interpolated linearly in MACs per image between the two measured
+    step counts around the point (None outside the measured range). ``dense_steps`` is round(ρ·N),
+    the step count of the dense DiT with the same compute, with its FID when it was measured.
+    """
+    macs, fid = dense_frontier(points)
+    dense_by_steps = {p["steps"]: p for p in points if p["kind"] == "dense"}
+    out: dict = {}
+    if len(macs) >= 2 and macs[0] <= point["macs_per_image"] <= macs[-1]:
+        out["frontier_fid"] = float(np.interp(point["macs_per_image"], macs, fid))
+    if dense_by_steps:
+        per_step = min(dense_by_steps.values(), key=lambda p: p["steps"])
+        per_step = per_step["macs_per_image"] / per_step["steps"]
+        n = max(1, round(point["macs_per_image"] / per_step))
+        out["dense_steps"] = n
+        if n in dense_by_steps and "FID" in dense_by_steps[n]:
+            out["dense_fid"] = dense_by_steps[n]["FID"]
+    ref = out.get("frontier_fid", out.get("dense_fid"))
+    if ref is not None and "FID" in point:
+        out["delta_fid"] = point["FID"] - ref
+        out["verdict"] = "DyDiT wins" if point["FID"] <= ref else "fewer dense steps win"
+    return out
+
+
+def render(result: dict, out: Path) -> None:
+    """Write ``frontier.md`` and the two plots for ``result`` and print the table."""
+    points = result["points"]
+    for p in points:
+        if p["kind"] != "dense":
+            p.update(equal_compute(p, points))
+    table = _markdown(points, result)
+    (out / "frontier.md").write_text(table)
+    _plot(points, "macs_per_image", 1e-9, "attention + MLP GMACs per image (whole sampling run)",
+          out / "frontier_macs.png")  # fmt: skip
+    _plot(points, "seconds_per_image", 1e3, "sampling ms per image (same process, same machine)",
+          out / "frontier_time.png")  # fmt: skip
+    print(table)
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _markdown(points: list[dict], result: dict) -> str:
+    lines = [
+        f"Machine: {result.get('machine', '?')}, torch {result.get('torch', '?')}.",
+        "",
+        "| model | steps | GMACs / image | ms / image | FID | FD-FMNIST-classifier | dense at equal compute: "
+        "steps, FID (interpolated) | ΔFID | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    order = {"dense": 0, "control": 1, "dydit": 2}
+    for p in sorted(points, key=lambda p: (order[p["kind"]], p["label"], p["steps"])):
+        eq = "–"
+        if p["kind"] != "dense":
+            dense_fid, frontier = _fmt(p.get("dense_fid"), ".1f"), _fmt(p.get("frontier_fid"), ".1f")
+            eq = f"{p.get('dense_steps', '–')}, {dense_fid} ({frontier})"
+        lines.append(
+            f"| {p['label']} | {p['steps']} | {p['macs_per_image'] / 1e9:.3f} | "
+            f"{1e3 * p['seconds_per_image']:.1f} | {_fmt(p.get('FID'), '.1f')} | "
+            f"{_fmt(p.get('FD-FMNIST-classifier'), '.1f')} | {eq} | {_fmt(p.get('delta_fid'), '+.1f')} | "
+            f"{p.get('verdict', '–') if p['kind'] == 'dydit' else '–'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels = sorted({p["label"] for p in points}, key=lambda s: (not s.startswith("DiT"), s))
+    for label in labels:
+        curve = sorted((p for p in points if p["label"] == label and "FID" in p), key=lambda p: p[key])
+        if not curve:
+            continue
+        dense = curve[0]["kind"] == "dense"
+        xs, ys = [p[key] * scale for p in curve], [p["FID"] for p in curve]
+        ax.plot(xs, ys, "k-s" if dense else "o--", lw=2 if dense else 1, ms=4,
+                label=f"{label}: the frontier (fewer steps)" if dense else label)  # fmt: skip
+        for p, x, y in zip(curve, xs, ys):
+            ax.annotate(str(p["steps"]), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("Fashion-MNIST: DyDiT vs fewer dense steps (numbers: sampler steps)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
