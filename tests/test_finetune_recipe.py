@@ -1,4 +1,5 @@
-"""Distillation from a frozen dense teacher during DyDiT fine-tuning (docs/TRAINING.md)."""
+"""Fine-tuning options for quality: distillation from a frozen dense teacher, importance reordering
+(docs/TRAINING.md, "Distillation and reordering")."""
 
 from __future__ import annotations
 
@@ -116,3 +117,25 @@ def test_finetune_with_distillation_logs_the_term_and_resumes(tmp_path):
     assert [s["step"] for s in stats] == [1, 2, 3]
     assert all(s["loss_distill"] >= 0 for s in stats)
     assert ckpt.state_path(tmp_path / "ft").exists()
+
+
+def test_reorder_sorts_the_fine_tune_start_by_importance_and_preserves_the_function(tmp_path):
+    from dydit.models.dydit import has_routers, load_dydit_checkpoint
+    from dydit.models.reorder import reorder_by_importance
+
+    base = TrainConfig(
+        out_dir=str(tmp_path / "dit"), model="DiT-Ti/2", model_overrides=dict(TINY, num_heads=4),
+        data="digits", batch_size=8, steps=3, ckpt_every=3, log_every=3, progress=False,
+    )  # fmt: skip
+    export = train(base).export
+    expected = load_dydit_checkpoint(export)
+    reorder_by_importance(expected)
+    ft = base.replace(out_dir=str(tmp_path / "ft"), model="DyDiT-Ti/2", init_from=str(export), target=0.5,
+                      steps=1, lr=1e-30, reorder=True)  # fmt: skip
+    got = train(ft).model.state_dict()  # one step at a negligible learning rate: the start
+    backbone = {k: v for k, v in expected.state_dict().items() if not has_routers({k: v})}
+    assert len(backbone) > 10  # routers start from their own random init; the backbone is compared
+    for k, v in backbone.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    with pytest.raises(DyditError, match="static DiT"):
+        base.replace(reorder=True)
