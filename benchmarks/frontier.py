@@ -41,6 +41,7 @@ import torch
 
 from dydit.demo import (
     BASE_CHECKPOINT,
+    SHIPPED_RECIPE,
     DemoConfig,
     finetune,
     load_dit,
@@ -67,7 +68,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _labelled(text: str) -> tuple[str, str]:
-    label, sep, path = text.partition("=")
+    label, sep, path = text.rpartition("=")
     if not sep or not label or not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"expected LABEL=PATH to an existing DyDiT export, got {text!r}")
     return label, path
@@ -87,8 +88,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="FLOPs targets to fine-tune with --recipe (empty string: none)")  # fmt: skip
     p.add_argument("--checkpoint", type=_labelled, action="append", default=[], metavar="LABEL=PATH",
                    help="an existing DyDiT export to put on the frontier (repeatable)")  # fmt: skip
-    p.add_argument("--recipe", type=json.loads, default={}, metavar="JSON",
-                   help='DemoConfig fields of the fine-tunes, e.g. {"finetune_steps": 1200}')  # fmt: skip
+    p.add_argument("--recipe", type=json.loads, default=SHIPPED_RECIPE, metavar="JSON",
+                   help="DemoConfig fields of the fine-tunes (default: the shipped DyDiT's recipe, "
+                   f"{json.dumps(SHIPPED_RECIPE)}; {{}}: the demo's live fine-tune)")  # fmt: skip
     p.add_argument("--no-control", action="store_true", help="skip the static fine-tune control")
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from dydit.cli import main
-from dydit.demo import BASE_CHECKPOINT, DemoConfig
+from dydit.demo import BASE_CHECKPOINT, SHIPPED_DYDIT, DemoConfig
 from dydit.errors import DyditError
 
 
@@ -17,8 +17,15 @@ def test_fast_demo_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out-dir", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    rows = {r["model"].split()[0]: r for r in results["rows"]}
-    assert set(rows) == {"DiT", "DyDiT"}
+    rows = {r["role"]: r for r in results["rows"]}
+    # The dense DiT, the shipped DyDiT, the dense DiT at equal compute, the live fine-tune.
+    assert set(rows) == {"dit", "dydit", "dit_equal", "live"}
+    assert results["dydit_checkpoint"] == str(SHIPPED_DYDIT)
+    eq = results["equal_compute"]
+    assert eq["dense_steps"] == rows["dit_equal"]["steps"] == max(1, round(results["flops_ratio"] * 5))
+    assert rows["dit_equal"]["macs_attn_mlp_per_image"] == pytest.approx(
+        rows["dit"]["macs_attn_mlp_per_image"] * eq["dense_steps"] / 5
+    )
     # The sliced DyDiT really did less attention+MLP work than the dense DiT, or at most the same
     # (a 4-step fine-tune may not have switched anything off yet); never more.
     assert 0 < results["flops_ratio"] <= 1.0 + 1e-9
@@ -29,13 +36,33 @@ def test_fast_demo_end_to_end(tmp_path, capsys) -> None:
     for png in ("grid_dit.png", "grid_dydit.png", "flops_profile.png", "router_map.png", "token_keep.png"):
         assert (out / png).stat().st_size > 1000, png
     report = (out / "report.md").read_text()
-    assert "measured FLOPs ratio" in report and "speed-up" in report
+    assert "measured FLOPs ratio" in report and "speed-up per network evaluation" in report
+    assert eq["verdict"] in report and "at equal compute" in eq["verdict"]
     assert "report written to" in capsys.readouterr().out
 
 
-def test_shipped_checkpoint_exists_and_is_small() -> None:
-    assert BASE_CHECKPOINT.is_file()
-    assert BASE_CHECKPOINT.stat().st_size < 20 * 2**20
+def test_shipped_checkpoints_exist_and_are_small() -> None:
+    for path in (BASE_CHECKPOINT, SHIPPED_DYDIT):
+        assert path.is_file() and path.stat().st_size < 20 * 2**20, path
+
+
+def test_shipped_dydit_is_the_base_with_routers_at_lambda_half() -> None:
+    from dydit.checkpoint import read_checkpoint
+    from dydit.models.dydit import load_dydit_checkpoint
+
+    model = load_dydit_checkpoint(SHIPPED_DYDIT)
+    base_sd, base_cfg = read_checkpoint(BASE_CHECKPOINT)
+    assert model.config == base_cfg.replace(dynamic=True)
+    assert set(model.state_dict()) > set(base_sd)  # the base's keys plus the routers
+    meta = json.loads(safe_open_metadata(SHIPPED_DYDIT)["config"])
+    assert meta["train"]["target"] == 0.5 and meta["train"]["init_from"].endswith(BASE_CHECKPOINT.name)
+
+
+def safe_open_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def test_bad_demo_settings() -> None:

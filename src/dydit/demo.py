@@ -46,6 +46,8 @@ BASE_CHECKPOINT = ASSETS / "dit-ti4-fmnist.safetensors"
 # The best DyDiT fine-tune of that base at λ = 0.5 (assets/README.md has its command and log).
 SHIPPED_DYDIT = ASSETS / "dydit-ti4-fmnist-0.5.safetensors"
 SHIPPED_DYDIT_TARGET = 0.5
+# How it was fine-tuned: the demo's settings (DemoConfig) with these fields changed.
+SHIPPED_RECIPE: dict[str, Any] = {"finetune_steps": 1200, "complete_steps": 1200, "distill_weight": 1.0}
 REFERENCE = "fashion-mnist-train"
 
 
