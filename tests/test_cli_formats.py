@@ -85,6 +85,9 @@ def test_sample_flops_and_finetune_accept_every_format(fmt, files, tmp_path, cap
     cfg = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
     expected = {"timestep_freq_shift": 1} if fmt in ("diffusers", "pipeline") else {}
     assert cfg.model == "DyDiT-Ti/4" and cfg.model_overrides == expected
+    # Naming the preset keeps the weights' numerics too (a diffusers folder stays in diffusers').
+    assert main(["finetune", "--init-from", path, "--model", "DiT-Ti/4", "--target", "0.5", "--dry-run"]) == 0
+    assert TrainConfig.from_dict(json.loads(capsys.readouterr().out)).model_overrides == expected
 
 
 @pytest.mark.parametrize("fmt", ["training_dict", "diffusers"])

@@ -27,7 +27,13 @@ from dydit.checkpoint.formats import (
     open_checkpoint,
     read_checkpoint,
 )
-from dydit.checkpoint.load import build_loaded, load_dydit_checkpoint, load_model, model_config
+from dydit.checkpoint.load import (
+    build_loaded,
+    load_dydit_checkpoint,
+    load_model,
+    model_config,
+    weight_conventions,
+)
 from dydit.models.fitting import describe_mismatch, fit_state_dict, guess_preset, has_routers
 
 __all__ = [
@@ -52,5 +58,6 @@ __all__ = [
     "read_diffusers",
     "read_file",
     "state_dict_from_object",
+    "weight_conventions",
     "write_diffusers",
 ]

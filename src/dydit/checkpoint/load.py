@@ -10,6 +10,7 @@ shapes say. Keyword overrides replace config fields last; the weights then load 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -137,6 +138,20 @@ def model_config(
     elif requested is not None:
         cfg = cfg.replace(router_layout=requested)
     return cfg.replace(**overrides) if overrides else cfg
+
+
+# ModelConfig fields that the weights fix beyond their shapes: what they were trained for, and how.
+WEIGHT_FIELDS: tuple[str, ...] = ("objective", "timestep_freq_shift", "mlp_norm_eps")
+
+
+def weight_conventions(source: CheckpointSource) -> dict[str, Any]:
+    """The :data:`WEIGHT_FIELDS` a checkpoint says (stored config, or SiT training args) where they
+    differ from the defaults: overrides for a model named by preset that starts from these weights."""
+    ckpt = _as_checkpoint(source)
+    if ckpt.config is None:
+        return {"objective": "flow"} if _args_preset(ckpt.args)[1] else {}
+    default = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {f: getattr(ckpt.config, f) for f in WEIGHT_FIELDS if getattr(ckpt.config, f) != default[f]}
 
 
 def fit_problem(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> str | None:

@@ -170,6 +170,11 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 
     overrides = dict(args.model_option)
     model = args.model
+    if args.init_from is not None and model is not None:
+        from dydit.checkpoint import weight_conventions
+
+        # A named preset starting from these weights keeps their objective and numerics.
+        overrides = {**weight_conventions(args.init_from), **overrides}
     if finetune and model is None:
         from dydit.checkpoint import model_config
 
