@@ -69,7 +69,7 @@ def test_inspect_says_what_each_format_is(fmt, files, capsys) -> None:
         assert "step        1,000 (from the file name)" in out and "args        model='DiT-Ti/4'" in out
         assert "training args (model DiT-Ti/4)" in out
     if fmt == "export":
-        assert "step        1,000" in out and '"depth":6' in out
+        assert "step        1,000" in out and "stored      depth=6 hidden_size=192" in out
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

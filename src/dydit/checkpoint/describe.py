@@ -115,7 +115,13 @@ def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weigh
         named = ckpt.format == "training_dict"
         lines.append(_row("step", f"{ckpt.step:,}" + (" (from the file name)" if named else "")))
     if ckpt.config is not None and ckpt.format != "diffusers":
-        lines.append(_row("stored", json.dumps(ckpt.config.to_dict(), separators=(",", ":"))))
+        run = ckpt.run_config or {}
+        stored = run["model"] if isinstance(run.get("model"), dict) else run
+        lines.append(_row("stored", " ".join(f"{k}={json.dumps(v)}" for k, v in stored.items())))
+        train = run.get("train")
+        if isinstance(train, dict):
+            keys = ("model", "data", "steps", "batch_size", "lr", "target", "init_from")
+            lines.append(_row("run", " ".join(f"{k}={json.dumps(train[k])}" for k in keys if k in train)))
     if ckpt.args:
         lines.append(_row("args", _args_text(ckpt.args)))
     return lines
