@@ -75,6 +75,22 @@ def test_diffusers_folder_reproduces_diffusers(tmp_path, layout) -> None:
                                             mlp_norm_eps=1e-5), theirs) <= 1e-5  # fmt: skip
 
 
+def test_folders_converted_for_transformer2dmodel_load(tmp_path) -> None:
+    """facebook/DiT-XL-2-256's transformer/config.json: the pre-0.28 class name, no norm_eps."""
+    ref = tiny_diffusers()
+    ref.save_pretrained(tmp_path / "dit")
+    config = json.loads((tmp_path / "dit" / "config.json").read_text())
+    old = {k: v for k, v in config.items() if k not in ("norm_eps", "_use_default_values")}
+    old |= {"_class_name": "Transformer2DModel", "cross_attention_dim": None, "num_vector_embeds": None,
+            "only_cross_attention": False, "use_linear_projection": False}  # fmt: skip
+    (tmp_path / "dit" / "config.json").write_text(json.dumps(old))
+    model = dydit.load_model(tmp_path / "dit")
+    assert model.config.mlp_norm_eps == 1e-5
+    x, t, y = inputs(model.config)
+    with torch.no_grad():
+        assert relative_error(model(x, t, y), diffusers_out(ref, x, t, y)) <= 1e-5
+
+
 def test_embedder_copies_that_differ_are_refused(tmp_path) -> None:
     ref = tiny_diffusers()
     with torch.no_grad():

@@ -95,7 +95,8 @@ def find_diffusers_dir(path: str | os.PathLike) -> Path | None:
 
 def config_from_diffusers(dc: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Our :class:`ModelConfig` for a ``DiTTransformer2DModel`` config (diffusers' numerics)."""
-    defaults = _DEFAULTS if dc.get("_class_name") == CLASS_NAME else {}
+    # Folders converted for Transformer2DModel (facebook/DiT-XL-2-256) name everything but these two.
+    defaults = _DEFAULTS if dc.get("_class_name") == CLASS_NAME else {"out_channels": None, "norm_eps": 1e-5}
     get = {**defaults, **dc}
     lacking = [k for k in (*_DEFAULTS, *_REQUIRED) if k not in get and k != "out_channels"]
     if lacking:
