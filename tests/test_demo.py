@@ -47,8 +47,7 @@ def test_shipped_checkpoints_exist_and_are_small() -> None:
 
 
 def test_shipped_dydit_is_the_base_with_routers_at_lambda_half() -> None:
-    from dydit.checkpoint import read_checkpoint
-    from dydit.models.dydit import load_dydit_checkpoint
+    from dydit.checkpoint import load_dydit_checkpoint, read_checkpoint
 
     model = load_dydit_checkpoint(SHIPPED_DYDIT)
     base_sd, base_cfg = read_checkpoint(BASE_CHECKPOINT)

@@ -117,10 +117,16 @@ def test_finetune_with_distillation_logs_the_term_and_resumes(tmp_path):
     assert [s["step"] for s in stats] == [1, 2, 3]
     assert all(s["loss_distill"] >= 0 for s in stats)
     assert ckpt.state_path(tmp_path / "ft").exists()
+    # A teacher for other inputs is refused before the first step, naming what differs.
+    other = train(
+        base.replace(out_dir=str(tmp_path / "other"), model_overrides=dict(TINY, learn_sigma=False))
+    )
+    with pytest.raises(DyditError, match="teacher .* does not fit the model .*out_channels=2"):
+        train(ft.replace(out_dir=str(tmp_path / "ft2"), distill_from=str(other.export)))
 
 
 def test_reorder_sorts_the_fine_tune_start_by_importance_and_preserves_the_function(tmp_path):
-    from dydit.models.dydit import has_routers, load_dydit_checkpoint
+    from dydit.checkpoint import has_routers, load_dydit_checkpoint
     from dydit.models.reorder import reorder_by_importance
 
     base = TrainConfig(

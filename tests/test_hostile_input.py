@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from dydit.cli import main
 from dydit.evaluate import write_npz
+from dydit.factory import build_model
 from dydit.models.dydit import DyDiT
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -96,6 +97,8 @@ def _loading_commands(f: Path, work: Path, images: Path) -> dict[str, list[str]]
                      "--device", "cpu", "--no-progress", "--out-dir", str(work / "ft")],
         "train": [*train_args(work / "run", 1), "--init-from", str(f)],
         "export": ["export", str(f), "--out", str(work / "out.safetensors")],
+        "export-diffusers": ["export", str(f), "--to", "diffusers", "--out", str(work / "hf")],
+        "inspect": ["inspect", str(f)],
         "resume": train_args(work / "resumed", 1),
         "evaluate": ["evaluate", str(images), "--ref", str(images), "--inception", str(f), "--metrics", "fid",
                      "--no-cache", "--device", "cpu", "--quiet"],
@@ -107,7 +110,10 @@ FILES = [
     "random.safetensors", "truncated.safetensors", "evil-pickle.pt", "evil-torch.pt", "list.pt",
     "no-tensors.pt", "bad-json.safetensors", "bad-config.safetensors",
 ]  # fmt: skip
-COMMANDS = ["sample", "flops", "bench", "finetune", "train", "export", "resume", "evaluate"]
+COMMANDS = [
+    "sample", "flops", "bench", "finetune", "train", "export", "export-diffusers", "inspect", "resume",
+    "evaluate",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -123,9 +129,8 @@ def test_bad_checkpoint_files_to_every_loading_command(name, command, hostile, t
         (shutil.copytree if f.is_dir() else shutil.copy)(f, state)
     images = tmp_path / "images.npz"
     write_npz(images, np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8))
-    line = cli_error(
-        _loading_commands(f, tmp_path, images)[command], capsys, command.replace("resume", "train")
-    )
+    name = {"resume": "train", "export-diffusers": "export"}.get(command, command)
+    line = cli_error(_loading_commands(f, tmp_path, images)[command], capsys, name)
     assert not marker.exists(), "a pickle in a checkpoint ran code"
     if name.startswith("evil") and command != "evaluate":  # evaluate reads TorchScript, not pickles
         assert "refusing to load" in line and "GLOBAL" in line
@@ -134,6 +139,77 @@ def test_bad_checkpoint_files_to_every_loading_command(name, command, hostile, t
     made = {p.name for p in tmp_path.iterdir()} - {"images.npz", "resumed"}
     assert not made, f"files written despite the error: {made}"
     assert not temp_files(tmp_path)
+
+
+# Broken diffusers folders and official training dicts ----------------------------------------------
+def _diffusers_folder(path: Path) -> Path:
+    from dydit.checkpoint import write_diffusers
+
+    model = build_model(tiny_config(in_channels=3))
+    return write_diffusers(path, model.state_dict(), model.config)
+
+
+def _broken_folders(d: Path, marker: Path) -> dict[str, Path]:
+    import argparse
+
+    good = _diffusers_folder(d / "good")
+    cases = {}
+    for name in BROKEN:
+        if name != "evil-training-dict":
+            cases[name] = shutil.copytree(good, d / name)
+    (cases["not-json"] / "config.json").write_text("{not json")
+    config = json.loads((good / "config.json").read_text())
+    (cases["other-network"] / "config.json").write_text(json.dumps(config | {"norm_type": "ada_norm_single"}))
+    weights = "diffusion_pytorch_model.safetensors"
+    (cases["no-weights"] / weights).unlink()
+    data = (good / weights).read_bytes()
+    (cases["truncated-weights"] / weights).write_bytes(data[: len(data) // 2])
+    (cases["evil-bin"] / weights).unlink()
+    with open(cases["evil-bin"] / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": _Evil(marker)}, f, protocol=2)
+    split = load_file(str(good / weights))
+    split["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] += 1
+    save_file(split, str(cases["split-embedders"] / weights))
+    (cases["missing-shard"] / weights).unlink()
+    index = {"weight_map": {"proj_out_1.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
+    (cases["missing-shard"] / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    cases["evil-training-dict"] = d / "0001000.pt"
+    sd = build_model(tiny_config(in_channels=3)).state_dict()
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, vae=_Evil(marker))
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": args}, cases["evil-training-dict"])
+    return cases
+
+
+BROKEN = {
+    "not-json": "is a directory, not a file",
+    "other-network": "describes another network than DiT",
+    "no-weights": "has a DiT config.json but no diffusion_pytorch_model.safetensors",
+    "truncated-weights": "cannot read safetensors checkpoint",
+    "evil-bin": "refusing to load",
+    "split-embedders": "copy of the label embedder differs from block 0's",
+    "missing-shard": "checkpoint not found",
+    "evil-training-dict": "refusing to load",
+}
+
+
+def test_broken_diffusers_folders_and_official_training_dicts(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    cases = _broken_folders(tmp_path / "in", marker)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, needle in BROKEN.items():
+        f = cases[name]
+        for command in (
+            ["sample", "--checkpoint", str(f), "--steps", "1", "--grid", str(work / "g.png")],
+            ["flops", "--checkpoint", str(f)],
+            ["finetune", "--init-from", str(f), "--target", "0.5", "--dry-run"],
+            ["inspect", str(f)],
+            ["export", str(f), "--to", "diffusers", "--out", str(work / "hf")],
+        ):  # fmt: skip
+            line = cli_error(command, capsys, command[0])
+            assert needle in line, (name, command[0], line)
+        assert not marker.exists(), "a pickle in a checkpoint ran code"
+        assert not list(work.iterdir()) and not temp_files(tmp_path)
 
 
 # Checkpoints of the wrong model or router layout ---------------------------------------------------

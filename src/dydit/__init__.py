@@ -5,9 +5,10 @@ Public API::
     import dydit
     model = dydit.create_model("DiT-XL/2")
     model.load_state_dict(dydit.load_checkpoint("DiT-XL-2-256x256.pt"))
+    model = dydit.load_model("DiT-XL-2-256x256.pt")   # any accepted format, the model picked for you
 """
 
-from dydit.checkpoint import checkpoint_config, fit_state_dict, load_checkpoint, read_checkpoint
+from dydit.checkpoint import checkpoint_config, fit_state_dict, load_checkpoint, load_model, read_checkpoint
 from dydit.diffusion import SAMPLERS, create_diffusion, guided
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model, create_model
@@ -33,6 +34,7 @@ __all__ = [
     "get_model_config",
     "guided",
     "load_checkpoint",
+    "load_model",
     "read_checkpoint",
     "sample_images",
 ]

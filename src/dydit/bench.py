@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import build_loaded, has_routers, model_config, open_checkpoint
 from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
 from dydit.factory import create_model
 from dydit.flops.counter import count_flops
 from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
 from dydit.models.dit import DiT
-from dydit.models.dydit import DyDiT, has_routers, load_dydit_checkpoint, read_checkpoint
+from dydit.models.dydit import DyDiT
 from dydit.models.sliced import SlicedDyDiT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,8 +147,8 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     dev = torch.device(cfg.device)
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:
-            sd, stored = read_checkpoint(cfg.checkpoint)
-            dy, trained = load_dydit_checkpoint(sd, config=stored), has_routers(sd)
+            ckpt = open_checkpoint(cfg.checkpoint)
+            dy, trained = build_loaded(ckpt, model_config(ckpt, dynamic=True)), has_routers(ckpt.state_dict)
             dit = DiT(dy.config.replace(dynamic=False))
             own = dit.state_dict()
             dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})

@@ -29,14 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dydit.checkpoint import fit_state_dict, read_checkpoint
+from dydit.checkpoint import build_loaded, load_dydit_checkpoint, open_checkpoint, read_checkpoint
 from dydit.data.fashion_mnist import CLASS_NAMES
 from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
-from dydit.factory import build_model
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
-from dydit.models.dydit import DyDiT, execution, load_dydit_checkpoint
+from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
 
 _log = logging.getLogger("dydit.demo")
@@ -122,14 +121,12 @@ class ModelResult:
 
 
 def load_dit(path: Path, device: str) -> torch.nn.Module:
-    sd, cfg = read_checkpoint(path)
-    if cfg is None:
+    ckpt = open_checkpoint(path)
+    if ckpt.config is None:
         raise DyditError(f"{path} carries no model config; export it with `dydit export` or `dydit train`")
-    if cfg.dynamic:
+    if ckpt.config.dynamic:
         raise DyditError(f"{path} is a DyDiT checkpoint; the demo starts from a plain DiT")
-    model = build_model(cfg)
-    fit_state_dict(model, sd)
-    return model.to(device).eval()
+    return build_loaded(ckpt, ckpt.config).to(device).eval()
 
 
 def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Path:

@@ -2,7 +2,8 @@
 
 ``MODEL_PRESETS`` maps names such as ``"DiT-XL/2"`` to a :class:`ModelConfig`; ``"DyDiT-XL/2"``
 resolves to the same architecture with ``dynamic=True``. Small single-channel presets
-(``DiT-Ti/*``, ``DiT-Mi/*``) target 28/32-pixel data such as Fashion-MNIST.
+(``DiT-Ti/*``, ``DiT-Mi/*``) target 28/32-pixel data such as Fashion-MNIST. ``SiT-{S,B,L,XL}/{2,4,8}``
+are the official SiT models: the DiT network trained with flow matching (``objective="flow"``).
 """
 
 from __future__ import annotations
@@ -13,26 +14,41 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dydit.constants import LAYERNORM_EPS
 from dydit.errors import DyditError
 
 RouterLayout = Literal["forced_first", "all"]
 ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
+# What the network was trained for: DDPM epsilon prediction (DiT, DyDiT) or flow matching (SiT).
+Objective = Literal["ddpm", "flow"]
+OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
+# Sinusoidal timestep features f_k = exp(-ln(10000) k / (128 - shift)): 0 is the official DiT's,
+# 1 is diffusers' DiTTransformer2DModel's (``downscale_freq_shift=1``).
+TIMESTEP_FREQ_SHIFTS: tuple[int, ...] = (0, 1)
 
 # The type of each ModelConfig field (an int is also a valid float; a bool is never a number).
 _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(
         ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"), int
     ),
-    **dict.fromkeys(("mlp_ratio", "class_dropout_prob"), (int, float)),
+    **dict.fromkeys(("mlp_ratio", "class_dropout_prob", "mlp_norm_eps"), (int, float)),
     **dict.fromkeys(("learn_sigma", "dynamic"), bool),
-    "router_layout": str,
+    **dict.fromkeys(("router_layout", "objective"), str),
+    "timestep_freq_shift": int,
 }
 _KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", bool: "true or false"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a DiT or DyDiT. Serialises to a plain dict with :meth:`to_dict`."""
+    """Architecture of a DiT or DyDiT. Serialises to a plain dict with :meth:`to_dict`.
+
+    Two numerical conventions differ between the official DiT code and diffusers'
+    ``DiTTransformer2DModel`` and are fields here, so that each checkpoint reproduces the code that
+    trained it: ``timestep_freq_shift`` (0 official, 1 diffusers) and ``mlp_norm_eps``, the epsilon
+    of the LayerNorm before the MLP (1e-6 official; diffusers' ``norm_eps``, 1e-5 by default).
+    ``objective`` records the training objective: ``"ddpm"`` (DiT, DyDiT) or ``"flow"`` (SiT).
+    """
 
     depth: int
     hidden_size: int
@@ -46,6 +62,9 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     dynamic: bool = False
     router_layout: RouterLayout = "forced_first"
+    objective: Objective = "ddpm"
+    timestep_freq_shift: int = 0
+    mlp_norm_eps: float = LAYERNORM_EPS
 
     def __post_init__(self) -> None:
         # Types first: configs also come from JSON in checkpoints and from --model-option KEY=VALUE.
@@ -73,6 +92,23 @@ class ModelConfig:
             raise DyditError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.hidden_size % 4:
             raise DyditError("hidden_size must be divisible by 4 (2-D sin-cos position embedding)")
+        if self.objective not in OBJECTIVES:
+            raise DyditError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.timestep_freq_shift not in TIMESTEP_FREQ_SHIFTS:
+            raise DyditError(
+                f"timestep_freq_shift must be 0 (official DiT) or 1 (diffusers), "
+                f"got {self.timestep_freq_shift}"
+            )
+        if not (math.isfinite(self.mlp_norm_eps) and 0 < self.mlp_norm_eps < 1):
+            raise DyditError(f"mlp_norm_eps must be in (0, 1), got {self.mlp_norm_eps}")
+
+    def require_ddpm(self, action: str) -> None:
+        """Raise a one-line DyditError when ``action`` (DDPM sampling or training) meets a flow model."""
+        if self.objective != "ddpm":
+            raise DyditError(
+                f"this is a flow-matching (SiT) model: {action} uses the DDPM process, which does not "
+                "apply to it; flow-matching samplers and training are not implemented yet"
+            )
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -128,13 +164,17 @@ for _size, (_depth, _width, _heads) in _SMALL_SIZES.items():
         MODEL_PRESETS[f"DiT-{_size}/{_p}"] = ModelConfig(
             _depth, _width, _heads, _p, input_size=32, in_channels=1, num_classes=10
         )
-
 DIT_NAMES: tuple[str, ...] = tuple(MODEL_PRESETS)
-MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple("DyDiT" + n[3:] for n in DIT_NAMES)
+# SiT (Ma et al. 2024): the same twelve networks; the released SiT-XL/2 keeps DiT's 8 output channels.
+for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
+    for _p in (2, 4, 8):
+        MODEL_PRESETS[f"SiT-{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p, objective="flow")
+SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if n.startswith("SiT-"))
+MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple("DyDiT" + n[3:] for n in DIT_NAMES) + SIT_NAMES
 
 
 def get_model_config(name: str, **overrides: Any) -> ModelConfig:
-    """Resolve a preset name (``DiT-XL/2``, ``DyDiT-S/2``, ...) and apply overrides."""
+    """Resolve a preset name (``DiT-XL/2``, ``DyDiT-S/2``, ``SiT-XL/2``, ...) and apply overrides."""
     dynamic = name.startswith("DyDiT-")
     base = "DiT-" + name[len("DyDiT-") :] if dynamic else name
     if base not in MODEL_PRESETS:
@@ -148,13 +188,19 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def preset_name(cfg: ModelConfig) -> str | None:
-    """The preset whose architecture (depth, width, heads, patch) matches ``cfg``, if any."""
+    """The preset whose architecture (depth, width, heads, patch) and objective match ``cfg``, if any.
+
+    A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name.
+    """
+    if cfg.dynamic and cfg.objective != "ddpm":
+        return None
     for name, p in MODEL_PRESETS.items():
-        if (p.depth, p.hidden_size, p.num_heads, p.patch_size) == (
+        if (p.depth, p.hidden_size, p.num_heads, p.patch_size, p.objective) == (
             cfg.depth,
             cfg.hidden_size,
             cfg.num_heads,
             cfg.patch_size,
+            cfg.objective,
         ):
             return ("DyDiT" + name[3:]) if cfg.dynamic else name
     return None

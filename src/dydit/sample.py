@@ -35,6 +35,7 @@ from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, Mode
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
+from dydit.presets import ModelConfig
 
 MANIFEST = "sampling.json"
 _INDEX_DIGITS = 6  # file names 000000.png ... as in DiT's sample_ddp.py
@@ -144,6 +145,9 @@ def generate(
     """
     if batch_size < 1:
         raise DyditError(f"batch size must be positive, got {batch_size}")
+    config = getattr(model_fn, "config", None)
+    if isinstance(config, ModelConfig):  # a flow-matching model must not meet a DDPM sampler
+        config.require_ddpm("DDPM sampling")
     settings.timesteps(diffusion.num_timesteps)  # fail early on a bad step spec
     all_labels = resolve_labels(seeds, labels, num_classes)
     todo = rank_share(len(seeds)) if indices is None else list(indices)

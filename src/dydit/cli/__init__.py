@@ -19,7 +19,7 @@ from dydit.errors import DyditError
 _PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 # Subcommands listed first appear first in --help; others follow alphabetically.
-_ORDER = ("demo", "train", "finetune", "sample", "evaluate", "flops", "bench", "export")
+_ORDER = ("demo", "train", "finetune", "sample", "evaluate", "flops", "bench", "export", "inspect")
 
 
 def _subcommand_modules() -> list[str]:

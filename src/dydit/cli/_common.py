@@ -82,5 +82,8 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "D
         "--num-classes", type=positive_int, default=None, help="number of classes (default: preset)"
     )
     p.add_argument(
-        "--checkpoint", default=None, help="weights: .pt/.pth state dict or training dict, or .safetensors"
+        "--checkpoint",
+        default=None,
+        help="weights: a .pt/.pth state dict or training dict (official DiT/DyDiT/SiT or dydit), "
+        ".safetensors, or a diffusers DiT folder (see `dydit inspect`)",
     )

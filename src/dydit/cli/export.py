@@ -1,4 +1,5 @@
-"""``dydit export``: a training state -> an EMA (or raw) ``.safetensors`` file with its config.
+"""``dydit export``: a training state -> an EMA (or raw) ``.safetensors`` file with its config, or
+any checkpoint -> a diffusers ``DiTTransformer2DModel`` folder.
 
 Training already writes ``ema.safetensors`` at every checkpoint; this re-exports a given state,
 e.g. the raw model weights instead of the EMA (METHOD.md §12; DESIGN.md §3 rule 7).
@@ -7,29 +8,65 @@ e.g. the raw model weights instead of the EMA (METHOD.md §12; DESIGN.md §3 rul
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write the EMA weights of a training state as .safetensors (with the config)",
+        help="write a training state's EMA weights as .safetensors, or any checkpoint as a diffusers folder",
         description="Export the EMA (or raw model) weights of a training state, with the run's "
-        "configuration as JSON under the safetensors metadata key 'config'.",
+        "configuration as JSON under the safetensors metadata key 'config'. With --to diffusers, write "
+        "any checkpoint dydit loads as a DiTTransformer2DModel folder (config.json + "
+        "diffusion_pytorch_model.safetensors); a DyDiT's routers go beside it in dydit_routers.safetensors.",
     )
-    p.add_argument("state", help="a training state (checkpoints/state.pt) or a run directory")
     p.add_argument(
-        "--out", default=None, help="output .safetensors (default: next to the state, ema.safetensors)"
+        "state",
+        help="a training state (checkpoints/state.pt) or a run directory; with --to diffusers, any "
+        "checkpoint `dydit inspect` reads",
+    )
+    p.add_argument(
+        "--to",
+        choices=("safetensors", "diffusers"),
+        default="safetensors",
+        help="output format: a dydit .safetensors export (default) or a diffusers folder",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output .safetensors file, or folder for --to diffusers (default: next to the state, "
+        "ema.safetensors or ema-diffusers/)",
     )
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to export")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="--to diffusers: the preset of a file that stores no config and no training args",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dydit.checkpoint import find_diffusers_dir
     from dydit.errors import DyditError
     from dydit.train.checkpoint import export_state, state_path
 
     src = Path(args.state)
+    if args.to == "diffusers":
+        from dydit.checkpoint.export import export_diffusers
+
+        if src.is_dir() and find_diffusers_dir(src) is None and state_path(src).is_file():
+            src = state_path(src)  # a run directory
+
+        out = Path(args.out) if args.out else src.parent / f"{args.weights}-diffusers"
+        path, notes = export_diffusers(src, out, model=args.model, weights=args.weights)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(path)
+        return 0
+    if args.model is not None:
+        raise DyditError("--model applies to --to diffusers; a training state stores its config")
     if src.is_dir():
         src = state_path(src)
     out = Path(args.out) if args.out else src.parent / f"{args.weights}.safetensors"

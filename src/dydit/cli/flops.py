@@ -65,21 +65,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def size_overrides(base, image_size: int | None, num_classes: int | None) -> dict[str, int]:
+    """ModelConfig overrides for ``--image-size`` and ``--num-classes`` on top of ``base``."""
+    overrides = {}
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if image_size is not None:
+        # Latent models (4 channels) see an 8x smaller latent; pixel models see the image itself.
+        latent = base.in_channels == 4
+        if latent and image_size % 8:
+            raise DyditError(f"image size {image_size} must be divisible by 8 for a latent model")
+        overrides["input_size"] = image_size // 8 if latent else image_size
+    return overrides
+
+
 def model_config_from_args(args: argparse.Namespace):
     from dydit.presets import get_model_config
 
     name = args.model or DEFAULT_MODEL
-    overrides = {}
-    if args.num_classes is not None:
-        overrides["num_classes"] = args.num_classes
-    base = get_model_config(name)
-    if args.image_size is not None:
-        # Latent models (4 channels) see an 8x smaller latent; pixel models see the image itself.
-        latent = base.in_channels == 4
-        if latent and args.image_size % 8:
-            raise DyditError(f"image size {args.image_size} must be divisible by 8 for a latent model")
-        overrides["input_size"] = args.image_size // 8 if latent else args.image_size
-    return get_model_config(name, **overrides)
+    return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))
 
 
 def static_table(cfg) -> dict[str, int]:
@@ -129,12 +133,13 @@ def run(args: argparse.Namespace) -> int:
             "drop --image-size/--num-classes"
         )
 
-    from dydit.models.dydit import has_routers, read_checkpoint, resolve_config
+    from dydit.checkpoint import build_loaded, has_routers, model_config, open_checkpoint
     from dydit.presets import preset_name
 
-    sd, stored = read_checkpoint(args.checkpoint)
-    cfg = resolve_config(sd, stored, args.model)
-    if not has_routers(sd):
+    ckpt = open_checkpoint(args.checkpoint)
+    layout = {"router_layout": args.router_layout} if args.router_layout else {}
+    cfg = model_config(ckpt, args.model, **layout)
+    if not has_routers(ckpt.state_dict):
         if dynamic_opts:
             raise DyditError(
                 f"{args.checkpoint} is a plain DiT checkpoint (no router weights); "
@@ -142,9 +147,7 @@ def run(args: argparse.Namespace) -> int:
             )
         print_static(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg)
         return 0
-    from dydit.models.dydit import load_dydit_checkpoint
-
-    model = load_dydit_checkpoint(sd, config=cfg, layout=args.router_layout)
+    model = build_loaded(ckpt, cfg)
     rows = measure_schedule(model, args)
     print_dynamic(model, rows, args)
     return 0
@@ -162,6 +165,7 @@ def measure_schedule(model, args: argparse.Namespace) -> list[dict]:
     if args.sampler not in SAMPLERS:
         raise DyditError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
     cfg = model.config
+    cfg.require_ddpm("measuring FLOPs along a DDPM sampling trajectory")
     if args.cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
     device = torch.device(resolve_device(args.device))

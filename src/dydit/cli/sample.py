@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sample",
         help="sample images: a labelled grid, optionally per-image PNGs and an FID .npz",
         description="Sample class-conditional images with DDPM, DDIM or DPM-Solver++(2M) and classifier-free "
-        "guidance. Weights come from --checkpoint (its stored config, else --model, else the preset its "
-        "shapes match) or, without a checkpoint, are the random initialisation of --model.",
+        "guidance. Weights come from --checkpoint, any format `dydit inspect` reads (its stored config, "
+        "else --model, else its training args, else the preset its shapes match) or, without a "
+        "checkpoint, are the random initialisation of --model.",
     )
     g = p.add_argument_group("model")
     add_model_options(g, default_model=None)
@@ -140,35 +141,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _model_config(args: argparse.Namespace) -> tuple[Any, dict | None, str]:
-    """(ModelConfig, state dict or None, description of the weights)."""
-    from dydit.cli.flops import model_config_from_args
+def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(ModelConfig, opened Checkpoint or None, description of the weights)."""
+    from dydit.cli.flops import model_config_from_args, size_overrides
 
     if args.checkpoint is None:
         if args.model is None:
             raise DyditError("give --checkpoint or --model")
         return model_config_from_args(args), None, f"random initialisation of {args.model}"
-    from dydit.models.dydit import read_checkpoint, resolve_config
+    from dydit.checkpoint import model_config, open_checkpoint
 
-    sd, stored = read_checkpoint(args.checkpoint)
-    if stored is None and args.model is not None:
-        cfg = model_config_from_args(args)
-    else:
-        cfg = resolve_config(sd, stored)
-    return cfg, sd, str(Path(args.checkpoint).resolve())
+    ckpt = open_checkpoint(args.checkpoint)
+    cfg = model_config(ckpt, args.model)
+    sizes = size_overrides(cfg, args.image_size, args.num_classes)
+    return (cfg.replace(**sizes) if sizes else cfg), ckpt, str(Path(args.checkpoint).resolve())
 
 
-def _build_model(cfg: Any, sd: dict | None, execution: str | None) -> Any:
-    from dydit.checkpoint import fit_state_dict
+def _build_model(cfg: Any, ckpt: Any, execution: str | None) -> Any:
+    from dydit.checkpoint import build_loaded
     from dydit.factory import build_model
-    from dydit.models.dydit import has_routers, load_dydit_checkpoint
 
-    if sd is not None and (cfg.dynamic or has_routers(sd)):
-        model = load_dydit_checkpoint(sd, cfg)
-    else:
-        model = build_model(cfg)
-        if sd is not None:
-            fit_state_dict(model, sd)
+    model = build_model(cfg) if ckpt is None else build_loaded(ckpt, cfg)
     if execution is not None:
         if not model.config.dynamic:
             raise DyditError("--execution applies to DyDiT models only")
@@ -182,7 +175,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     from dydit.diffusion import create_diffusion
     from dydit.sample import SamplingSettings, resolve_labels
 
-    cfg, sd, source = _model_config(args)
+    cfg, ckpt, source = _model_config(args)
+    cfg.require_ddpm("dydit sample")
     settings = SamplingSettings(
         sampler=args.sampler,
         steps=args.steps,
@@ -235,7 +229,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "grid": args.grid if codec is not None else None,
         "out_dir": args.out_dir,
         "npz": npz,
-        "_objects": (cfg, sd, settings, seeds, labels, diffusion),
+        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
     }
 
 
@@ -244,19 +238,19 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # a clear error for cuda without CUDA
     plan = _resolve(args)
-    cfg, sd, settings, seeds, labels, diffusion = plan.pop("_objects")
+    cfg, ckpt, settings, seeds, labels, diffusion = plan.pop("_objects")
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
     device = distributed.init(args.device)
     try:
-        _sample(args, plan, cfg, sd, settings, seeds, labels, diffusion, device)
+        _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device)
     finally:
         distributed.destroy()
     return 0
 
 
-def _sample(args, plan, cfg, sd, settings, seeds, labels, diffusion, device) -> None:
+def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -> None:
     import numpy as np
     import torch
 
@@ -267,7 +261,7 @@ def _sample(args, plan, cfg, sd, settings, seeds, labels, diffusion, device) -> 
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sampling scripts
         torch.backends.cudnn.allow_tf32 = True
-    model = _build_model(cfg, sd, args.execution).to(device)
+    model = _build_model(cfg, ckpt, args.execution).to(device)
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(

@@ -58,7 +58,8 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     )  # fmt: skip
     g.add_argument(
         "--init-from", required=finetune, default=None, metavar="CKPT",
-        help="start from these weights (.pt state dict or training state, or .safetensors export)"
+        help="start from these weights: any checkpoint `dydit inspect` reads (state dict, training "
+        "dict or state, .safetensors, diffusers folder)"
         + ("; a DiT checkpoint gets fresh routers" if finetune else ""),
     )  # fmt: skip
 
@@ -185,13 +186,16 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 
     overrides = dict(args.model_option)
     model = args.model
-    if finetune and model is None:
-        from dydit.checkpoint import checkpoint_config
+    if args.init_from is not None and model is not None:
+        from dydit.checkpoint import weight_conventions
 
-        stored = checkpoint_config(args.init_from)
-        if stored is None:
-            raise DyditError(f"{args.init_from} stores no model config; name the model with --model")
-        model, stored_overrides = model_spec(stored, dynamic=True)
+        # A named preset starting from these weights keeps their objective and numerics.
+        overrides = {**weight_conventions(args.init_from), **overrides}
+    if finetune and model is None:
+        from dydit.checkpoint import model_config
+
+        # The file's own config, else its training args, else the preset its shapes match.
+        model, stored_overrides = model_spec(model_config(args.init_from), dynamic=True)
         overrides = {**stored_overrides, **overrides}
     elif finetune and not model.startswith("DyDiT-"):
         model = "DyDiT-" + model.removeprefix("DiT-")

@@ -28,11 +28,14 @@ from dydit.presets import ModelConfig
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (METHOD.md §1.2 item 6)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_hidden: int, mlp_norm_eps: float = LAYERNORM_EPS
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYERNORM_EPS)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LAYERNORM_EPS)
+        # Official DiT: 1e-6 like norm1; diffusers' DiT uses its config's norm_eps here (ModelConfig).
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, mlp_hidden)
         # Index 1 of the Sequential is the Linear: official key ``adaLN_modulation.1.*``.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -82,7 +85,7 @@ class DiT(nn.Module):
         self.num_heads = c.num_heads
 
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size, freq_shift=c.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         # Frozen sin-cos table; a Parameter (not a buffer) so that the official key ``pos_embed`` exists.
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.hidden_size), requires_grad=False)
@@ -93,7 +96,7 @@ class DiT(nn.Module):
     def make_block(self, index: int) -> nn.Module:
         """The block at depth ``index``; DyDiT overrides this to add routers."""
         c = self.config
-        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden)
+        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
 
     def initialize_weights(self) -> None:
         """DiT initialisation (METHOD.md §1.2): Xavier linears, frozen sin-cos table, adaLN-Zero."""

@@ -18,8 +18,6 @@ loss needs come from :meth:`DyDiT.forward_with_routing`.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,20 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint import fit_state_dict, guess_preset, read_checkpoint, state_dict_from_object
-from dydit.constants import TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
+from dydit.constants import LAYERNORM_EPS, TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
 from dydit.errors import CheckpointError, DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
 from dydit.models.dit import DiT, DiTBlock
+from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.layers import modulate
 from dydit.models.routers import TokenRouter, WidthRouter
-from dydit.presets import ModelConfig, get_model_config
-
-_log = logging.getLogger(__name__)
-
-# Sub-module names that exist in DyDiT but not in DiT (METHOD.md §12).
-ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
+from dydit.presets import ModelConfig
 
 # Built-in execution modes; other engines register a forward function under their own name.
 BUILTIN_EXECUTIONS: tuple[str, ...] = ("dense", "masked")
@@ -105,8 +98,15 @@ class DyDiTBlock(DiTBlock):
     ``fc1`` outputs j·g..(j+1)·g-1 with g = mlp_hidden / H.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, layout: str = "forced_first"):
-        super().__init__(hidden_size, num_heads, mlp_hidden)
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_hidden: int,
+        layout: str = "forced_first",
+        mlp_norm_eps: float = LAYERNORM_EPS,
+    ):
+        super().__init__(hidden_size, num_heads, mlp_hidden, mlp_norm_eps)
         if mlp_hidden % num_heads:
             raise DyditError(f"MLP hidden size {mlp_hidden} is not divisible into {num_heads} groups")
         self.num_heads = num_heads
@@ -175,7 +175,7 @@ class DyDiT(DiT):
 
     def make_block(self, index: int) -> nn.Module:
         c = self.config
-        return DyDiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.router_layout)
+        return DyDiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.router_layout, c.mlp_norm_eps)
 
     def initialize_weights(self) -> None:
         """DiT init (Xavier router weights included), then router biases that keep everything on:
@@ -286,6 +286,15 @@ def detect_router_layout(sd: Mapping[str, Tensor], num_heads: int) -> str | None
     )
 
 
+def check_layout(requested: str | None, detected: str | None) -> None:
+    """Raise CheckpointError when a requested router layout contradicts the checkpoint's."""
+    if requested is not None and detected is not None and requested != detected:
+        raise CheckpointError(
+            f"router layout {requested!r} was requested, but the checkpoint's width routers have "
+            f"{'H-1' if detected == 'forced_first' else 'H'} outputs (layout {detected!r})"
+        )
+
+
 def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | None = None) -> list[str]:
     """Load ``sd`` (a DyDiT or a plain DiT state dict) into ``model`` strictly.
 
@@ -299,11 +308,7 @@ def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | 
     except CheckpointError:
         fit_state_dict(model, sd)  # reports every mismatch and names the model the file looks like
         raise
-    if layout is not None and detected is not None and layout != detected:
-        raise CheckpointError(
-            f"router layout {layout!r} was requested, but the checkpoint's width routers have "
-            f"{'H-1' if detected == 'forced_first' else 'H'} outputs (layout {detected!r})"
-        )
+    check_layout(layout, detected)
     wanted = detected or layout
     if wanted is not None and wanted != model.router_layout:
         raise CheckpointError(
@@ -311,60 +316,3 @@ def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | 
             f"build the model with router_layout={wanted!r}"
         )
     return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if detected is None else ())
-
-
-def has_routers(sd: Mapping[str, Tensor]) -> bool:
-    """Whether a state dict holds any DyDiT router weights."""
-    return any(m in k for k in sd for m in ROUTER_KEY_MARKERS)
-
-
-def resolve_config(
-    sd: Mapping[str, Tensor], stored: ModelConfig | None = None, config: ModelConfig | str | None = None
-) -> ModelConfig:
-    """The model config for ``sd``: ``config`` (a ModelConfig or preset name), else ``stored``,
-    else the preset matching the shapes, with input size, channels and classes read from them."""
-    if isinstance(config, str):
-        return get_model_config(config)
-    if config is not None or stored is not None:
-        return config or stored
-    name = guess_preset(dict(sd))
-    if name is None:
-        raise CheckpointError("cannot tell which model this checkpoint belongs to; pass its model config")
-    base = get_model_config(name)
-    p = base.patch_size
-    in_channels = sd["x_embedder.proj.weight"].shape[1]
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    return base.replace(
-        input_size=round(sd["pos_embed"].shape[1] ** 0.5) * p,
-        in_channels=in_channels,
-        num_classes=rows - 1 if base.class_dropout_prob > 0 else rows,
-        learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * in_channels * p * p,
-    )
-
-
-def load_dydit_checkpoint(
-    source: str | os.PathLike | Mapping[str, Tensor],
-    config: ModelConfig | str | None = None,
-    layout: str | None = None,
-) -> DyDiT:
-    """Build a DyDiT for a checkpoint file (or state dict) and load it strictly, in eval mode.
-
-    The config comes from :func:`resolve_config`. The router layout is read from the
-    width-router shapes (``layout`` may force one; a disagreement raises CheckpointError). A plain
-    DiT checkpoint gets fresh routers; the keys left initialised are logged.
-    """
-    if isinstance(source, Mapping):
-        sd, stored = state_dict_from_object(dict(source), "state dict"), None
-    else:
-        sd, stored = read_checkpoint(source)
-    cfg = resolve_config(sd, stored, config)
-    try:
-        detected = detect_router_layout(sd, cfg.num_heads)
-    except CheckpointError:
-        detected = None  # load_dydit_state_dict reports the full mismatch
-    cfg = cfg.replace(dynamic=True, router_layout=detected or layout or cfg.router_layout)
-    model = DyDiT(cfg)
-    fresh = load_dydit_state_dict(model, sd, layout)
-    if fresh:
-        _log.info("initialised %d router parameters that the checkpoint lacks", len(fresh))
-    return model.eval()

@@ -58,11 +58,16 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps (B,) -> E_t (B, D): sinusoidal features, then Linear-SiLU-Linear."""
+    """Scalar timesteps (B,) -> E_t (B, D): sinusoidal features, then Linear-SiLU-Linear.
 
-    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQ_DIM):
+    ``freq_shift`` is 0 for the official DiT and 1 for diffusers' DiT (``downscale_freq_shift``);
+    both put cos before sin.
+    """
+
+    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQ_DIM, freq_shift: int = 0):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_dim, hidden_size, bias=True),
             nn.SiLU(),
@@ -70,11 +75,12 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """[cos(t·f), sin(t·f)], f_k = exp(−ln(max_period)·k/half); t may be fractional. (B,) -> (B, dim)."""
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> Tensor:
+        """[cos(t·f), sin(t·f)], f_k = exp(−ln(max_period)·k/(half − shift)); t may be fractional.
+        (B,) -> (B, dim)."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
         )
         args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -83,7 +89,9 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        freq = self.timestep_embedding(t, self.frequency_dim, shift=self.freq_shift).to(
+            self.mlp[0].weight.dtype
+        )
         d = self.mlp[2].out_features
         record("t_embedder", t.shape[0] * (formulas.linear_macs(1, self.frequency_dim, d) + d * d))
         return self.mlp(freq)

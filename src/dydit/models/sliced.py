@@ -136,6 +136,7 @@ def attention_region(
     proj_bias: Tensor,
     num_heads: int,
     eps: float,
+    mlp_eps: float,
     router: tuple[Tensor, Tensor, Tensor, Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x + gate_msa·Attn_I(modulate(LN x)); then the MLP input h (B, N, D) and token logits (B, N)."""
@@ -152,7 +153,7 @@ def attention_region(
     if router is not None:  # SDT router on the raw post-attention stream (METHOD.md §4.1)
         w1, b1, w2, b2 = router
         logits = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).squeeze(-1)  # (B, N)
-    h = torch.addcmul(mod[:, 3, None], F.layer_norm(x, (d,), eps=eps), mod[:, 4, None])  # (B, N, D)
+    h = torch.addcmul(mod[:, 3, None], F.layer_norm(x, (d,), eps=mlp_eps), mod[:, 4, None])  # (B, N, D)
     return x, h, logits
 
 
@@ -219,6 +220,7 @@ class SlicedDyDiT(nn.Module):
         self.num_layers = len(blocks)
         self.num_heads = model.config.num_heads
         self.eps = float(blocks[0].norm1.eps)
+        self.mlp_eps = float(blocks[0].norm2.eps)  # differs for diffusers-convention models
         self._attn_fn: Callable = attention_region
         self._mlp_fn: Callable = mlp_region
         # CUDA graphs (mode "reduce-overhead") must not copy the weights into static buffers per replay.
@@ -383,7 +385,7 @@ class SlicedDyDiT(nn.Module):
         hidden = model.config.mlp_hidden
         for layer in range(self.num_layers):
             ap, mp, mod = plan.attn[layer], plan.mlp[layer], mods[:, layer]
-            tokens, h, logits = self._attn_fn(tokens, mod, *ap.args, self.eps, routers[layer])
+            tokens, h, logits = self._attn_fn(tokens, mod, *ap.args, self.eps, self.mlp_eps, routers[layer])
             record("attention", b * formulas.attention_macs(n, d, ap.num_heads, self.num_heads))
             if logits is None:
                 logits = self._logits_eager(layer, tokens)

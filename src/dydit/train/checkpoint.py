@@ -29,14 +29,15 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from dydit.checkpoint import read_file
+from dydit.checkpoint.files import read_file
+from dydit.checkpoint.formats import DYDIT_STATE_FORMAT
 from dydit.errors import CheckpointError, DyditError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 EXPORT_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
-STATE_FORMAT = "dydit-train-state"
+STATE_FORMAT = DYDIT_STATE_FORMAT
 STATE_VERSION = 1
 
 

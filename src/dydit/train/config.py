@@ -126,6 +126,7 @@ class TrainConfig:
             raise DyditError("distillation needs a teacher: set --distill-from or --init-from")
         if self.target is not None:
             check_target(self.target)
+        self.model_config().require_ddpm("dydit training")
         dynamic = self.model_config().dynamic
         if dynamic and self.target is None:
             raise DyditError(f"{self.model} is a DyDiT: set the FLOPs target lambda in (0, 1] (--target)")
@@ -197,6 +198,8 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
 
     dynamic = config.dynamic if dynamic is None else dynamic
     name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
+    if dynamic and name.startswith("DiT-"):
+        name = "DyDiT" + name[3:]
+    target = config.replace(dynamic=dynamic)
     base = get_model_config(name)
-    overrides = {k: v for k, v in config.to_dict().items() if k != "dynamic" and getattr(base, k) != v}
-    return ("DyDiT" + name[3:] if dynamic else name), overrides
+    return name, {k: v for k, v in target.to_dict().items() if getattr(base, k) != v}

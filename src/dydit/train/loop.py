@@ -113,17 +113,23 @@ def _load_init(model: nn.Module, path: str, dynamic: bool) -> list[str]:
 
 
 def _load_teacher(path: str, mc: ModelConfig, device: str) -> nn.Module:
-    """The frozen distillation teacher: the network in ``path`` run complete (a DyDiT runs dense)."""
-    from dydit.models.dydit import has_routers, load_dydit_state_dict
+    """The frozen distillation teacher: any accepted checkpoint, run complete (a DyDiT runs dense).
 
-    sd = load_checkpoint(path)
-    dynamic = has_routers(sd)
-    teacher = build_model(mc.replace(dynamic=dynamic))
-    if dynamic:
-        load_dydit_state_dict(teacher, sd)
+    It may be another architecture (a larger DiT, say) as long as it maps the same inputs to the
+    same outputs as the student.
+    """
+    from dydit.checkpoint import load_model
+
+    teacher = load_model(path)
+    tc = teacher.config
+    fields = ("in_channels", "input_size", "out_channels", "num_classes", "objective")
+    if any(getattr(tc, f) != getattr(mc, f) for f in fields):
+        mine, theirs = ([f"{f}={getattr(c, f)}" for f in fields] for c in (mc, tc))
+        raise DyditError(
+            f"the teacher {path} ({', '.join(theirs)}) does not fit the model ({', '.join(mine)})"
+        )
+    if tc.dynamic:
         teacher.execution = "dense"
-    else:
-        fit_state_dict(teacher, sd)
     return teacher.requires_grad_(False).to(device).eval()
 
 

@@ -1,0 +1,220 @@
+"""One call from any checkpoint to the right model: :func:`load_model`.
+
+The model config comes from, in this order: a :class:`~dydit.presets.ModelConfig` passed in; the
+config the file stores (dydit's, or a diffusers ``config.json``), checked against a preset name
+passed in; else a preset, named by the caller, by the training ``args`` of official scripts
+(``args.model``, e.g. ``"SiT-XL/2"``) or by the shapes, with the input size, channels, classes and
+``learn_sigma`` read from the shapes. Router weights make it a DyDiT with the router layout their
+shapes say. Keyword overrides replace config fields last; the weights then load strictly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from dydit.checkpoint.formats import Checkpoint, open_checkpoint
+from dydit.errors import CheckpointError, DyditError
+from dydit.factory import build_model
+from dydit.models.dydit import DyDiT, check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.models.fitting import (
+    ROUTER_KEY_MARKERS,
+    fit_state_dict,
+    guess_preset,
+    has_routers,
+    mismatch_message,
+)
+from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config, preset_name
+
+_log = logging.getLogger(__name__)
+
+CheckpointSource = str | os.PathLike | Mapping[str, Any] | Checkpoint
+
+
+def _as_checkpoint(source: CheckpointSource, weights: str = "ema") -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else open_checkpoint(source, weights)
+
+
+def _args_preset(args: Mapping[str, Any] | None) -> tuple[str | None, bool]:
+    """(preset named by official training args, whether they name a SiT)."""
+    name = args.get("model") if args else None
+    if not isinstance(name, str):
+        return None, False
+    return (name if name in MODEL_NAMES else None), name.startswith("SiT-")
+
+
+def _sizes_from_shapes(
+    base: ModelConfig, sd: Mapping[str, Tensor], args: Mapping[str, Any] | None
+) -> ModelConfig:
+    """``base`` with input size, channels, classes and learn_sigma read from the weights' shapes.
+
+    The number of classes given in ``args`` tells whether the label table has a null-class row.
+    """
+    try:
+        proj = sd["x_embedder.proj.weight"]
+        tokens = sd["pos_embed"].shape[1]
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+        outputs = sd["final_layer.linear.weight"].shape[0]
+    except (KeyError, IndexError):
+        return base  # strict loading names what is missing
+    p, in_ch = base.patch_size, proj.shape[1]
+    classes = args.get("num_classes") if args else None
+    dropout = base.class_dropout_prob
+    if isinstance(classes, int) and not isinstance(classes, bool) and rows in (classes, classes + 1):
+        num_classes, dropout = classes, (dropout or 0.1) if rows == classes + 1 else 0.0
+    else:
+        num_classes = rows - 1 if dropout > 0 else rows
+    try:
+        return base.replace(
+            input_size=math.isqrt(tokens) * p,
+            in_channels=in_ch,
+            num_classes=num_classes,
+            class_dropout_prob=dropout,
+            learn_sigma=outputs == 2 * in_ch * p * p,
+        )
+    except DyditError:
+        return base  # shapes that fit no config of this preset: strict loading names the mismatch
+
+
+def _agree(name: str, stored: ModelConfig, source: str) -> ModelConfig:
+    """``stored``, after checking that the preset ``name`` describes the same network."""
+    want = get_model_config(name)
+    arch = ("depth", "hidden_size", "num_heads", "patch_size", "objective")
+    if any(getattr(want, f) != getattr(stored, f) for f in arch):
+        mine = preset_name(stored.replace(dynamic=False)) or "a custom architecture"
+        raise CheckpointError(
+            f"checkpoint does not fit the model {name}: {source} stores the config of {mine} "
+            f"(depth {stored.depth}, width {stored.hidden_size}, {stored.num_heads} heads, patch "
+            f"{stored.patch_size}, objective {stored.objective})"
+        )
+    return stored.replace(dynamic=True) if want.dynamic else stored
+
+
+def model_config(
+    source: CheckpointSource, model: str | ModelConfig | None = None, **overrides: Any
+) -> ModelConfig:
+    """The :class:`ModelConfig` :func:`load_model` builds for a checkpoint (see the module docstring).
+
+    Args:
+        source: a path, an in-memory state dict, or a :class:`Checkpoint` already opened.
+        model: a preset name (``"SiT-XL/2"``, ``"DyDiT-S/2"``) or a full ModelConfig.
+        overrides: ModelConfig fields; ``router_layout`` must agree with the router shapes.
+    """
+    ckpt = _as_checkpoint(source)
+    sd = ckpt.state_dict
+    if isinstance(model, ModelConfig):
+        cfg = model
+    elif ckpt.config is not None:
+        cfg = _agree(model, ckpt.config, ckpt.source) if model else ckpt.config
+    else:
+        named_sit = False
+        if model is None:
+            model, named_sit = _args_preset(ckpt.args)
+        name = model or guess_preset(sd)
+        if name is None:
+            raise CheckpointError(
+                f"cannot tell which model {ckpt.source} holds: it stores no config or training args and "
+                "its shapes match no preset; name the model (--model, or model= of dydit.load_model)"
+            )
+        base = get_model_config(name)
+        cfg = _sizes_from_shapes(base.replace(objective="flow") if named_sit else base, sd, ckpt.args)
+    requested = overrides.pop("router_layout", None)
+    if has_routers(sd):
+        if overrides.get("dynamic") is False:
+            raise CheckpointError(f"{ckpt.source} holds DyDiT router weights; it loads as a DyDiT only")
+        try:
+            detected = detect_router_layout(sd, cfg.num_heads)
+        except CheckpointError:
+            detected = None  # strict loading reports the mismatch in full
+        check_layout(requested, detected)
+        cfg = cfg.replace(dynamic=True, router_layout=detected or requested or cfg.router_layout)
+    elif requested is not None:
+        cfg = cfg.replace(router_layout=requested)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ModelConfig fields that the weights fix beyond their shapes: what they were trained for, and how.
+WEIGHT_FIELDS: tuple[str, ...] = ("objective", "timestep_freq_shift", "mlp_norm_eps")
+
+
+def weight_conventions(source: CheckpointSource) -> dict[str, Any]:
+    """The :data:`WEIGHT_FIELDS` a checkpoint says (stored config, or SiT training args) where they
+    differ from the defaults: overrides for a model named by preset that starts from these weights."""
+    ckpt = _as_checkpoint(source)
+    if ckpt.config is None:
+        return {"objective": "flow"} if _args_preset(ckpt.args)[1] else {}
+    default = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {f: getattr(ckpt.config, f) for f in WEIGHT_FIELDS if getattr(ckpt.config, f) != default[f]}
+
+
+def fit_problem(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> str | None:
+    """Why ``sd`` does not load strictly into ``cfg``'s model (None when it does), from shapes alone.
+
+    The model is built on the meta device: no memory for weights, so a wrong guess costs nothing.
+    A DyDiT may lack exactly its router keys (it then starts with fresh routers).
+    """
+    with torch.device("meta"):
+        probe = build_model(cfg)
+    fresh_ok = ROUTER_KEY_MARKERS if cfg.dynamic and not has_routers(sd) else ()
+    return mismatch_message(probe, sd, fresh_ok)
+
+
+def build_loaded(ckpt: Checkpoint, cfg: ModelConfig) -> nn.Module:
+    """Build ``cfg``'s model and load ``ckpt``'s weights strictly; eval mode, on the CPU.
+
+    A DyDiT may come from a plain DiT's weights: its routers keep their initialisation (logged).
+    """
+    problem = fit_problem(cfg, ckpt.state_dict)
+    if problem:
+        raise CheckpointError(problem)
+    model = build_model(cfg)
+    if isinstance(model, DyDiT):
+        fresh = load_dydit_state_dict(model, ckpt.state_dict)
+        if fresh:
+            _log.info("initialised %d router tensors that %s lacks", len(fresh), ckpt.source)
+    else:
+        fit_state_dict(model, ckpt.state_dict)
+    return model.eval()
+
+
+def load_model(
+    source: str | os.PathLike | Mapping[str, Any],
+    model: str | ModelConfig | None = None,
+    *,
+    weights: str = "ema",
+    **overrides: Any,
+) -> nn.Module:
+    """Build the right DiT or DyDiT for any accepted checkpoint and load it strictly, in eval mode.
+
+    Args:
+        source: a checkpoint file, a diffusers folder or an in-memory state dict; every format
+            of :func:`dydit.load_checkpoint`.
+        model: a preset name where the file cannot say (``"SiT-XL/2"`` for a raw SiT state dict:
+            shapes cannot tell SiT from DiT), or a full ModelConfig.
+        weights: ``"ema"`` (default) or ``"model"`` entry of a training dict.
+        overrides: ModelConfig fields, e.g. ``router_layout="all"`` (must agree with the file).
+    Returns:
+        A :class:`~dydit.models.dit.DiT` or :class:`~dydit.models.dydit.DyDiT` on the CPU.
+    """
+    ckpt = open_checkpoint(source, weights)
+    return build_loaded(ckpt, model_config(ckpt, model, **overrides))
+
+
+def load_dydit_checkpoint(
+    source: str | os.PathLike | Mapping[str, Tensor],
+    config: ModelConfig | str | None = None,
+    layout: str | None = None,
+) -> DyDiT:
+    """:func:`load_model` for a DyDiT: a DiT checkpoint gets fresh routers (METHOD.md §12).
+
+    ``layout`` forces a router layout and must agree with the checkpoint's router shapes.
+    """
+    extra = {"router_layout": layout} if layout else {}
+    return cast(DyDiT, load_model(source, config, dynamic=True, **extra))

@@ -1,0 +1,40 @@
+"""``dydit inspect PATH``: what a checkpoint is, on one screen.
+
+Format (raw state dict, training dict with ``args``, dydit state or export, bare safetensors,
+diffusers folder), the model and preset it loads into, DiT or DyDiT and the router layout, the
+training objective and numerical conventions, whether it loads strictly, the parameter count,
+and the stored config, training step and ``args`` when the file has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="say what a checkpoint is: format, model, routers, parameters, stored config, step",
+        description="Describe a checkpoint file or diffusers folder on one screen, and check that it "
+        "loads strictly into the model dydit would build for it.",
+    )
+    p.add_argument("path", help="a .pt/.pth/.bin/.safetensors checkpoint or a diffusers DiT folder")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset for a file that cannot say (e.g. SiT-XL/2 for a raw SiT state dict)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="which entry of a training dict to describe",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dydit.checkpoint import describe_checkpoint
+
+    print("\n".join(describe_checkpoint(args.path, args.model, args.weights)))
+    return 0
