@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             args.control_steps, recipe=args.recipe)  # fmt: skip
     for lam in args.lambdas:
         ckpt = finetune(replace(recipe, target=lam), base, out / f"dydit-{lam:g}{'-' + tag if tag else ''}")
-        label = f"DyDiT λ={lam:g}" + (f" ({tag})" if tag else "")
+        recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
+        label = f"DyDiT λ={lam:g} ({recipe_name})"
         run(label, "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device), args.dydit_steps,
             target=lam, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
     for label, path in args.checkpoint:

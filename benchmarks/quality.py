@@ -48,7 +48,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out-dir", default="runs/quality", help="where runs, samples and results go")
     p.add_argument("--checkpoint", default=str(BASE_CHECKPOINT), help="base DiT (.safetensors export)")
     p.add_argument("--targets", default="0.3,0.5,0.7,0.9", help="comma-separated FLOPs targets lambda")
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps, help="iterations per fine-tune")
+    p.add_argument("--finetune-steps", type=int, default=300,
+                   help="iterations per fine-tune (default 300: the documented λ sweep)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="images per model")
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps (dpm++2m)")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance scale (1: none)")
