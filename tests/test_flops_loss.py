@@ -133,3 +133,28 @@ def test_stratified_timesteps_reproducible_and_device():
         stratified_timesteps(0)
     with pytest.raises(DyditError, match="strata"):
         stratified_timesteps(4, strata=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 6])
+def test_stratified_timesteps_balanced_for_any_per_process_batch(batch):
+    """Every stratum is drawn equally often over steps, whatever the per-process batch (issue 14).
+
+    With strata assigned by i mod 4 alone, a batch of 2 never saw t >= 500 and a batch of 5 drew
+    the first stratum twice as often as the others.
+    """
+    steps = 4000 // batch
+    t = torch.cat(
+        [stratified_timesteps(batch, generator=torch.Generator().manual_seed(k)) for k in range(steps)]
+    )
+    share = torch.bincount(t // 250, minlength=4).double() / len(t)
+    assert torch.all((share - 0.25).abs() < 0.03), share.tolist()
+    if batch > 1:  # still stratified: no two samples of one batch share a stratum unless B > 4
+        batches = (t // 250).view(steps, batch)
+        assert all(len(set(row.tolist())) == min(batch, 4) for row in batches)
+
+
+def test_stratified_timesteps_draw_no_offset_when_strata_divide_the_batch():
+    """A batch that is a multiple of 4 keeps its i mod 4 strata and random stream (runs stay reproducible)."""
+    u = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = (torch.arange(8) % 4) * 250 + (u * 250).long()
+    assert torch.equal(stratified_timesteps(8, generator=torch.Generator().manual_seed(3)), expected)
