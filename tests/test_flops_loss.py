@@ -75,6 +75,21 @@ def test_ratio_accepts_bool_masks_and_rejects_bad_shapes():
         per_sample_flops_ratio(h, h, torch.ones(2, 4, 5), 1, 1)
 
 
+def test_ratio_is_float32_for_bfloat16_masks_and_under_autocast():
+    """Under --bf16 the masks leave the network in bfloat16; rho is still summed in float32 (issue 14)."""
+    g = torch.Generator().manual_seed(0)
+    heads, groups = ((torch.rand(16, 12, 6, generator=g) < 0.6).double() for _ in range(2))
+    tokens = (torch.rand(16, 12, 64, generator=g) < 0.7).double()
+    ref = flops_ratio(SimpleNamespace(heads=heads, groups=groups, tokens=tokens), XL_A, XL_M)
+    bf16 = SimpleNamespace(
+        **{k: v.bfloat16() for k, v in dict(heads=heads, groups=groups, tokens=tokens).items()}
+    )
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            rho = flops_ratio(bf16, XL_A, XL_M)
+        assert rho.dtype == torch.float32 and abs(rho.item() - ref.item()) < 1e-6, (autocast, rho.item())
+
+
 def test_loss_value_weight_and_gradient():
     z = torch.tensor([0.0, 1.0, -1.0], requires_grad=True)
     heads = torch.sigmoid(z).expand(2, 3).unsqueeze(0)  # (1, 2, 3)
