@@ -196,6 +196,17 @@ def test_guarded_step_takes_at_most_one_step(guard):
     assert guarded_step(torch.optim.SGD([q], lr=1.0), [q], guard, 5.0)[1] is False
 
 
+def test_skip_guard_is_the_released_rule_at_the_threshold():
+    """Released stage 2 steps only if norm < max_norm: a norm equal to the threshold skips (issue 14)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])  # norm exactly 5
+    assert guarded_step(torch.optim.SGD([p], lr=1.0), [p], "skip", threshold=5.0) == (5.0, False)
+    assert torch.equal(p.detach(), torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert guarded_step(torch.optim.SGD([p], lr=1.0), [p], "clip", threshold=5.0) == (5.0, True)
+    assert torch.allclose(p.detach(), torch.tensor([-3.0, -4.0]), atol=1e-5)  # min(1, 5/5): unscaled
+
+
 def test_route_buckets():
     class Stats:
         heads = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]], [[1.0, 0.0]]])  # (B=3, L=1, H=2)
