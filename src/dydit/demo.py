@@ -37,6 +37,7 @@ from dydit.errors import DyditError
 from dydit.factory import build_model
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
+from dydit.io import locked_dir
 from dydit.models.dydit import DyDiT, load_dydit_checkpoint
 from dydit.sample import SamplingSettings, sample_images
 
@@ -243,15 +244,19 @@ def evaluate_samples(npz: Path, cfg: DemoConfig) -> dict[str, float]:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run the demo; returns the path of ``report.md``."""
-    from dydit.evaluate.images import write_npz
-    from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the demo; returns the path of ``report.md``. Another process writing ``cfg.out_dir`` is a
+    DyditError before anything is written (:func:`dydit.io.locked_dir`)."""
     base = Path(cfg.checkpoint) if cfg.checkpoint else BASE_CHECKPOINT
     if not base.is_file():
         raise DyditError(f"base checkpoint not found: {base}")
+    with locked_dir(cfg.out_dir) as out:
+        return _run_demo(cfg, base, out)
+
+
+def _run_demo(cfg: DemoConfig, base: Path, out: Path) -> Path:
+    from dydit.evaluate.images import write_npz
+    from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 

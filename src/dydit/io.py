@@ -8,7 +8,8 @@
   nothing; shared caches wait for the holder instead (``wait=True``) and then reuse its work. The
   kernel releases the lock when its process exits in any way, SIGKILL included, so a lock can
   never outlive its holder (unlike a pid file). The holder writes its pid and host into the lock
-  file for the message; the ranks of one torchrun job share the directory, rank 0 holding the lock.
+  file for the message and removes the file when done; the ranks of one torchrun job share the
+  directory, rank 0 holding the lock.
 
 These are the one implementation: every writer of checkpoints, run directories, sample
 directories, the latent cache and the evaluation caches goes through them.
@@ -119,29 +120,41 @@ def _holder(fd: int) -> str:
     return "pid unknown"
 
 
-def _open_lock(path: Path) -> tuple[int, bool]:
-    """An fd of the lock file (created if needed) and whether it is writable (for the pid)."""
+def _open_lock(path: Path) -> tuple[int | None, bool]:
+    """An fd of the lock file (created if needed) and whether it is writable (for the pid).
+
+    (None, False) where the file cannot be created because nothing can be written there (a
+    read-only mount, no permission, a full disk): no other process can write the directory either,
+    and the command's own first write reports the cause, naming its file.
+    """
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE), True
+    except FileNotFoundError:
+        raise  # the directory was removed meanwhile by a holder that wrote nothing: retry
     except OSError as e:
         if e.errno not in _UNWRITABLE:
             raise DyditError(f"cannot lock {path.parent}: {e.strerror or e}") from None
-        try:  # an existing lock file still locks read-only; the command then fails at its first write
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-        except OSError:
-            raise DyditError(f"cannot write {path}: {e.strerror or e}") from None
+    try:  # a lock file left by a killed process still locks through a read-only descriptor
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+    except OSError:
+        return None, False
 
 
 def _acquire(directory: Path, wait: bool) -> int | None:
-    """Create ``directory`` if needed and lock it: the locked fd, or None where the file system has
-    no locks (a warning). DyditError when another process holds it."""
+    """Create ``directory`` if needed and lock it: the locked fd, or None where it cannot be locked
+    (unwritable, or a file system without locks: a warning). DyditError when another process holds it."""
     path = directory / LOCK_FILE
     while True:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DyditError(f"cannot create output directory {directory}: {e.strerror or e}") from None
-        fd, writable = _open_lock(path)
+        try:
+            fd, writable = _open_lock(path)
+        except FileNotFoundError:
+            continue
+        if fd is None:
+            return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,8 +174,8 @@ def _acquire(directory: Path, wait: bool) -> int | None:
                 )
                 os.close(fd)
                 return None
-            # A holder that wrote nothing removes the lock file on release (:func:`_release`); if
-            # that happened between our open and flock, we hold a deleted file: open the new one.
+            # Holders remove the lock file on release (:func:`_release`); if that happened between
+            # our open and flock, we hold a deleted file: open the current one instead.
             with contextlib.suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(fd), os.stat(path)):
                     if writable:
@@ -177,18 +190,23 @@ def _acquire(directory: Path, wait: bool) -> int | None:
 
 
 def _release(fd: int, directory: Path, created: Path | None) -> None:
-    """Unlock; a directory left holding only the lock file is removed again (``created``: its top)."""
+    """Remove the lock file and unlock; directories this lock created and nobody wrote go too.
+
+    The file is unlinked while still locked: a process that opened it meanwhile finds, once it
+    gets the lock, that it holds a deleted file, and retries on a fresh one (:func:`_acquire`).
+    """
     try:
-        if {p.name for p in directory.iterdir()} == {LOCK_FILE}:  # nothing was written
-            (directory / LOCK_FILE).unlink()
-            d = directory
-            while created is not None:
-                d.rmdir()
-                if d == created:
-                    break
-                d = d.parent
+        path = directory / LOCK_FILE
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            path.unlink()
+        d = directory
+        while created is not None and not any(d.iterdir()):  # nothing was written
+            d.rmdir()
+            if d == created:
+                break
+            d = d.parent
     except OSError:
-        pass  # another writer got in, or the directory is read-only: leave it
+        pass  # read-only, or another writer got in: leave the rest
     finally:
         os.close(fd)
 
@@ -208,24 +226,29 @@ def locked_dir(directory: str | os.PathLike, *, wait: bool = False) -> Iterator[
     """Hold the exclusive lock of ``directory`` (created if missing) while the block writes it.
 
     ``wait=False`` (run, sample and latent-cache directories): another holder is a DyditError
-    naming the directory and its pid, raised before anything is written. ``wait=True`` (shared
-    caches): block until the holder is done, saying once on stderr whom it waits for.
+    naming the directory and its pid, raised before anything is written. Under torchrun every rank
+    must enter together: rank 0 takes the lock and the others share the directory, all raising
+    rank 0's error if it could not.
 
-    Under torchrun every rank must enter together: rank 0 takes the lock and the others share the
-    directory, all raising rank 0's error if it could not. The lock is released when the block
-    ends or the process dies; a directory this call created and nobody wrote is removed again.
+    ``wait=True`` (caches shared by all commands): block until the holder is done, saying once on
+    stderr whom it waits for. Each calling process locks for itself (no collective), so ranks that
+    fill a cache take turns and the later ones find the work done.
+
+    The lock is released (and its file removed) when the block ends, or by the kernel when the
+    process dies; a directory this call created and nobody wrote is removed again.
     """
     directory = Path(directory)
     fd: int | None = None
     created: Path | None = None
     message = None
-    if distributed.is_main():
+    if wait or distributed.is_main():
         created = _first_missing(directory)
         try:
             fd = _acquire(directory, wait)
         except DyditError as e:
             message = str(e)
-    message = distributed.broadcast_object(message)  # every rank learns rank 0's outcome
+    if not wait:
+        message = distributed.broadcast_object(message)  # every rank learns rank 0's outcome
     if message is not None:
         raise DyditError(message)
     try:
