@@ -11,8 +11,11 @@
   file for the message and removes the file when done; the ranks of one torchrun job share the
   directory, rank 0 holding the lock.
 
-These are the one implementation: every writer of checkpoints, run directories, sample
-directories, the latent cache and the evaluation caches goes through them.
+These are the one implementation of each: every run, sample, demo, latent-cache and evaluation-cache
+directory is locked through :func:`locked_dir`; checkpoints, exports, ``config.json``, latent shards
+and evaluation-cache entries are written by :func:`atomic_write`. (Per-image sample files use the
+lighter writer of ``sample.py``: no fsync and no stale-file scan per image, for directories of
+tens of thousands of PNGs.)
 """
 
 from __future__ import annotations
