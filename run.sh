@@ -4,12 +4,13 @@
 #   ./run.sh test [ARGS...]   set up .venv (idempotent), then run the whole test suite (all but `gpu`)
 #   ./run.sh setup            only set up
 # Set-up: creates .venv with Python 3.11 if missing, installs torch==2.13.0 (the CPU wheel) and
-# this package with its extras, and, when running as root on Debian, the Fashion-MNIST package.
+# this package (its core dependencies run the demo) with the extras of the tests and of latent
+# models, and, when running as root on Debian, the Fashion-MNIST package.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 TORCH_VERSION="${DYDIT_TORCH_VERSION:-2.13.0}"
-EXTRAS="test,eval,latent"
+EXTRAS="test,latent"  # pyproject.toml: `test` for ./run.sh test, `latent` (diffusers) for VAE tests
 VENV=.venv
 PY="$VENV/bin/python"
 

@@ -9,8 +9,10 @@ one, else a real ``/dev/full`` or a monkeypatched ``OSError``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -56,6 +58,55 @@ def run_cli(args: list[str], preamble: str = "", timeout: float = 180, **kw) -> 
     return subprocess.run(
         cli_command(args, preamble), env=ENV, capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+def start_cli(args: list[str], preamble: str = "") -> subprocess.Popen:
+    """Start ``dydit ARGS`` after ``preamble`` with pipes: stdin to release it, stdout for its markers."""
+    return subprocess.Popen(
+        cli_command(args, preamble), env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+# A preamble that pauses the command inside CALL (a ``module.function`` it calls by module lookup):
+# after the COUNT-th call returns, it prints "paused" on stdout and waits for a line on stdin.
+PAUSE_AFTER = """
+import sys, importlib
+_mod, _name = {call!r}.rsplit(".", 1)
+_mod = importlib.import_module(_mod)
+_real, _calls = getattr(_mod, _name), [0]
+def _paused(*args, **kwargs):
+    out = _real(*args, **kwargs)
+    _calls[0] += 1
+    if _calls[0] == {count}:
+        print("paused", flush=True)
+        sys.stdin.readline()
+    return out
+setattr(_mod, _name, _paused)
+"""
+
+
+def wait_paused(proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Block until ``proc`` (started with a PAUSE_AFTER preamble) prints "paused"; fail if it exits first."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "paused":
+        proc.kill()
+        raise AssertionError(f"the command did not pause (exit {proc.wait()}): {proc.stderr.read()[-3000:]}")
+
+
+def tree_snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime_ns, sha256) of every file below ``directory``: equal snapshots, untouched files."""
+    snapshot = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            snapshot[str(p.relative_to(directory))] = (
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
+    return snapshot
 
 
 def error_line(stderr: str, command: str | None = None) -> str:

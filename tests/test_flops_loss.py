@@ -75,6 +75,21 @@ def test_ratio_accepts_bool_masks_and_rejects_bad_shapes():
         per_sample_flops_ratio(h, h, torch.ones(2, 4, 5), 1, 1)
 
 
+def test_ratio_is_float32_for_bfloat16_masks_and_under_autocast():
+    """Under --bf16 the masks leave the network in bfloat16; rho is still summed in float32 (issue 14)."""
+    g = torch.Generator().manual_seed(0)
+    heads, groups = ((torch.rand(16, 12, 6, generator=g) < 0.6).double() for _ in range(2))
+    tokens = (torch.rand(16, 12, 64, generator=g) < 0.7).double()
+    ref = flops_ratio(SimpleNamespace(heads=heads, groups=groups, tokens=tokens), XL_A, XL_M)
+    bf16 = SimpleNamespace(
+        **{k: v.bfloat16() for k, v in dict(heads=heads, groups=groups, tokens=tokens).items()}
+    )
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            rho = flops_ratio(bf16, XL_A, XL_M)
+        assert rho.dtype == torch.float32 and abs(rho.item() - ref.item()) < 1e-6, (autocast, rho.item())
+
+
 def test_loss_value_weight_and_gradient():
     z = torch.tensor([0.0, 1.0, -1.0], requires_grad=True)
     heads = torch.sigmoid(z).expand(2, 3).unsqueeze(0)  # (1, 2, 3)
@@ -133,3 +148,28 @@ def test_stratified_timesteps_reproducible_and_device():
         stratified_timesteps(0)
     with pytest.raises(DyditError, match="strata"):
         stratified_timesteps(4, strata=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 6])
+def test_stratified_timesteps_balanced_for_any_per_process_batch(batch):
+    """Every stratum is drawn equally often over steps, whatever the per-process batch (issue 14).
+
+    With strata assigned by i mod 4 alone, a batch of 2 never saw t >= 500 and a batch of 5 drew
+    the first stratum twice as often as the others.
+    """
+    steps = 4000 // batch
+    t = torch.cat(
+        [stratified_timesteps(batch, generator=torch.Generator().manual_seed(k)) for k in range(steps)]
+    )
+    share = torch.bincount(t // 250, minlength=4).double() / len(t)
+    assert torch.all((share - 0.25).abs() < 0.03), share.tolist()
+    if batch > 1:  # still stratified: no two samples of one batch share a stratum unless B > 4
+        batches = (t // 250).view(steps, batch)
+        assert all(len(set(row.tolist())) == min(batch, 4) for row in batches)
+
+
+def test_stratified_timesteps_draw_no_offset_when_strata_divide_the_batch():
+    """A batch that is a multiple of 4 keeps its i mod 4 strata and random stream (runs stay reproducible)."""
+    u = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = (torch.arange(8) % 4) * 250 + (u * 250).long()
+    assert torch.equal(stratified_timesteps(8, generator=torch.Generator().manual_seed(3)), expected)

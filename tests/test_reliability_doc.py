@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "RELIABILITY.md"
 # The suites whose every test must appear in the table.
-SUITES = ("test_faults.py", "test_hostile_input.py", "test_properties.py")
+SUITES = ("test_faults.py", "test_concurrency.py", "test_hostile_input.py", "test_properties.py")
 # [test_file.py::test_name](../tests/test_file.py)
 LINK = re.compile(r"\[(?P<file>test_\w+\.py)::(?P<name>test_\w+)\]\((?P<target>[^)\s]+)\)")
 

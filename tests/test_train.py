@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,6 +138,26 @@ def test_bf16_autocast_on_cpu():
     loss.backward()
 
 
+def test_bf16_flops_ratio_is_computed_in_float32():
+    """The router masks come out of autocast in bfloat16; the logged and penalised rho must not (issue 14)."""
+    mc = get_model_config(
+        "DiT-Ti/2", input_size=16, num_classes=4, dynamic=True, depth=4, hidden_size=64, num_heads=4
+    )
+    model = build_model(mc).train()
+    with torch.no_grad():  # routers on the fence: many masks are off, rho far from the bf16 grid
+        for block in model.blocks:
+            block.attn_rate.router.bias.fill_(0.0)
+            block.token_selection.mlp_head[-1].bias.fill_(0.0)
+    x0, y, t = torch.randn(16, 1, 16, 16), torch.arange(16) % 4, torch.arange(16) * 61
+    costs = (3.0, 7.0)
+    _, parts, routing = compute_loss(TrainForward(model), create_diffusion(), x0, y, t, torch.randn_like(x0),
+                                     lambda_t=0.5, layer_costs=costs, bf16=True)  # fmt: skip
+    masks = {k: getattr(routing, k).double() for k in ("heads", "groups", "tokens")}
+    exact = flops_ratio(SimpleNamespace(**masks), *costs)
+    assert parts["flops_ratio"].dtype == torch.float32
+    assert abs(parts["flops_ratio"].item() - exact.item()) < 1e-6
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointed in (False, True):
@@ -173,6 +194,17 @@ def test_guarded_step_takes_at_most_one_step(guard):
         assert stepped and torch.allclose(p.detach(), torch.full((4,), -10.0))
     q = _params_with_grad(float("nan"))
     assert guarded_step(torch.optim.SGD([q], lr=1.0), [q], guard, 5.0)[1] is False
+
+
+def test_skip_guard_is_the_released_rule_at_the_threshold():
+    """Released stage 2 steps only if norm < max_norm: a norm equal to the threshold skips (issue 14)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])  # norm exactly 5
+    assert guarded_step(torch.optim.SGD([p], lr=1.0), [p], "skip", threshold=5.0) == (5.0, False)
+    assert torch.equal(p.detach(), torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert guarded_step(torch.optim.SGD([p], lr=1.0), [p], "clip", threshold=5.0) == (5.0, True)
+    assert torch.allclose(p.detach(), torch.tensor([-3.0, -4.0]), atol=1e-5)  # min(1, 5/5): unscaled
 
 
 def test_route_buckets():

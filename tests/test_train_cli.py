@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -36,6 +37,19 @@ def test_train_dry_run_prints_the_config(capsys, tmp_path):
         cfg.steps == 7 and cfg.bf16 and cfg.model_overrides == {"depth": 1, "hidden_size": 32, "num_heads": 2}
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_help_and_docs_name_the_guard_that_reproduces_the_released_finetuning(command, capsys):
+    """The default stays ``clip``; ``--help`` and TRAINING.md say ``skip`` is the released stage-2 rule."""
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(re.sub(r"-\n\s*", "-", capsys.readouterr().out).split())  # argparse wraps at hyphens
+    assert "(default clip)" in text and "reproduces the released DyDiT fine-tuning" in text
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text()
+    assert "`--grad-guard skip --grad-threshold 200`" in doc and "Why `clip` stays the default" in doc
 
 
 def test_finetune_takes_the_model_from_the_checkpoint(capsys, dit_export):

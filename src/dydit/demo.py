@@ -35,6 +35,7 @@ from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
+from dydit.io import locked_dir
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
 
@@ -245,16 +246,20 @@ def evaluate_samples(npz: Path, cfg: DemoConfig) -> dict[str, float]:
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run the demo; returns the path of ``report.md``."""
-    from dydit.demo_report import machine_description, report_markdown, results_dict
-    from dydit.evaluate.images import write_npz
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the demo; returns the path of ``report.md``. Another process writing ``cfg.out_dir`` is a
+    DyditError before anything is written (:func:`dydit.io.locked_dir`)."""
     base = Path(cfg.checkpoint) if cfg.checkpoint else BASE_CHECKPOINT
     if not base.is_file():
         raise DyditError(f"base checkpoint not found: {base}")
     shipped = shipped_dydit(cfg)
+    with locked_dir(cfg.out_dir) as out:
+        return _run_demo(cfg, base, shipped, out)
+
+
+def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> Path:
+    from dydit.demo_report import machine_description, report_markdown, results_dict
+    from dydit.evaluate.images import write_npz
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -35,6 +35,7 @@ from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, Mode
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
+from dydit.io import locked_dir
 from dydit.presets import ModelConfig
 
 MANIFEST = "sampling.json"
@@ -309,62 +310,63 @@ def sample_to_dir(
     when all its files exist; files are written atomically, so a rerun never keeps a partial one.
     ``sampling.json`` records the settings; a rerun with other settings is refused. With
     ``npz_path`` (requires a codec), rank 0 packs ``arr_0`` (N, H, W, C) uint8 and ``arr_1`` (N,)
-    labels after all ranks finish, written atomically (never a partial npz).
+    labels after all ranks finish, written atomically (never a partial npz). Another process
+    writing ``out_dir`` is a DyditError before anything is written (:func:`dydit.io.locked_dir`).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if npz_path is not None and codec is None:
         raise DyditError("an .npz of images needs decoded images; give a codec (e.g. --vae)")
-    all_labels = resolve_labels(seeds, labels, num_classes)
-    suffixes = ([".npy"] if save_raw or codec is None else []) + ([".png"] if codec is not None else [])
-    manifest = {
-        "settings": settings.to_dict(),
-        "num_images": len(seeds),
-        "seeds": _digest(seeds),
-        "labels": _digest(all_labels.numpy()),
-        "shape": list(shape),
-        "codec": None if codec is None else codec.spec,
-        "files": suffixes,
-        **(meta or {}),
-    }
-    _check_manifest(out, json.loads(json.dumps(manifest)))
+    with locked_dir(out):  # one writer per sample directory; rank 0 holds it for the job
+        all_labels = resolve_labels(seeds, labels, num_classes)
+        suffixes = ([".npy"] if save_raw or codec is None else []) + ([".png"] if codec is not None else [])
+        manifest = {
+            "settings": settings.to_dict(),
+            "num_images": len(seeds),
+            "seeds": _digest(seeds),
+            "labels": _digest(all_labels.numpy()),
+            "shape": list(shape),
+            "codec": None if codec is None else codec.spec,
+            "files": suffixes,
+            **(meta or {}),
+        }
+        _check_manifest(out, json.loads(json.dumps(manifest)))
 
-    for stale in out.glob(f".*.tmp{distributed.rank()}"):  # left by an interrupted run of this rank
-        stale.unlink()
-    existing = set(os.listdir(out))
-    share = rank_share(len(seeds))
-    todo = [i for i in share if not all(image_name(i, s) in existing for s in suffixes)]
-    result = DirResult(out, len(seeds), generated=0, skipped=len(share) - len(todo))
-    batches = generate(
-        model_fn,
-        diffusion,
-        settings,
-        seeds=seeds,
-        shape=shape,
-        num_classes=num_classes,
-        labels=all_labels,
-        batch_size=batch_size,
-        device=device,
-        indices=todo,
-        progress=progress,
-    )
-    for b in batches:
-        raw = b.samples.float().cpu().numpy()
-        images = to_uint8(codec.decode(b.samples)) if codec is not None else None
-        for j, i in enumerate(b.indices):
-            if ".npy" in suffixes:
-                _atomic_write(out / image_name(i, ".npy"), lambda f, a=raw[j]: np.save(f, a))
-            if images is not None:
-                save_png(out / image_name(i, ".png"), images[j])
-        result.generated += len(b.indices)
+        for stale in out.glob(f".*.tmp{distributed.rank()}"):  # left by an interrupted run of this rank
+            stale.unlink()
+        existing = set(os.listdir(out))
+        share = rank_share(len(seeds))
+        todo = [i for i in share if not all(image_name(i, s) in existing for s in suffixes)]
+        result = DirResult(out, len(seeds), generated=0, skipped=len(share) - len(todo))
+        batches = generate(
+            model_fn,
+            diffusion,
+            settings,
+            seeds=seeds,
+            shape=shape,
+            num_classes=num_classes,
+            labels=all_labels,
+            batch_size=batch_size,
+            device=device,
+            indices=todo,
+            progress=progress,
+        )
+        for b in batches:
+            raw = b.samples.float().cpu().numpy()
+            images = to_uint8(codec.decode(b.samples)) if codec is not None else None
+            for j, i in enumerate(b.indices):
+                if ".npy" in suffixes:
+                    _atomic_write(out / image_name(i, ".npy"), lambda f, a=raw[j]: np.save(f, a))
+                if images is not None:
+                    save_png(out / image_name(i, ".png"), images[j])
+            result.generated += len(b.indices)
 
-    distributed.barrier()
-    if npz_path is not None:
-        result.npz = Path(npz_path)
-        if distributed.is_main():
-            pack_npz(out, len(seeds), all_labels.numpy(), result.npz)
         distributed.barrier()
-    return result
+        if npz_path is not None:
+            result.npz = Path(npz_path)
+            if distributed.is_main():
+                pack_npz(out, len(seeds), all_labels.numpy(), result.npz)
+            distributed.barrier()
+        return result
 
 
 def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path) -> Path:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from dydit.data.base import DataInfo, ImageDataset
 from dydit.errors import DyditError
+from dydit.io import atomic_write, locked_dir
 
 META_FILE = "meta.json"
 CACHE_FORMAT = "dydit-latents"
@@ -60,7 +61,8 @@ def encode_dataset(
     Args:
         dataset: pixel images (C, H, W) in [-1, 1].
         encode: images (B, C, H, W) on ``device`` -> scaled latents (B, c, h, w).
-        out_dir: cache directory (created; an existing complete cache is an error).
+        out_dir: cache directory (created; an existing complete cache is an error, and so is
+            another process encoding into it: :func:`dydit.io.locked_dir`).
         codec: the codec spec recorded in ``meta.json`` (what decodes these latents).
         flip: also store the latents of mirrored images (default: ``dataset.info.flip``).
         dtype: storage dtype of the latents, ``float16`` (default), ``bfloat16`` or ``float32``.
@@ -71,64 +73,60 @@ def encode_dataset(
     from tqdm import tqdm
 
     out = Path(out_dir)
-    if (out / META_FILE).exists():
-        raise DyditError(f"{out} already holds a latent cache; choose another directory or delete it")
     if dtype not in _DTYPES:
         raise DyditError(f"latent cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if len(dataset) == 0:
         raise DyditError(f"dataset {dataset.info.name!r} is empty; nothing to encode")
-    flip = dataset.info.flip if flip is None else flip
-    out.mkdir(parents=True, exist_ok=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
-    shards: list[dict[str, Any]] = []
-    pending: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flip": []}
-    shape: tuple[int, ...] | None = None
+    with locked_dir(out):  # one encoder per cache directory; a second one stops at once
+        if (out / META_FILE).exists():
+            raise DyditError(f"{out} already holds a latent cache; choose another directory or delete it")
+        flip = dataset.info.flip if flip is None else flip
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        shards: list[dict[str, Any]] = []
+        pending: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flip": []}
+        shape: tuple[int, ...] | None = None
 
-    def flush(final: bool) -> None:
-        """Write shards of ``shard_size`` items while enough are pending; the rest too when final."""
-        while (count := sum(len(v) for v in pending["labels"])) >= shard_size or (final and count):
-            limit = min(count, shard_size)
-            merged = {k: torch.cat(v) for k, v in pending.items() if v}
-            tensors = {k: v[:limit].contiguous() for k, v in merged.items()}
-            name = _shard_name(len(shards))
-            tmp = out / (name + ".tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, out / name)
-            shards.append({"file": name, "count": len(tensors["labels"])})
-            for k, v in merged.items():
-                pending[k] = [v[limit:]] if len(v) > limit else []
+        def flush(final: bool) -> None:
+            """Write shards of ``shard_size`` items while enough are pending; the rest too when final."""
+            while (count := sum(len(v) for v in pending["labels"])) >= shard_size or (final and count):
+                limit = min(count, shard_size)
+                merged = {k: torch.cat(v) for k, v in pending.items() if v}
+                tensors = {k: v[:limit].contiguous() for k, v in merged.items()}
+                name = _shard_name(len(shards))
+                atomic_write(out / name, lambda tmp, t=tensors: save_file(t, tmp))
+                shards.append({"file": name, "count": len(tensors["labels"])})
+                for k, v in merged.items():
+                    pending[k] = [v[limit:]] if len(v) > limit else []
 
-    for x, y in tqdm(loader, desc="encoding latents", unit="batch", disable=not progress):
-        x = x.to(device)
-        z = encode(x).float().cpu()
-        shape = tuple(z.shape[1:])
-        pending["latents"].append(z.to(_DTYPES[dtype]))
-        pending["labels"].append(y.long())
-        if flip:
-            pending["latents_flip"].append(encode(x.flip(-1)).float().cpu().to(_DTYPES[dtype]))
-        flush(final=False)
-    flush(final=True)
-    assert shape is not None
-    meta = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "count": sum(s["count"] for s in shards),
-        "shards": shards,
-        "channels": shape[0],
-        "latent_size": shape[-1],
-        "num_classes": dataset.info.num_classes,
-        "codec": codec,
-        "source": dataset.info.name,
-        "image_size": dataset.info.image_size,
-        "flip": bool(flip),
-        "dtype": dtype,
-    }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META_FILE)
-    return out
+        for x, y in tqdm(loader, desc="encoding latents", unit="batch", disable=not progress):
+            x = x.to(device)
+            z = encode(x).float().cpu()
+            shape = tuple(z.shape[1:])
+            pending["latents"].append(z.to(_DTYPES[dtype]))
+            pending["labels"].append(y.long())
+            if flip:
+                pending["latents_flip"].append(encode(x.flip(-1)).float().cpu().to(_DTYPES[dtype]))
+            flush(final=False)
+        flush(final=True)
+        assert shape is not None
+        meta = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "count": sum(s["count"] for s in shards),
+            "shards": shards,
+            "channels": shape[0],
+            "latent_size": shape[-1],
+            "num_classes": dataset.info.num_classes,
+            "codec": codec,
+            "source": dataset.info.name,
+            "image_size": dataset.info.image_size,
+            "flip": bool(flip),
+            "dtype": dtype,
+        }
+        atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))  # last
+        return out
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

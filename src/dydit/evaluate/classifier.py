@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dydit.checkpoint import file_sha256
 from dydit.errors import DyditError
 from dydit.evaluate.features import FeatureNet
+from dydit.io import atomic_write, locked_dir
 
 # Bump when the architecture or recipe changes: cached weights of another version are retrained.
 CLASSIFIER_VERSION = 1
@@ -131,23 +132,26 @@ def classifier_path(cache_dir: Path) -> Path:
 def load_classifier(
     cache_dir: Path, device: str | torch.device = "cpu", progress: bool = True
 ) -> ClassifierFeatures:
-    """The cached classifier, trained first (once, about a minute on a CPU) if it is not cached yet."""
+    """The cached classifier, trained first (once, about a minute on a CPU) if it is not cached yet.
+
+    Training and writing happen under the cache's lock: a second process that needs the classifier
+    meanwhile waits, then loads it (:func:`dydit.io.locked_dir` with ``wait=True``).
+    """
     from safetensors.torch import load_file, save_file
 
     path = classifier_path(cache_dir)
     if not path.is_file():
-        start = time.perf_counter()
-        model, accuracy = train_classifier(progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        meta = {"version": str(CLASSIFIER_VERSION), "test_accuracy": f"{accuracy:.4f}"}
-        save_file(model.state_dict(), str(tmp), metadata=meta)
-        tmp.replace(path)
-        if progress:
-            print(
-                f"trained {CLASSIFIER_NAME} in {time.perf_counter() - start:.0f} s "
-                f"(test accuracy {accuracy:.3f}); cached at {path}"
-            )
+        with locked_dir(cache_dir, wait=True):
+            if not path.is_file():  # not trained by the process we may have waited for
+                start = time.perf_counter()
+                model, accuracy = train_classifier(progress=progress)
+                meta = {"version": str(CLASSIFIER_VERSION), "test_accuracy": f"{accuracy:.4f}"}
+                atomic_write(path, lambda tmp: save_file(model.state_dict(), tmp, metadata=meta))
+                if progress:
+                    print(
+                        f"trained {CLASSIFIER_NAME} in {time.perf_counter() - start:.0f} s "
+                        f"(test accuracy {accuracy:.3f}); cached at {path}"
+                    )
     model = FashionCNN()
     try:
         model.load_state_dict(load_file(str(path)))

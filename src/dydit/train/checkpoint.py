@@ -9,29 +9,25 @@ Two kinds of files, as in k-diffusion and EDM2:
   the metadata key ``"config"`` (``{"model": ModelConfig.to_dict(), "data": ..., "train": ...}``),
   which is what sampling and evaluation load (:func:`dydit.checkpoint.checkpoint_config`).
 
-Every write goes to a temporary file in the same directory, is flushed to disk, and then
-``os.replace``-d over the old file: the previous checkpoint stays intact until the new one is
-complete, and a failed write (full disk, no permission) loses nothing.
+Every write goes through :func:`dydit.io.atomic_write`: a temporary file in the same directory,
+flushed to disk, then ``os.replace``-d over the old file, so the previous checkpoint stays intact
+until the new one is complete and a failed write (full disk, no permission) loses nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from dydit.checkpoint.files import read_file
 from dydit.checkpoint.formats import DYDIT_STATE_FORMAT
 from dydit.errors import CheckpointError, DyditError
+from dydit.io import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
@@ -47,78 +43,6 @@ def state_path(run_dir: str | os.PathLike) -> Path:
 
 def export_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / EXPORT_FILE
-
-
-_FILE_MODE = 0o666
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of ``path`` left by writers killed mid-write (their process is gone).
-
-    A SIGKILL during :func:`atomic_write` leaves ``.NAME.tmp-PID`` behind; for a large model that is
-    gigabytes per interruption, so the next write of the same file clears them first.
-    """
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < margin
-    except OSError:
-        return False
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
-
-    The temporary file is removed when anything fails, and ``path`` keeps its previous content.
-    Temporary files of ``path`` left by killed processes are removed first (:func:`remove_stale_temps`).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        # torch.save reports a full disk as a short write ("unexpected pos"), without errno: a short
-        # write fills the disk, so look at the free space before the partial file is removed.
-        full = _disk_full(path.parent)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else f"{e}".strip().split("\n")[0]
-        if full or (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e):
-            reason = "no space left on device"
-        kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise DyditError(f"cannot write {path}: {reason}{kept}") from None
-    return path
 
 
 # RNG states as tensors ------------------------------------------------------------------------

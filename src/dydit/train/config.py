@@ -44,8 +44,10 @@ class TrainConfig:
     Optimisation (METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; ``router_lr`` (None:
         ``lr``) is the learning rate of DyDiT's routers alone, a project option for short fine-tunes
         (the paper uses one rate for all parameters); global ``batch_size``
-        split over the processes; ``grad_guard`` "clip" scales gradients to norm ``grad_threshold``,
-        "skip" skips the update when the norm exceeds it; one optimizer step per iteration at most.
+        split over the processes; ``grad_guard`` "clip" (default) scales gradients by
+        min(1, ``grad_threshold`` / norm), "skip" drops the update unless norm < ``grad_threshold``
+        (the released stage-2 fine-tuning); one optimizer step per iteration at most (the released
+        stage-1 script takes two, METHOD.md §6.2; docs/TRAINING.md says why "clip" is the default).
     EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` uses
         min(decay, (1 + step) / (10 + step)) for short runs.
     DyDiT (METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t

@@ -31,6 +31,7 @@ from dydit.diffusion import create_diffusion
 from dydit.errors import DyditError
 from dydit.factory import build_model
 from dydit.flops.formulas import layer_costs
+from dydit.io import locked_dir
 from dydit.log import RunLogger, get_logger, report, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
 from dydit.presets import ModelConfig
@@ -155,12 +156,20 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         stop_at: end this invocation once this many steps are done (a checkpoint is written), as
             if interrupted; rerunning resumes. Does not change the run's configuration.
     Returns:
-        A :class:`TrainResult`. Raises DyditError on bad input, unwritable output and non-finite losses.
+        A :class:`TrainResult`. Raises DyditError on bad input, unwritable output and non-finite losses,
+        and when another process is writing ``cfg.out_dir`` (:func:`dydit.io.locked_dir`).
     """
     device = distributed.init(cfg.device)
-    rank, world = distributed.rank(), distributed.world_size()
+    world = distributed.world_size()
     if cfg.batch_size % world:
         raise DyditError(f"batch size {cfg.batch_size} is not divisible by the number of processes ({world})")
+    with locked_dir(cfg.out_dir):  # one writer per run directory; rank 0 holds it for the job
+        return _train(cfg, device, stop_at)
+
+
+def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
+    """The body of :func:`train`, run while the run directory is locked."""
+    rank, world = distributed.rank(), distributed.world_size()
     local_batch = cfg.batch_size // world
     run_dir = Path(cfg.out_dir)
 

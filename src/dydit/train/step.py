@@ -10,7 +10,8 @@ The objective of METHOD.md §5.5, spelled out in :func:`compute_loss`:
 
 For a static DiT only the first term exists. :func:`guarded_step` then takes at most one
 optimizer step (the reference stage-1 script takes two, §6.2): with ``clip`` the gradients are
-scaled to the threshold norm, with ``skip`` the update is skipped when the norm exceeds it.
+scaled by min(1, threshold / norm), with ``skip`` the update is dropped unless norm < threshold,
+exactly as the released stage-2 fine-tuning script (``train_without_completemodel.py``) does.
 """
 
 from __future__ import annotations
@@ -162,13 +163,14 @@ def guarded_step(
 ) -> tuple[float, bool]:
     """At most one optimizer step after backward (METHOD.md §6.2 gradient-norm guard).
 
-    ``clip``: scale the gradients by min(1, threshold / norm), then step. ``skip``: step only if
-    norm <= threshold. ``none``: always step. A non-finite norm never steps.
+    ``clip`` (the default): scale the gradients by min(1, threshold / norm), then step.
+    ``skip``: step only if norm < threshold, the released stage-2 fine-tuning's rule (a norm equal
+    to the threshold skips, as there). ``none``: always step. A non-finite norm never steps.
     Returns (norm before clipping, whether the optimizer stepped).
     """
     norm = grad_norm(params)
     value = float(norm)
-    if not math.isfinite(value) or (guard == "skip" and value > threshold):
+    if not math.isfinite(value) or (guard == "skip" and not value < threshold):
         optimizer.zero_grad(set_to_none=True)
         return value, False
     if guard == "clip" and value > threshold:

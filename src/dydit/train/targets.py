@@ -2,9 +2,10 @@
 
 - :func:`target_schedule`: λ_t = 1 for the first ``hold_steps`` iterations, then the reference
   formula λ_t = 1 − (1 − λ)·step/warmup_steps until ``warmup_steps``, then λ.
-- :func:`stratified_timesteps`: sample i of a batch draws t uniformly from stratum i mod S of
-  [0, T), so every batch covers the whole time axis and the batch-mean FLOPs constraint cannot be
-  met by skewing the timesteps of a batch.
+- :func:`stratified_timesteps`: sample i of a batch draws t uniformly from stratum (i + o) mod S
+  of [0, T), so every batch covers the whole time axis and the batch-mean FLOPs constraint cannot
+  be met by skewing the timesteps of a batch. The offset o is drawn per call when the batch is not
+  a multiple of S, so every stratum is equally likely for any per-process batch size.
 """
 
 from __future__ import annotations
@@ -47,18 +48,25 @@ def stratified_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Timesteps (B,) long; sample i is uniform on stratum s = i mod ``strata`` of [0, T).
+    """Timesteps (B,) long; sample i is uniform on stratum s = (i + o) mod ``strata`` of [0, T).
 
     Stratum s covers [⌊s·T/S⌋, ⌊(s+1)·T/S⌋): with T = 1000 and S = 4 these are 0-249, 250-499,
-    500-749 and 750-999. Random numbers are drawn on the generator's device (CPU when None) and
-    moved to ``device``.
+    500-749 and 750-999. The offset o is uniform on {0, ..., S−1}, drawn from ``generator`` only
+    when B is not a multiple of S: a batch of 2 then covers strata {o, o+1}, and over steps every
+    stratum is drawn B/S times per batch on average (with o = 0 always, a batch of 2 would never
+    see t ≥ 500). When S divides B every offset gives the same strata counts, so none is drawn and
+    the random stream is the one of the plain i mod S assignment. Random numbers are drawn on the
+    generator's device (CPU when None) and moved to ``device``.
     """
     if batch < 1:
         raise DyditError(f"batch must be >= 1, got {batch}")
     if not 1 <= strata <= num_timesteps:
         raise DyditError(f"strata must be in [1, {num_timesteps}], got {strata}")
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    s = torch.arange(batch, device=gen_device) % strata  # (B,) stratum of each sample
+    offset = 0
+    if batch % strata:  # a partial round of strata: rotate it at random so no stratum is favoured
+        offset = int(torch.randint(strata, (1,), generator=generator, device=gen_device))
+    s = (torch.arange(batch, device=gen_device) + offset) % strata  # (B,) stratum of each sample
     lo = s * num_timesteps // strata
     hi = (s + 1) * num_timesteps // strata
     u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)

@@ -1,0 +1,261 @@
+"""Files written safely: atomic replacement, and one writer per directory (DESIGN.md §2, ``io``).
+
+- :func:`atomic_write` writes a file through a hidden temporary file, flushed and renamed: the file
+  either exists whole or not at all, and a failed write keeps the previous version.
+- :func:`locked_dir` holds an exclusive OS lock (``fcntl.flock``) on ``DIR/.dydit.lock`` while a
+  command writes ``DIR``. A second writer of the same directory stops at once with a one-line
+  :class:`~dydit.errors.DyditError` naming the directory and the process that holds it, and touches
+  nothing; shared caches wait for the holder instead (``wait=True``) and then reuse its work. The
+  kernel releases the lock when its process exits in any way, SIGKILL included, so a lock can
+  never outlive its holder (unlike a pid file). The holder writes its pid and host into the lock
+  file for the message and removes the file when done; the ranks of one torchrun job share the
+  directory, rank 0 holding the lock.
+
+These are the one implementation of each: every run, sample, demo, latent-cache and evaluation-cache
+directory is locked through :func:`locked_dir`; checkpoints, exports, ``config.json``, latent shards
+and evaluation-cache entries are written by :func:`atomic_write`. (Per-image sample files use the
+lighter writer of ``sample.py``: no fsync and no stale-file scan per image, for directories of
+tens of thousands of PNGs.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from dydit import distributed
+from dydit.errors import DyditError
+
+LOCK_FILE = ".dydit.lock"
+_FILE_MODE = 0o666
+# Lock files cannot be created or written in these cases; the directory is then unwritable anyway.
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+# Atomic writes ---------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers killed mid-write (their process is gone).
+
+    A SIGKILL during :func:`atomic_write` leaves ``.NAME.tmp-PID`` behind; for a large model that is
+    gigabytes per interruption, so the next write of the same file clears them first.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
+
+    The temporary file ``.NAME.tmp-PID`` is private to this process, so concurrent writers of the
+    same file never mix their bytes. It is removed when anything fails, and ``path`` keeps its
+    previous content. Temporary files of ``path`` left by killed processes are removed first
+    (:func:`remove_stale_temps`).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # torch.save reports a full disk as a short write ("unexpected pos"), without errno: a short
+        # write fills the disk, so look at the free space before the partial file is removed.
+        full = _disk_full(path.parent)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else f"{e}".strip().split("\n")[0]
+        if full or (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "os error 28" in str(e):
+            reason = "no space left on device"
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise DyditError(f"cannot write {path}: {reason}{kept}") from None
+    return path
+
+
+# Directory locks -------------------------------------------------------------------------------
+def _holder(fd: int) -> str:
+    """'pid N' (and the host when it is another machine) from a lock file, for the error message."""
+    with contextlib.suppress(OSError, ValueError):
+        pid, _, host = os.pread(fd, 256, 0).decode().strip().partition(" ")
+        if pid.isdigit():
+            return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+    return "pid unknown"
+
+
+def _open_lock(path: Path) -> tuple[int | None, bool]:
+    """An fd of the lock file (created if needed) and whether it is writable (for the pid).
+
+    (None, False) where the file cannot be created because nothing can be written there (a
+    read-only mount, no permission, a full disk): no other process can write the directory either,
+    and the command's own first write reports the cause, naming its file.
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE), True
+    except FileNotFoundError:
+        raise  # the directory was removed meanwhile by a holder that wrote nothing: retry
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise DyditError(f"cannot lock {path.parent}: {e.strerror or e}") from None
+    try:  # a lock file left by a killed process still locks through a read-only descriptor
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+    except OSError:
+        return None, False
+
+
+def _acquire(directory: Path, wait: bool) -> int | None:
+    """Create ``directory`` if needed and lock it: the locked fd, or None where it cannot be locked
+    (unwritable, or a file system without locks: a warning). DyditError when another process holds it."""
+    path = directory / LOCK_FILE
+    while True:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DyditError(f"cannot create output directory {directory}: {e.strerror or e}") from None
+        try:
+            fd, writable = _open_lock(path)
+        except FileNotFoundError:
+            continue
+        if fd is None:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise DyditError(
+                        f"{directory} is in use by another dydit process ({_holder(fd)}); wait for it "
+                        "to finish or use another directory"
+                    ) from None
+                print(f"dydit: waiting for {_holder(fd)}, which is writing {directory}", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:  # ENOLCK and the like: a file system without locks
+                print(
+                    f"dydit: warning: cannot lock {directory} ({e.strerror or e}); "
+                    "a second writer would not be detected",
+                    file=sys.stderr,
+                )
+                os.close(fd)
+                return None
+            # Holders remove the lock file on release (:func:`_release`); if that happened between
+            # our open and flock, we hold a deleted file: open the current one instead.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    if writable:
+                        with contextlib.suppress(OSError):  # a full disk: the lock holds, without a pid
+                            os.ftruncate(fd, 0)
+                            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+                    return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _release(fd: int, directory: Path, created: Path | None) -> None:
+    """Remove the lock file and unlock; directories this lock created and nobody wrote go too.
+
+    The file is unlinked while still locked: a process that opened it meanwhile finds, once it
+    gets the lock, that it holds a deleted file, and retries on a fresh one (:func:`_acquire`).
+    """
+    try:
+        path = directory / LOCK_FILE
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            path.unlink()
+        d = directory
+        while created is not None and not any(d.iterdir()):  # nothing was written
+            d.rmdir()
+            if d == created:
+                break
+            d = d.parent
+    except OSError:
+        pass  # read-only, or another writer got in: leave the rest
+    finally:
+        os.close(fd)
+
+
+def _first_missing(directory: Path) -> Path | None:
+    """The topmost ancestor of ``directory`` (itself included) that does not exist yet."""
+    missing = None
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing = d
+    return missing
+
+
+@contextlib.contextmanager
+def locked_dir(directory: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the exclusive lock of ``directory`` (created if missing) while the block writes it.
+
+    ``wait=False`` (run, sample and latent-cache directories): another holder is a DyditError
+    naming the directory and its pid, raised before anything is written. Under torchrun every rank
+    must enter together: rank 0 takes the lock and the others share the directory, all raising
+    rank 0's error if it could not.
+
+    ``wait=True`` (caches shared by all commands): block until the holder is done, saying once on
+    stderr whom it waits for. Each calling process locks for itself (no collective), so ranks that
+    fill a cache take turns and the later ones find the work done.
+
+    The lock is released (and its file removed) when the block ends, or by the kernel when the
+    process dies; a directory this call created and nobody wrote is removed again.
+    """
+    directory = Path(directory)
+    fd: int | None = None
+    created: Path | None = None
+    message = None
+    if wait or distributed.is_main():
+        created = _first_missing(directory)
+        try:
+            fd = _acquire(directory, wait)
+        except DyditError as e:
+            message = str(e)
+    if not wait:
+        message = distributed.broadcast_object(message)  # every rank learns rank 0's outcome
+    if message is not None:
+        raise DyditError(message)
+    try:
+        yield directory
+    finally:
+        if fd is not None:
+            _release(fd, directory, created)
