@@ -95,6 +95,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--retime",
+        action="store_true",
+        help="only re-time every stored point (sampling, no FID) in one process, models "
+        "interleaved, so the time plot compares points first measured under other loads",
+    )
     p.add_argument("--render", metavar="JSON", help="only redraw the table and plots of a frontier.json")
     return p.parse_args(argv)
 
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     store = out / "frontier.json"
     result = json.loads(store.read_text()) if store.exists() else {"points": []}
     result.update(machine=machine_description(), torch=torch.__version__, base=str(base))
+    if args.retime:
+        retime(result, cfg, base, store)
+        render(result, out)
+        return
 
     def run(label: str, kind: str, load, steps: list[int], **extra) -> None:
         model = None
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_control:
         ckpt = finetune(recipe, base, out / f"static{'-' + tag if tag else ''}", dynamic=False)
         run(f"control ({recipe.finetune_steps} steps)", "control", lambda: load_dit(ckpt, args.device),
-            args.control_steps, recipe=args.recipe)  # fmt: skip
+            args.control_steps, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
     for lam in args.lambdas:
         ckpt = finetune(replace(recipe, target=lam), base, out / f"dydit-{lam:g}{'-' + tag if tag else ''}")
         recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
@@ -151,6 +161,36 @@ def main(argv: list[str] | None = None) -> None:
     result["config"] = asdict(cfg)
     store.write_text(json.dumps(result, indent=2) + "\n")
     render(result, out)
+
+
+def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
+    """Re-measure ``seconds_per_image`` of every point: one process, step counts interleaved over models."""
+    from dydit.demo import sample_timed
+
+    def load(p: dict) -> torch.nn.Module:
+        if p["kind"] == "dense":
+            return load_dit(base, cfg.device)
+        if p["kind"] == "dydit":
+            return load_sliced_dydit(Path(p["checkpoint"]), cfg.device)
+        return load_dit(Path(p["checkpoint"]), cfg.device)
+
+    models: dict[str, torch.nn.Module] = {}
+    for p in result["points"]:
+        if p["label"] not in models:
+            models[p["label"]] = load(p)
+    for p in sorted(result["points"], key=lambda p: (p["steps"], p["label"])):
+        model = models[p["label"]]
+        mc = model.config
+        _log.info("re-timing %s at %d steps", p["label"], p["steps"])
+        with torch.inference_mode():
+            point_cfg = replace(cfg, steps=p["steps"], num_samples=p["num_samples"])
+            shape = (mc.in_channels, mc.input_size, mc.input_size)
+            _, _, r = sample_timed(p["label"], model, point_cfg, shape, mc.num_classes)
+        p.update(
+            seconds_per_image=r.seconds_per_image, timing=f"re-timed together {time.strftime('%Y-%m-%d')}"
+        )
+    result["retimed"] = machine_description(cfg.device)
+    store.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _slug(label: str) -> str:

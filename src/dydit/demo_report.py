@@ -59,7 +59,7 @@ def results_dict(cfg, base: Path, dydit_ckpt: Path, live_ckpt: Path, samples: di
             seconds_per_image=m.seconds_per_image, **m.metrics,
         ))  # fmt: skip
     fid_dit, fid_dyn, fid_eq = (x.metrics.get("FID") for x in (dit, dyn, eq))
-    n, n_eq = cfg.steps, rows[2]["steps"]
+    n, n_eq = cfg.steps, next(row["steps"] for row in rows if row["role"] == "dit_equal")
     checks = {"rho_in_band": RHO_BAND[0] <= rho <= RHO_BAND[1], "speedup": speedup >= MIN_SPEEDUP}
     if fid_dit is not None and fid_dyn is not None:
         checks["fid_within_15pct"] = fid_dyn <= fid_dit * (1 + MAX_FID_INCREASE)
