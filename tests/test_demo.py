@@ -26,13 +26,15 @@ def test_fast_demo_end_to_end(tmp_path, capsys) -> None:
     assert rows["dit_equal"]["macs_attn_mlp_per_image"] == pytest.approx(
         rows["dit"]["macs_attn_mlp_per_image"] * eq["dense_steps"] / 5
     )
-    # The sliced DyDiT really did less attention+MLP work than the dense DiT, or at most the same
-    # (a 4-step fine-tune may not have switched anything off yet); never more.
-    assert 0 < results["flops_ratio"] <= 1.0 + 1e-9
+    # The shipped DyDiT (λ = 0.5) really did about half the dense DiT's attention+MLP work.
+    assert 0.4 < results["flops_ratio"] < 0.6
     assert results["speedup"] > 0
     for row in rows.values():
-        assert math.isfinite(row["FID"]) and row["FID"] >= 0
         assert math.isfinite(row["FD-FMNIST-classifier"])
+        # The live fine-tune is judged by the classifier distance alone (no Inception pass).
+        assert (
+            ("FID" not in row) if row["role"] == "live" else (math.isfinite(row["FID"]) and row["FID"] >= 0)
+        )
     for png in ("grid_dit.png", "grid_dydit.png", "flops_profile.png", "router_map.png", "token_keep.png"):
         assert (out / png).stat().st_size > 1000, png
     report = (out / "report.md").read_text()
