@@ -3,7 +3,7 @@
 - Every "METHOD.md §x" (or "docs/METHOD.md §x", and likewise for ARCHITECTURE.md) in src/, tests/
   benchmarks/, docs/ and README.md names a section heading of that file. Lists after one mention count too:
   "(METHOD.md §1.3, §1.4, §7.2)" cites three sections; a mention of another document ends the list.
-- No file of the repository points at the team's private notes outside it (a path into a sibling folder named "shared").
+- No file of the repository points into the team's private notes beside it (a sibling "shared" folder).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _files_under(top: Path) -> Iterator[Path]:
         return
     for path in sorted(top.rglob("*")):
         parts = path.relative_to(ROOT).parts
-        if path.is_file() and not (set(parts) & SKIP_DIRS) and not any(p.endswith(".egg-info") for p in parts):
+        skipped = set(parts) & SKIP_DIRS or any(p.endswith(".egg-info") for p in parts)
+        if path.is_file() and not skipped:
             yield path
 
 
@@ -82,7 +83,7 @@ def test_parser_reads_lists_and_stops_at_other_documents() -> None:
     m = "METHOD.md"
     assert cited_sections("(METHOD.md §1.3, §1.4, §7.2).") == [(m, "1.3"), (m, "1.4"), (m, "7.2")]
     assert cited_sections("see docs/METHOD.md §8.3b and §1.1.") == [(m, "8.3b"), (m, "1.1")]
-    assert cited_sections("(METHOD.md §1.6, §6; DESIGN.md §3 rule 4)") == [(m, "1.6"), (m, "6")]
+    assert cited_sections("(METHOD.md §1.6, §6; NOTES.md §3 rule 4)") == [(m, "1.6"), (m, "6")]
     assert cited_sections("(docs/METHOD.md §6.2; docs/ARCHITECTURE.md §6.3)") == [
         (m, "6.2"),
         ("ARCHITECTURE.md", "6.3"),
@@ -94,7 +95,8 @@ def test_parser_reads_lists_and_stops_at_other_documents() -> None:
 def test_docs_have_unique_numbered_sections() -> None:
     for name, path in DOCS.items():
         ids = HEADING.findall(path.read_text(encoding="utf-8"))
-        assert len(ids) == len(set(ids)), f"{name}: duplicate numbers {sorted({i for i in ids if ids.count(i) > 1})}"
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        assert not duplicates, f"{name}: duplicate section numbers {duplicates}"
     method = section_ids(DOCS["METHOD.md"].read_text(encoding="utf-8"))
     assert {str(i) for i in range(14)} <= method, "docs/METHOD.md lost a top-level section"
 
