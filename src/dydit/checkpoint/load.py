@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
+from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
-from dydit.models.dydit import DyDiT, check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.models.dydit import DyDiT
 from dydit.models.fitting import (
     ROUTER_KEY_MARKERS,
     fit_state_dict,
