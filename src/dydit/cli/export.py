@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dydit.checkpoint import find_diffusers_dir
     from dydit.errors import DyditError
-    from dydit.train.checkpoint import export_state, state_path
+    from dydit.train.state import export_state, state_path
 
     src = Path(args.state)
     if args.to == "diffusers":
