@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dydit.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.apps.bench import Bench, BenchConfig, device_name, markdown_table
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
 # (name, what to run, rough H100 seconds) for DiT-XL/2, bf16. The models, and the compiled graphs,

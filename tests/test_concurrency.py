@@ -31,9 +31,9 @@ from faultkit import (
     wait_paused,
 )
 
+from dydit.apps.demo import DemoConfig, run_demo
 from dydit.cli import main
 from dydit.data.latents import encode_dataset
-from dydit.demo import DemoConfig, run_demo
 from dydit.errors import DyditError
 from dydit.io import LOCK_FILE, locked_dir
 from dydit.log import read_stats

@@ -30,7 +30,7 @@ def _str_list(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dydit.bench import DEFAULT_MODES, DTYPES, MODES
+    from dydit.apps.bench import DEFAULT_MODES, DTYPES, MODES
 
     p = sub.add_parser(
         "bench",
@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from dydit.bench import BenchConfig
+    from dydit.apps.bench import BenchConfig
     from dydit.presets import get_model_config
 
     modes = tuple(args.modes)
@@ -168,7 +168,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dydit.bench import PER_EVALUATION_NOTE, device_name, markdown_table, run_bench, write_json
+    from dydit.apps.bench import PER_EVALUATION_NOTE, device_name, markdown_table, run_bench, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

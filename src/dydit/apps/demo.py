@@ -39,9 +39,9 @@ from dydit.io import locked_dir
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
 
-_log = logging.getLogger("dydit.demo")
+_log = logging.getLogger("dydit.apps.demo")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BASE_CHECKPOINT = ASSETS / "dit-ti4-fmnist.safetensors"
 # The best DyDiT fine-tune of that base at λ = 0.5 (assets/README.md has its command and log).
 SHIPPED_DYDIT = ASSETS / "dydit-ti4-fmnist-0.5.safetensors"
@@ -257,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> Path:
-    from dydit.demo_report import machine_description, report_markdown, results_dict
+    from dydit.apps.demo_report import machine_description, report_markdown, results_dict
     from dydit.evaluate.images import write_npz
 
     t_start = time.perf_counter()
