@@ -215,26 +215,6 @@ def measure(name: str, model: torch.nn.Module, cfg: DemoConfig, npz: Path) -> Mo
     return result
 
 
-def _routing_profile(model: DyDiT, cfg: DemoConfig, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Per sampling timestep: width plan and token-keep masks measured on real (masked) forwards."""
-    n = min(16, len(images))
-    x0 = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(cfg.device)
-    y = torch.from_numpy(labels[:n]).long().to(cfg.device)
-    diffusion = create_diffusion()
-    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(diffusion.num_timesteps)
-    ts = sorted({int(t) for t in ts}, reverse=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    tokens = []
-    with torch.no_grad():
-        for t in ts:
-            tt = torch.full((n,), t, dtype=torch.long, device=cfg.device)
-            noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
-            _, stats = model.forward_with_routing(diffusion.q_sample(x0, tt, noise), tt, y)
-            tokens.append(stats.tokens.float().cpu())  # (n, L, N)
-    plan = model.width_plan(torch.tensor(ts))
-    return {"plan": plan, "tokens": torch.stack(tokens), "timesteps": ts, "n": n}  # tokens (T, n, L, N)
-
-
 def evaluate_samples(npz: Path, cfg: DemoConfig) -> dict[str, float]:
     from dydit.evaluate.run import evaluate
 
@@ -343,11 +323,13 @@ def draw_pictures(
     model: DyDiT, cfg: DemoConfig, img_dit: np.ndarray, img_dyn: np.ndarray, labels: np.ndarray, out: Path
 ) -> None:
     """Sample grids of both models, the per-step FLOPs profile, the router map, token-keep overlays."""
+    from dydit.evaluate.routing import routing_profile
     from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
 
     mc = model.config
+    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(create_diffusion().num_timesteps)
     with execution(model, "masked"):
-        profile = _routing_profile(model, cfg, img_dyn, labels)
+        profile = routing_profile(model, img_dyn, labels, ts, seed=cfg.seed, device=cfg.device)
     per_class = min(8, max(1, cfg.num_samples // mc.num_classes))
     pick = np.concatenate([np.where(labels == c)[0][:per_class] for c in range(mc.num_classes)])
     names = list(CLASS_NAMES) if mc.num_classes == len(CLASS_NAMES) else None
@@ -355,12 +337,12 @@ def draw_pictures(
         sample_grid(images[pick], labels[pick], class_names=names, ncols=per_class * 2 if per_class < 5
                     else per_class, title=tag, path=out / f"grid_{tag}.png")  # fmt: skip
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
-    flops_profile(profile["plan"], profile["tokens"], costs=costs, title="DyDiT compute per sampling step",
+    flops_profile(profile.plan, profile.tokens, costs=costs, title="DyDiT compute per sampling step",
                   path=out / "flops_profile.png")  # fmt: skip
-    router_heatmap(profile["plan"], title="active heads / MLP groups per layer", path=out / "router_map.png")
-    mid = len(profile["timesteps"]) // 2
-    token_keep_overlay(img_dyn[: profile["n"]], profile["tokens"][mid], labels[: profile["n"]],
-                       class_names=names, title=f"tokens kept by SDT at t={profile['timesteps'][mid]}",
+    router_heatmap(profile.plan, title="active heads / MLP groups per layer", path=out / "router_map.png")
+    mid = len(profile.timesteps) // 2
+    token_keep_overlay(img_dyn[: profile.n], profile.tokens[mid], labels[: profile.n],
+                       class_names=names, title=f"tokens kept by SDT at t={profile.timesteps[mid]}",
                        path=out / "token_keep.png")  # fmt: skip
 
 

@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(ModelConfig, opened Checkpoint or None, description of the weights)."""
-    from dydit.cli.flops import model_config_from_args, size_overrides
+    from dydit.cli._common import model_config_from_args, size_overrides
 
     if args.checkpoint is None:
         if args.model is None:
