@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dydit.apps.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.train import configure_torch
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
 # (name, what to run, rough H100 seconds) for DiT-XL/2, bf16. The models, and the compiled graphs,
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_bench: CUDA is not available (use --dry for the CPU check)", file=sys.stderr)
             return 2
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        configure_torch(tf32=True)
     env = environment(base.device)
     (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
     rows: list[dict] = []

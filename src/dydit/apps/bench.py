@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint import build_loaded, has_routers, model_config, open_checkpoint
+from dydit.checkpoint import has_routers, load_model, open_checkpoint
 from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
 from dydit.factory import create_model
@@ -148,7 +148,7 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:
             ckpt = open_checkpoint(cfg.checkpoint)
-            dy, trained = build_loaded(ckpt, model_config(ckpt, dynamic=True)), has_routers(ckpt.state_dict)
+            dy, trained = load_model(ckpt, dynamic=True), has_routers(ckpt.state_dict)
             dit = DiT(dy.config.replace(dynamic=False))
             own = dit.state_dict()
             dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dydit.checkpoint import build_loaded, load_dydit_checkpoint, open_checkpoint, read_checkpoint
+from dydit.checkpoint import has_routers, load_dydit_checkpoint, load_model, open_checkpoint, read_checkpoint
 from dydit.data.fashion_mnist import CLASS_NAMES
 from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
@@ -124,12 +124,13 @@ class ModelResult:
 
 
 def load_dit(path: Path, device: str) -> torch.nn.Module:
+    """A plain DiT export (a file that stores its config), in eval mode on ``device``."""
     ckpt = open_checkpoint(path)
     if ckpt.config is None:
         raise DyditError(f"{path} carries no model config; export it with `dydit export` or `dydit train`")
-    if ckpt.config.dynamic:
+    if ckpt.config.dynamic or has_routers(ckpt.state_dict):
         raise DyditError(f"{path} is a DyDiT checkpoint; the demo starts from a plain DiT")
-    return build_loaded(ckpt, ckpt.config).to(device).eval()
+    return load_model(ckpt).to(device).eval()
 
 
 def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Path:

@@ -158,10 +158,10 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _build_model(cfg: Any, ckpt: Any, execution: str | None) -> Any:
-    from dydit.checkpoint import build_loaded
+    from dydit.checkpoint import load_model
     from dydit.factory import build_model
 
-    model = build_model(cfg) if ckpt is None else build_loaded(ckpt, cfg)
+    model = build_model(cfg) if ckpt is None else load_model(ckpt, cfg)
     if execution is not None:
         if not model.config.dynamic:
             raise DyditError("--execution applies to DyDiT models only")
@@ -252,15 +252,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -> None:
     import numpy as np
-    import torch
 
     from dydit import distributed
     from dydit.data.codec import make_codec
     from dydit.sample import image_name, load_png, sample_images, sample_to_dir, save_grid
+    from dydit.train import configure_torch
 
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sampling scripts
-        torch.backends.cudnn.allow_tf32 = True
+        configure_torch(tf32=True)  # as DiT's sampling scripts
     model = _build_model(cfg, ckpt, args.execution).to(device)
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)

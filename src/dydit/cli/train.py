@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 from dydit.cli._common import non_negative_float, positive_int
-from dydit.errors import DyditError
 
 
 def _model_option(text: str) -> tuple[str, Any]:
@@ -253,40 +252,18 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 
 def cache_latents(args: argparse.Namespace) -> None:
     """Encode ``--data`` into ``--cache-latents`` with ``--vae`` unless a complete cache is there."""
-    import functools
-    import os
-    from pathlib import Path
-
-    import torch
-
-    from dydit.data.latents import META_FILE
-
-    if (Path(args.cache_latents) / META_FILE).exists():
-        return
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise DyditError(f"no latent cache in {args.cache_latents} yet: build it once without torchrun")
-    if not args.vae:
-        raise DyditError(
-            "--cache-latents needs --vae (a local AutoencoderKL path or hub id) to build the cache"
-        )
     from dydit.cli._common import resolve_device
-    from dydit.data import make_dataset
-    from dydit.data.codec import make_codec
-    from dydit.data.latents import encode_dataset
+    from dydit.data.latents import build_latent_cache
 
-    device = resolve_device(args.device)
-    dataset = make_dataset(args.data, args.image_size, args.fit)
-    codec = make_codec(args.vae, device=device)
-    flip = dataset.info.flip if args.flip is None else args.flip
-    generator = torch.Generator(device).manual_seed(args.seed)  # posterior samples, reproducibly
-    encode = functools.partial(codec.encode, generator=generator)
-    encode_dataset(
-        dataset,
-        encode,
+    build_latent_cache(
+        args.data,
         args.cache_latents,
-        codec=args.vae,
-        flip=flip,
-        device=device,
+        vae=args.vae,
+        image_size=args.image_size,
+        fit=args.fit,
+        flip=args.flip,
+        seed=args.seed,
+        device=resolve_device(args.device),
         progress=not args.no_progress,
     )
 
@@ -297,7 +274,7 @@ def execute(args: argparse.Namespace, *, finetune: bool) -> int:
         print(cfg.to_json())
         return 0
     from dydit import distributed
-    from dydit.train.loop import configure_torch, train
+    from dydit.train import configure_torch, train
 
     configure_torch(tf32=not args.no_tf32)
     if args.cache_latents:
