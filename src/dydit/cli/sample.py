@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "else --model, else its training args, else the preset its shapes match) or, without a "
         "checkpoint, are the random initialisation of --model.",
     )
+    _add_model_group(p)
+    _add_sampling_group(p)
+    _add_output_group(p)
+    p.set_defaults(func=run)
+
+
+def _add_model_group(p: argparse.ArgumentParser) -> None:
+    """Weights, architecture, execution mode and VAE."""
     g = p.add_argument_group("model")
     add_model_options(g, default_model=None)
     g.add_argument(
@@ -67,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="AutoencoderKL (diffusers directory or hub id) that decodes a latent model's samples",
     )
 
+
+def _add_sampling_group(p: argparse.ArgumentParser) -> None:
+    """Sampler, steps, guidance, labels, seeds, batch and device."""
     g = p.add_argument_group("sampling")
     g.add_argument(
         "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm", help="sampler (default ddpm)"
@@ -112,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
+
+def _add_output_group(p: argparse.ArgumentParser) -> None:
+    """The grid, per-image files, the .npz, raw samples."""
     g = p.add_argument_group("output")
     g.add_argument(
         "--grid",
@@ -138,7 +152,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    p.set_defaults(func=run)
 
 
 def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
