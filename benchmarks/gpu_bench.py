@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dydit.apps.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.apps.bench import Bench, BenchConfig, device_name
+from dydit.apps.bench_report import markdown_table
 from dydit.train import configure_torch
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")

@@ -195,7 +195,8 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dydit.apps.bench import PER_EVALUATION_NOTE, device_name, markdown_table, run_bench, write_json
+    from dydit.apps.bench import run_bench
+    from dydit.apps.bench_report import bench_report, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,13 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(cfg)
         return 0
     rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(
-        f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}; ms/forward = {cfg.stat} of "
-        f"{cfg.repeats} repeats"
-    )
-    print(markdown_table(rows))
-    print(f"\n{PER_EVALUATION_NOTE}")
+    print(bench_report(cfg, rows))
     if args.json:
         write_json(rows, args.json)
         print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
