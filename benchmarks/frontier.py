@@ -47,6 +47,7 @@ from dydit.apps.demo import (
     load_dit,
     load_sliced_dydit,
     measure,
+    sample_timed,
 )
 from dydit.apps.demo_report import machine_description
 
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
     """Re-measure ``seconds_per_image`` of every point: one process, step counts interleaved over models."""
-    from dydit.apps.demo import sample_timed
 
     def load(p: dict) -> torch.nn.Module:
         if p["kind"] == "dense":
