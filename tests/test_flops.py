@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dydit.cli import main
-from dydit.flops import config_macs_table, count_flops, layer_costs
+from dydit.flops import config_macs_table, count_flops, layer_costs, token_router_macs
 from dydit.models.dit import DiT
 from dydit.presets import get_model_config
 
@@ -73,3 +73,12 @@ def test_counter_is_inactive_outside_context() -> None:
         pass
     model(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([0]))
     assert c.total == 0
+
+
+def test_token_router_formula_is_what_the_router_records() -> None:
+    from dydit.models.routers import TokenRouter
+
+    x = torch.randn(2, 16, 64)
+    with count_flops() as c:
+        TokenRouter(64).logits(x)
+    assert c.by_component["token_router"] == 2 * token_router_macs(16, 64)
