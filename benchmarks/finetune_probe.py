@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from dydit.demo import BASE_CHECKPOINT, DemoConfig, finetune, load_dit, load_sliced_dydit, measure
+from dydit.apps.demo import BASE_CHECKPOINT, DemoConfig, finetune, load_dit, load_sliced_dydit, measure
 
 
 def main() -> None:

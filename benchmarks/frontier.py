@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dydit.demo import (
+from dydit.apps.demo import (
     BASE_CHECKPOINT,
     SHIPPED_RECIPE,
     DemoConfig,
@@ -47,8 +47,9 @@ from dydit.demo import (
     load_dit,
     load_sliced_dydit,
     measure,
+    sample_timed,
 )
-from dydit.demo_report import machine_description
+from dydit.apps.demo_report import machine_description
 
 _log = logging.getLogger("frontier")
 
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
     """Re-measure ``seconds_per_image`` of every point: one process, step counts interleaved over models."""
-    from dydit.demo import sample_timed
 
     def load(p: dict) -> torch.nn.Module:
         if p["kind"] == "dense":

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from dydit.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.apps.bench import Bench, BenchConfig, device_name
+from dydit.apps.bench_report import markdown_table
+from dydit.train import configure_torch
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
 # (name, what to run, rough H100 seconds) for DiT-XL/2, bf16. The models, and the compiled graphs,
@@ -107,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_bench: CUDA is not available (use --dry for the CPU check)", file=sys.stderr)
             return 2
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        configure_torch(tf32=True)
     env = environment(base.device)
     (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
     rows: list[dict] = []

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dydit.demo import (
+from dydit.apps.demo import (
     BASE_CHECKPOINT,
     DemoConfig,
     finetune,
@@ -39,7 +39,7 @@ from dydit.demo import (
     load_sliced_dydit,
     measure,
 )
-from dydit.demo_report import machine_description
+from dydit.apps.demo_report import machine_description
 
 
 def parse() -> argparse.Namespace:

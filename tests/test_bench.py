@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dydit.bench import BenchConfig, BenchRow, markdown_table, run_bench, write_json
+from dydit.apps.bench import BenchConfig, BenchRow, run_bench
+from dydit.apps.bench_report import markdown_table, write_json
 from dydit.cli import main
 from dydit.errors import DyditError
 from dydit.models.dydit import DyDiT

@@ -201,7 +201,7 @@ def test_load_model_builds_dydit_and_respects_overrides(tmp_path) -> None:
 
 
 def test_configs_stored_before_the_conventions_existed_keep_the_official_ones() -> None:
-    from dydit.demo import BASE_CHECKPOINT
+    from dydit.apps.demo import BASE_CHECKPOINT
 
     ckpt = open_checkpoint(BASE_CHECKPOINT)  # the shipped base, exported before these fields existed
     assert "timestep_freq_shift" not in ckpt.run_config["model"]

@@ -31,20 +31,20 @@ from faultkit import (
     wait_paused,
 )
 
+from dydit.apps.demo import DemoConfig, run_demo
 from dydit.cli import main
 from dydit.data.latents import encode_dataset
-from dydit.demo import DemoConfig, run_demo
 from dydit.errors import DyditError
 from dydit.io import LOCK_FILE, locked_dir
 from dydit.log import read_stats
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Pause training once it has written config.json (no checkpoint yet: a second run with other options
 # would not be refused as a resume) or after its 2nd checkpoint; sampling after its 4th PNG.
-PAUSE_TRAIN_START = PAUSE_AFTER.format(call="dydit.train.checkpoint.write_config", count=1)
-PAUSE_TRAIN = PAUSE_AFTER.format(call="dydit.train.checkpoint.export_weights", count=2)
+PAUSE_TRAIN_START = PAUSE_AFTER.format(call="dydit.train.state.write_config", count=1)
+PAUSE_TRAIN = PAUSE_AFTER.format(call="dydit.train.state.export_weights", count=2)
 PAUSE_SAMPLE = PAUSE_AFTER.format(call="dydit.sample.save_png", count=4)
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from dydit.apps.demo import BASE_CHECKPOINT, SHIPPED_DYDIT, DemoConfig
 from dydit.cli import main
-from dydit.demo import BASE_CHECKPOINT, SHIPPED_DYDIT, DemoConfig
 from dydit.errors import DyditError
 
 

@@ -10,10 +10,12 @@ from conftest import tiny_config
 from safetensors.torch import save_file
 
 from dydit.checkpoint import load_dydit_checkpoint
+from dydit.checkpoint.layout import detect_router_layout, load_dydit_state_dict
 from dydit.errors import CheckpointError
 from dydit.factory import create_model
 from dydit.models.dit import DiT
-from dydit.models.dydit import ROUTER_KEY_MARKERS, DyDiT, detect_router_layout, load_dydit_state_dict
+from dydit.models.dydit import DyDiT
+from dydit.models.fitting import ROUTER_KEY_MARKERS
 
 
 def trained_like(layout: str, **overrides) -> DyDiT:

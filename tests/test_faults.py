@@ -43,7 +43,7 @@ from dydit.checkpoint import load_checkpoint, read_file
 from dydit.cli import main
 from dydit.log import read_stats
 from dydit.sample import load_png
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 
 needs_tmpfs = pytest.mark.skipif(
     not can_mount_tmpfs(), reason="no unprivileged mount namespaces here (unshare -rm)"

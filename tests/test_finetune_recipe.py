@@ -14,7 +14,7 @@ from dydit.factory import build_model
 from dydit.log import read_stats
 from dydit.models.dydit import DyDiT
 from dydit.presets import get_model_config
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
 from dydit.train.loop import train
 from dydit.train.step import TrainForward, compute_loss

@@ -9,8 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dydit.cli import main
-from dydit.cli.flops import static_table
-from dydit.flops import count_flops, layer_costs
+from dydit.flops import config_macs_table, count_flops, layer_costs, token_router_macs
 from dydit.models.dit import DiT
 from dydit.presets import get_model_config
 
@@ -32,7 +31,7 @@ def test_per_layer_constants(name: str, latent: int) -> None:
 
 
 def _table(name: str, **kw) -> dict[str, int]:
-    return static_table(get_model_config(name, **kw))
+    return config_macs_table(get_model_config(name, **kw))
 
 
 @pytest.mark.parametrize(
@@ -65,7 +64,7 @@ def test_counter_agrees_with_torch_flop_counter() -> None:
     with count_flops() as ours:
         model(x, t, y)
     assert 2 * ours.total == ref.get_total_flops()
-    assert ours.total == 3 * sum(static_table(model.config).values())
+    assert ours.total == 3 * sum(config_macs_table(model.config).values())
 
 
 def test_counter_is_inactive_outside_context() -> None:
@@ -74,3 +73,12 @@ def test_counter_is_inactive_outside_context() -> None:
         pass
     model(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([0]))
     assert c.total == 0
+
+
+def test_token_router_formula_is_what_the_router_records() -> None:
+    from dydit.models.routers import TokenRouter
+
+    x = torch.randn(2, 16, 64)
+    with count_flops() as c:
+        TokenRouter(64).logits(x)
+    assert c.by_component["token_router"] == 2 * token_router_macs(16, 64)

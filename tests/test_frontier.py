@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dydit.demo_report import equal_compute_verdict
+from dydit.apps.demo_report import equal_compute_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 

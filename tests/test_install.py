@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Everything `dydit demo` runs, imported eagerly (the demo imports most of these lazily).
 DEMO_MODULES = (
-    "dydit.cli.demo", "dydit.demo", "dydit.train", "dydit.evaluate.run", "dydit.evaluate.classifier",
+    "dydit.cli.demo", "dydit.apps.demo", "dydit.train", "dydit.evaluate.run", "dydit.evaluate.classifier",
     "dydit.evaluate.images", "dydit.viz", "dydit.data.fashion_mnist",
 )  # fmt: skip
 

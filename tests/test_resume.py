@@ -13,7 +13,7 @@ import torch
 from faultkit import assert_same_state
 
 from dydit.log import read_stats
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
 from dydit.train.loop import train
 

@@ -17,7 +17,7 @@ from dydit.factory import build_model
 from dydit.flops.analytic import flops_loss, flops_ratio
 from dydit.log import read_stats
 from dydit.presets import get_model_config
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig, model_spec
 from dydit.train.ema import create_ema, ema_decay, update_ema
 from dydit.train.loop import train

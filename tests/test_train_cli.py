@@ -12,8 +12,8 @@ from dydit.checkpoint import checkpoint_config, load_checkpoint
 from dydit.cli import main
 from dydit.factory import build_model
 from dydit.presets import get_model_config
-from dydit.train.checkpoint import export_weights
 from dydit.train.config import TrainConfig
+from dydit.train.state import export_weights
 
 TINY_OPTS = ["--model-option", "depth=1", "--model-option", "hidden_size=32", "--model-option", "num_heads=2"]
 

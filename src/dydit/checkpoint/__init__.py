@@ -27,6 +27,7 @@ from dydit.checkpoint.formats import (
     open_checkpoint,
     read_checkpoint,
 )
+from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.checkpoint.load import (
     build_loaded,
     load_dydit_checkpoint,
@@ -40,10 +41,12 @@ __all__ = [
     "FORMATS",
     "Checkpoint",
     "build_loaded",
+    "check_layout",
     "checkpoint_config",
     "config_from_object",
     "describe_checkpoint",
     "describe_mismatch",
+    "detect_router_layout",
     "file_sha256",
     "find_diffusers_dir",
     "fit_state_dict",
@@ -51,6 +54,7 @@ __all__ = [
     "has_routers",
     "load_checkpoint",
     "load_dydit_checkpoint",
+    "load_dydit_state_dict",
     "load_model",
     "model_config",
     "open_checkpoint",

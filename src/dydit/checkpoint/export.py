@@ -12,7 +12,7 @@ from torch import nn
 
 from dydit.checkpoint.diffusers import DIFFUSERS_FREQ_SHIFT, ROUTERS_FILE, write_diffusers
 from dydit.checkpoint.formats import open_checkpoint
-from dydit.checkpoint.load import build_loaded, model_config
+from dydit.checkpoint.load import load_model, model_config
 from dydit.presets import ModelConfig
 
 
@@ -59,7 +59,7 @@ def export_diffusers(
     """
     ckpt = open_checkpoint(source, weights)
     cfg = model_config(ckpt, model)
-    loaded = build_loaded(ckpt, cfg)
+    loaded = load_model(ckpt, cfg)
     path = write_diffusers(out, loaded.state_dict(), cfg)
     notes = []
     if cfg.dynamic:

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
+from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
-from dydit.models.dydit import DyDiT, check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.models.dydit import DyDiT
 from dydit.models.fitting import (
     ROUTER_KEY_MARKERS,
     fit_state_dict,
@@ -185,7 +186,7 @@ def build_loaded(ckpt: Checkpoint, cfg: ModelConfig) -> nn.Module:
 
 
 def load_model(
-    source: str | os.PathLike | Mapping[str, Any],
+    source: CheckpointSource,
     model: str | ModelConfig | None = None,
     *,
     weights: str = "ema",
@@ -194,8 +195,8 @@ def load_model(
     """Build the right DiT or DyDiT for any accepted checkpoint and load it strictly, in eval mode.
 
     Args:
-        source: a checkpoint file, a diffusers folder or an in-memory state dict; every format
-            of :func:`dydit.load_checkpoint`.
+        source: a checkpoint file, a diffusers folder or an in-memory state dict (every format
+            of :func:`dydit.load_checkpoint`), or a :class:`Checkpoint` already opened.
         model: a preset name where the file cannot say (``"SiT-XL/2"`` for a raw SiT state dict:
             shapes cannot tell SiT from DiT), or a full ModelConfig.
         weights: ``"ema"`` (default) or ``"model"`` entry of a training dict.
@@ -203,7 +204,7 @@ def load_model(
     Returns:
         A :class:`~dydit.models.dit.DiT` or :class:`~dydit.models.dydit.DyDiT` on the CPU.
     """
-    ckpt = open_checkpoint(source, weights)
+    ckpt = _as_checkpoint(source, weights)
     return build_loaded(ckpt, model_config(ckpt, model, **overrides))
 
 

@@ -87,3 +87,25 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "D
         help="weights: a .pt/.pth state dict or training dict (official DiT/DyDiT/SiT or dydit), "
         ".safetensors, or a diffusers DiT folder (see `dydit inspect`)",
     )
+
+
+def size_overrides(base, image_size: int | None, num_classes: int | None) -> dict[str, int]:
+    """ModelConfig overrides for ``--image-size`` and ``--num-classes`` on top of ``base``."""
+    overrides = {}
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if image_size is not None:
+        # Latent models (4 channels) see an 8x smaller latent; pixel models see the image itself.
+        latent = base.in_channels == 4
+        if latent and image_size % 8:
+            raise DyditError(f"image size {image_size} must be divisible by 8 for a latent model")
+        overrides["input_size"] = image_size // 8 if latent else image_size
+    return overrides
+
+
+def model_config_from_args(args: argparse.Namespace, default_model: str | None = None):
+    """The preset ``--model`` (else ``default_model``) with the options of :func:`add_model_options`."""
+    from dydit.presets import get_model_config
+
+    name = args.model or default_model
+    return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))

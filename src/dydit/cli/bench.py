@@ -30,8 +30,6 @@ def _str_list(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dydit.bench import DEFAULT_MODES, DTYPES, MODES
-
     p = sub.add_parser(
         "bench",
         help="time dense DiT, masked DyDiT and sliced DyDiT on the same weights and inputs",
@@ -40,6 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the speed-up and the efficiency (speed-up x rho). Routers come from a DyDiT checkpoint, or "
         "are calibrated to --rho for models without trained routers.",
     )
+    _add_model_options(p)
+    _add_mode_options(p)
+    _add_routing_options(p)
+    _add_timing_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=run)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What runs: weights, batch sizes, dtype, device."""
+    from dydit.apps.bench import DTYPES
+
     p.add_argument(
         "--model", default="DiT-S/2", help="model preset, e.g. DiT-S/2, DiT-XL/2 (default: DiT-S/2)"
     )
@@ -56,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype (default: float32)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+def _add_mode_options(p: argparse.ArgumentParser) -> None:
+    """Which execution modes are timed, and how they are compiled."""
+    from dydit.apps.bench import DEFAULT_MODES, MODES
+
     p.add_argument(
         "--modes",
         type=_str_list,
@@ -76,6 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="pad kept-token counts to a multiple of this (bounded shapes for static compile modes)",
     )
+
+
+def _add_routing_options(p: argparse.ArgumentParser) -> None:
+    """Router calibration for models without trained routers, and the timesteps planned."""
     p.add_argument(
         "--rho",
         type=unit_interval,
@@ -94,6 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=(999, 749, 499, 249),
         help="timesteps cycled through by the forward timing (default: 999,749,499,249)",
     )
+
+
+def _add_timing_options(p: argparse.ArgumentParser) -> None:
+    """How the timing is done: repeats, statistic, warm-up, the full-sampler timing, input size."""
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per mode (default: 5)")
     p.add_argument(
         "--stat",
@@ -121,6 +145,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="image size in pixels (latent = size/8 for 4-channel models; default: preset)",
     )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Threads, seed, output."""
     p.add_argument(
         "--threads", type=thread_count, default=None, help="CPU threads for torch (default: torch's)"
     )
@@ -129,11 +157,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
-    from dydit.bench import BenchConfig
+    from dydit.apps.bench import BenchConfig
     from dydit.presets import get_model_config
 
     modes = tuple(args.modes)
@@ -168,7 +195,8 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dydit.bench import PER_EVALUATION_NOTE, device_name, markdown_table, run_bench, write_json
+    from dydit.apps.bench import run_bench
+    from dydit.apps.bench_report import bench_report, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,13 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(cfg)
         return 0
     rows = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(
-        f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}; ms/forward = {cfg.stat} of "
-        f"{cfg.repeats} repeats"
-    )
-    print(markdown_table(rows))
-    print(f"\n{PER_EVALUATION_NOTE}")
+    print(bench_report(cfg, rows))
     if args.json:
         write_json(rows, args.json)
         print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``dydit demo``: the whole story on the embedded Fashion-MNIST default (see :mod:`dydit.demo`)."""
+"""``dydit demo``: the whole story on the embedded Fashion-MNIST default (see :mod:`dydit.apps.demo`)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from dataclasses import asdict
 
-    from dydit.demo import DemoConfig, run_demo, with_overrides
+    from dydit.apps.demo import DemoConfig, run_demo, with_overrides
 
     base = DemoConfig.smoke() if args.fast else DemoConfig()
     cfg = with_overrides(

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dydit.checkpoint import find_diffusers_dir
     from dydit.errors import DyditError
-    from dydit.train.checkpoint import export_state, state_path
+    from dydit.train.state import export_run, state_path
 
     src = Path(args.state)
     if args.to == "diffusers":
@@ -67,10 +67,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.model is not None:
         raise DyditError("--model applies to --to diffusers; a training state stores its config")
-    if src.is_dir():
-        src = state_path(src)
-    out = Path(args.out) if args.out else src.parent / f"{args.weights}.safetensors"
-    if out.suffix != ".safetensors":
-        raise DyditError(f"the export must be a .safetensors file, got {out}")
-    print(export_state(src, out, which=args.weights))
+    print(export_run(src, args.out, which=args.weights))
     return 0

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device, seed_int
+from dydit.cli._common import (
+    add_model_options,
+    model_config_from_args,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    seed_int,
+)
 from dydit.errors import DyditError
 
 DEFAULT_MODEL = "DiT-XL/2"
@@ -65,53 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def size_overrides(base, image_size: int | None, num_classes: int | None) -> dict[str, int]:
-    """ModelConfig overrides for ``--image-size`` and ``--num-classes`` on top of ``base``."""
-    overrides = {}
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    if image_size is not None:
-        # Latent models (4 channels) see an 8x smaller latent; pixel models see the image itself.
-        latent = base.in_channels == 4
-        if latent and image_size % 8:
-            raise DyditError(f"image size {image_size} must be divisible by 8 for a latent model")
-        overrides["input_size"] = image_size // 8 if latent else image_size
-    return overrides
-
-
-def model_config_from_args(args: argparse.Namespace):
-    from dydit.presets import get_model_config
-
-    name = args.model or DEFAULT_MODEL
-    return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))
-
-
-def static_table(cfg) -> dict[str, int]:
-    from dydit.flops.formulas import dit_macs_table
-
-    return dit_macs_table(
-        depth=cfg.depth,
-        width=cfg.hidden_size,
-        num_heads=cfg.num_heads,
-        patch_size=cfg.patch_size,
-        input_size=cfg.input_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        mlp_ratio=cfg.mlp_ratio,
-    )
-
-
-def print_static(title: str, cfg) -> None:
-    table = static_table(cfg)
-    total = sum(table.values())
-    print(f"{title}: input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens")
-    print("| component | GFLOPs | share |")
-    print("|---|---:|---:|")
-    for name, macs in table.items():
-        print(f"| {name} | {macs / 1e9:.4f} | {100 * macs / total:.2f}% |")
-    print(f"| **total** | **{total / 1e9:.2f}** | 100% |")
-
-
 def run(args: argparse.Namespace) -> int:
     dynamic_opts = [
         o
@@ -125,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         if dynamic_opts:
             raise DyditError(f"{', '.join(dynamic_opts)} describe a DyDiT checkpoint; pass --checkpoint")
-        print_static(args.model or DEFAULT_MODEL, model_config_from_args(args))
+        from dydit.evaluate.routing import static_flops_markdown
+
+        print(static_flops_markdown(args.model or DEFAULT_MODEL, model_config_from_args(args, DEFAULT_MODEL)))
         return 0
     if args.image_size is not None or args.num_classes is not None:
         raise DyditError(
@@ -133,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             "drop --image-size/--num-classes"
         )
 
-    from dydit.checkpoint import build_loaded, has_routers, model_config, open_checkpoint
+    from dydit.checkpoint import has_routers, load_model, model_config, open_checkpoint
+    from dydit.evaluate.routing import schedule_flops, schedule_flops_markdown, static_flops_markdown
     from dydit.presets import preset_name
 
     ckpt = open_checkpoint(args.checkpoint)
@@ -145,120 +108,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.checkpoint} is a plain DiT checkpoint (no router weights); "
                 f"{', '.join(dynamic_opts)} apply to DyDiT checkpoints only"
             )
-        print_static(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg)
+        print(static_flops_markdown(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg))
         return 0
-    model = build_loaded(ckpt, cfg)
-    rows = measure_schedule(model, args)
-    print_dynamic(model, rows, args)
-    return 0
-
-
-def measure_schedule(model, args: argparse.Namespace) -> list[dict]:
-    """Run a sampler on ``model`` and collect per-timestep MACs (attention, MLP) and keep rates."""
-    import torch
-
-    from dydit.diffusion import SAMPLERS, create_diffusion, guided
-    from dydit.diffusion.samplers import DEFAULT_STEPS
-    from dydit.flops.analytic import per_sample_macs
-    from dydit.flops.formulas import layer_costs
-
-    if args.sampler not in SAMPLERS:
-        raise DyditError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
-    cfg = model.config
-    cfg.require_ddpm("measuring FLOPs along a DDPM sampling trajectory")
-    if args.cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
-        raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
-    device = torch.device(resolve_device(args.device))
-    model.to(device).eval()
-    attn_cost, mlp_cost = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
-    seen: dict[int, list] = {}
-
-    def recording_model(x, t, y):
-        out, stats = model.forward_with_routing(x, t, y)
-        for tv in t.unique().tolist():  # the samplers use one timestep per call; be general anyway
-            rows = t == tv
-            h, g, k = stats.heads[rows], stats.groups[rows], stats.tokens[rows]
-            seen.setdefault(int(tv), []).append(
-                (per_sample_macs(h, g, k, attn_cost, 0), per_sample_macs(h, g, k, 0, mlp_cost), h, g, k)
-            )
-        return out
-
-    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.samples)]
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    y = torch.randint(cfg.num_classes, (args.samples,), generator=torch.Generator().manual_seed(args.seed))
-    fn = guided(recording_model, args.cfg_scale, null_class=cfg.num_classes)
-    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
-    with torch.no_grad():
-        SAMPLERS[args.sampler](
-            fn,
-            noise,
-            diffusion,
-            args.steps or DEFAULT_STEPS,
-            model_kwargs=dict(y=y.to(device)),
-            generators=gens,
-        )
-    rows = []
-    for t in sorted(seen, reverse=True):
-        parts = [torch.cat([p[i] for p in seen[t]]) for i in range(5)]
-        attn, mlp, h, g, k = parts
-        rows.append(
-            dict(
-                t=t,
-                attn=attn.double().mean().item(),
-                mlp=mlp.double().mean().item(),
-                heads=h.float().mean().item(),
-                groups=g.float().mean().item(),
-                tokens=k.float().mean().item(),
-            )
-        )
-    return rows
-
-
-def print_dynamic(model, rows: list[dict], args: argparse.Namespace) -> None:
-    from dydit.flops.formulas import linear_macs
-    from dydit.presets import preset_name
-
-    cfg = model.config
-    table = static_table(cfg)
-    dense = sum(table.values())
-    other = dense - table["attention"] - table["mlp"]
-    hidden = model.blocks[0].token_selection.mlp_head[0].out_features
-    # Token routers run on every token of every layer; width routers are precomputed per t (§7.3).
-    n_tok = cfg.num_tokens
-    router = cfg.depth * (linear_macs(n_tok, cfg.hidden_size, hidden) + linear_macs(n_tok, hidden, 1))
-    static_core = table["attention"] + table["mlp"]
+    model = load_model(ckpt, cfg)
+    settings = dict(sampler=args.sampler, samples=args.samples, cfg_scale=args.cfg_scale, seed=args.seed)
+    rows = schedule_flops(model, steps=args.steps, device=resolve_device(args.device), **settings)
     name = args.model or preset_name(cfg) or "DyDiT"
-    print(
-        f"{name} checkpoint {args.checkpoint}: router layout {cfg.router_layout}, "
-        f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens"
-    )
-    print(
-        f"token keep rates measured on the {args.sampler} trajectory: {len(rows)} timesteps, "
-        f"{args.samples} images, cfg scale {args.cfg_scale:g}, seed {args.seed}"
-    )
-    if args.per_timestep:
-        print("| timestep | heads on | groups on | tokens kept | GFLOPs | attn+MLP ratio |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for r in rows:
-            total = other + router + r["attn"] + r["mlp"]
-            rates = " | ".join(f"{100 * r[k]:.1f}%" for k in ("heads", "groups", "tokens"))
-            print(f"| {r['t']} | {rates} | {total / 1e9:.6g} | {(r['attn'] + r['mlp']) / static_core:.4f} |")
-    n = len(rows)
-    attn = sum(r["attn"] for r in rows) / n
-    mlp = sum(r["mlp"] for r in rows) / n
-    total = other + router + attn + mlp
-    print("| component (mean over the schedule) | GFLOPs | share |")
-    print("|---|---:|---:|")
-    for label, macs in (
-        ("embedders, adaLN, final layer", other),
-        ("attention", attn),
-        ("mlp", mlp),
-        ("token routers", router),
-    ):
-        print(f"| {label} | {macs / 1e9:.6g} | {100 * macs / total:.2f}% |")
-    print(f"| **total** | **{total / 1e9:.6g}** | 100% |")
-    print(
-        f"attn+MLP ratio {(attn + mlp) / static_core:.4f}; total {100 * total / dense:.2f}% of the dense "
-        f"model's {dense / 1e9:.6g} GFLOPs"
-    )
+    title = f"{name} checkpoint {args.checkpoint}"
+    print(schedule_flops_markdown(cfg, rows, title=title, per_timestep=args.per_timestep, **settings))
+    return 0

@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "else --model, else its training args, else the preset its shapes match) or, without a "
         "checkpoint, are the random initialisation of --model.",
     )
+    _add_model_group(p)
+    _add_sampling_group(p)
+    _add_output_group(p)
+    p.set_defaults(func=run)
+
+
+def _add_model_group(p: argparse.ArgumentParser) -> None:
+    """Weights, architecture, execution mode and VAE."""
     g = p.add_argument_group("model")
     add_model_options(g, default_model=None)
     g.add_argument(
@@ -67,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="AutoencoderKL (diffusers directory or hub id) that decodes a latent model's samples",
     )
 
+
+def _add_sampling_group(p: argparse.ArgumentParser) -> None:
+    """Sampler, steps, guidance, labels, seeds, batch and device."""
     g = p.add_argument_group("sampling")
     g.add_argument(
         "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm", help="sampler (default ddpm)"
@@ -112,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 
+
+def _add_output_group(p: argparse.ArgumentParser) -> None:
+    """The grid, per-image files, the .npz, raw samples."""
     g = p.add_argument_group("output")
     g.add_argument(
         "--grid",
@@ -138,12 +152,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
-    p.set_defaults(func=run)
 
 
 def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(ModelConfig, opened Checkpoint or None, description of the weights)."""
-    from dydit.cli.flops import model_config_from_args, size_overrides
+    from dydit.cli._common import model_config_from_args, size_overrides
 
     if args.checkpoint is None:
         if args.model is None:
@@ -158,10 +171,10 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _build_model(cfg: Any, ckpt: Any, execution: str | None) -> Any:
-    from dydit.checkpoint import build_loaded
+    from dydit.checkpoint import load_model
     from dydit.factory import build_model
 
-    model = build_model(cfg) if ckpt is None else build_loaded(ckpt, cfg)
+    model = build_model(cfg) if ckpt is None else load_model(ckpt, cfg)
     if execution is not None:
         if not model.config.dynamic:
             raise DyditError("--execution applies to DyDiT models only")
@@ -252,15 +265,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -> None:
     import numpy as np
-    import torch
 
     from dydit import distributed
     from dydit.data.codec import make_codec
     from dydit.sample import image_name, load_png, sample_images, sample_to_dir, save_grid
+    from dydit.train import configure_torch
 
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # as DiT's sampling scripts
-        torch.backends.cudnn.allow_tf32 = True
+        configure_torch(tf32=True)  # as DiT's sampling scripts
     model = _build_model(cfg, ckpt, args.execution).to(device)
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dydit.cli._common import non_negative_float, positive_int
-from dydit.errors import DyditError
+
+if TYPE_CHECKING:
+    from dydit.train.config import TrainConfig
 
 
 def _model_option(text: str) -> tuple[str, Any]:
@@ -38,9 +40,19 @@ def _decay(text: str) -> float:
 
 def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     """The options shared by ``train`` and ``finetune``; defaults come from TrainConfig."""
-    from dydit.train.config import GRAD_GUARDS, TrainConfig
+    from dydit.train.config import TrainConfig
 
     d = TrainConfig()
+    _add_model_group(p, d, finetune=finetune)
+    _add_data_group(p, d)
+    _add_optimisation_group(p, d, finetune=finetune)
+    if finetune:
+        _add_finetune_group(p, d)
+    _add_run_group(p, d)
+
+
+def _add_model_group(p: argparse.ArgumentParser, d: TrainConfig, *, finetune: bool) -> None:
+    """Preset, config overrides and initial weights."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -63,6 +75,9 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         + ("; a DiT checkpoint gets fresh routers" if finetune else ""),
     )  # fmt: skip
 
+
+def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Dataset, image size, augmentation, loader and latent cache."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", default=d.data,
@@ -87,6 +102,11 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         help="encode --data with --vae into a latent cache in DIR once (one process), then train on it",
     )  # fmt: skip
     g.add_argument("--vae", default=None, help="AutoencoderKL for --cache-latents: a local path or hub id")
+
+
+def _add_optimisation_group(p: argparse.ArgumentParser, d: TrainConfig, *, finetune: bool) -> None:
+    """AdamW, the gradient guard, EMA and the seed."""
+    from dydit.train.config import GRAD_GUARDS
 
     g = p.add_argument_group("optimisation")
     g.add_argument(
@@ -125,47 +145,52 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         "--seed", type=_non_negative_int, default=d.seed, help="run seed (data order, noise, init)"
     )
 
-    if finetune:
-        from dydit.cli._common import unit_interval
 
-        g = p.add_argument_group("DyDiT fine-tuning (METHOD.md §5)")
-        g.add_argument("--target", type=unit_interval, required=True, help="FLOPs target lambda in (0, 1]")
-        g.add_argument(
-            "--target-warmup-steps", type=_non_negative_int, default=d.target_warmup_steps,
-            help="lambda_t decays linearly from 1 to the target until this step",
-        )  # fmt: skip
-        g.add_argument(
-            "--target-hold-steps", type=_non_negative_int, default=d.target_hold_steps,
-            help="lambda_t stays 1 for this many steps",
-        )  # fmt: skip
-        g.add_argument(
-            "--complete-steps", type=_non_negative_int, default=d.complete_steps,
-            help="add the complete-model loss for this many steps (30000 for DiT-XL in the paper)",
-        )  # fmt: skip
-        g.add_argument(
-            "--flops-weight", type=non_negative_float, default=d.flops_weight, help="weight of the FLOPs loss"
-        )
-        g.add_argument(
-            "--stratified-t", action=argparse.BooleanOptionalAction, default=True,
-            help="stratified timesteps: sample i draws t from quarter i mod 4 of [0, 1000)",
-        )  # fmt: skip
-        g.add_argument(
-            "--reorder",
-            action="store_true",
-            help="sort each block's heads and MLP groups by weight-norm importance before fine-tuning "
-            "(function-preserving; the always-on index 0 becomes the most important unit)",
-        )
-        g.add_argument(
-            "--distill-weight", type=non_negative_float, default=d.distill_weight,
-            help="weight of a distillation loss: mean squared difference between the DyDiT's output "
-            "(all channels: eps and variance) and a frozen dense teacher's on the same x_t, t, y; "
-            "costs one teacher forward per step (not in the paper; default 0 = off)",
-        )  # fmt: skip
-        g.add_argument(
-            "--distill-from", default=None, metavar="CKPT",
-            help="the teacher's weights (default: --init-from, the dense base)",
-        )  # fmt: skip
+def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The FLOPs target, its schedule and the extra losses of DyDiT fine-tuning."""
+    from dydit.cli._common import unit_interval
 
+    g = p.add_argument_group("DyDiT fine-tuning (METHOD.md §5)")
+    g.add_argument("--target", type=unit_interval, required=True, help="FLOPs target lambda in (0, 1]")
+    g.add_argument(
+        "--target-warmup-steps", type=_non_negative_int, default=d.target_warmup_steps,
+        help="lambda_t decays linearly from 1 to the target until this step",
+    )  # fmt: skip
+    g.add_argument(
+        "--target-hold-steps", type=_non_negative_int, default=d.target_hold_steps,
+        help="lambda_t stays 1 for this many steps",
+    )  # fmt: skip
+    g.add_argument(
+        "--complete-steps", type=_non_negative_int, default=d.complete_steps,
+        help="add the complete-model loss for this many steps (30000 for DiT-XL in the paper)",
+    )  # fmt: skip
+    g.add_argument(
+        "--flops-weight", type=non_negative_float, default=d.flops_weight, help="weight of the FLOPs loss"
+    )
+    g.add_argument(
+        "--stratified-t", action=argparse.BooleanOptionalAction, default=True,
+        help="stratified timesteps: sample i draws t from quarter i mod 4 of [0, 1000)",
+    )  # fmt: skip
+    g.add_argument(
+        "--reorder",
+        action="store_true",
+        help="sort each block's heads and MLP groups by weight-norm importance before fine-tuning "
+        "(function-preserving; the always-on index 0 becomes the most important unit)",
+    )
+    g.add_argument(
+        "--distill-weight", type=non_negative_float, default=d.distill_weight,
+        help="weight of a distillation loss: mean squared difference between the DyDiT's output "
+        "(all channels: eps and variance) and a frozen dense teacher's on the same x_t, t, y; "
+        "costs one teacher forward per step (not in the paper; default 0 = off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--distill-from", default=None, metavar="CKPT",
+        help="the teacher's weights (default: --init-from, the dense base)",
+    )  # fmt: skip
+
+
+def _add_run_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Run directory, checkpoints, logging, device and numerics."""
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=d.out_dir, help="run directory; rerunning with it resumes")
     g.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every, help="steps between checkpoints")
@@ -253,40 +278,18 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 
 def cache_latents(args: argparse.Namespace) -> None:
     """Encode ``--data`` into ``--cache-latents`` with ``--vae`` unless a complete cache is there."""
-    import functools
-    import os
-    from pathlib import Path
-
-    import torch
-
-    from dydit.data.latents import META_FILE
-
-    if (Path(args.cache_latents) / META_FILE).exists():
-        return
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise DyditError(f"no latent cache in {args.cache_latents} yet: build it once without torchrun")
-    if not args.vae:
-        raise DyditError(
-            "--cache-latents needs --vae (a local AutoencoderKL path or hub id) to build the cache"
-        )
     from dydit.cli._common import resolve_device
-    from dydit.data import make_dataset
-    from dydit.data.codec import make_codec
-    from dydit.data.latents import encode_dataset
+    from dydit.data.latents import build_latent_cache
 
-    device = resolve_device(args.device)
-    dataset = make_dataset(args.data, args.image_size, args.fit)
-    codec = make_codec(args.vae, device=device)
-    flip = dataset.info.flip if args.flip is None else args.flip
-    generator = torch.Generator(device).manual_seed(args.seed)  # posterior samples, reproducibly
-    encode = functools.partial(codec.encode, generator=generator)
-    encode_dataset(
-        dataset,
-        encode,
+    build_latent_cache(
+        args.data,
         args.cache_latents,
-        codec=args.vae,
-        flip=flip,
-        device=device,
+        vae=args.vae,
+        image_size=args.image_size,
+        fit=args.fit,
+        flip=args.flip,
+        seed=args.seed,
+        device=resolve_device(args.device),
         progress=not args.no_progress,
     )
 
@@ -297,7 +300,7 @@ def execute(args: argparse.Namespace, *, finetune: bool) -> int:
         print(cfg.to_json())
         return 0
     from dydit import distributed
-    from dydit.train.loop import configure_torch, train
+    from dydit.train import configure_torch, train
 
     configure_torch(tf32=not args.no_tf32)
     if args.cache_latents:

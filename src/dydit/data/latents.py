@@ -225,3 +225,49 @@ class LatentDataset(ImageDataset):
         state = dict(self.__dict__)
         state["_handles"] = {}  # file handles do not cross process boundaries
         return state
+
+
+def build_latent_cache(
+    data: str,
+    cache_dir: str | os.PathLike,
+    *,
+    vae: str | None,
+    image_size: int | None = None,
+    fit: str = "pad",
+    flip: bool | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Encode the dataset ``data`` with the AutoencoderKL ``vae`` into ``cache_dir``, once.
+
+    A complete cache already there is kept as it is (rerunning a training command reuses it). The
+    cache is built by one process: under torchrun, build it first without torchrun. Posterior
+    samples are drawn from a generator seeded with ``seed``, so a rebuilt cache is the same.
+
+    Args:
+        data: a dataset spec of :func:`dydit.data.make_dataset` (``fashion-mnist``, ``folder:PATH``).
+        vae: a local AutoencoderKL path or hub id (required to build a cache).
+        image_size, fit: how images reach the VAE's input size.
+        flip: also cache the latents of mirrored images (default: the dataset's own setting).
+    Returns: the cache directory.
+    """
+    import functools
+
+    from dydit.data import make_dataset
+    from dydit.data.codec import make_codec
+
+    if (Path(cache_dir) / META_FILE).exists():
+        return Path(cache_dir)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise DyditError(f"no latent cache in {cache_dir} yet: build it once without torchrun")
+    if not vae:
+        raise DyditError(
+            "--cache-latents needs --vae (a local AutoencoderKL path or hub id) to build the cache"
+        )
+    dataset = make_dataset(data, image_size, fit)
+    codec = make_codec(vae, device=device)
+    flip = dataset.info.flip if flip is None else flip
+    generator = torch.Generator(device).manual_seed(seed)  # posterior samples, reproducibly
+    encode = functools.partial(codec.encode, generator=generator)
+    return encode_dataset(dataset, encode, cache_dir, codec=vae, flip=flip, device=device, progress=progress)

@@ -8,7 +8,12 @@ call into this module without a reverse import.
 
 from __future__ import annotations
 
-from dydit.constants import TIMESTEP_FREQ_DIM
+from typing import TYPE_CHECKING
+
+from dydit.constants import TIMESTEP_FREQ_DIM, TOKEN_ROUTER_REDUCTION
+
+if TYPE_CHECKING:
+    from dydit.presets import ModelConfig
 
 
 def linear_macs(tokens: int, d_in: int, d_out: int) -> int:
@@ -41,6 +46,12 @@ def mlp_macs(
     return linear_macs(tokens, width, h_active) + linear_macs(tokens, h_active, width)
 
 
+def token_router_macs(tokens: int, width: int, reduction: int = TOKEN_ROUTER_REDUCTION) -> int:
+    """One SDT token router on ``tokens`` rows: Linear(D, D/r) then Linear(D/r, 1) (METHOD.md §4.1)."""
+    hidden = max(1, width // reduction)
+    return linear_macs(tokens, width, hidden) + linear_macs(tokens, hidden, 1)
+
+
 def layer_costs(tokens: int, width: int, mlp_ratio: float = 4.0) -> tuple[int, int]:
     """Per-layer static costs (A, M) of attention and MLP: the constants of the FLOPs loss (§5.3)."""
     return attention_macs(tokens, width), mlp_macs(tokens, width, int(width * mlp_ratio))
@@ -71,3 +82,17 @@ def dit_macs_table(
         "mlp": depth * mlp,
         "final_layer": linear_macs(1, width, 2 * width) + linear_macs(n, width, patch_size**2 * out_channels),
     }
+
+
+def config_macs_table(cfg: ModelConfig) -> dict[str, int]:
+    """:func:`dit_macs_table` of a model config: the static cost of its complete (dense) forward."""
+    return dit_macs_table(
+        depth=cfg.depth,
+        width=cfg.hidden_size,
+        num_heads=cfg.num_heads,
+        patch_size=cfg.patch_size,
+        input_size=cfg.input_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        mlp_ratio=cfg.mlp_ratio,
+    )

@@ -18,7 +18,7 @@ loss needs come from :meth:`DyDiT.forward_with_routing`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dydit.constants import LAYERNORM_EPS, TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
-from dydit.errors import CheckpointError, DyditError
+from dydit.errors import DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
 from dydit.models.dit import DiT, DiTBlock
@@ -261,58 +261,3 @@ def execution(model: DyDiT, mode: str) -> Iterator[DyDiT]:
         yield model
     finally:
         model.execution = previous
-
-
-# Checkpoints (METHOD.md §12) ---------------------------------------------------------------
-def detect_router_layout(sd: Mapping[str, Tensor], num_heads: int) -> str | None:
-    """Router layout of a state dict from its width-router shapes; None when it has no width routers.
-
-    H - 1 outputs: ``"forced_first"`` (current release); H outputs: ``"all"`` (Dec-2024 release).
-    """
-    suffixes = ("attn_rate.router.weight", "mlp_rate.router.weight")
-    outputs = {v.shape[0] for k, v in sd.items() if k.endswith(suffixes)}
-    if not outputs:
-        return None
-    if len(outputs) > 1:
-        raise CheckpointError(f"width routers disagree on their output count: {sorted(outputs)}")
-    k = outputs.pop()
-    if k == num_heads - 1:
-        return "forced_first"
-    if k == num_heads:
-        return "all"
-    raise CheckpointError(
-        f"width routers have {k} outputs, which fits neither layout for {num_heads} heads "
-        f"(forced_first: {num_heads - 1}, all: {num_heads}); is the checkpoint for another model size?"
-    )
-
-
-def check_layout(requested: str | None, detected: str | None) -> None:
-    """Raise CheckpointError when a requested router layout contradicts the checkpoint's."""
-    if requested is not None and detected is not None and requested != detected:
-        raise CheckpointError(
-            f"router layout {requested!r} was requested, but the checkpoint's width routers have "
-            f"{'H-1' if detected == 'forced_first' else 'H'} outputs (layout {detected!r})"
-        )
-
-
-def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | None = None) -> list[str]:
-    """Load ``sd`` (a DyDiT or a plain DiT state dict) into ``model`` strictly.
-
-    A plain DiT state dict may lack exactly the router keys, which keep their initialisation; the
-    keys left initialised are returned (empty for a DyDiT checkpoint). ``layout`` forces a router
-    layout and must agree with the checkpoint. Any other mismatch raises CheckpointError.
-    """
-    sd = dict(sd)
-    try:
-        detected = detect_router_layout(sd, model.config.num_heads)
-    except CheckpointError:
-        fit_state_dict(model, sd)  # reports every mismatch and names the model the file looks like
-        raise
-    check_layout(layout, detected)
-    wanted = detected or layout
-    if wanted is not None and wanted != model.router_layout:
-        raise CheckpointError(
-            f"the model uses router layout {model.router_layout!r} but the checkpoint needs {wanted!r}; "
-            f"build the model with router_layout={wanted!r}"
-        )
-    return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if detected is None else ())

@@ -35,7 +35,7 @@ from dydit.io import locked_dir
 from dydit.log import RunLogger, get_logger, report, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
 from dydit.presets import ModelConfig
-from dydit.train import checkpoint as ckpt
+from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
 from dydit.train.ema import create_ema, ema_decay, update_ema
 from dydit.train.step import (

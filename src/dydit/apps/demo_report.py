@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dydit.bench import device_name
+from dydit.apps.bench import device_name
 
 # The goals of the demo (issue 7): what report.md checks the measurements against.
 RHO_BAND = (0.45, 0.55)

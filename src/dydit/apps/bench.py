@@ -15,8 +15,6 @@ random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a targ
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
 import statistics
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint import build_loaded, has_routers, model_config, open_checkpoint
+from dydit.checkpoint import has_routers, load_model, open_checkpoint
 from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
 from dydit.factory import create_model
@@ -148,7 +146,7 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:
             ckpt = open_checkpoint(cfg.checkpoint)
-            dy, trained = build_loaded(ckpt, model_config(ckpt, dynamic=True)), has_routers(ckpt.state_dict)
+            dy, trained = load_model(ckpt, dynamic=True), has_routers(ckpt.state_dict)
             dit = DiT(dy.config.replace(dynamic=False))
             own = dit.state_dict()
             dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})
@@ -380,38 +378,3 @@ def _add_speedups(rows: list[BenchRow]) -> None:
                 r.efficiency = r.speedup * r.flops_ratio
             if eager is not None:
                 r.speedup_vs_eager_dense = eager.ms_per_forward / r.ms_per_forward
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
-# What a per-forward speed-up does and does not claim (printed under every table).
-PER_EVALUATION_NOTE = (
-    "Speed-ups are per network evaluation, at the same number of sampler steps. A DyDiT sampling N "
-    "steps at ratio rho costs about what the dense DiT costs at round(rho*N) steps; whether it is worth "
-    "it depends on the quality at that equal compute (benchmarks/frontier.py measures it)."
-)
-
-
-def markdown_table(rows: list[BenchRow]) -> str:
-    """The rows as a Markdown table (forward rows first, then sampler rows)."""
-    lines = [
-        "| measurement | mode | batch | rows | dtype | ms/forward | s/image | ρ | speed-up "
-        "| vs eager dense | efficiency |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in sorted(rows, key=lambda r: (r.measurement != "forward", r.batch, MODES.index(r.mode))):
-        label = r.measurement if r.steps is None else f"sampler ({r.steps} steps)"
-        lines.append(
-            f"| {label} | {r.mode} | {r.batch} | {r.rows} | {r.dtype} | {r.ms_per_forward:.1f} | "
-            f"{_fmt(r.s_per_image, '.3f')} | {r.flops_ratio:.3f} | {_fmt(r.speedup, '.2f')}x | "
-            f"{_fmt(r.speedup_vs_eager_dense, '.2f')}x | {_fmt(r.efficiency, '.2f')} |"
-        )
-    return "\n".join(lines)
-
-
-def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
-    """One JSON object per measurement, in a list."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")

@@ -141,6 +141,20 @@ def export_state(state_file: str | os.PathLike, out: str | os.PathLike, which: s
     return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def export_run(source: str | os.PathLike, out: str | os.PathLike | None = None, which: str = "ema") -> Path:
+    """:func:`export_state` of a state file or a run directory (its ``checkpoints/state.pt``).
+
+    ``out`` defaults to ``<which>.safetensors`` next to the state file and must be a ``.safetensors``.
+    """
+    src = Path(source)
+    if src.is_dir():
+        src = state_path(src)
+    target = Path(out) if out else src.parent / f"{which}.safetensors"
+    if target.suffix != ".safetensors":
+        raise DyditError(f"the export must be a .safetensors file, got {target}")
+    return export_state(src, target, which=which)
+
+
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
     """Atomically write the resolved run config as ``config.json``."""
     text = json.dumps(config, indent=2) + "\n"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dydit.checkpoint import build_loaded, load_dydit_checkpoint, open_checkpoint, read_checkpoint
+from dydit.checkpoint import has_routers, load_dydit_checkpoint, load_model, open_checkpoint, read_checkpoint
 from dydit.data.fashion_mnist import CLASS_NAMES
 from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
@@ -39,9 +39,9 @@ from dydit.io import locked_dir
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
 
-_log = logging.getLogger("dydit.demo")
+_log = logging.getLogger("dydit.apps.demo")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BASE_CHECKPOINT = ASSETS / "dit-ti4-fmnist.safetensors"
 # The best DyDiT fine-tune of that base at λ = 0.5 (assets/README.md has its command and log).
 SHIPPED_DYDIT = ASSETS / "dydit-ti4-fmnist-0.5.safetensors"
@@ -124,12 +124,13 @@ class ModelResult:
 
 
 def load_dit(path: Path, device: str) -> torch.nn.Module:
+    """A plain DiT export (a file that stores its config), in eval mode on ``device``."""
     ckpt = open_checkpoint(path)
     if ckpt.config is None:
         raise DyditError(f"{path} carries no model config; export it with `dydit export` or `dydit train`")
-    if ckpt.config.dynamic:
+    if ckpt.config.dynamic or has_routers(ckpt.state_dict):
         raise DyditError(f"{path} is a DyDiT checkpoint; the demo starts from a plain DiT")
-    return build_loaded(ckpt, ckpt.config).to(device).eval()
+    return load_model(ckpt).to(device).eval()
 
 
 def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Path:
@@ -215,26 +216,6 @@ def measure(name: str, model: torch.nn.Module, cfg: DemoConfig, npz: Path) -> Mo
     return result
 
 
-def _routing_profile(model: DyDiT, cfg: DemoConfig, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Per sampling timestep: width plan and token-keep masks measured on real (masked) forwards."""
-    n = min(16, len(images))
-    x0 = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(cfg.device)
-    y = torch.from_numpy(labels[:n]).long().to(cfg.device)
-    diffusion = create_diffusion()
-    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(diffusion.num_timesteps)
-    ts = sorted({int(t) for t in ts}, reverse=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    tokens = []
-    with torch.no_grad():
-        for t in ts:
-            tt = torch.full((n,), t, dtype=torch.long, device=cfg.device)
-            noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
-            _, stats = model.forward_with_routing(diffusion.q_sample(x0, tt, noise), tt, y)
-            tokens.append(stats.tokens.float().cpu())  # (n, L, N)
-    plan = model.width_plan(torch.tensor(ts))
-    return {"plan": plan, "tokens": torch.stack(tokens), "timesteps": ts, "n": n}  # tokens (T, n, L, N)
-
-
 def evaluate_samples(npz: Path, cfg: DemoConfig) -> dict[str, float]:
     from dydit.evaluate.run import evaluate
 
@@ -257,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> Path:
-    from dydit.demo_report import machine_description, report_markdown, results_dict
+    from dydit.apps.demo_report import machine_description, report_markdown, results_dict
     from dydit.evaluate.images import write_npz
 
     t_start = time.perf_counter()
@@ -343,11 +324,13 @@ def draw_pictures(
     model: DyDiT, cfg: DemoConfig, img_dit: np.ndarray, img_dyn: np.ndarray, labels: np.ndarray, out: Path
 ) -> None:
     """Sample grids of both models, the per-step FLOPs profile, the router map, token-keep overlays."""
+    from dydit.evaluate.routing import routing_profile
     from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
 
     mc = model.config
+    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(create_diffusion().num_timesteps)
     with execution(model, "masked"):
-        profile = _routing_profile(model, cfg, img_dyn, labels)
+        profile = routing_profile(model, img_dyn, labels, ts, seed=cfg.seed, device=cfg.device)
     per_class = min(8, max(1, cfg.num_samples // mc.num_classes))
     pick = np.concatenate([np.where(labels == c)[0][:per_class] for c in range(mc.num_classes)])
     names = list(CLASS_NAMES) if mc.num_classes == len(CLASS_NAMES) else None
@@ -355,12 +338,12 @@ def draw_pictures(
         sample_grid(images[pick], labels[pick], class_names=names, ncols=per_class * 2 if per_class < 5
                     else per_class, title=tag, path=out / f"grid_{tag}.png")  # fmt: skip
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
-    flops_profile(profile["plan"], profile["tokens"], costs=costs, title="DyDiT compute per sampling step",
+    flops_profile(profile.plan, profile.tokens, costs=costs, title="DyDiT compute per sampling step",
                   path=out / "flops_profile.png")  # fmt: skip
-    router_heatmap(profile["plan"], title="active heads / MLP groups per layer", path=out / "router_map.png")
-    mid = len(profile["timesteps"]) // 2
-    token_keep_overlay(img_dyn[: profile["n"]], profile["tokens"][mid], labels[: profile["n"]],
-                       class_names=names, title=f"tokens kept by SDT at t={profile['timesteps'][mid]}",
+    router_heatmap(profile.plan, title="active heads / MLP groups per layer", path=out / "router_map.png")
+    mid = len(profile.timesteps) // 2
+    token_keep_overlay(img_dyn[: profile.n], profile.tokens[mid], labels[: profile.n],
+                       class_names=names, title=f"tokens kept by SDT at t={profile.timesteps[mid]}",
                        path=out / "token_keep.png")  # fmt: skip
 
 

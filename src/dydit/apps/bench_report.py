@@ -1,0 +1,57 @@
+"""What ``dydit bench`` prints and writes: the Markdown table of :class:`~dydit.apps.bench.BenchRow`
+measurements with its header and caveat, and the JSON rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dydit.apps.bench import MODES, BenchConfig, BenchRow, device_name
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+# What a per-forward speed-up does and does not claim (printed under every table).
+PER_EVALUATION_NOTE = (
+    "Speed-ups are per network evaluation, at the same number of sampler steps. A DyDiT sampling N "
+    "steps at ratio rho costs about what the dense DiT costs at round(rho*N) steps; whether it is worth "
+    "it depends on the quality at that equal compute (benchmarks/frontier.py measures it)."
+)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    """The rows as a Markdown table (forward rows first, then sampler rows)."""
+    lines = [
+        "| measurement | mode | batch | rows | dtype | ms/forward | s/image | ρ | speed-up "
+        "| vs eager dense | efficiency |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.measurement != "forward", r.batch, MODES.index(r.mode))):
+        label = r.measurement if r.steps is None else f"sampler ({r.steps} steps)"
+        lines.append(
+            f"| {label} | {r.mode} | {r.batch} | {r.rows} | {r.dtype} | {r.ms_per_forward:.1f} | "
+            f"{_fmt(r.s_per_image, '.3f')} | {r.flops_ratio:.3f} | {_fmt(r.speedup, '.2f')}x | "
+            f"{_fmt(r.speedup_vs_eager_dense, '.2f')}x | {_fmt(r.efficiency, '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
+    """One JSON object per measurement, in a list."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+
+
+def bench_report(cfg: BenchConfig, rows: list[BenchRow]) -> str:
+    """The header line (model, machine, settings), the table and :data:`PER_EVALUATION_NOTE`."""
+    header = (
+        f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}; ms/forward = {cfg.stat} of "
+        f"{cfg.repeats} repeats"
+    )
+    return f"{header}\n{markdown_table(rows)}\n\n{PER_EVALUATION_NOTE}"
