@@ -24,9 +24,9 @@ import torch
 
 from dydit.checkpoint import load_dydit_checkpoint, load_model
 from dydit.demo import BASE_CHECKPOINT
-from dydit.demo_report import machine_description
 from dydit.diffusion import create_diffusion
 from dydit.flops.formulas import layer_costs
+from dydit.log import machine_description
 from dydit.train.step import TrainForward, compute_loss
 
 

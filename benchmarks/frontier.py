@@ -48,7 +48,8 @@ from dydit.demo import (
     load_sliced_dydit,
     measure,
 )
-from dydit.demo_report import machine_description
+from dydit.log import format_number as _fmt
+from dydit.log import machine_description
 
 _log = logging.getLogger("frontier")
 
@@ -247,10 +248,6 @@ def render(result: dict, out: Path) -> None:
     print(table)
 
 
-def _fmt(v, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def _markdown(points: list[dict], result: dict) -> str:
     lines = [
         f"Machine: {result.get('machine', '?')}, torch {result.get('torch', '?')}.",
@@ -263,7 +260,10 @@ def _markdown(points: list[dict], result: dict) -> str:
     for p in sorted(points, key=lambda p: (order[p["kind"]], p["label"], p["steps"])):
         eq = "–"
         if p["kind"] != "dense":
-            dense_fid, frontier = _fmt(p.get("dense_fid"), ".1f"), _fmt(p.get("frontier_fid"), ".1f")
+            dense_fid, frontier = (
+                _fmt(p.get("dense_fid"), ".1f"),
+                _fmt(p.get("frontier_fid"), ".1f"),
+            )
             eq = f"{p.get('dense_steps', '–')}, {dense_fid} ({frontier})"
         lines.append(
             f"| {p['label']} | {p['steps']} | {p['macs_per_image'] / 1e9:.3f} | "

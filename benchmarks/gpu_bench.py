@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dydit.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.seeds import parse_seed
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
 # (name, what to run, rough H100 seconds) for DiT-XL/2, bf16. The models, and the compiled graphs,
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default: 5)")
     p.add_argument("--budget", type=float, default=270.0, help="seconds; later phases are skipped past it")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed (default: 0)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)

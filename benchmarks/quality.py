@@ -39,7 +39,7 @@ from dydit.demo import (
     load_sliced_dydit,
     measure,
 )
-from dydit.demo_report import machine_description
+from dydit.log import machine_description
 
 
 def parse() -> argparse.Namespace:

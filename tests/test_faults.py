@@ -136,25 +136,23 @@ s.save_png = save_png
 """
 
 KILL_MID_PNG = """
-import io, os, signal
-import dydit.sample as s
-real_write = s._atomic_write
+import os, signal
+import dydit.sample_io as s
+real_write = s.atomic_write
 count = [0]
-def atomic_write(path, write):
+def atomic_write(path, write, **kw):
     if path.suffix == ".png":
         count[0] += 1
         if count[0] == {kill_at}:
-            buf = io.BytesIO()
-            write(buf)
-            data = buf.getvalue()
-            def half(f):
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
+            def half(tmp):
+                write(tmp)
+                with open(tmp, "r+b") as f:
+                    f.truncate(os.path.getsize(tmp) // 2)
+                    os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_write(path, half)
-    return real_write(path, write)
-s._atomic_write = atomic_write
+            return real_write(path, half, **kw)
+    return real_write(path, write, **kw)
+s.atomic_write = atomic_write
 """
 
 

@@ -257,8 +257,9 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> Path:
-    from dydit.demo_report import machine_description, report_markdown, results_dict
+    from dydit.demo_report import report_markdown, results_dict
     from dydit.evaluate.images import write_npz
+    from dydit.log import machine_description
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

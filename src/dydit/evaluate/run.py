@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dydit.errors import DyditError
@@ -134,7 +135,6 @@ def evaluate(
         progress=progress,
         desc=f"samples {gen_set.name}",
     )
-    n_gen = gen[0].count
 
     if inception_net is not None:
         inc_limit = (
@@ -148,22 +148,34 @@ def evaluate(
         ref_set = open_image_set(reference, ref_limit, size)
         if ref_set.images is None:
             raise DyditError(f"{reference}: the classifier metrics need reference images ('arr_0')")
-        ref = reference_features(
-            ref_set.images,
-            [classifier_net],
-            cache_dir=ref_cache,
-            batch_size=max(batch_size, 500),
-            progress=progress,
-        )[0]
-        out = gen[-1]
-        report.add(
-            f"FD-{CLASSIFIER_NAME}", frechet_distance(out.stats["pool"], ref.stats["pool"]), n_gen, ref.count
+        _classifier_metrics(
+            report, classifier_net, gen[-1], gen_images.labels, ref_set, ref_cache, batch_size, progress
         )
-        report.add(f"IS-{CLASSIFIER_NAME}", inception_score(softmax_np(out.logits)), n_gen)
-        if gen_images.labels is not None:
-            report.add(f"accuracy-{CLASSIFIER_NAME}", label_accuracy(out.logits, gen_images.labels), n_gen)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _classifier_metrics(
+    report: EvalReport,
+    net: FeatureNet,
+    out: Extracted,
+    labels: np.ndarray | None,
+    ref_set: ImageSet,
+    ref_cache: Path | None,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """FD, IS and label accuracy under the Fashion-MNIST classifier (``out``: the samples' features)."""
+    ref = reference_features(
+        ref_set.images, [net], cache_dir=ref_cache, batch_size=max(batch_size, 500), progress=progress
+    )[0]
+    n_gen = out.count
+    report.add(
+        f"FD-{CLASSIFIER_NAME}", frechet_distance(out.stats["pool"], ref.stats["pool"]), n_gen, ref.count
+    )
+    report.add(f"IS-{CLASSIFIER_NAME}", inception_score(softmax_np(out.logits)), n_gen)
+    if labels is not None:
+        report.add(f"accuracy-{CLASSIFIER_NAME}", label_accuracy(out.logits, labels), n_gen)
 
 
 def _inception_metrics(
