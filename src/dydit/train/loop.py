@@ -35,6 +35,7 @@ from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
 from dydit.io import locked_dir
 from dydit.log import RunLogger, report
+from dydit.models.dydit import RoutingStats
 from dydit.train import checkpoint as ckpt
 from dydit.train.config import TrainConfig
 from dydit.train.ema import ema_decay, update_ema
@@ -211,7 +212,7 @@ class _LogWindow:
         grad_norm: float,
         stepped: bool,
         lambda_t: float | None,
-        routing: Any,
+        routing: RoutingStats | None,
         t: torch.Tensor,
     ) -> None:
         for k, v in means.items():
