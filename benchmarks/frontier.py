@@ -48,6 +48,7 @@ from dydit.demo import (
     load_sliced_dydit,
     measure,
 )
+from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 **key, kind=kind, macs_per_image=r.macs_attn_mlp / r.images,
                 seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **r.metrics,
             ))  # fmt: skip
-            store.write_text(json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
+            save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
     (out / "samples").mkdir(exist_ok=True)
     run("DiT (dense)", "dense", lambda: load_dit(base, args.device), args.dense_steps)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
             checkpoint=path)  # fmt: skip
     result["config"] = asdict(cfg)
-    store.write_text(json.dumps(result, indent=2) + "\n")
+    save_text(store, json.dumps(result, indent=2) + "\n")
     render(result, out)
 
 
@@ -191,7 +192,7 @@ def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
             seconds_per_image=r.seconds_per_image, timing=f"re-timed together {time.strftime('%Y-%m-%d')}"
         )
     result["retimed"] = machine_description(cfg.device)
-    store.write_text(json.dumps(result, indent=2) + "\n")
+    save_text(store, json.dumps(result, indent=2) + "\n")
 
 
 def _slug(label: str) -> str:
@@ -240,7 +241,7 @@ def render(result: dict, out: Path) -> None:
         if p["kind"] != "dense":
             p.update(equal_compute(p, points))
     table = _markdown(points, result)
-    (out / "frontier.md").write_text(table)
+    save_text(out / "frontier.md", table)
     _plot(points, "macs_per_image", 1e-9, "attention + MLP GMACs per image (whole sampling run)",
           out / "frontier_macs.png")  # fmt: skip
     _plot(points, "seconds_per_image", 1e3, "sampling ms per image (same process, same machine)",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dydit.bench import Bench, BenchConfig, device_name, markdown_table
+from dydit.io import save_text
 from dydit.seeds import parse_seed
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     env = environment(base.device)
-    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    save_text(out / "env.json", json.dumps(env, indent=1) + "\n")
     rows: list[dict] = []
     md = [
         f"# DyDiT inference speed: {base.model}, {base.dtype}, CFG {base.cfg_scale}",
@@ -140,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             markdown_table(phase_rows),
             "",
         ]
-        (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "bench.md").write_text("\n".join(md) + "\n")
+        save_text(out / "bench.json", json.dumps(rows, indent=1) + "\n")
+        save_text(out / "bench.md", "\n".join(md) + "\n")
     md.append(f"total {time.perf_counter() - start:.0f} s")
-    (out / "bench.md").write_text("\n".join(md) + "\n")
+    save_text(out / "bench.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -32,6 +32,7 @@ from dydit.diffusion import create_diffusion
 from dydit.flops.analytic import flops_ratio
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
+from dydit.io import save_text
 from dydit.log import read_stats
 from dydit.models.dydit import execution
 from dydit.presets import dydit_name
@@ -269,7 +270,7 @@ def main() -> None:
         "step_time_s": secs,
         "step_time_ratio": ratio,
     }
-    (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
+    save_text(out / "benchmark.json", json.dumps(summary, indent=2))
     print(f"summary: {out / 'benchmark.json'}")
 
 

@@ -260,7 +260,7 @@ def test_full_disk_while_sampling_keeps_earlier_images_and_rerun_finishes(tmp_pa
     with monkeypatch.context() as m:
         m.setattr(sample_mod.os, "replace", replace)
         line = cli_error(sample_args(ck, out, 8), capsys, "sample")
-    assert "cannot write" in line and "000005.png: No space left on device" in line
+    assert "cannot write" in line and "000005.png: no space left on device" in line
     assert len(list(out.glob("[0-9]*.png"))) == 5 and not temp_files(out)
     assert not (tmp_path / "samples.npz").exists()
     assert main(sample_args(ck, out, 8)) == 0

@@ -21,7 +21,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +30,7 @@ from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
 from dydit.factory import create_model
 from dydit.flops.counter import count_flops
+from dydit.io import save_text
 from dydit.log import device_name
 from dydit.log import format_number as _fmt
 from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
@@ -398,5 +398,4 @@ def markdown_table(rows: list[BenchRow]) -> str:
 
 def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
     """One JSON object per measurement, in a list."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+    save_text(path, json.dumps([r.to_dict() for r in rows], indent=1) + "\n")

@@ -155,6 +155,11 @@ def npz_name(path: str | os.PathLike) -> Path:
     return path if path.name.endswith(".npz") else path.with_name(path.name + ".npz")
 
 
+def save_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a JSON or Markdown report is whole or absent."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=durable)
+
+
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, durable: bool = True) -> Path:
     """``np.savez`` to ``path`` atomically: a reader (or a crash) never sees half an npz."""
     return atomic_write(path, write_with_file(lambda f: np.savez(f, **arrays)), durable=durable)

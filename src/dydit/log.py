@@ -29,7 +29,7 @@ from typing import Any
 
 from dydit import distributed
 from dydit.errors import DyditError
-from dydit.io import atomic_write
+from dydit.io import save_text
 
 LOGGER_NAME = "dydit"
 STATS_FILE = "stats.jsonl"
@@ -166,8 +166,7 @@ def truncate_stats(run_dir: str | os.PathLike, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     keep = [line for line in lines if (r := _record(line)) is not None and r.get("step", 0) <= step]
     if len(keep) != len(lines):  # rewritten atomically: a kill while rewriting must not lose the log
-        text = "".join(line + "\n" for line in keep)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        save_text(path, "".join(line + "\n" for line in keep))
 
 
 def _record(line: str) -> dict[str, Any] | None:

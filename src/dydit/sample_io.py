@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dydit import distributed
 from dydit.errors import DyditError
-from dydit.io import atomic_write, remove_stale_temps_in, save_npz, write_with_file
+from dydit.io import atomic_write, remove_stale_temps_in, save_npz, save_text, write_with_file
 
 MANIFEST = "sampling.json"
 _INDEX_DIGITS = 6  # file names 000000.png ... as in DiT's sample_ddp.py
@@ -78,8 +78,7 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
             )
     distributed.barrier()
     if distributed.is_main() and not path.exists():
-        text = json.dumps(manifest, indent=2, sort_keys=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        save_text(path, json.dumps(manifest, indent=2, sort_keys=True))
     distributed.barrier()
 
 

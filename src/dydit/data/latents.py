@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dydit.data.base import DataInfo, ImageDataset
 from dydit.errors import DyditError
-from dydit.io import atomic_write, locked_dir
+from dydit.io import atomic_write, locked_dir, save_text
 
 META_FILE = "meta.json"
 CACHE_FORMAT = "dydit-latents"
@@ -107,7 +107,7 @@ def encode_dataset(
             "flip": bool(flip),
             "dtype": dtype,
         }
-        atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))  # last
+        save_text(out / META_FILE, json.dumps(meta, indent=2))  # last
         return out
 
 

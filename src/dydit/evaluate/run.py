@@ -29,6 +29,7 @@ from dydit.evaluate.features import FeatureNet, load_inception, softmax_np
 from dydit.evaluate.fid import GaussianStats, frechet_distance
 from dydit.evaluate.images import DATASETS, ImageSet, open_image_set
 from dydit.evaluate.metrics import inception_score, label_accuracy, precision_recall
+from dydit.io import save_text
 
 METRICS = ("fid", "sfid", "is", "pr")
 # Inception runs at a few images per second on a small CPU: by default a built-in dataset
@@ -70,7 +71,7 @@ class EvalReport:
         }
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def evaluate(
