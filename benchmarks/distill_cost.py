@@ -23,10 +23,10 @@ import time
 import torch
 
 from dydit.apps.demo import BASE_CHECKPOINT
-from dydit.apps.demo_report import machine_description
 from dydit.checkpoint import load_dydit_checkpoint, load_model
 from dydit.diffusion import create_diffusion
 from dydit.flops.formulas import layer_costs
+from dydit.log import machine_description
 from dydit.train.step import TrainForward, compute_loss
 
 

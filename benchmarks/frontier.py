@@ -49,7 +49,9 @@ from dydit.apps.demo import (
     measure,
     sample_timed,
 )
-from dydit.apps.demo_report import machine_description
+from dydit.io import save_text
+from dydit.log import format_number as _fmt
+from dydit.log import machine_description
 
 _log = logging.getLogger("frontier")
 
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                 **key, kind=kind, macs_per_image=r.macs_attn_mlp / r.images,
                 seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **r.metrics,
             ))  # fmt: skip
-            store.write_text(json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
+            save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
     (out / "samples").mkdir(exist_ok=True)
     run("DiT (dense)", "dense", lambda: load_dit(base, args.device), args.dense_steps)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
             checkpoint=path)  # fmt: skip
     result["config"] = asdict(cfg)
-    store.write_text(json.dumps(result, indent=2) + "\n")
+    save_text(store, json.dumps(result, indent=2) + "\n")
     render(result, out)
 
 
@@ -190,7 +192,7 @@ def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
             seconds_per_image=r.seconds_per_image, timing=f"re-timed together {time.strftime('%Y-%m-%d')}"
         )
     result["retimed"] = machine_description(cfg.device)
-    store.write_text(json.dumps(result, indent=2) + "\n")
+    save_text(store, json.dumps(result, indent=2) + "\n")
 
 
 def _slug(label: str) -> str:
@@ -239,16 +241,12 @@ def render(result: dict, out: Path) -> None:
         if p["kind"] != "dense":
             p.update(equal_compute(p, points))
     table = _markdown(points, result)
-    (out / "frontier.md").write_text(table)
+    save_text(out / "frontier.md", table)
     _plot(points, "macs_per_image", 1e-9, "attention + MLP GMACs per image (whole sampling run)",
           out / "frontier_macs.png")  # fmt: skip
     _plot(points, "seconds_per_image", 1e3, "sampling ms per image (same process, same machine)",
           out / "frontier_time.png")  # fmt: skip
     print(table)
-
-
-def _fmt(v, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
 
 
 def _markdown(points: list[dict], result: dict) -> str:
@@ -263,7 +261,10 @@ def _markdown(points: list[dict], result: dict) -> str:
     for p in sorted(points, key=lambda p: (order[p["kind"]], p["label"], p["steps"])):
         eq = "–"
         if p["kind"] != "dense":
-            dense_fid, frontier = _fmt(p.get("dense_fid"), ".1f"), _fmt(p.get("frontier_fid"), ".1f")
+            dense_fid, frontier = (
+                _fmt(p.get("dense_fid"), ".1f"),
+                _fmt(p.get("frontier_fid"), ".1f"),
+            )
             eq = f"{p.get('dense_steps', '–')}, {dense_fid} ({frontier})"
         lines.append(
             f"| {p['label']} | {p['steps']} | {p['macs_per_image'] / 1e9:.3f} | "

@@ -26,6 +26,8 @@ import torch
 
 from dydit.apps.bench import Bench, BenchConfig, device_name
 from dydit.apps.bench_report import markdown_table
+from dydit.io import save_text
+from dydit.seeds import parse_seed
 from dydit.train import configure_torch
 
 FAST = ("dense", "dense-compiled", "sliced", "sliced-compiled")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default: 5)")
     p.add_argument("--budget", type=float, default=270.0, help="seconds; later phases are skipped past it")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed (default: 0)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         configure_torch(tf32=True)
     env = environment(base.device)
-    (out / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    save_text(out / "env.json", json.dumps(env, indent=1) + "\n")
     rows: list[dict] = []
     md = [
         f"# DyDiT inference speed: {base.model}, {base.dtype}, CFG {base.cfg_scale}",
@@ -140,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             markdown_table(phase_rows),
             "",
         ]
-        (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "bench.md").write_text("\n".join(md) + "\n")
+        save_text(out / "bench.json", json.dumps(rows, indent=1) + "\n")
+        save_text(out / "bench.md", "\n".join(md) + "\n")
     md.append(f"total {time.perf_counter() - start:.0f} s")
-    (out / "bench.md").write_text("\n".join(md) + "\n")
+    save_text(out / "bench.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -39,7 +39,8 @@ from dydit.apps.demo import (
     load_sliced_dydit,
     measure,
 )
-from dydit.apps.demo_report import machine_description
+from dydit.io import save_text
+from dydit.log import machine_description
 
 
 def parse() -> argparse.Namespace:
@@ -97,7 +98,7 @@ def main() -> None:
         r["flops_ratio"] = r["macs_attn_mlp"] / rows[0]["macs_attn_mlp"]
     result = dict(config=asdict(cfg), checkpoint=str(base), rows=rows, date=time.strftime("%Y-%m-%d"),
                   machine=machine_description(), torch=torch.__version__)  # fmt: skip
-    (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_text(out / "quality.json", json.dumps(result, indent=2) + "\n")
     render(rows, out)
 
 
@@ -112,7 +113,7 @@ def render(rows: list[dict], out: Path) -> None:
     for r in rows:
         r["speedup"] = ref["seconds"] / r["seconds"]
     table = _markdown(rows, ref["model"])
-    (out / "quality.md").write_text(table)
+    save_text(out / "quality.md", table)
     _plot(rows, out / "flops_fid.png")
     print(table)
 

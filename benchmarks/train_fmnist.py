@@ -32,8 +32,11 @@ from dydit.diffusion import create_diffusion
 from dydit.flops.analytic import flops_ratio
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
+from dydit.io import save_text
 from dydit.log import read_stats
 from dydit.models.dydit import execution
+from dydit.presets import dydit_name
+from dydit.seeds import parse_seed
 from dydit.train.config import TrainConfig
 from dydit.train.ema import create_ema, update_ema
 from dydit.train.loop import configure_torch, train
@@ -66,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timing-steps", type=int, default=10, help="steps per timing block (5 blocks per model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--seed", type=parse_seed, default=0, help="run seed")
     return p.parse_args()
 
 
@@ -207,7 +210,7 @@ def main() -> None:
     print(f"== DyDiT fine-tuning at lambda={args.target}, {args.finetune_steps} steps")
     dy_cfg = TrainConfig(
         out_dir=str(out / "dydit"),
-        model="DyDiT" + args.model[3:],
+        model=dydit_name(args.model),
         model_overrides=overrides,
         init_from=str(dit.export),
         lr=args.finetune_lr,
@@ -267,7 +270,7 @@ def main() -> None:
         "step_time_s": secs,
         "step_time_ratio": ratio,
     }
-    (out / "benchmark.json").write_text(json.dumps(summary, indent=2))
+    save_text(out / "benchmark.json", json.dumps(summary, indent=2))
     print(f"summary: {out / 'benchmark.json'}")
 
 

@@ -7,9 +7,6 @@ import torch
 
 from dydit.presets import ModelConfig
 
-# Keep the suite quiet and predictable on small machines.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
 
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-block, 2-head DiT on 8x8x4 inputs with 4 classes."""
@@ -25,9 +22,39 @@ def tiny_cfg() -> ModelConfig:
     return tiny_config()
 
 
+def _torch_flags() -> tuple[int, bool, bool]:
+    return (
+        torch.get_num_threads(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+
+
+def _set_torch_flags(flags: tuple[int, bool, bool]) -> None:
+    threads, matmul_tf32, cudnn_tf32 = flags
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    """At most two torch threads for the session (quiet and predictable on small machines); the
+    previous count is restored at the end, so importing this file changes nothing."""
+    before = _torch_flags()
+    torch.set_num_threads(max(1, min(2, before[0])))
+    yield
+    _set_torch_flags(before)
+
+
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_restore_flags():
+    """Seed torch; afterwards put back the thread count and TF32 flags a test (or an entry point it
+    called, e.g. ``configure_torch``) may have changed."""
+    before = _torch_flags()
     torch.manual_seed(0)
+    yield
+    _set_torch_flags(before)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from safetensors.torch import save_file
 from dydit.cli import main
 from dydit.factory import build_model
 
+# Subprocess time limits are guards against a hung command, never a measurement: generous enough
+# for a loaded machine (the suite's checks wait on files, pipes and exits instead).
+HANG_GUARD_S = 600
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 CLI = "import sys\nfrom dydit.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 TINY_MODEL = [arg for kv in ("depth=1", "hidden_size=32", "num_heads=2") for arg in ("--model-option", kv)]
@@ -53,7 +57,9 @@ def cli_command(args: list[str], preamble: str = "") -> list[str]:
     return [sys.executable, "-c", preamble + "\n" + CLI, *args]
 
 
-def run_cli(args: list[str], preamble: str = "", timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], preamble: str = "", timeout: float = HANG_GUARD_S, **kw
+) -> subprocess.CompletedProcess:
     """Run ``dydit ARGS`` in a fresh interpreter after ``preamble``; capture its output."""
     return subprocess.run(
         cli_command(args, preamble), env=ENV, capture_output=True, text=True, timeout=timeout, **kw
@@ -86,13 +92,28 @@ setattr(_mod, _name, _paused)
 """
 
 
-def wait_paused(proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_paused(proc: subprocess.Popen, timeout: float = HANG_GUARD_S) -> None:
     """Block until ``proc`` (started with a PAUSE_AFTER preamble) prints "paused"; fail if it exits first."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else ""
     if line.strip() != "paused":
         proc.kill()
         raise AssertionError(f"the command did not pause (exit {proc.wait()}): {proc.stderr.read()[-3000:]}")
+
+
+def wait_for(proc: subprocess.Popen, condition: Callable[[], bool], poll: float = 0.05) -> bool:
+    """Wait until ``condition()`` holds (True) or ``proc`` exits first (False); no deadline.
+
+    The waits are ``proc.wait`` calls, so an exit is seen at once; a hung command is left to the
+    caller's own guard (pytest's, or a ``wait(timeout=...)`` after this).
+    """
+    while not condition():
+        try:
+            proc.wait(timeout=poll)
+        except subprocess.TimeoutExpired:
+            continue
+        return condition()
+    return True
 
 
 def tree_snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
@@ -183,7 +204,7 @@ def can_mount_tmpfs() -> bool:
     return r.returncode == 0
 
 
-def in_tmpfs(script: str, size_kib: int, timeout: float = 240) -> subprocess.CompletedProcess:
+def in_tmpfs(script: str, size_kib: int, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     """Run the shell ``script`` with a fresh ``size_kib`` tmpfs mounted at ``$MNT`` (private namespace).
 
     ``$DYDIT`` runs the CLI. The mount vanishes with the namespace: copy what the test must inspect

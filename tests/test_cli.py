@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from faultkit import HANG_GUARD_S
 
 from dydit.cli import _subcommand_modules, build_parser, main
 
@@ -36,7 +37,9 @@ def test_help_on_every_subcommand(command: str, capsys) -> None:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dydit", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dydit", *args], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
 
 
 @pytest.mark.parametrize(

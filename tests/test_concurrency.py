@@ -19,6 +19,7 @@ import pytest
 import torch
 from faultkit import (
     ENV,
+    HANG_GUARD_S,
     PAUSE_AFTER,
     assert_same_state,
     error_line,
@@ -68,7 +69,7 @@ def test_two_train_runs_on_one_directory_the_second_stops_and_the_first_finishes
         assert tree_snapshot(run) == before, "the refused run touched the directory"
         first.stdin.write("\n")
         first.stdin.close()
-        assert first.wait(timeout=240) == 0, first.stderr.read()[-2000:]
+        assert first.wait(timeout=HANG_GUARD_S) == 0, first.stderr.read()[-2000:]
     finally:
         first.kill()
     config = json.loads((run / ckpt.CONFIG_FILE).read_text())
@@ -84,7 +85,7 @@ def test_sigkilled_train_leaves_no_lock_that_blocks_the_rerun(tmp_path, capsys):
     first = start_cli(train_args(run, 4), PAUSE_TRAIN)
     wait_paused(first)
     first.kill()  # SIGKILL while it holds the directory
-    first.wait(timeout=60)
+    first.wait(timeout=HANG_GUARD_S)
     assert (run / LOCK_FILE).read_text().split()[0] == str(first.pid), "the dead holder's file is left"
     assert main(train_args(run, 4)) == 0  # the kernel released the lock with the process
     assert f"resuming {run} from step 2" in capsys.readouterr().err
@@ -100,7 +101,7 @@ def test_second_sampler_on_one_directory_stops_and_a_sigkilled_one_leaves_no_loc
     _refused(sample_args(ck, out, n), out, first, "sample")  # even the same command
     assert tree_snapshot(tmp_path) == before, "the refused sampler wrote something (PNG, grid or npz)"
     first.kill()
-    first.wait(timeout=60)
+    first.wait(timeout=HANG_GUARD_S)
     assert (out / LOCK_FILE).exists()
     assert main(sample_args(ck, out, n)) == 0
     assert "(4 already there)" in capsys.readouterr().err
@@ -145,6 +146,6 @@ def test_a_shared_cache_waits_for_its_holder_instead_of_failing(tmp_path):
         line = waiter.stderr.readline()  # printed just before it blocks on the lock
         assert line.strip() == f"dydit: waiting for pid {os.getpid()}, which is writing {cache}"
         assert waiter.poll() is None
-    out, _ = waiter.communicate(timeout=120)
+    out, _ = waiter.communicate(timeout=HANG_GUARD_S)
     assert waiter.returncode == 0 and out.strip() == "got it"
     assert (cache / "entry").exists() and not (cache / LOCK_FILE).exists()

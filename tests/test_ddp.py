@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from faultkit import HANG_GUARD_S
 
 from dydit.log import read_stats
 
@@ -50,7 +51,7 @@ WORKER = textwrap.dedent(
 )
 
 
-def _torchrun(args, tmp_path, timeout=180):
+def _torchrun(args, tmp_path, timeout=HANG_GUARD_S):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)

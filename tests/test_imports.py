@@ -20,8 +20,8 @@ LAYERS: list[set[str]] = [
     {"apps"},
     {"train", "sample", "evaluate"},
     {"checkpoint", "factory"},
-    {"models", "diffusion", "flow", "flops", "data", "viz"},
-    {"presets", "constants", "log", "distributed", "io", "errors"},
+    {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
+    {"presets", "constants", "log", "distributed", "io", "errors", "seeds"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -37,7 +37,9 @@ FORBIDDEN = {
     "flops": {"models", "diffusion", "flow", "data"},
     "data": {"models", "diffusion", "flow", "flops"},
     "presets": {"io", "log", "distributed"},
-    "io": {"presets", "log"},
+    "io": {"presets", "log", "seeds"},
+    "seeds": {"presets", "io", "log", "distributed", "constants"},
+    "sample_io": {"models", "diffusion", "flow", "flops", "data", "viz"},
     "distributed": {"io", "log", "presets"},
     "constants": {"presets", "io", "log", "distributed"},
     "errors": {"presets", "constants", "io", "log", "distributed"},

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from dydit.errors import DyditError
 from dydit.models.dydit import DyDiT
 from dydit.train.config import TrainConfig
-from dydit.train.loop import _param_groups
+from dydit.train.run import param_groups as _param_groups
 
 
 def test_router_lr_groups() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from faultkit import HANG_GUARD_S
 from safetensors.torch import save_file
 
 from dydit.cli import main
@@ -212,7 +213,7 @@ def test_two_process_torchrun_matches_one_process(ckpt: Path, tmp_path: Path) ->
 
     def run2(*args: str) -> None:
         cmd = [*torchrun, "-m", "dydit", *common, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
 
     run2("--out-dir", str(tmp_path / "two"), "--npz", "--grid", str(tmp_path / "g2.png"))

@@ -12,10 +12,11 @@
   directory, rank 0 holding the lock.
 
 These are the one implementation of each: every run, sample, demo, latent-cache and evaluation-cache
-directory is locked through :func:`locked_dir`; checkpoints, exports, ``config.json``, latent shards
-and evaluation-cache entries are written by :func:`atomic_write`. (Per-image sample files use the
-lighter writer of ``sample.py``: no fsync and no stale-file scan per image, for directories of
-tens of thousands of PNGs.)
+directory is locked through :func:`locked_dir`; every file dydit publishes (checkpoints, exports,
+``config.json``, the stats log when rewritten, latent shards, evaluation-cache entries, sample PNGs
+and ``.npy`` files, grids and ``.npz`` files, :func:`save_npz`) is written by :func:`atomic_write`.
+Per-image sample files pass ``durable=False``: no fsync and no stale-file scan per image, for
+directories of tens of thousands of PNGs.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 from safetensors import SafetensorError
 
 from dydit import distributed
@@ -65,8 +68,18 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     gigabytes per interruption, so the next write of the same file clears them first.
     """
     path = Path(path)
+    return _remove_dead_writers(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def remove_stale_temps_in(directory: str | os.PathLike) -> list[Path]:
+    """:func:`remove_stale_temps` for every file of ``directory`` at once (one scan): for directories
+    of many small files written with ``durable=False``, cleaned once per command instead of per file."""
+    return _remove_dead_writers(Path(directory).glob(".*.tmp-*"))
+
+
+def _remove_dead_writers(temps: Iterable[Path]) -> list[Path]:
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    for tmp in temps:
         pid = tmp.name.rpartition("-")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
@@ -81,22 +94,32 @@ def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
         return False
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, durable: bool = True) -> Path:
     """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
 
     The temporary file ``.NAME.tmp-PID`` is private to this process, so concurrent writers of the
     same file never mix their bytes. It is removed when anything fails, and ``path`` keeps its
     previous content. Temporary files of ``path`` left by killed processes are removed first
     (:func:`remove_stale_temps`).
+
+    ``durable=False`` skips the fsync and the stale-file scan: for directories of tens of thousands
+    of per-image files, whose writer cleans the directory once (:func:`remove_stale_temps_in`). The
+    file still appears whole or not at all.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
+        if durable:
+            remove_stale_temps(path)
         write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
         os.replace(tmp, path)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -111,6 +134,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise DyditError(f"cannot write {path}: {reason}{kept}") from None
     return path
+
+
+def write_with_file(write: Callable[[BinaryIO], None]) -> Callable[[str], None]:
+    """Adapt a writer of an open binary file (``np.save``, ``PIL.Image.save``) to :func:`atomic_write`.
+
+    Through a file object, numpy appends no ``.npy``/``.npz`` suffix to the temporary name.
+    """
+
+    def write_path(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return write_path
+
+
+def npz_name(path: str | os.PathLike) -> Path:
+    """``path`` with ``.npz`` appended unless it ends so already (the name ``np.savez(path)`` writes)."""
+    path = Path(path)
+    return path if path.name.endswith(".npz") else path.with_name(path.name + ".npz")
+
+
+def save_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a JSON or Markdown report is whole or absent."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=durable)
+
+
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, durable: bool = True) -> Path:
+    """``np.savez`` to ``path`` atomically: a reader (or a crash) never sees half an npz."""
+    return atomic_write(path, write_with_file(lambda f: np.savez(f, **arrays)), durable=durable)
 
 
 # Directory locks -------------------------------------------------------------------------------

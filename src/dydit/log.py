@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from dydit import distributed
 from dydit.errors import DyditError
+from dydit.io import save_text
 
 LOGGER_NAME = "dydit"
 STATS_FILE = "stats.jsonl"
@@ -163,10 +165,8 @@ def truncate_stats(run_dir: str | os.PathLike, step: int) -> None:
         return
     lines = path.read_text(encoding="utf-8").splitlines()
     keep = [line for line in lines if (r := _record(line)) is not None and r.get("step", 0) <= step]
-    if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")  # a kill while rewriting must not lose the log
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, path)
+    if len(keep) != len(lines):  # rewritten atomically: a kill while rewriting must not lose the log
+        save_text(path, "".join(line + "\n" for line in keep))
 
 
 def _record(line: str) -> dict[str, Any] | None:
@@ -185,3 +185,33 @@ def read_stats(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return []
     records = (_record(line) for line in path.read_text(encoding="utf-8").splitlines())
     return [r for r in records if r is not None]
+
+
+# The machine and numbers in reports ---------------------------------------------------------------
+def device_name(device: str) -> str:
+    """A readable name of the CPU (``/proc/cpuinfo``) or GPU behind ``device``."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def machine_description(device: str = "cpu") -> str:
+    """The CPU or GPU name and the torch thread count, for reports."""
+    import torch
+
+    return f"{device_name(device)}, {torch.get_num_threads()} torch threads"
+
+
+def format_number(value: Any, spec: str = ".3f") -> str:
+    """``format(value, spec)``, or a dash for a missing value (None or NaN) in a report table."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)

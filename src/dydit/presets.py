@@ -155,28 +155,53 @@ _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": 
 # Small single-channel sizes for 28/32-pixel data (10 classes, pixel space).
 _SMALL_SIZES = {"Ti": (6, 192, 6), "Mi": (8, 256, 8)}
 
+# Preset names: FAMILY-SIZE/PATCH. A DyDiT name routes the DiT preset of the same SIZE/PATCH.
+DIT_PREFIX, DYDIT_PREFIX, SIT_PREFIX = "DiT-", "DyDiT-", "SiT-"
+
+
+def is_dynamic_name(name: str) -> bool:
+    """Whether ``name`` names a DyDiT (``DyDiT-S/2``)."""
+    return name.startswith(DYDIT_PREFIX)
+
+
+def is_sit_name(name: str) -> bool:
+    """Whether ``name`` names a SiT (``SiT-XL/2``)."""
+    return name.startswith(SIT_PREFIX)
+
+
+def dit_name(name: str) -> str:
+    """``DyDiT-S/2`` -> ``DiT-S/2``: the DiT preset a DyDiT name routes; other names unchanged."""
+    return DIT_PREFIX + name.removeprefix(DYDIT_PREFIX) if is_dynamic_name(name) else name
+
+
+def dydit_name(name: str) -> str:
+    """``DiT-S/2`` -> ``DyDiT-S/2``; a DyDiT name unchanged. (Any other name gets the prefix too,
+    which names no preset: :func:`get_model_config` then says so.)"""
+    return name if is_dynamic_name(name) else DYDIT_PREFIX + name.removeprefix(DIT_PREFIX)
+
+
 MODEL_PRESETS: dict[str, ModelConfig] = {}
 for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
     for _p in (2, 4, 8):
-        MODEL_PRESETS[f"DiT-{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p)
+        MODEL_PRESETS[f"{DIT_PREFIX}{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p)
 for _size, (_depth, _width, _heads) in _SMALL_SIZES.items():
     for _p in (2, 4):
-        MODEL_PRESETS[f"DiT-{_size}/{_p}"] = ModelConfig(
+        MODEL_PRESETS[f"{DIT_PREFIX}{_size}/{_p}"] = ModelConfig(
             _depth, _width, _heads, _p, input_size=32, in_channels=1, num_classes=10
         )
 DIT_NAMES: tuple[str, ...] = tuple(MODEL_PRESETS)
 # SiT (Ma et al. 2024): the same twelve networks; the released SiT-XL/2 keeps DiT's 8 output channels.
 for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
     for _p in (2, 4, 8):
-        MODEL_PRESETS[f"SiT-{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p, objective="flow")
-SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if n.startswith("SiT-"))
-MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple("DyDiT" + n[3:] for n in DIT_NAMES) + SIT_NAMES
+        MODEL_PRESETS[f"{SIT_PREFIX}{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p, objective="flow")
+SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if is_sit_name(n))
+MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple(dydit_name(n) for n in DIT_NAMES) + SIT_NAMES
 
 
 def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     """Resolve a preset name (``DiT-XL/2``, ``DyDiT-S/2``, ``SiT-XL/2``, ...) and apply overrides."""
-    dynamic = name.startswith("DyDiT-")
-    base = "DiT-" + name[len("DyDiT-") :] if dynamic else name
+    dynamic = is_dynamic_name(name)
+    base = dit_name(name)
     if base not in MODEL_PRESETS:
         close = difflib.get_close_matches(name, MODEL_NAMES, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -202,5 +227,5 @@ def preset_name(cfg: ModelConfig) -> str | None:
             cfg.patch_size,
             cfg.objective,
         ):
-            return ("DyDiT" + name[3:]) if cfg.dynamic else name
+            return dydit_name(name) if cfg.dynamic else name
     return None

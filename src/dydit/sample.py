@@ -9,17 +9,16 @@ i % world_size). Labels not given are drawn per image from a separate stream der
 - :func:`generate` yields batches of samples in model space (pixels or latents).
 - :func:`sample_images` decodes them to uint8 and gathers all images on every rank (small runs).
 - :func:`sample_to_dir` writes one file per image (``000123.png`` and/or ``.npy``) atomically, skips
-  images already written when rerun (resume = rerun), then packs an ADM-format ``.npz`` on rank 0.
+  images already written when rerun (resume = rerun), then packs an ADM-format ``.npz`` on rank 0
+  (the files themselves: :mod:`dydit.sample_io`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,20 @@ from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
 from dydit.io import locked_dir
 from dydit.presets import ModelConfig
+from dydit.sample_io import (  # noqa: F401  (MANIFEST, load_png, save_grid: public here too)
+    MANIFEST,
+    check_manifest,
+    clean_directory,
+    digest,
+    image_name,
+    load_png,
+    pack_npz,
+    save_grid,
+    save_npy,
+    save_png,
+)
+from dydit.seeds import check_generator_seeds
 
-MANIFEST = "sampling.json"
-_INDEX_DIGITS = 6  # file names 000000.png ... as in DiT's sample_ddp.py
 _LABEL_STREAM = 1  # second entropy word of the per-image label generator
 
 
@@ -94,8 +104,7 @@ class SampleBatch:
 
 def resolve_labels(seeds: Sequence[int], labels: Sequence[int] | Tensor | None, num_classes: int) -> Tensor:
     """Labels (N,) int64 for every seed: checked if given, else drawn from each seed's label stream."""
-    if any(not 0 <= int(s) < 2**64 for s in seeds):  # torch.Generator takes unsigned 64-bit seeds
-        raise DyditError("seeds must be non-negative integers below 2**64")
+    check_generator_seeds(seeds)
     if labels is None:
         # A stream of its own (SeedSequence mixing), so a label is independent of its image's noise.
         drawn = [int(np.random.default_rng([int(s), _LABEL_STREAM]).integers(num_classes)) for s in seeds]
@@ -213,50 +222,6 @@ def sample_images(
 
 
 # Output directories --------------------------------------------------------------------------
-def image_name(index: int, suffix: str) -> str:
-    return f"{index:0{_INDEX_DIGITS}d}{suffix}"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a hidden per-rank temp file and rename, so a file either exists whole or not at all.
-
-    A failed write (full disk, read-only directory) removes the temp file and raises DyditError; the
-    files written before stay, so rerunning the command resumes.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{distributed.rank()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise DyditError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    """Write one (H, W, C) uint8 image (C = 1 or 3) as a PNG, atomically."""
-    from PIL import Image
-
-    if image.shape[-1] not in (1, 3):
-        raise DyditError(f"cannot write a {image.shape[-1]}-channel image as PNG; decode latents with a VAE")
-    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    _atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def load_png(path: Path) -> np.ndarray:
-    """(H, W, C) uint8 of a PNG written by :func:`save_png`."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        arr = np.asarray(img)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _digest(values: Sequence[int] | np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
 @dataclass
 class DirResult:
     """What :func:`sample_to_dir` did on this rank."""
@@ -267,22 +232,6 @@ class DirResult:
     skipped: int
     npz: Path | None = None
     files: list[str] = field(default_factory=list)
-
-
-def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to mix images of different runs in one directory (all ranks check, rank 0 writes)."""
-    path = out / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        if diff:
-            raise DyditError(
-                f"{out} holds samples of another run (differs in: {', '.join(diff)}); use another directory"
-            )
-    distributed.barrier()
-    if distributed.is_main() and not path.exists():
-        _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
-    distributed.barrier()
 
 
 def sample_to_dir(
@@ -322,42 +271,25 @@ def sample_to_dir(
         manifest = {
             "settings": settings.to_dict(),
             "num_images": len(seeds),
-            "seeds": _digest(seeds),
-            "labels": _digest(all_labels.numpy()),
+            "seeds": digest(seeds),
+            "labels": digest(all_labels.numpy()),
             "shape": list(shape),
             "codec": None if codec is None else codec.spec,
             "files": suffixes,
             **(meta or {}),
         }
-        _check_manifest(out, json.loads(json.dumps(manifest)))
-
-        for stale in out.glob(f".*.tmp{distributed.rank()}"):  # left by an interrupted run of this rank
-            stale.unlink()
+        check_manifest(out, json.loads(json.dumps(manifest)))
+        clean_directory(out)  # temporary files of killed writers
         existing = set(os.listdir(out))
         share = rank_share(len(seeds))
         todo = [i for i in share if not all(image_name(i, s) in existing for s in suffixes)]
         result = DirResult(out, len(seeds), generated=0, skipped=len(share) - len(todo))
         batches = generate(
-            model_fn,
-            diffusion,
-            settings,
-            seeds=seeds,
-            shape=shape,
-            num_classes=num_classes,
-            labels=all_labels,
-            batch_size=batch_size,
-            device=device,
-            indices=todo,
-            progress=progress,
-        )
+            model_fn, diffusion, settings, seeds=seeds, shape=shape, num_classes=num_classes,
+            labels=all_labels, batch_size=batch_size, device=device, indices=todo, progress=progress,
+        )  # fmt: skip
         for b in batches:
-            raw = b.samples.float().cpu().numpy()
-            images = to_uint8(codec.decode(b.samples)) if codec is not None else None
-            for j, i in enumerate(b.indices):
-                if ".npy" in suffixes:
-                    _atomic_write(out / image_name(i, ".npy"), lambda f, a=raw[j]: np.save(f, a))
-                if images is not None:
-                    save_png(out / image_name(i, ".png"), images[j])
+            _write_batch(out, b, codec, suffixes)
             result.generated += len(b.indices)
 
         distributed.barrier()
@@ -369,53 +301,12 @@ def sample_to_dir(
         return result
 
 
-def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path) -> Path:
-    """Stack ``000000.png`` ... into an ADM-format npz: ``arr_0`` (N, H, W, C) uint8, ``arr_1`` (N,) int64."""
-    if num_images < 1:
-        raise DyditError(f"cannot pack {npz_path}: no images")
-    missing = [i for i in range(num_images) if not (out_dir / image_name(i, ".png")).exists()]
-    if missing:
-        raise DyditError(
-            f"cannot pack {npz_path}: {len(missing)} images missing (e.g. {image_name(missing[0], '.png')})"
-        )
-    first = load_png(out_dir / image_name(0, ".png"))
-    arr = np.empty((num_images, *first.shape), dtype=np.uint8)
-    for i in tqdm(range(num_images), desc="packing npz", unit="img", leave=False):
-        arr[i] = load_png(out_dir / image_name(i, ".png"))
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr, arr_1=labels.astype(np.int64)))
-    return npz_path
-
-
-def save_grid(
-    path: str | os.PathLike,
-    images: np.ndarray,
-    labels: Sequence[int] | None = None,
-    columns: int | None = None,
-    min_tile: int = 64,
-) -> Path:
-    """Save (N, H, W, C) uint8 images as one grid PNG, each tile captioned with its class label.
-
-    Tiles are upscaled by an integer factor (nearest) to at least ``min_tile`` pixels.
-    """
-    from PIL import Image, ImageDraw
-
-    n, h, w, c = images.shape
-    if c not in (1, 3):
-        raise DyditError(f"cannot draw {c}-channel samples; decode latents with a VAE (--vae)")
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    k = max(1, -(-min_tile // max(h, w)))
-    th, tw, cap, pad = h * k, w * k, 12 if labels is not None else 0, 2
-    grid = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + cap + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        tile = Image.fromarray(images[i, ..., 0] if c == 1 else images[i]).convert("RGB")
-        x0, y0 = pad + (i % cols) * (tw + pad), pad + (i // cols) * (th + cap + pad)
-        grid.paste(tile.resize((tw, th), Image.NEAREST), (x0, y0 + cap))
-        if labels is not None:
-            draw.text((x0 + 1, y0), str(int(labels[i])), fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: grid.save(f, format="PNG"))
-    return path
+def _write_batch(out: Path, batch: SampleBatch, codec: Codec | None, suffixes: list[str]) -> None:
+    """Publish each image of ``batch``: ``.npy`` (model space) and/or ``.png`` (decoded)."""
+    raw = batch.samples.float().cpu().numpy()
+    images = to_uint8(codec.decode(batch.samples)) if codec is not None else None
+    for j, i in enumerate(batch.indices):
+        if ".npy" in suffixes:
+            save_npy(out / image_name(i, ".npy"), raw[j])
+        if images is not None:
+            save_png(out / image_name(i, ".png"), images[j])

@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dydit.errors import DyditError
+from dydit.io import atomic_write, write_with_file
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -66,8 +67,10 @@ def _show(ax, image: np.ndarray) -> None:
 
 def _finish(fig: Figure, path: str | Path | None, dpi: int = 100) -> Figure:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        fmt = Path(path).suffix.lstrip(".") or None  # the temporary name hides the suffix from savefig
+        atomic_write(
+            path, write_with_file(lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
+        )
     return fig
 
 

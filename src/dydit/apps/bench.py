@@ -15,12 +15,10 @@ random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a targ
 from __future__ import annotations
 
 import dataclasses
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +28,12 @@ from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
 from dydit.factory import create_model
 from dydit.flops.counter import count_flops
+from dydit.log import device_name
 from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import SlicedDyDiT
+from dydit.presets import dit_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
@@ -109,19 +109,6 @@ class BenchRow:
         return d
 
 
-def device_name(device: str) -> str:
-    """A readable name of the CPU or GPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
@@ -141,7 +128,7 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     dtype, overrides = DTYPES[cfg.dtype], dict(cfg.overrides)
     if cfg.input_size is not None:
         overrides["input_size"] = cfg.input_size
-    base = cfg.model.replace("DyDiT-", "DiT-")
+    base = dit_name(cfg.model)
     dev = torch.device(cfg.device)
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:

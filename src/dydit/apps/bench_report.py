@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from dydit.apps.bench import MODES, BenchConfig, BenchRow, device_name
+from dydit.apps.bench import MODES, BenchConfig, BenchRow
+from dydit.io import save_text
+from dydit.log import device_name
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -43,8 +44,7 @@ def markdown_table(rows: list[BenchRow]) -> str:
 
 def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
     """One JSON object per measurement, in a list."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
+    save_text(path, json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
 
 
 def bench_report(cfg: BenchConfig, rows: list[BenchRow]) -> str:

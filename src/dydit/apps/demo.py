@@ -35,7 +35,7 @@ from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
-from dydit.io import locked_dir
+from dydit.io import locked_dir, save_text
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
 
@@ -238,8 +238,9 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> Path:
-    from dydit.apps.demo_report import machine_description, report_markdown, results_dict
+    from dydit.apps.demo_report import report_markdown, results_dict
     from dydit.evaluate.images import write_npz
+    from dydit.log import machine_description
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -303,9 +304,9 @@ def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> P
     _log.info("[5/5] writing the report")
     results = results_dict(cfg, base, shipped or live_ckpt, live_ckpt, samples, timings,
                            time.perf_counter() - t_start, machine_description(cfg.device))  # fmt: skip
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     report = out / "report.md"
-    report.write_text(report_markdown(results))
+    save_text(report, report_markdown(results))
     return report
 
 

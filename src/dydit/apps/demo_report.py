@@ -7,25 +7,18 @@ attention+MLP FLOPs ratio). The report says in one line which of the two has the
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dydit.apps.bench import device_name
+from dydit.log import format_number as _fmt
+from dydit.log import machine_description as machine_description  # public here too
 
 # The goals of the demo (issue 7): what report.md checks the measurements against.
 RHO_BAND = (0.45, 0.55)
 MIN_SPEEDUP = 1.4
 MAX_FID_INCREASE = 0.15
-
-
-def machine_description(device: str = "cpu") -> str:
-    """The CPU or GPU name and the torch thread count, for reports."""
-    return f"{device_name(device)}, {torch.get_num_threads()} torch threads"
 
 
 def equal_compute_verdict(fid_dydit: float | None, fid_dense: float | None, n: int, n_eq: int) -> str:
@@ -87,10 +80,6 @@ def results_dict(cfg, base: Path, dydit_ckpt: Path, live_ckpt: Path, samples: di
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def _met(ok: bool) -> str:

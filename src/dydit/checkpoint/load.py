@@ -32,7 +32,7 @@ from dydit.models.fitting import (
     has_routers,
     mismatch_message,
 )
-from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config, preset_name
+from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config, is_sit_name, preset_name
 
 _log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _args_preset(args: Mapping[str, Any] | None) -> tuple[str | None, bool]:
     name = args.get("model") if args else None
     if not isinstance(name, str):
         return None, False
-    return (name if name in MODEL_NAMES else None), name.startswith("SiT-")
+    return (name if name in MODEL_NAMES else None), is_sit_name(name)
 
 
 def _sizes_from_shapes(

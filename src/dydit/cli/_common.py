@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dydit.errors import DyditError
+from dydit.seeds import parse_seed
 
 
 def positive_int(text: str) -> int:
@@ -30,13 +31,7 @@ def thread_count(text: str) -> int:
 
 def seed_int(text: str) -> int:
     """A seed: an integer in [0, 2**63), leaving room for the per-image offsets added to it."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
-    return v
+    return parse_seed(text)
 
 
 def non_negative_float(text: str) -> float:

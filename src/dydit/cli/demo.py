@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dydit.cli._common import non_negative_float, positive_int, resolve_device, unit_interval
+from dydit.cli._common import non_negative_float, positive_int, resolve_device, seed_int, unit_interval
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-inception", action="store_true", help="skip FID (classifier distance only)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--seed", type=int, default=None, help="seed of the fine-tune and of the sample seeds")
+    p.add_argument(
+        "--seed", type=seed_int, default=None, help="seed of the fine-tune and of the sample seeds"
+    )
     p.add_argument("--fast", action="store_true", help="a ~2-minute smoke run of the same path (tiny counts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")

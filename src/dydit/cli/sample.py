@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device
+from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device, seed_int
 from dydit.errors import DyditError
 
 DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (METHOD.md §7.1)
@@ -39,10 +39,6 @@ def _steps(text: str) -> int | str:
         positive_int(text[len("ddim") :])
         return text
     return positive_int(text)
-
-
-def _seed(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +115,7 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"number of images (default: the number of --classes, else {DEFAULT_NUM_SAMPLES})",
     )
-    g.add_argument("--seed", type=_seed, default=0, help="image i uses seed SEED + i (default 0)")
+    g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
 

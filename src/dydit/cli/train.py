@@ -11,7 +11,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from dydit.cli._common import non_negative_float, positive_int
+from dydit.cli._common import non_negative_float, positive_int, seed_int
+from dydit.presets import dydit_name
 
 if TYPE_CHECKING:
     from dydit.train.config import TrainConfig
@@ -141,9 +142,7 @@ def _add_optimisation_group(p: argparse.ArgumentParser, d: TrainConfig, *, finet
         "--ema-decay", type=_decay, default=d.ema_decay, help="EMA decay per step (default %(default)g)"
     )
     g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(d, (1+k)/(10+k)) for short runs")
-    g.add_argument(
-        "--seed", type=_non_negative_int, default=d.seed, help="run seed (data order, noise, init)"
-    )
+    g.add_argument("--seed", type=seed_int, default=d.seed, help="run seed (data order, noise, init)")
 
 
 def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -228,8 +227,8 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
         # The file's own config, else its training args, else the preset its shapes match.
         model, stored_overrides = model_spec(model_config(args.init_from), dynamic=True)
         overrides = {**stored_overrides, **overrides}
-    elif finetune and not model.startswith("DyDiT-"):
-        model = "DyDiT-" + model.removeprefix("DiT-")
+    elif finetune:
+        model = dydit_name(model)
     data = args.data
     if args.cache_latents:
         data = f"latents:{args.cache_latents}"

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dydit.data.base import DataInfo, ImageDataset
 from dydit.errors import DyditError
-from dydit.io import atomic_write, locked_dir
+from dydit.io import atomic_write, locked_dir, save_text
 
 META_FILE = "meta.json"
 CACHE_FORMAT = "dydit-latents"
@@ -69,7 +69,6 @@ def encode_dataset(
 
     Returns: the cache directory.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -84,32 +83,15 @@ def encode_dataset(
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
         )
-        shards: list[dict[str, Any]] = []
-        pending: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flip": []}
+        writer = _ShardWriter(out, shard_size)
         shape: tuple[int, ...] | None = None
-
-        def flush(final: bool) -> None:
-            """Write shards of ``shard_size`` items while enough are pending; the rest too when final."""
-            while (count := sum(len(v) for v in pending["labels"])) >= shard_size or (final and count):
-                limit = min(count, shard_size)
-                merged = {k: torch.cat(v) for k, v in pending.items() if v}
-                tensors = {k: v[:limit].contiguous() for k, v in merged.items()}
-                name = _shard_name(len(shards))
-                atomic_write(out / name, lambda tmp, t=tensors: save_file(t, tmp))
-                shards.append({"file": name, "count": len(tensors["labels"])})
-                for k, v in merged.items():
-                    pending[k] = [v[limit:]] if len(v) > limit else []
-
         for x, y in tqdm(loader, desc="encoding latents", unit="batch", disable=not progress):
             x = x.to(device)
             z = encode(x).float().cpu()
             shape = tuple(z.shape[1:])
-            pending["latents"].append(z.to(_DTYPES[dtype]))
-            pending["labels"].append(y.long())
-            if flip:
-                pending["latents_flip"].append(encode(x.flip(-1)).float().cpu().to(_DTYPES[dtype]))
-            flush(final=False)
-        flush(final=True)
+            flipped = encode(x.flip(-1)).float().cpu().to(_DTYPES[dtype]) if flip else None
+            writer.add(z.to(_DTYPES[dtype]), y.long(), flipped)
+        shards = writer.close()
         assert shape is not None
         meta = {
             "format": CACHE_FORMAT,
@@ -125,8 +107,44 @@ def encode_dataset(
             "flip": bool(flip),
             "dtype": dtype,
         }
-        atomic_write(out / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))  # last
+        save_text(out / META_FILE, json.dumps(meta, indent=2))  # last
         return out
+
+
+class _ShardWriter:
+    """Collects encoded batches and writes them as shards of ``shard_size`` items, atomically."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.out, self.shard_size = out, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self.pending: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flip": []}
+
+    def add(self, latents: Tensor, labels: Tensor, latents_flip: Tensor | None) -> None:
+        self.pending["latents"].append(latents)
+        self.pending["labels"].append(labels)
+        if latents_flip is not None:
+            self.pending["latents_flip"].append(latents_flip)
+        self._flush(final=False)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write what is left; the shards written, in order (for ``meta.json``)."""
+        self._flush(final=True)
+        return self.shards
+
+    def _flush(self, final: bool) -> None:
+        """Write shards of ``shard_size`` items while enough are pending; the rest too when final."""
+        from safetensors.torch import save_file
+
+        pending = self.pending
+        while (count := sum(len(v) for v in pending["labels"])) >= self.shard_size or (final and count):
+            limit = min(count, self.shard_size)
+            merged = {k: torch.cat(v) for k, v in pending.items() if v}
+            tensors = {k: v[:limit].contiguous() for k, v in merged.items()}
+            name = _shard_name(len(self.shards))
+            atomic_write(self.out / name, lambda tmp, t=tensors: save_file(t, tmp))
+            self.shards.append({"file": name, "count": len(tensors["labels"])})
+            for k, v in merged.items():
+                pending[k] = [v[limit:]] if len(v) > limit else []
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

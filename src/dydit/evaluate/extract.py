@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dydit.evaluate.features import FeatureNet
 from dydit.evaluate.fid import GaussianStats, RunningGaussian
 from dydit.evaluate.images import ImageSource
-from dydit.io import atomic_write, locked_dir
+from dydit.io import locked_dir, save_npz, save_text
 
 # Bump when preprocessing or cached content changes, so stale cache entries are not reused.
 CACHE_VERSION = 1
@@ -147,14 +147,8 @@ def _save_entry(path: Path, entry: Extracted, note: dict) -> None:
         arrays[f"{kind}_mu"], arrays[f"{kind}_sigma"] = stats.mu, stats.sigma
     if entry.features is not None:
         arrays["features"] = entry.features
-
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez appends no ".npz" to its name
-            np.savez(f, **arrays)
-
-    atomic_write(path, write_npz)
-    text = json.dumps(note, indent=1) + "\n"
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    save_npz(path, arrays)
+    save_text(path.with_suffix(".json"), json.dumps(note, indent=1) + "\n")
 
 
 def _load_entry(path: Path) -> Extracted | None:

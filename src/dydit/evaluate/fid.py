@@ -23,6 +23,7 @@ import scipy.linalg
 from torch import Tensor
 
 from dydit.errors import DyditError
+from dydit.io import npz_name, save_npz
 
 # Offset added to both covariances when Σ₁Σ₂ is singular (the ADM evaluator's choice).
 SQRTM_EPS = 1e-6
@@ -138,10 +139,11 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
 
 def save_stats(path: str | Path, stats: dict[str, GaussianStats]) -> None:
     """Write statistics in the ADM reference-batch keys: ``mu``/``sigma`` for ``"pool"`` features,
-    ``mu_s``/``sigma_s`` for ``"spatial"`` features."""
+    ``mu_s``/``sigma_s`` for ``"spatial"`` features. Written atomically; like ``np.savez``, a name
+    without the ``.npz`` suffix gets it appended."""
     arrays: dict[str, np.ndarray] = {}
     for kind, suffix in (("pool", ""), ("spatial", "_s")):
         if kind in stats:
             arrays[f"mu{suffix}"] = stats[kind].mu
             arrays[f"sigma{suffix}"] = stats[kind].sigma
-    np.savez(path, **arrays)
+    save_npz(npz_name(path), arrays)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dydit.errors import DyditError
+from dydit.io import npz_name, save_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # Built-in dataset names -> Fashion-MNIST split.
@@ -236,11 +237,15 @@ def open_image_set(spec: str | Path, limit: int | None = None, image_size: int |
 def write_npz(
     path: str | Path, images: np.ndarray, labels: np.ndarray | None = None, **stats: np.ndarray
 ) -> None:
-    """Write an ADM batch: ``arr_0`` uint8 (N, H, W, C), optional ``arr_1`` labels and statistics."""
+    """Write an ADM batch: ``arr_0`` uint8 (N, H, W, C), optional ``arr_1`` labels and statistics.
+
+    Written atomically (:func:`dydit.io.save_npz`); like ``np.savez``, a name without the ``.npz``
+    suffix gets it appended.
+    """
     arrays = {"arr_0": check_images(np.asarray(images), str(path))}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels)
-    np.savez(path, **arrays, **stats)
+    save_npz(npz_name(path), {**arrays, **stats})
 
 
 def check_images(images: np.ndarray, name: str) -> np.ndarray:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dydit.errors import DyditError
@@ -28,6 +29,7 @@ from dydit.evaluate.features import FeatureNet, load_inception, softmax_np
 from dydit.evaluate.fid import GaussianStats, frechet_distance
 from dydit.evaluate.images import DATASETS, ImageSet, open_image_set
 from dydit.evaluate.metrics import inception_score, label_accuracy, precision_recall
+from dydit.io import save_text
 
 METRICS = ("fid", "sfid", "is", "pr")
 # Inception runs at a few images per second on a small CPU: by default a built-in dataset
@@ -69,7 +71,7 @@ class EvalReport:
         }
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        save_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def evaluate(
@@ -134,7 +136,6 @@ def evaluate(
         progress=progress,
         desc=f"samples {gen_set.name}",
     )
-    n_gen = gen[0].count
 
     if inception_net is not None:
         inc_limit = (
@@ -148,22 +149,34 @@ def evaluate(
         ref_set = open_image_set(reference, ref_limit, size)
         if ref_set.images is None:
             raise DyditError(f"{reference}: the classifier metrics need reference images ('arr_0')")
-        ref = reference_features(
-            ref_set.images,
-            [classifier_net],
-            cache_dir=ref_cache,
-            batch_size=max(batch_size, 500),
-            progress=progress,
-        )[0]
-        out = gen[-1]
-        report.add(
-            f"FD-{CLASSIFIER_NAME}", frechet_distance(out.stats["pool"], ref.stats["pool"]), n_gen, ref.count
+        _classifier_metrics(
+            report, classifier_net, gen[-1], gen_images.labels, ref_set, ref_cache, batch_size, progress
         )
-        report.add(f"IS-{CLASSIFIER_NAME}", inception_score(softmax_np(out.logits)), n_gen)
-        if gen_images.labels is not None:
-            report.add(f"accuracy-{CLASSIFIER_NAME}", label_accuracy(out.logits, gen_images.labels), n_gen)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _classifier_metrics(
+    report: EvalReport,
+    net: FeatureNet,
+    out: Extracted,
+    labels: np.ndarray | None,
+    ref_set: ImageSet,
+    ref_cache: Path | None,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """FD, IS and label accuracy under the Fashion-MNIST classifier (``out``: the samples' features)."""
+    ref = reference_features(
+        ref_set.images, [net], cache_dir=ref_cache, batch_size=max(batch_size, 500), progress=progress
+    )[0]
+    n_gen = out.count
+    report.add(
+        f"FD-{CLASSIFIER_NAME}", frechet_distance(out.stats["pool"], ref.stats["pool"]), n_gen, ref.count
+    )
+    report.add(f"IS-{CLASSIFIER_NAME}", inception_score(softmax_np(out.logits)), n_gen)
+    if labels is not None:
+        report.add(f"accuracy-{CLASSIFIER_NAME}", label_accuracy(out.logits, labels), n_gen)
 
 
 def _inception_metrics(

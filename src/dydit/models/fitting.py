@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from dydit.errors import CheckpointError
-from dydit.presets import DIT_NAMES, MODEL_PRESETS
+from dydit.presets import DIT_NAMES, MODEL_PRESETS, dydit_name
 
 # Sub-module names that exist in DyDiT but not in DiT (METHOD.md §12).
 ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
@@ -36,7 +36,7 @@ def guess_preset(sd: Mapping[str, Tensor]) -> str | None:
     for name in DIT_NAMES:
         cfg = MODEL_PRESETS[name]
         if (cfg.depth, cfg.hidden_size, cfg.patch_size) == (depth, width, patch):
-            return ("DyDiT" + name[3:]) if has_routers(sd) else name
+            return dydit_name(name) if has_routers(sd) else name
     return None
 
 

@@ -196,12 +196,12 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
 
     Used to fine-tune from a checkpoint whose stored config need not match a preset exactly.
     """
-    from dydit.presets import DIT_NAMES, preset_name
+    from dydit.presets import DIT_NAMES, dydit_name, preset_name
 
     dynamic = config.dynamic if dynamic is None else dynamic
     name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
-    if dynamic and name.startswith("DiT-"):
-        name = "DyDiT" + name[3:]
+    if dynamic and name in DIT_NAMES:
+        name = dydit_name(name)
     target = config.replace(dynamic=dynamic)
     base = get_model_config(name)
     return name, {k: v for k, v in target.to_dict().items() if getattr(base, k) != v}

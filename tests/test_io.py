@@ -1,0 +1,107 @@
+"""The bottom-layer helpers every command shares: atomic writes (also of .npz files), the seed
+parser, preset names, and the machine and number formatting of reports."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dydit.errors import DyditError
+from dydit.io import atomic_write, npz_name, remove_stale_temps_in, save_npz
+from dydit.log import device_name, format_number, machine_description
+from dydit.presets import (
+    DIT_NAMES,
+    MODEL_NAMES,
+    SIT_NAMES,
+    dit_name,
+    dydit_name,
+    is_dynamic_name,
+    is_sit_name,
+)
+from dydit.seeds import SeedError, parse_seed
+
+
+# Atomic writes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path, durable):
+    target = tmp_path / "a.npy"
+    atomic_write(target, lambda p: Path(p).write_bytes(b"old"), durable=durable)
+
+    def full_disk(path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DyditError, match="no space left on device; the previous a.npy is kept"):
+        atomic_write(target, full_disk, durable=durable)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+def test_save_npz_is_atomic_and_keeps_its_name(tmp_path):
+    path = save_npz(tmp_path / "x.npz", {"arr_0": np.arange(3)})
+    assert path == tmp_path / "x.npz" and [p.name for p in tmp_path.iterdir()] == ["x.npz"]
+    with np.load(path) as data:
+        assert data["arr_0"].tolist() == [0, 1, 2]
+
+    class Unsaveable:  # np.savez fails on it halfway through writing the archive
+        def __array__(self, *args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(DyditError, match="cannot write .*x.npz"):
+        save_npz(path, {"arr_0": np.zeros(2), "arr_1": Unsaveable()})
+    with np.load(path) as data:  # the previous archive is whole
+        assert data["arr_0"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]
+    assert npz_name(tmp_path / "ref") == tmp_path / "ref.npz" and npz_name(path) == path
+
+
+def test_stale_temps_of_dead_writers_are_removed_once_per_directory(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / f".000001.png.tmp-{dead_pid}"
+    live = tmp_path / f".000002.png.tmp-{os.getppid()}"  # a live process (this one's parent)
+    mine = tmp_path / f".000003.png.tmp-{os.getpid()}"
+    for p in (stale, live, mine):
+        p.write_bytes(b"x")
+    assert remove_stale_temps_in(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and mine.exists()
+
+
+# Seeds ------------------------------------------------------------------------------------------
+def test_one_seed_parser_for_every_command():
+    assert parse_seed("0") == 0 and parse_seed(" 7 ") == 7 and parse_seed(2**63 - 1) == 2**63 - 1
+    for bad in ("-1", str(2**63), "1.5", "x", ""):
+        with pytest.raises(SeedError):
+            parse_seed(bad)
+    assert issubclass(SeedError, DyditError)
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=parse_seed)
+    assert p.parse_args(["--seed", "3"]).seed == 3
+    with pytest.raises(SystemExit):
+        p.parse_args(["--seed", "-1"])
+
+
+# Preset names -----------------------------------------------------------------------------------
+def test_preset_names_convert_between_dit_and_dydit():
+    assert dydit_name("DiT-S/2") == "DyDiT-S/2" and dydit_name("DyDiT-S/2") == "DyDiT-S/2"
+    assert dit_name("DyDiT-XL/2") == "DiT-XL/2" and dit_name("DiT-XL/2") == "DiT-XL/2"
+    assert dit_name("SiT-XL/2") == "SiT-XL/2" and is_sit_name("SiT-XL/2") and not is_sit_name("DiT-XL/2")
+    assert is_dynamic_name("DyDiT-Ti/2") and not is_dynamic_name("DiT-Ti/2")
+    assert all(dit_name(dydit_name(n)) == n for n in DIT_NAMES)
+    assert {dydit_name(n) for n in DIT_NAMES} <= set(MODEL_NAMES)
+    assert dydit_name("SiT-XL/2") not in MODEL_NAMES and set(SIT_NAMES) <= set(MODEL_NAMES)
+
+
+# Reports ----------------------------------------------------------------------------------------
+def test_machine_and_number_formatting():
+    assert device_name("cpu") and machine_description("cpu").endswith("torch threads")
+    assert format_number(None) == "–" and format_number(float("nan")) == "–"
+    assert format_number(1.23456) == "1.235" and format_number(2.5, ".1f") == "2.5"
