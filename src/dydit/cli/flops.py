@@ -223,7 +223,7 @@ def print_dynamic(model, rows: list[dict], args: argparse.Namespace) -> None:
     table = static_table(cfg)
     dense = sum(table.values())
     other = dense - table["attention"] - table["mlp"]
-    hidden = model.blocks[0].token_selection.mlp_head[0].out_features
+    hidden = model.blocks[0].token_selection.hidden_layer.out_features
     # Token routers run on every token of every layer; width routers are precomputed per t (§7.3).
     n_tok = cfg.num_tokens
     router = cfg.depth * (linear_macs(n_tok, cfg.hidden_size, hidden) + linear_macs(n_tok, hidden, 1))
