@@ -3,24 +3,19 @@
 METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
 the flattened batch) and §8 (what makes it fast). The released DyDiT code multiplies full tensors
 by 0/1 masks and is slower than DiT; this engine computes exactly the masked model's output while
-running only
+running attention on the active heads only (their q/k/v rows and ``proj`` columns; full
+``proj.bias``, which is the whole branch when no head is active) and the MLP on the active groups
+only (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on the tokens the SDT router
+keeps: their rows of the flattened (B·N, D) activations are gathered and scattered back with
+``index_add_``; skipped tokens get no update at all (§4.2).
 
-- attention on the |I| active heads: the q/k/v rows and ``proj`` columns of those heads, fused SDPA,
-  and the full ``proj.bias`` (with I = ∅ the branch is ``proj.bias``; METHOD.md §3.5 item 2);
-- the MLP on the |J| active groups (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on
-  the tokens the SDT router keeps: their rows of the flattened (B·N, D) activations are gathered,
-  pass fc1 -> GELU -> fc2, are multiplied by the per-sample gate and scattered back (``index_add_``);
-  skipped tokens get no update at all (no ``fc2.bias`` either, §4.2).
-
-The block itself is not re-derived here: each layer runs :func:`dydit.models.block.attention_half`,
-the function the masked block runs, with sliced weights, and :func:`gathered_mlp_update`, the
-block's token skip on the gathered kept rows. Width masks depend only on t (§3.1): the model's
-:meth:`~dydit.models.dydit.DyDiT.width_plan` gives the masks of each t value, and every step of the
-plan becomes :class:`StepPacks` (per layer, contiguous pre-sliced weights), built once per distinct
-t value from packs cached per (layer, mask) pattern. A forward call costs one host sync to read t,
-one dict lookup, and a loop over layers (one more sync per layer on CUDA for the kept-token count).
-Both CFG halves share one pass because their t, hence their plan step, are equal. All samples of a
-call are grouped by t.
+The block is not re-derived here: each layer runs :func:`dydit.models.block.attention_half`, as
+the masked block does, with sliced weights, then :func:`gathered_mlp_update`, the block's token
+skip on the gathered rows. Width masks depend only on t (§3.1): each step of the model's
+:meth:`~dydit.models.dydit.DyDiT.width_plan` becomes :class:`StepPacks` (per layer, contiguous
+pre-sliced weights), built once per distinct t value from packs cached per (layer, mask). A call
+costs one host sync to read t, one dict lookup and a loop over layers (on CUDA one more sync per
+layer for the kept-token count). CFG halves share a pass (same t); samples are grouped by t.
 
 Optional ``torch.compile`` of the two per-layer regions (dynamic shapes, so head/group/token counts
 do not trigger a recompilation per value; ``token_bucket`` pads the kept-token count to a multiple
@@ -92,9 +87,9 @@ class StepPacks:
     mlp: tuple[MlpPack, ...]
 
 
-def slice_attention(attn: Attention, heads: Tensor) -> AttnPack:
+def slice_attention(layer: Attention, heads: Tensor) -> AttnPack:
     """Pack the q/k/v rows and proj columns of the heads where ``heads`` (H,) is true."""
-    qkv, proj = attn.qkv, attn.proj
+    qkv, proj = layer.qkv, layer.proj
     width, num_heads = proj.out_features, heads.numel()
     d = width // num_heads
     active = heads.nonzero().flatten().to(qkv.weight.device)  # (|I|,)
@@ -115,9 +110,9 @@ def slice_attention(attn: Attention, heads: Tensor) -> AttnPack:
     )
 
 
-def slice_mlp(mlp: Mlp, groups: Tensor) -> MlpPack:
+def slice_mlp(layer: Mlp, groups: Tensor) -> MlpPack:
     """Pack the fc1 rows and fc2 columns of the groups where ``groups`` (G,) is true; g = hidden / G."""
-    fc1, fc2 = mlp.fc1, mlp.fc2
+    fc1, fc2 = layer.fc1, layer.fc2
     num_groups = groups.numel()
     g = fc1.out_features // num_groups
     active = groups.nonzero().flatten().to(fc1.weight.device)  # (|J|,)
@@ -268,9 +263,11 @@ class SlicedDyDiT(nn.Module):
             raise DyditError(f"width masks must be (T, L, H) = (T, *{shape}), got {tuple(plan.heads.shape)}")
         for t, heads, groups in plan.steps():
             if t not in self._steps:
-                attn = tuple(self._attn_pack(layer, heads[layer]) for layer in range(self.num_layers))
-                mlp = tuple(self._mlp_pack(layer, groups[layer]) for layer in range(self.num_layers))
-                self._steps[t] = StepPacks(attn, mlp)
+                layers = range(self.num_layers)
+                self._steps[t] = StepPacks(
+                    tuple(self._attn_pack(layer, heads[layer]) for layer in layers),
+                    tuple(self._mlp_pack(layer, groups[layer]) for layer in layers),
+                )
 
     def plan(self, t: float | Tensor) -> StepPacks:
         """The packs of the plan step of one t value (packed on first use)."""
