@@ -15,7 +15,7 @@ from dydit.models.calibrate import (
     masked_forward,
     segment_counts,
 )
-from dydit.models.dydit import DyDiT
+from dydit.models.dydit import DyDiT, execution
 from dydit.models.sliced import SlicedDyDiT, sliced
 
 HEADS_AND_WIDTH = [(2, 32), (3, 48), (4, 32)]  # (heads, width): width divisible by heads and by 16
@@ -305,3 +305,44 @@ def test_cuda_sliced_equals_masked(compiled, dtype):
         assert rel_err(fast, masked) < 1e-5
     else:
         assert rel_err(fast.float().cpu(), ref) <= 2 * rel_err(masked.float().cpu(), ref) + 1e-3
+
+
+def test_engine_cache_is_dropped_by_load_to_and_train_and_stays_out_of_the_state_dict():
+    model = random_dydit(2, 32, "forced_first")
+    keys = set(model.state_dict())
+    x, y = inputs(model, 2)
+    t = torch.full((2,), 10)
+    model.execution = "sliced"
+    model(x, t, y)
+    assert model.sliced_engine().cache_info()["plans"] == 1
+    assert set(model.state_dict()) == keys  # the engine is not a submodule
+    sd = {k: v + 0.1 if k.endswith("adaLN_modulation.1.bias") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)  # copies in place: the fused adaLN weights must not survive
+    assert model.sliced_engine().cache_info()["plans"] == 0
+    with execution(model, "masked"):
+        ref = model(x, t, y)
+    assert rel_err(model(x, t, y), ref) < 1e-5
+    model.to(torch.float64)
+    assert model.sliced_engine().cache_info()["plans"] == 0
+    assert model(x.double(), t, y).dtype == torch.float64
+    model.train()
+    model.eval()
+    assert model.sliced_engine().cache_info()["plans"] == 0
+
+
+def test_float_time_values_are_planned_by_their_exact_value():
+    """Flow-matching models receive t in [0, 1]: plans are keyed by the float value as given."""
+    model = random_dydit(4, 32, "all")
+    plan = model.width_plan(torch.tensor([0.25, 0.75]))
+    assert plan.timesteps.dtype == torch.float32 and len(plan) == 2
+    assert [t for t, _, _ in plan.steps()] == [0.25, 0.75]
+    assert torch.equal(plan.lookup(0.75)[0], model.width_masks(torch.tensor([0.75]))[0][0])
+    with pytest.raises(DyditError, match="timestep 0.5 is not in this width plan"):
+        plan.lookup(0.5)
+    x, y = inputs(model, 3)
+    t = torch.tensor([0.1, 0.1, 0.7])  # float32 values that Python floats do not equal exactly
+    engine = SlicedDyDiT(model)
+    assert rel_err(engine(x, t, y), model(x, t, y)) < 1e-5
+    assert engine.cache_info()["plans"] == 2
+    engine.prepare([0.5, 0.5])  # Python floats: float64 keys
+    assert engine.cache_info()["plans"] == 3 and engine.plan(0.5) is engine.plan(torch.tensor(0.5))

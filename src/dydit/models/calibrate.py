@@ -14,8 +14,8 @@ do all the work. To time large models at a chosen ρ, :func:`calibrate_routers` 
 - **Token routers.** Layer by layer, in a masked forward pass on a calibration batch, the last bias
   of the token router is shifted by the quantile of its logits, so a chosen fraction of tokens is kept.
 
-:func:`masked_forward` is the plain masked reference (masks multiply full tensors, as in the
-released code) used for the token calibration and by the equivalence tests of the sliced engine.
+:func:`masked_forward` runs the masked blocks with optional overrides of the routers; the token
+calibration uses it, and so do the equivalence tests of the sliced engine.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dydit.constants import NUM_TIMESTEPS
 from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
-from dydit.models.layers import modulate
 
 # Router biases that keep an output always on / always off, whatever t is.
 _ALWAYS = 1e4
@@ -158,7 +156,7 @@ def calibrate_width_routers(
 
 
 def _token_router_bias(block: nn.Module) -> Tensor:
-    return block.token_selection.mlp_head[-1].bias
+    return block.token_selection.output_layer.bias
 
 
 @torch.no_grad()
@@ -174,38 +172,23 @@ def masked_forward(
 ) -> Tensor:
     """Reference DyDiT inference by masking (METHOD.md §2, §3.3, §4.2): full tensors times 0/1 masks.
 
-    Heads are zeroed before ``proj``, fc1 channels before the GELU, and skipped tokens get a zero
-    MLP update. Masks may differ per sample (each sample's own t). ``token_hook(layer, logits)``
-    may replace the logits (used by the token calibration). Returns (B, C_out, H, W).
+    Runs each block's :meth:`~dydit.models.block.DyDiTBlock.forward_masked` with evaluation
+    width masks (per sample: each sample's own t). ``width_masks(t)`` may replace the model's,
+    ``token_logits(layer, x)`` the token routers, and ``token_hook(layer, logits)`` may rewrite the
+    logits (used by the token calibration). Returns (B, C_out, H, W).
     """
     width_masks = width_masks or model.width_masks
     t = t.expand(x.shape[0]) if t.ndim == 0 else t
     tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-    b, n, d = tokens.shape
     head_masks, group_masks = width_masks(t)  # (B, L, H) each
     for layer, block in enumerate(model.blocks):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(
-            6, dim=1
-        )
-        attn, h = block.attn, head_masks.shape[-1]
-        qkv = attn.qkv(modulate(block.norm1(tokens), shift_msa, scale_msa))
-        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, H, N, d) each
-        o = F.scaled_dot_product_attention(q, k, v) * head_masks[:, layer, :, None, None].to(q.dtype)
-        tokens = tokens + gate_msa[:, None] * attn.proj(o.transpose(1, 2).reshape(b, n, d))
-        if token_logits is not None:
-            logits = token_logits(layer, tokens)
-        elif hasattr(block, "token_logits"):
-            logits = block.token_logits(tokens)
-        else:
-            logits = tokens.new_ones(b, n)
-        if token_hook is not None:
-            logits = token_hook(layer, logits)
-        keep = (logits > 0).to(tokens.dtype)[..., None]  # (B, N, 1)
-        u = block.mlp.fc1(modulate(block.norm2(tokens), shift_mlp, scale_mlp))  # (B, N, hidden)
-        g = u.shape[-1] // group_masks.shape[-1]
-        u = u * group_masks[:, layer].repeat_interleave(g, dim=1)[:, None, :].to(u.dtype)
-        u = block.mlp.fc2(block.mlp.act(u))
-        tokens = tokens + keep * (gate_mlp[:, None] * u)
+
+        def select(z: Tensor, layer: int = layer, block: nn.Module = block) -> Tensor:
+            logits = block.token_logits(z) if token_logits is None else token_logits(layer, z)
+            return logits if token_hook is None else token_hook(layer, logits)
+
+        heads, groups = head_masks[:, layer].to(tokens.dtype), group_masks[:, layer].to(tokens.dtype)
+        tokens, _ = block.forward_masked(tokens, c, heads, groups, token_logits=select)
     return model.head(tokens, c)
 
 

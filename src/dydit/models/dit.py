@@ -40,6 +40,11 @@ class DiTBlock(nn.Module):
         # Index 1 of the Sequential is the Linear: official key ``adaLN_modulation.1.*``.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+    @property
+    def modulation_linear(self) -> nn.Linear:
+        """The Linear(D, 6D) that maps SiLU(c) to the six adaLN vectors (key ``adaLN_modulation.1``)."""
+        return self.adaLN_modulation[-1]
+
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
         d = c.shape[1]
@@ -118,8 +123,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, and the output starts at zero.
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(block.modulation_linear.weight)
+            nn.init.zeros_(block.modulation_linear.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

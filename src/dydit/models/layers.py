@@ -20,7 +20,59 @@ from dydit.flops.counter import record
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation x·(1 + scale) + shift, broadcast over tokens. x: (B, N, D); shift/scale: (B, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # one pass over (B, N, D)
+
+
+# Attention and MLP as functions of their weights: the DiT modules below, the masked DyDiT block
+# and the sliced engine (which passes the weights of the active heads or groups only) all run these.
+def attention(
+    x: Tensor,
+    qkv_weight: Tensor | None,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor | None,
+    proj_bias: Tensor,
+    num_heads: int,
+    head_mask: Tensor | None = None,
+) -> Tensor:
+    """Multi-head self-attention with fused qkv and SDPA. (B, N, D) -> (B, N, D_out).
+
+    ``qkv_weight`` (3·K·d, D) holds the [q; k; v] rows of ``num_heads`` = K heads, head-major, and
+    ``proj_weight`` (D_out, K·d) the matching columns. ``head_mask`` (B, K) scales each head's output
+    before ``proj`` (0/1 masks switch heads off; METHOD.md §3.3). Without weights (K = 0) the
+    result is ``proj_bias`` for every token (METHOD.md §3.5 item 2).
+    """
+    b, n, _ = x.shape
+    if qkv_weight is None:
+        return proj_bias.expand(b, n, proj_bias.shape[0])
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, K, N, d)
+    if head_mask is not None:
+        out = out * head_mask.to(out.dtype)[:, :, None, None]
+    return F.linear(out.transpose(1, 2).reshape(b, n, -1), proj_weight, proj_bias)
+
+
+def mlp(
+    x: Tensor,
+    fc1_weight: Tensor | None,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor | None,
+    fc2_bias: Tensor,
+    group_mask: Tensor | None = None,
+) -> Tensor:
+    """fc1 -> GELU (tanh approximation) -> fc2. (..., D) -> (..., D_out).
+
+    ``group_mask`` (B, G) scales G equal groups of fc1 outputs before the GELU (0/1 masks switch
+    groups off; METHOD.md §3.3); x is then (B, N, D). Without weights the result is ``fc2_bias``
+    for every row (no active group; METHOD.md §3.5 item 3).
+    """
+    if fc1_weight is None:
+        return fc2_bias.expand(*x.shape[:-1], fc2_bias.shape[0])
+    a = F.linear(x, fc1_weight, fc1_bias)  # (..., hidden)
+    if group_mask is not None:
+        b, n, hidden = a.shape
+        m = group_mask.to(a.dtype)[:, None, :, None]  # (B, 1, G, 1)
+        a = (a.view(b, n, m.shape[2], -1) * m).view(b, n, hidden)
+    return F.linear(F.gelu(a, approximate="tanh"), fc2_weight, fc2_bias)
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
@@ -128,16 +180,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)  # rows [q; k; v], each head-major
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def heads(self, x: Tensor) -> Tensor:
-        """Per-head attention outputs, concatenated head-major before ``proj``. (B, N, D) -> (B, N, D)."""
+    def record_macs(self, x: Tensor) -> None:
+        """Report the MACs of all heads on x (B, N, D) to the FLOPs counter."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, d)
         record("attention", b * formulas.attention_macs(n, d))
-        return out.transpose(1, 2).reshape(b, n, d)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.heads(x))
+    def forward(self, x: Tensor, head_mask: Tensor | None = None) -> Tensor:
+        """(B, N, D) -> (B, N, D); ``head_mask`` (B, H) scales each head's output before ``proj``."""
+        self.record_macs(x)
+        q, p = self.qkv, self.proj
+        return attention(x, q.weight, q.bias, p.weight, p.bias, self.num_heads, head_mask)
 
 
 class Mlp(nn.Module):
@@ -146,10 +198,10 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=True)
-        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, group_mask: Tensor | None = None) -> Tensor:
+        """(..., D) -> (..., D); ``group_mask`` (B, G) scales G groups of fc1 outputs (x is (B, N, D))."""
         tokens = x.shape[:-1].numel()
         record("mlp", formulas.mlp_macs(tokens, self.fc1.in_features, self.fc1.out_features))
-        return self.fc2(self.act(self.fc1(x)))
+        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, group_mask)

@@ -18,6 +18,7 @@ Initial biases (``WIDTH_ROUTER_INIT_BIAS`` = 15, ``TOKEN_ROUTER_INIT_BIAS`` = 35
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dydit.constants import GUMBEL_TAU, TOKEN_ROUTER_REDUCTION
@@ -82,11 +83,20 @@ class WidthRouter(nn.Module):
         return self._with_forced(self.logits(t_emb) > 0)
 
 
+def token_router_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """The SDT router Linear(D, D/16) -> ReLU -> Linear(D/16, 1) on x (B, N, D) -> logits (B, N).
+
+    A function of the weights so that :class:`TokenRouter` and the sliced engine run the same code.
+    """
+    return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).squeeze(-1)
+
+
 class TokenRouter(nn.Module):
     """SDT router: residual stream x (B, N, D) -> per-token logits (B, N) (METHOD.md §4.1).
 
     ``mlp_head`` = Linear(D, D/16) -> ReLU -> Linear(D/16, 1), checkpoint keys
-    ``token_selection.mlp_head.0.*`` and ``token_selection.mlp_head.2.*``.
+    ``token_selection.mlp_head.0.*`` and ``token_selection.mlp_head.2.*``; read them through
+    :attr:`hidden_layer` and :attr:`output_layer`.
     """
 
     def __init__(self, hidden_size: int, reduction: int = TOKEN_ROUTER_REDUCTION):
@@ -94,12 +104,27 @@ class TokenRouter(nn.Module):
         hidden = max(1, hidden_size // reduction)
         self.mlp_head = nn.Sequential(nn.Linear(hidden_size, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
+    @property
+    def hidden_layer(self) -> nn.Linear:
+        """Linear(D, D/16), the first layer."""
+        return self.mlp_head[0]
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """Linear(D/16, 1); its bias sets how many tokens are kept."""
+        return self.mlp_head[-1]
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(w1, b1, w2, b2), the arguments of :func:`token_router_logits`."""
+        first, last = self.hidden_layer, self.output_layer
+        return first.weight, first.bias, last.weight, last.bias
+
     def logits(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, N); a token is kept iff its logit > 0 at evaluation."""
         b, n, d = x.shape
-        hidden = self.mlp_head[0].out_features
+        hidden = self.hidden_layer.out_features
         record("token_router", b * (formulas.linear_macs(n, d, hidden) + formulas.linear_macs(n, hidden, 1)))
-        return self.mlp_head(x).squeeze(-1)
+        return token_router_logits(x, *self.weights())
 
     def forward(self, x: Tensor) -> Tensor:
         """0/1 token mask (B, N), straight-through in training mode."""

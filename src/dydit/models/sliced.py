@@ -3,20 +3,19 @@
 METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
 the flattened batch) and §8 (what makes it fast). The released DyDiT code multiplies full tensors
 by 0/1 masks and is slower than DiT; this engine computes exactly the masked model's output while
-running only
+running attention on the active heads only (their q/k/v rows and ``proj`` columns; full
+``proj.bias``, which is the whole branch when no head is active) and the MLP on the active groups
+only (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on the tokens the SDT router
+keeps: their rows of the flattened (B·N, D) activations are gathered and scattered back with
+``index_add_``; skipped tokens get no update at all (§4.2).
 
-- attention on the |I| active heads: the q/k/v rows and ``proj`` columns of those heads, fused SDPA,
-  and the full ``proj.bias`` (with I = ∅ the branch is ``proj.bias``; METHOD.md §3.5 item 2);
-- the MLP on the |J| active groups (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on
-  the tokens the SDT router keeps: their rows of the flattened (B·N, D) activations are gathered,
-  pass fc1 -> GELU -> fc2, are multiplied by the per-sample gate and scattered back (``index_add_``);
-  skipped tokens get no update at all (no ``fc2.bias`` either, §4.2).
-
-Width masks depend only on t (§3.1), so a *step plan* (per layer: an attention pack and an MLP pack
-of contiguous, pre-sliced weights) is built once per distinct t value, from packs cached per
-(layer, mask) pattern. A forward call costs one host sync to read t, one dict lookup, and a loop
-over layers (one more sync per layer on CUDA for the kept-token count). Both CFG halves share one
-pass because their t, hence their plan, are equal. All samples of a call are grouped by t.
+The block is not re-derived here: each layer runs :func:`dydit.models.block.attention_half`, as
+the masked block does, with sliced weights, then :func:`gathered_mlp_update`, the block's token
+skip on the gathered rows. Width masks depend only on t (§3.1): each step of the model's
+:meth:`~dydit.models.dydit.DyDiT.width_plan` becomes :class:`StepPacks` (per layer, contiguous
+pre-sliced weights), built once per distinct t value from packs cached per (layer, mask). A call
+costs one host sync to read t, one dict lookup and a loop over layers (on CUDA one more sync per
+layer for the kept-token count). CFG halves share a pass (same t); samples are grouped by t.
 
 Optional ``torch.compile`` of the two per-layer regions (dynamic shapes, so head/group/token counts
 do not trigger a recompilation per value; ``token_bucket`` pads the kept-token count to a multiple
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,15 @@ from torch import Tensor, nn
 from dydit.errors import DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
+from dydit.models.block import AttnWeights, RouterWeights, attention_half
+from dydit.models.layers import Attention, Mlp, mlp
 
-WidthMasksFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # t (T,) -> heads (T, L, H), groups (T, L, H)
+if TYPE_CHECKING:  # models/dydit.py imports this module
+    from dydit.models.dydit import DyDiT, WidthPlan
+
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
+KeptRows = tuple[Tensor | None, Tensor | None, Tensor, int]  # idx, sample, gate, number of MLP rows
+MlpWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]  # fc1 weight/bias, fc2 weight/bias
 
 
 # Weight packs -------------------------------------------------------------------------------------
@@ -52,8 +58,8 @@ class AttnPack:
     proj_bias: Tensor  # (D,), always added
 
     @property
-    def args(self) -> tuple:
-        """The arguments of :func:`attention_region` that come from the pack."""
+    def weights(self) -> AttnWeights:
+        """The ``attn`` argument of :func:`~dydit.models.block.attention_half`."""
         return self.qkv_weight, self.qkv_bias, self.proj_weight, self.proj_bias, self.num_heads
 
 
@@ -68,23 +74,23 @@ class MlpPack:
     fc2_bias: Tensor  # (D,), added for every kept token
 
     @property
-    def args(self) -> tuple:
-        """The arguments of :func:`mlp_region` that come from the pack."""
+    def weights(self) -> MlpWeights:
+        """The weight arguments of :func:`dydit.models.layers.mlp`."""
         return self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """Per-layer packs for one timestep value."""
+class StepPacks:
+    """One step of a :class:`~dydit.models.dydit.WidthPlan` made concrete: the per-layer packs."""
 
     attn: tuple[AttnPack, ...]
     mlp: tuple[MlpPack, ...]
 
 
-def slice_attention(qkv: nn.Linear, proj: nn.Linear, heads: Tensor) -> AttnPack:
+def slice_attention(layer: Attention, heads: Tensor) -> AttnPack:
     """Pack the q/k/v rows and proj columns of the heads where ``heads`` (H,) is true."""
-    width = proj.out_features
-    num_heads = heads.numel()
+    qkv, proj = layer.qkv, layer.proj
+    width, num_heads = proj.out_features, heads.numel()
     d = width // num_heads
     active = heads.nonzero().flatten().to(qkv.weight.device)  # (|I|,)
     if active.numel() == num_heads:  # full width: share the model's own tensors
@@ -93,8 +99,7 @@ def slice_attention(qkv: nn.Linear, proj: nn.Linear, heads: Tensor) -> AttnPack:
         )
     if active.numel() == 0:
         return AttnPack(0, None, None, None, proj.bias.detach())
-    within = torch.arange(d, device=active.device)
-    cols = (active[:, None] * d + within).flatten()  # (|I|·d,) channels of the active heads
+    cols = (active[:, None] * d + torch.arange(d, device=active.device)).flatten()  # (|I|·d,)
     rows = torch.cat([part * width + cols for part in range(3)])  # (3·|I|·d,) rows in the q, k, v blocks
     return AttnPack(
         int(active.numel()),
@@ -105,8 +110,9 @@ def slice_attention(qkv: nn.Linear, proj: nn.Linear, heads: Tensor) -> AttnPack:
     )
 
 
-def slice_mlp(fc1: nn.Linear, fc2: nn.Linear, groups: Tensor) -> MlpPack:
+def slice_mlp(layer: Mlp, groups: Tensor) -> MlpPack:
     """Pack the fc1 rows and fc2 columns of the groups where ``groups`` (G,) is true; g = hidden / G."""
+    fc1, fc2 = layer.fc1, layer.fc2
     num_groups = groups.numel()
     g = fc1.out_features // num_groups
     active = groups.nonzero().flatten().to(fc1.weight.device)  # (|J|,)
@@ -126,38 +132,7 @@ def slice_mlp(fc1: nn.Linear, fc2: nn.Linear, groups: Tensor) -> MlpPack:
     )
 
 
-# The two per-layer regions (plain functions of tensors, so torch.compile sees no modules) -------------
-def attention_region(
-    x: Tensor,  # (B, N, D) residual stream
-    mod: Tensor,  # (B, 6, D): shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp
-    qkv_weight: Tensor | None,
-    qkv_bias: Tensor | None,
-    proj_weight: Tensor | None,
-    proj_bias: Tensor,
-    num_heads: int,
-    eps: float,
-    mlp_eps: float,
-    router: tuple[Tensor, Tensor, Tensor, Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """x + gate_msa·Attn_I(modulate(LN x)); then the MLP input h (B, N, D) and token logits (B, N)."""
-    b, n, d = x.shape
-    if num_heads > 0:
-        h = torch.addcmul(mod[:, 0, None], F.layer_norm(x, (d,), eps=eps), mod[:, 1, None])  # (B, N, D)
-        qkv = F.linear(h, qkv_weight, qkv_bias).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, |I|, N, d)
-        o = F.linear(o.transpose(1, 2).reshape(b, n, -1), proj_weight, proj_bias)  # (B, N, D)
-        x = torch.addcmul(x, mod[:, 2, None], o)
-    else:  # no active head: the branch is proj.bias (METHOD.md §3.5 item 2)
-        x = torch.addcmul(x, mod[:, 2, None], proj_bias)
-    logits = None
-    if router is not None:  # SDT router on the raw post-attention stream (METHOD.md §4.1)
-        w1, b1, w2, b2 = router
-        logits = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2).squeeze(-1)  # (B, N)
-    h = torch.addcmul(mod[:, 3, None], F.layer_norm(x, (d,), eps=mlp_eps), mod[:, 4, None])  # (B, N, D)
-    return x, h, logits
-
-
-def mlp_region(
+def gathered_mlp_update(
     x: Tensor,  # (B, N, D), updated in place
     h: Tensor,  # (B, N, D) modulated MLP input
     idx: Tensor | None,  # (M,) kept rows of the flattened (B·N) axis; None = all tokens
@@ -168,18 +143,24 @@ def mlp_region(
     fc2_weight: Tensor | None,
     fc2_bias: Tensor,
 ) -> Tensor:
-    """x + gate_mlp·MLP_J(h) on the kept tokens (gather -> fc1 -> GELU -> fc2 -> gate -> scatter)."""
+    """The block's token skip (``x + keep ⊙ gate_mlp·MLP_J(h)``) computed on the kept rows only:
+    gather -> :func:`~dydit.models.layers.mlp` -> gate -> scatter-add (METHOD.md §4.3)."""
     b, n, d = x.shape
     rows = h.reshape(b * n, d) if idx is None else h.reshape(b * n, d).index_select(0, idx)  # (M, D)
-    if fc1_weight is not None:
-        u = F.linear(F.gelu(F.linear(rows, fc1_weight, fc1_bias), approximate="tanh"), fc2_weight, fc2_bias)
-    else:  # no active group: the MLP output is fc2.bias for every kept token (METHOD.md §3.5 item 3)
-        u = fc2_bias.expand_as(rows)
+    u = mlp(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)  # (M, D)
     if idx is None:
         return x.addcmul_(gate[:, None, :], u.view(b, n, d))
-    u = u * gate.index_select(0, sample)  # (M, D)
-    x.view(b * n, d).index_add_(0, idx, u)
+    x.view(b * n, d).index_add_(0, idx, u * gate.index_select(0, sample))
     return x
+
+
+def _time_values(timesteps: Iterable[float] | Tensor) -> Tensor:
+    """t values as a flat CPU tensor; Python floats as float64 so that each keeps its exact value."""
+    if isinstance(timesteps, Tensor):
+        return timesteps.detach().flatten().cpu()
+    values = list(timesteps)
+    floats = any(isinstance(v, float) for v in values)
+    return torch.as_tensor(values, dtype=torch.float64 if floats else None).flatten()
 
 
 # The engine ---------------------------------------------------------------------------------------------
@@ -187,59 +168,58 @@ class SlicedDyDiT(nn.Module):
     """Inference-only DyDiT that skips masked work; ``engine(x, t, y) -> Tensor`` like every model.
 
     Args:
-        model: a DyDiT (or any DiT with ``width_masks`` and blocks with ``token_logits``). Put in eval mode.
-        plan_timesteps: t values whose step plans are built now (others are built on first use).
-        width_masks: overrides ``model.width_masks``: t (T,) -> (heads, groups), each (T, L, H) bool.
+        model: a DyDiT; put in eval mode.
+        plan_timesteps: t values whose plan steps are packed now (others are packed on first use).
         token_logits: overrides the blocks' token routers: (layer, x (B, N, D)) -> (B, N); kept iff > 0.
         compile: compile the two per-layer regions with ``torch.compile(dynamic=True)``.
         compile_mode: passed to ``torch.compile`` (e.g. ``"max-autotune-no-cudagraphs"``).
         token_bucket: pad the kept-token count to a multiple of this (bounded shapes for static modes).
+
+    Packs are sliced copies of the weights: call :meth:`clear_cache` after changing them.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: DyDiT,
         *,
         plan_timesteps: Iterable[float] | Tensor | None = None,
-        width_masks: WidthMasksFn | None = None,
         token_logits: TokenLogitsFn | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
         token_bucket: int | None = None,
     ):
         super().__init__()
-        self.model = model.eval()
-        self._width_masks = width_masks if width_masks is not None else getattr(model, "width_masks", None)
-        if self._width_masks is None:
-            raise DyditError("sliced execution needs width masks: pass a DyDiT or a width_masks function")
-        self._token_logits = token_logits
+        if not hasattr(model, "width_plan"):
+            raise DyditError("sliced execution needs a DyDiT (a model with width_plan and routers)")
         if token_bucket is not None and token_bucket < 1:
             raise DyditError(f"token_bucket must be positive, got {token_bucket}")
+        self.model = model.eval()
+        self._token_logits = token_logits
         self.token_bucket = token_bucket
         blocks = list(model.blocks)
         self.num_layers = len(blocks)
         self.num_heads = model.config.num_heads
         self.eps = float(blocks[0].norm1.eps)
         self.mlp_eps = float(blocks[0].norm2.eps)  # differs for diffusers-convention models
-        self._attn_fn: Callable = attention_region
-        self._mlp_fn: Callable = mlp_region
+        self._attn_fn: Callable = attention_half
+        self._mlp_fn: Callable = gathered_mlp_update
         # CUDA graphs (mode "reduce-overhead") must not copy the weights into static buffers per replay.
         self._static_weights = compile and "reduce-overhead" in (compile_mode or "")
         if compile:
-            self._attn_fn = torch.compile(attention_region, dynamic=True, mode=compile_mode)
-            self._mlp_fn = torch.compile(mlp_region, dynamic=True, mode=compile_mode)
+            self._attn_fn = torch.compile(attention_half, dynamic=True, mode=compile_mode)
+            self._mlp_fn = torch.compile(gathered_mlp_update, dynamic=True, mode=compile_mode)
         self.clear_cache()
         if plan_timesteps is not None:
             self.prepare(plan_timesteps)
 
     # caches -----------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        """Forget plans, weight packs and fused adaLN weights (call after changing the model's weights)."""
-        self._plans: dict[float, StepPlan] = {}
+        """Forget plan steps, weight packs and fused adaLN/router weights (after changing the weights)."""
+        self._steps: dict[float, StepPacks] = {}
         self._attn_packs: dict[tuple[int, bytes], AttnPack] = {}
         self._mlp_packs: dict[tuple[int, bytes], MlpPack] = {}
         self._adaln: tuple[Tensor, Tensor] | None = None
-        self._routers: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None
+        self._routers: list[RouterWeights | None] | None = None
 
     def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): packs must follow the weights
         out = super()._apply(fn, recurse)
@@ -252,7 +232,7 @@ class SlicedDyDiT(nn.Module):
         return super().train(False)
 
     def cache_info(self) -> dict[str, int]:
-        """Numbers of cached step plans and packs, and the bytes held by sliced (non-shared) weights."""
+        """Numbers of cached plan steps and packs, and the bytes held by sliced (non-shared) weights."""
         shared = {p.data_ptr() for p in self.model.parameters()}
         own = {
             w.data_ptr(): w.numel() * w.element_size()
@@ -261,42 +241,53 @@ class SlicedDyDiT(nn.Module):
             if isinstance(w, Tensor) and w.data_ptr() not in shared
         }
         return {
-            "plans": len(self._plans),
+            "plans": len(self._steps),
             "attn_packs": len(self._attn_packs),
             "mlp_packs": len(self._mlp_packs),
             "pack_bytes": sum(own.values()),
         }
 
+    # plans --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, timesteps: Iterable[float] | Tensor) -> None:
-        """Build the step plans of these t values (one call of the width routers for all of them)."""
-        t = torch.as_tensor(timesteps if isinstance(timesteps, Tensor) else list(timesteps)).flatten()
-        keys = [float(v) for v in t.tolist()]
-        new = [i for i, k in enumerate(keys) if k not in self._plans]
-        if not new:
-            return
-        device = next(self.model.parameters()).device
-        heads, groups = self._width_masks(t[new].to(device))  # (T, L, H) each
-        heads, groups = heads.bool().cpu(), groups.bool().cpu()
-        if heads.shape[1:] != (self.num_layers, self.num_heads) or groups.shape[1:] != heads.shape[1:]:
-            raise DyditError(
-                f"width masks must be (T, {self.num_layers}, {self.num_heads}), got {tuple(heads.shape)}"
-            )
-        for row, i in enumerate(new):
-            attn, mlp = [], []
-            for layer, block in enumerate(self.model.blocks):
-                hk = (layer, heads[row, layer].numpy().tobytes())
-                if hk not in self._attn_packs:
-                    pack = slice_attention(block.attn.qkv, block.attn.proj, heads[row, layer])
-                    self._attn_packs[hk] = self._mark_static(pack)
-                gk = (layer, groups[row, layer].numpy().tobytes())
-                if gk not in self._mlp_packs:
-                    self._mlp_packs[gk] = self._mark_static(
-                        slice_mlp(block.mlp.fc1, block.mlp.fc2, groups[row, layer])
-                    )
-                attn.append(self._attn_packs[hk])
-                mlp.append(self._mlp_packs[gk])
-            self._plans[keys[i]] = StepPlan(tuple(attn), tuple(mlp))
+        """Pack the plan steps of these t values (one call of ``model.width_plan`` for all of them)."""
+        t = _time_values(timesteps)
+        new = [i for i, v in enumerate(t.tolist()) if float(v) not in self._steps]
+        if new:
+            self.load_plan(self.model.width_plan(t[new]))
+
+    def load_plan(self, plan: WidthPlan) -> None:
+        """Pack every step of a width plan (steps already packed are kept)."""
+        shape = (self.num_layers, self.num_heads)
+        if plan.heads.shape[1:] != shape or plan.groups.shape[1:] != shape:
+            raise DyditError(f"width masks must be (T, L, H) = (T, *{shape}), got {tuple(plan.heads.shape)}")
+        for t, heads, groups in plan.steps():
+            if t not in self._steps:
+                layers = range(self.num_layers)
+                self._steps[t] = StepPacks(
+                    tuple(self._attn_pack(layer, heads[layer]) for layer in layers),
+                    tuple(self._mlp_pack(layer, groups[layer]) for layer in layers),
+                )
+
+    def plan(self, t: float | Tensor) -> StepPacks:
+        """The packs of the plan step of one t value (packed on first use)."""
+        key = float(t)
+        if key not in self._steps:
+            self.prepare(t.reshape(1) if isinstance(t, Tensor) else [t])
+        return self._steps[key]
+
+    def _attn_pack(self, layer: int, heads: Tensor) -> AttnPack:
+        key = (layer, heads.cpu().numpy().tobytes())
+        if key not in self._attn_packs:
+            pack = slice_attention(self.model.blocks[layer].attn, heads)
+            self._attn_packs[key] = self._mark_static(pack)
+        return self._attn_packs[key]
+
+    def _mlp_pack(self, layer: int, groups: Tensor) -> MlpPack:
+        key = (layer, groups.cpu().numpy().tobytes())
+        if key not in self._mlp_packs:
+            self._mlp_packs[key] = self._mark_static(slice_mlp(self.model.blocks[layer].mlp, groups))
+        return self._mlp_packs[key]
 
     def _mark_static(self, pack):
         """Tell torch.compile's CUDA graphs that these weights keep their address (no copy per replay)."""
@@ -306,45 +297,25 @@ class SlicedDyDiT(nn.Module):
                     torch._dynamo.mark_static_address(w)
         return pack
 
-    def plan(self, t: float) -> StepPlan:
-        """The step plan of one t value (built on first use)."""
-        if float(t) not in self._plans:
-            self.prepare([float(t)])
-        return self._plans[float(t)]
-
     def _fused_adaln(self) -> tuple[Tensor, Tensor]:
-        """All layers' adaLN linears stacked into one (L·6D, D) matmul; +1 folded into the scale biases."""
+        """All layers' adaLN linears stacked into one (L·6D, D) matmul."""
         if self._adaln is None:
-            ws, bs = [], []
-            for block in self.model.blocks:
-                lin = block.adaLN_modulation[-1]
-                bias = lin.bias.detach().clone().view(6, -1)
-                bias[1] += 1  # 1 + scale_msa
-                bias[4] += 1  # 1 + scale_mlp
-                ws.append(lin.weight.detach())
-                bs.append(bias.flatten())
-            self._adaln = (torch.cat(ws).contiguous(), torch.cat(bs))
+            linears = [block.modulation_linear for block in self.model.blocks]
+            weight = torch.cat([lin.weight.detach() for lin in linears]).contiguous()
+            self._adaln = (weight, torch.cat([lin.bias.detach() for lin in linears]))
         return self._adaln
 
-    def _router_packs(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor] | None]:
-        """(w1, b1, w2, b2) of each block's SDT router MLP, or None where the block has none."""
+    def _router_weights(self) -> list[RouterWeights | None]:
+        """Each block's SDT router weights (run inside the attention region); None with an override."""
         if self._routers is None:
             self._routers = []
             for block in self.model.blocks:
-                head = getattr(getattr(block, "token_selection", None), "mlp_head", None)
-                if head is None:
-                    self._routers.append(None)
-                    continue
-                first, last = head[0], head[-1]
-                router = (
-                    first.weight.detach(),
-                    first.bias.detach(),
-                    last.weight.detach(),
-                    last.bias.detach(),
-                )
-                if self._static_weights:
-                    for w in router:
-                        torch._dynamo.mark_static_address(w)
+                router = None
+                if self._token_logits is None:
+                    router = tuple(w.detach() for w in block.token_selection.weights())
+                    if self._static_weights:
+                        for w in router:
+                            torch._dynamo.mark_static_address(w)
                 self._routers.append(router)
         return self._routers
 
@@ -360,57 +331,46 @@ class SlicedDyDiT(nn.Module):
         values = t.detach().cpu()  # the one host sync of the call
         first = values[0]
         if bool((values == first).all()):
-            return self._forward_one_t(x, t, y, float(first))
-        # Samples with different t have different plans: run each group and reassemble.
+            return self._forward_one_t(x, t, y, first)
+        # Samples with different t have different plan steps: run each group and reassemble.
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            part = self._forward_one_t(x[rows], t[rows], y[rows], float(value))
+            part = self._forward_one_t(x[rows], t[rows], y[rows], value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, rows, part)
         return out
 
-    def _forward_one_t(self, x: Tensor, t: Tensor, y: Tensor, t_value: float) -> Tensor:
-        model = self.model
-        plan = self.plan(t_value)
-        x = x.to(next(model.parameters()).dtype)
+    def _forward_one_t(self, x: Tensor, t: Tensor, y: Tensor, t_value: Tensor) -> Tensor:
+        model, step = self.model, self.plan(t_value)
+        x = x.to(model.pos_embed.dtype)
         tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-        tokens = tokens.contiguous()  # mlp_region views it as (B·N, D) rows
+        tokens = tokens.contiguous()  # gathered_mlp_update views it as (B·N, D) rows
         b, n, d = tokens.shape
         w, bias = self._fused_adaln()
-        mods = F.linear(F.silu(c), w, bias).view(b, self.num_layers, 6, d)  # (B, L, 6, D)
+        mods = F.linear(F.silu(c), w, bias).view(b, self.num_layers, 6, d).permute(1, 2, 0, 3)  # (L, 6, B, D)
         record("adaLN", b * self.num_layers * formulas.linear_macs(1, d, 6 * d))
-        routers = self._router_packs() if self._token_logits is None else [None] * self.num_layers
+        routers = self._router_weights()
         hidden = model.config.mlp_hidden
         for layer in range(self.num_layers):
-            ap, mp, mod = plan.attn[layer], plan.mlp[layer], mods[:, layer]
-            tokens, h, logits = self._attn_fn(tokens, mod, *ap.args, self.eps, self.mlp_eps, routers[layer])
+            ap, mp, mod, router = step.attn[layer], step.mlp[layer], mods[layer], routers[layer]
+            tokens, h, logits = self._attn_fn(tokens, mod, ap.weights, self.eps, self.mlp_eps, None, router)
             record("attention", b * formulas.attention_macs(n, d, ap.num_heads, self.num_heads))
             if logits is None:
-                logits = self._logits_eager(layer, tokens)
-            if logits is not None and routers[layer] is not None:
-                r = routers[layer][0].shape[0]  # D/16
+                logits = self._token_logits(layer, tokens)
+            else:
+                r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
-            idx, sample, gate, rows = self._kept_rows(logits, mod[:, 5], n)
+            idx, sample, gate, rows = self._kept_rows(logits, mod[5], n)
             if rows == 0:
                 continue
-            tokens = self._mlp_fn(tokens, h, idx, sample, gate, *mp.args)
+            tokens = self._mlp_fn(tokens, h, idx, sample, gate, *mp.weights)
             record("mlp", formulas.mlp_macs(rows, d, hidden, mp.num_groups, self.num_heads))
         return model.head(tokens, c)
 
-    def _logits_eager(self, layer: int, x: Tensor) -> Tensor | None:
-        if self._token_logits is not None:
-            return self._token_logits(layer, x)
-        block = self.model.blocks[layer]
-        return block.token_logits(x) if hasattr(block, "token_logits") else None
-
-    def _kept_rows(
-        self, logits: Tensor | None, gate: Tensor, n: int
-    ) -> tuple[Tensor | None, Tensor | None, Tensor, int]:
+    def _kept_rows(self, logits: Tensor, gate: Tensor, n: int) -> KeptRows:
         """(idx, sample, gate, rows) for the MLP: rows of kept tokens in the flattened batch (§4.3)."""
-        if logits is None:  # no token router: every token runs the MLP
-            return None, None, gate, gate.shape[0] * n
         keep = (logits > 0).flatten()  # (B·N,)
         idx = keep.nonzero().flatten()  # (M,), host sync on CUDA
         m = idx.numel()
@@ -430,34 +390,6 @@ class SlicedDyDiT(nn.Module):
         return idx, sample, gate, padded
 
 
-def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
+def sliced(model: DyDiT, **kwargs) -> SlicedDyDiT:
     """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
     return SlicedDyDiT(model, **kwargs)
-
-
-# ``model.execution = "sliced"`` -------------------------------------------------------------------------
-def _weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Storage and in-place version of every parameter: changes on load, optimiser step, .to(), ..."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def _execution_forward(model: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    """The ``"sliced"`` execution mode of DyDiT: a cached engine, rebuilt when the weights change."""
-    if model.training:
-        raise DyditError("execution 'sliced' is inference-only: call model.eval() first")
-    engine, version = model.__dict__.get("_sliced_engine", (None, None))
-    current = _weights_version(model)
-    if engine is None or version != current:
-        engine = SlicedDyDiT(model)
-        # Kept outside the module tree (not a submodule), so state_dict() and .to() ignore it.
-        model.__dict__["_sliced_engine"] = (engine, current)
-    return engine(x, t, y)
-
-
-def _register() -> None:
-    from dydit.models.dydit import register_execution
-
-    register_execution("sliced", _execution_forward)
-
-
-_register()
