@@ -57,6 +57,19 @@ def add_run_options(p: argparse.ArgumentParser, *, finetune: bool) -> None:
         help="override a model config field, e.g. depth=4 or learn_sigma=false (repeatable)",
     )  # fmt: skip
     g.add_argument(
+        "--objective", choices=("ddpm", "flow"), default=None,
+        help="training objective: ddpm (DiT's epsilon prediction) or flow (flow matching, SiT); "
+        "default: the preset's (SiT-* are flow) or the --init-from weights'",
+    )  # fmt: skip
+    g.add_argument(
+        "--flow-path", choices=("linear", "gvp"), default=None,
+        help="flow matching: the interpolant path (default linear, SiT's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--flow-prediction", choices=("velocity", "noise", "score"), default=None,
+        help="flow matching: what the network predicts (default velocity, SiT's)",
+    )  # fmt: skip
+    g.add_argument(
         "--init-from", required=finetune, default=None, metavar="CKPT",
         help="start from these weights: any checkpoint `dydit inspect` reads (state dict, training "
         "dict or state, .safetensors, diffusers folder)"
@@ -203,8 +216,12 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
         # The file's own config, else its training args, else the preset its shapes match.
         model, stored_overrides = model_spec(model_config(args.init_from), dynamic=True)
         overrides = {**stored_overrides, **overrides}
+    elif finetune and model.startswith("SiT-"):
+        overrides = {"dynamic": True, **overrides}  # a DyDiT on a flow-matching (SiT) network
     elif finetune and not model.startswith("DyDiT-"):
         model = "DyDiT-" + model.removeprefix("DiT-")
+    flow = {"objective": args.objective, "flow_path": args.flow_path, "flow_prediction": args.flow_prediction}
+    overrides.update({k: v for k, v in flow.items() if v is not None})  # explicit flags win
     data = args.data
     if args.cache_latents:
         data = f"latents:{args.cache_latents}"

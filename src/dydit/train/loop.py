@@ -25,11 +25,10 @@ from torch import nn
 
 from dydit import distributed
 from dydit.checkpoint import file_sha256, fit_state_dict, load_checkpoint
-from dydit.constants import NUM_TIMESTEPS
 from dydit.data import DataStream, derive_seed, make_dataset
-from dydit.diffusion import create_diffusion
 from dydit.errors import DyditError
 from dydit.factory import build_model
+from dydit.flow import create_process
 from dydit.flops.formulas import layer_costs
 from dydit.io import locked_dir
 from dydit.log import RunLogger, get_logger, report, truncate_stats
@@ -43,10 +42,11 @@ from dydit.train.step import (
     compute_loss,
     enable_grad_checkpointing,
     guarded_step,
+    noise_level,
     route_buckets,
     router_report,
 )
-from dydit.train.targets import stratified_timesteps, target_schedule
+from dydit.train.targets import draw_timesteps, target_schedule
 
 # Second component of the per-step seed that drives the model's own randomness (class dropout,
 # Gumbel noise); the first (0) drives t, ε and nothing else.
@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             net, device_ids=[distributed.local_rank()] if device != "cpu" else None
         )
     teacher = _load_teacher(cfg.teacher_path, mc, device) if cfg.distill_weight > 0 else None
-    diffusion = create_diffusion(learn_sigma=mc.learn_sigma)
+    diffusion = create_process(mc)  # DDPM (T = 1000) or the flow-matching transport
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
     stratified = cfg.use_stratified_t
     end = cfg.steps if stop_at is None else max(start, min(cfg.steps, stop_at))
@@ -305,10 +305,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             # All randomness of this step derives from (seed, rank, step): resume is exact.
             g = torch.Generator(device).manual_seed(derive_seed(cfg.seed, rank, step))
             torch.manual_seed(derive_seed(cfg.seed, rank, step, _MODEL_RNG_STREAM))
-            if stratified:
-                t = stratified_timesteps(local_batch, NUM_TIMESTEPS, generator=g, device=device)
-            else:
-                t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g, device=device)
+            t = draw_timesteps(diffusion, local_batch, stratified=stratified, generator=g, device=device)
             noise = torch.randn(x0.shape, generator=g, device=device)
             lambda_t = (
                 target_schedule(step, cfg.target, cfg.target_warmup_steps, cfg.target_hold_steps)
@@ -346,7 +343,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             if lambda_t is not None:
                 sums["flops_target"] += lambda_t
             if routing is not None:
-                buckets += route_buckets(routing, t)
+                buckets += route_buckets(routing, noise_level(diffusion, t), 1)
             counted += 1
             skipped += not stepped
             bar.update(1)
