@@ -149,7 +149,7 @@ def test_flow_models_are_refused_by_ddpm_sampling() -> None:
     batches = dydit.generate(
         model, dydit.create_diffusion(), settings, seeds=[0], shape=(4, 8, 8), num_classes=4
     )
-    with pytest.raises(DyditError, match="flow-matching \\(SiT\\) model but the process is GaussianDiffusion"):
+    with pytest.raises(DyditError, match="flow-matching \\(SiT\\) model but the process is Gaussian"):
         next(batches)
     from dydit.train import TrainConfig
 

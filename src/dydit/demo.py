@@ -34,8 +34,8 @@ from dydit.data.fashion_mnist import CLASS_NAMES
 from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
-from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.flops.formulas import layer_costs
+from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.io import locked_dir
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images

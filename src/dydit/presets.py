@@ -105,7 +105,9 @@ class ModelConfig:
         if self.flow_path not in FLOW_PATHS:
             raise DyditError(f"flow_path must be one of {FLOW_PATHS}, got {self.flow_path!r}")
         if self.flow_prediction not in FLOW_PREDICTIONS:
-            raise DyditError(f"flow_prediction must be one of {FLOW_PREDICTIONS}, got {self.flow_prediction!r}")
+            raise DyditError(
+                f"flow_prediction must be one of {FLOW_PREDICTIONS}, got {self.flow_prediction!r}"
+            )
         if self.objective == "ddpm" and (self.flow_path, self.flow_prediction) != ("linear", "velocity"):
             raise DyditError("flow_path and flow_prediction apply to flow-matching models (objective='flow')")
         if self.timestep_freq_shift not in TIMESTEP_FREQ_SHIFTS:
@@ -188,7 +190,9 @@ SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if n.startswith("SiT
 for _size, (_depth, _width, _heads) in _SMALL_SIZES.items():
     for _p in (2, 4):
         MODEL_PRESETS[f"SiT-{_size}/{_p}"] = MODEL_PRESETS[f"DiT-{_size}/{_p}"].replace(objective="flow")
-SMALL_SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if n.startswith("SiT-") and n not in SIT_NAMES)
+SMALL_SIT_NAMES: tuple[str, ...] = tuple(
+    n for n in MODEL_PRESETS if n.startswith("SiT-") and n not in SIT_NAMES
+)
 MODEL_NAMES: tuple[str, ...] = (
     DIT_NAMES + tuple("DyDiT" + n[3:] for n in DIT_NAMES) + SIT_NAMES + SMALL_SIT_NAMES
 )

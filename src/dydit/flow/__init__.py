@@ -17,8 +17,16 @@ from typing import Any
 
 from dydit.diffusion import GaussianDiffusion, create_diffusion
 from dydit.errors import DyditError
-from dydit.flow.samplers import FLOW_SAMPLERS, FlowSampler, evaluations, flow_times
-from dydit.flow.samplers import sample_adaptive, sample_euler, sample_heun, sample_sde
+from dydit.flow.samplers import (
+    FLOW_SAMPLERS,
+    FlowSampler,
+    evaluations,
+    flow_times,
+    sample_adaptive,
+    sample_euler,
+    sample_heun,
+    sample_sde,
+)
 from dydit.flow.transport import PATHS, PREDICTIONS, Transport
 
 __all__ = [

@@ -28,8 +28,8 @@ from dydit.checkpoint import file_sha256, fit_state_dict, load_checkpoint
 from dydit.data import DataStream, derive_seed, make_dataset
 from dydit.errors import DyditError
 from dydit.factory import build_model
-from dydit.flow import create_process
 from dydit.flops.formulas import layer_costs
+from dydit.flow import create_process
 from dydit.io import locked_dir
 from dydit.log import RunLogger, get_logger, report, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS

@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dydit.constants import NUM_TIMESTEPS
 from dydit.diffusion import GaussianDiffusion
-from dydit.flow import Transport
 from dydit.flops.analytic import flops_loss, flops_ratio
+from dydit.flow import Transport
 from dydit.models.dydit import RoutingStats, execution
 
 # Router statistics are summarised per noise-level quarter (DDPM: t in [k·T/4, (k+1)·T/4), k = 0..3).

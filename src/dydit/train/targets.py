@@ -18,8 +18,8 @@ from torch import Tensor
 
 from dydit.constants import NUM_TIMESTEPS, TARGET_HOLD_STEPS, TIMESTEP_STRATA
 from dydit.errors import DyditError
-from dydit.flow import Transport
 from dydit.flops.analytic import check_target
+from dydit.flow import Transport
 
 
 def target_schedule(
