@@ -18,7 +18,7 @@ import torch
 from dydit.diffusion import create_diffusion
 from dydit.errors import DyditError
 from dydit.flow import FLOW_SAMPLERS, Transport, create_process, evaluations, flow_times
-from dydit.presets import get_model_config
+from dydit.presets import SMALL_SIT_NAMES, get_model_config, preset_name
 
 MU, S = 0.7, 0.4
 
@@ -176,3 +176,6 @@ def test_create_process_follows_the_config() -> None:
     assert tr == Transport("gvp", "noise")
     with pytest.raises(DyditError, match="apply to flow-matching"):
         get_model_config("DiT-Ti/4", flow_path="gvp")
+    for name in SMALL_SIT_NAMES:  # the small SiTs are the small DiTs with the flow objective
+        assert get_model_config(name) == get_model_config("DiT-" + name[4:]).replace(objective="flow")
+        assert preset_name(get_model_config(name)) == name
