@@ -49,6 +49,7 @@ from dydit.apps.demo import (
     measure,
     sample_timed,
 )
+from dydit.checkpoint import read_checkpoint
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
     (out / "samples").mkdir(exist_ok=True)
-    run("DiT (dense)", "dense", lambda: load_dit(base, args.device), args.dense_steps)
+    dense_name = "SiT (dense)" if read_checkpoint(base)[1].objective == "flow" else "DiT (dense)"
+    run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps)
     if not args.no_control:
         ckpt = finetune(recipe, base, out / f"static{'-' + tag if tag else ''}", dynamic=False)
         run(f"control ({recipe.finetune_steps} steps)", "control", lambda: load_dit(ckpt, args.device),
@@ -282,7 +284,7 @@ def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -
     fig = Figure(figsize=(6, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    labels = sorted({p["label"] for p in points}, key=lambda s: (not s.startswith("DiT"), s))
+    labels = sorted({p["label"] for p in points}, key=lambda s: (not s.endswith("(dense)"), s))
     for label in labels:
         curve = sorted((p for p in points if p["label"] == label and "FID" in p), key=lambda p: p[key])
         if not curve:
@@ -295,7 +297,8 @@ def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -
             ax.annotate(str(p["steps"]), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title("Fashion-MNIST: DyDiT vs fewer dense steps (numbers: sampler steps)", fontsize=9)
+    sampler = points[0].get("sampler", "") if points else ""
+    ax.set_title(f"Fashion-MNIST, {sampler}: DyDiT vs fewer dense steps (numbers: sampler steps)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -78,7 +78,9 @@ def test_rank_share_strides() -> None:
 
 def test_settings_validation() -> None:
     for bad in (
-        dict(sampler="euler"),
+        dict(sampler="euler_a"),
+        dict(sampler="euler", steps="ddim10"),
+        dict(sampler="heun", clip_denoised=True),
         dict(steps=0),
         dict(cfg_scale=-1.0),
         dict(guidance_channels="x"),

@@ -22,6 +22,9 @@ ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 # What the network was trained for: DDPM epsilon prediction (DiT, DyDiT) or flow matching (SiT).
 Objective = Literal["ddpm", "flow"]
 OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
+# A flow model's interpolant path and what its network predicts (dydit.flow.transport).
+FLOW_PATHS: tuple[str, ...] = ("linear", "gvp")
+FLOW_PREDICTIONS: tuple[str, ...] = ("velocity", "noise", "score")
 # Sinusoidal timestep features f_k = exp(-ln(10000) k / (128 - shift)): 0 is the official DiT's,
 # 1 is diffusers' DiTTransformer2DModel's (``downscale_freq_shift=1``).
 TIMESTEP_FREQ_SHIFTS: tuple[int, ...] = (0, 1)
@@ -33,7 +36,7 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     ),
     **dict.fromkeys(("mlp_ratio", "class_dropout_prob", "mlp_norm_eps"), (int, float)),
     **dict.fromkeys(("learn_sigma", "dynamic"), bool),
-    **dict.fromkeys(("router_layout", "objective"), str),
+    **dict.fromkeys(("router_layout", "objective", "flow_path", "flow_prediction"), str),
     "timestep_freq_shift": int,
 }
 _KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", bool: "true or false"}
@@ -47,7 +50,10 @@ class ModelConfig:
     ``DiTTransformer2DModel`` and are fields here, so that each checkpoint reproduces the code that
     trained it: ``timestep_freq_shift`` (0 official, 1 diffusers) and ``mlp_norm_eps``, the epsilon
     of the LayerNorm before the MLP (1e-6 official; diffusers' ``norm_eps``, 1e-5 by default).
-    ``objective`` records the training objective: ``"ddpm"`` (DiT, DyDiT) or ``"flow"`` (SiT).
+    ``objective`` records the training objective: ``"ddpm"`` (DiT, DyDiT) or ``"flow"`` (SiT); a
+    flow model also records its interpolant ``flow_path`` (``"linear"`` or ``"gvp"``) and what the
+    network predicts, ``flow_prediction`` (``"velocity"``, ``"noise"`` or ``"score"``), so that
+    sampling never has to guess them. A DDPM model keeps their defaults.
     """
 
     depth: int
@@ -63,6 +69,8 @@ class ModelConfig:
     dynamic: bool = False
     router_layout: RouterLayout = "forced_first"
     objective: Objective = "ddpm"
+    flow_path: str = "linear"
+    flow_prediction: str = "velocity"
     timestep_freq_shift: int = 0
     mlp_norm_eps: float = LAYERNORM_EPS
 
@@ -94,6 +102,14 @@ class ModelConfig:
             raise DyditError("hidden_size must be divisible by 4 (2-D sin-cos position embedding)")
         if self.objective not in OBJECTIVES:
             raise DyditError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.flow_path not in FLOW_PATHS:
+            raise DyditError(f"flow_path must be one of {FLOW_PATHS}, got {self.flow_path!r}")
+        if self.flow_prediction not in FLOW_PREDICTIONS:
+            raise DyditError(
+                f"flow_prediction must be one of {FLOW_PREDICTIONS}, got {self.flow_prediction!r}"
+            )
+        if self.objective == "ddpm" and (self.flow_path, self.flow_prediction) != ("linear", "velocity"):
+            raise DyditError("flow_path and flow_prediction apply to flow-matching models (objective='flow')")
         if self.timestep_freq_shift not in TIMESTEP_FREQ_SHIFTS:
             raise DyditError(
                 f"timestep_freq_shift must be 0 (official DiT) or 1 (diffusers), "
@@ -103,11 +119,11 @@ class ModelConfig:
             raise DyditError(f"mlp_norm_eps must be in (0, 1), got {self.mlp_norm_eps}")
 
     def require_ddpm(self, action: str) -> None:
-        """Raise a one-line DyditError when ``action`` (DDPM sampling or training) meets a flow model."""
+        """Raise a one-line DyditError when ``action`` (something DDPM-only) meets a flow model."""
         if self.objective != "ddpm":
             raise DyditError(
                 f"this is a flow-matching (SiT) model: {action} uses the DDPM process, which does not "
-                "apply to it; flow-matching samplers and training are not implemented yet"
+                "apply to it"
             )
 
     # Derived sizes -------------------------------------------------------------------------
@@ -195,7 +211,16 @@ for _size, (_depth, _width, _heads) in _DIT_SIZES.items():
     for _p in (2, 4, 8):
         MODEL_PRESETS[f"{SIT_PREFIX}{_size}/{_p}"] = ModelConfig(_depth, _width, _heads, _p, objective="flow")
 SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if is_sit_name(n))
-MODEL_NAMES: tuple[str, ...] = DIT_NAMES + tuple(dydit_name(n) for n in DIT_NAMES) + SIT_NAMES
+# ... and the small single-channel sizes trained with flow matching (SiT-Ti/4 for Fashion-MNIST).
+for _size, (_depth, _width, _heads) in _SMALL_SIZES.items():
+    for _p in (2, 4):
+        MODEL_PRESETS[f"{SIT_PREFIX}{_size}/{_p}"] = MODEL_PRESETS[f"{DIT_PREFIX}{_size}/{_p}"].replace(
+            objective="flow"
+        )
+SMALL_SIT_NAMES: tuple[str, ...] = tuple(n for n in MODEL_PRESETS if is_sit_name(n) and n not in SIT_NAMES)
+MODEL_NAMES: tuple[str, ...] = (
+    DIT_NAMES + tuple(dydit_name(n) for n in DIT_NAMES) + SIT_NAMES + SMALL_SIT_NAMES
+)
 
 
 def get_model_config(name: str, **overrides: Any) -> ModelConfig:

@@ -34,6 +34,7 @@ from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, Mode
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
+from dydit.flow import FLOW_SAMPLERS, Transport, flow_times
 from dydit.io import locked_dir
 from dydit.presets import ModelConfig
 from dydit.sample_io import (  # noqa: F401  (MANIFEST, load_png, save_grid: public here too)
@@ -55,7 +56,12 @@ _LABEL_STREAM = 1  # second entropy word of the per-image label generator
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to sample: sampler, steps, guidance. ``eta`` applies to DDIM only (None: its default 0)."""
+    """How to sample: sampler, steps, guidance. ``eta`` applies to DDIM only (None: its default 0).
+
+    ``sampler`` is a DDPM sampler (``ddpm``, ``ddim``, ``dpm++2m``) for DDPM models or a flow sampler
+    (``euler``, ``heun``, ``sde``, ``adaptive``) for flow-matching models; ``clip_denoised`` applies
+    to DDPM samplers only.
+    """
 
     sampler: str = "ddpm"
     steps: Steps = DEFAULT_STEPS
@@ -65,8 +71,13 @@ class SamplingSettings:
     clip_denoised: bool = False
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise DyditError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.sampler not in SAMPLERS and self.sampler not in FLOW_SAMPLERS:
+            names = ", ".join([*SAMPLERS, *FLOW_SAMPLERS])
+            raise DyditError(f"unknown sampler {self.sampler!r}; choose one of {names}")
+        if self.flow and not (isinstance(self.steps, int) and not isinstance(self.steps, bool)):
+            raise DyditError(f"the flow sampler {self.sampler} takes a number of steps, got {self.steps!r}")
+        if self.flow and self.clip_denoised:
+            raise DyditError("clip_denoised applies to DDPM samplers only")
         if isinstance(self.steps, int) and self.steps < 1:
             raise DyditError(f"the number of sampling steps must be positive, got {self.steps}")
         if not self.cfg_scale >= 0 or self.cfg_scale == float("inf"):
@@ -77,14 +88,29 @@ class SamplingSettings:
             raise DyditError(f"eta must be >= 0 and applies to the ddim sampler only (got {self.eta})")
 
     def sampler_options(self) -> dict[str, Any]:
+        if self.flow:
+            return {}
         opts: dict[str, Any] = {"clip_denoised": self.clip_denoised}
         if self.eta is not None:
             opts["eta"] = self.eta
         return opts
 
+    @property
+    def flow(self) -> bool:
+        """Whether the sampler is a flow-matching one (Euler, Heun, SDE, adaptive)."""
+        return self.sampler in FLOW_SAMPLERS
+
     def timesteps(self, num_timesteps: int) -> list[int]:
         """The original timesteps the network will see (validates ``steps``)."""
         return space_timesteps(num_timesteps, self.steps)
+
+    def network_times(self, process: GaussianDiffusion | Transport) -> list[float]:
+        """The times the network will see with ``process``, in order of evaluation (validates the
+        pairing of sampler and process). Empty for the adaptive flow solver (not known in advance)."""
+        check_process(self.sampler, process)
+        if isinstance(process, Transport):
+            return flow_times(self.sampler, int(self.steps), process)
+        return [float(t) for t in self.timesteps(process.num_timesteps)]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -145,7 +171,8 @@ def generate(
 
     Args:
         model_fn: ``(x, t, y) -> (B, C_out, H, W)`` on ``device`` (eval mode); guidance is added here.
-        diffusion: the full diffusion (T = 1000); ``settings.steps`` respaces it.
+        diffusion: the model's process: the full diffusion (T = 1000), which ``settings.steps``
+            respaces, or the flow-matching transport (:func:`dydit.flow.create_process`).
         seeds: one seed per image; image i is defined by ``seeds[i]`` and its label.
         shape: (C, H, W) of one sample in model space.
         num_classes: classes of the model; the null class for guidance is ``num_classes``.
@@ -157,12 +184,12 @@ def generate(
         raise DyditError(f"batch size must be positive, got {batch_size}")
     config = getattr(model_fn, "config", None)
     if isinstance(config, ModelConfig):  # a flow-matching model must not meet a DDPM sampler
-        config.require_ddpm("DDPM sampling")
-    settings.timesteps(diffusion.num_timesteps)  # fail early on a bad step spec
+        check_process(settings.sampler, diffusion, config)
+    settings.network_times(diffusion)  # fail early on a bad step spec or sampler/process pairing
     all_labels = resolve_labels(seeds, labels, num_classes)
     todo = rank_share(len(seeds)) if indices is None else list(indices)
     fn = guided(model_fn, settings.cfg_scale, num_classes, settings.guidance_channels)
-    sampler = SAMPLERS[settings.sampler]
+    sampler = FLOW_SAMPLERS[settings.sampler] if settings.flow else SAMPLERS[settings.sampler]
     bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not (progress and distributed.is_main()))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -188,6 +215,23 @@ def generate(
         bar.update(len(chunk))
         yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], y.cpu(), x)
     bar.close()
+
+
+def check_process(sampler: str, process: Any, config: ModelConfig | None = None) -> None:
+    """One-line errors for a sampler, a process and a model that do not belong together."""
+    flow_sampler = sampler in FLOW_SAMPLERS
+    if config is not None and (config.objective == "flow") != isinstance(process, Transport):
+        kind = "a flow-matching (SiT)" if config.objective == "flow" else "a DDPM"
+        raise DyditError(f"this is {kind} model but the process is {type(process).__name__}")
+    if flow_sampler and not isinstance(process, Transport):
+        raise DyditError(
+            f"{sampler} is a flow-matching sampler and this is a DDPM model: use ddpm, ddim or dpm++2m"
+        )
+    if not flow_sampler and isinstance(process, Transport):
+        raise DyditError(
+            f"{sampler} is a DDPM sampler and this is a flow-matching (SiT) model: use "
+            f"{', '.join(FLOW_SAMPLERS)}"
+        )
 
 
 def to_uint8(x: Tensor) -> np.ndarray:

@@ -35,6 +35,7 @@ from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
 from dydit.flops.formulas import layer_costs
+from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.io import locked_dir, save_text
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
@@ -91,8 +92,9 @@ class DemoConfig:
         for name in ("finetune_steps", "finetune_batch", "num_samples", "steps", "sample_batch"):
             if getattr(self, name) <= 0:
                 raise DyditError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.sampler not in SAMPLERS:
-            raise DyditError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.sampler not in SAMPLERS and self.sampler not in FLOW_SAMPLERS:
+            valid = ", ".join([*SAMPLERS, *FLOW_SAMPLERS])
+            raise DyditError(f"unknown sampler {self.sampler!r}; valid: {valid}")
         if self.cfg_scale < 0:
             raise DyditError(f"guidance scale must be >= 0, got {self.cfg_scale}")
 
@@ -165,9 +167,12 @@ def sample_timed(
     """Sample ``cfg.num_samples`` images (seeds 0.., balanced labels), timed and FLOPs-counted."""
     from dydit.data.codec import PixelCodec
 
-    # Pixel-space model: clip the predicted x0 to the data range at every step.
+    config = getattr(model_fn, "config", None)
+    process = create_process(config) if config is not None else create_diffusion()
+    flow = isinstance(process, Transport)
+    # Pixel-space DDPM model: clip the predicted x0 to the data range at every step.
     settings = SamplingSettings(
-        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, clip_denoised=True
+        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, clip_denoised=not flow
     )
     seeds = [cfg.seed * 1_000_003 + i for i in range(cfg.num_samples)]
     labels = [i % num_classes for i in range(cfg.num_samples)]
@@ -182,11 +187,12 @@ def sample_timed(
     # kernel selection for that shape, the sliced engine's first plans); guidance doubles the batch.
     n = min(cfg.sample_batch, cfg.num_samples) * (2 if cfg.cfg_scale != 1 else 1)
     x = torch.randn(n, *shape, device=cfg.device)
-    model_fn(x, torch.full((n,), 999, device=cfg.device), torch.zeros(n, dtype=torch.long, device=cfg.device))
+    t = torch.full((n,), 0.5) if flow else torch.full((n,), 999)
+    model_fn(x, t.to(cfg.device), torch.zeros(n, dtype=torch.long, device=cfg.device))
     with count_flops() as fc:
         start = time.perf_counter()
         images, labs = sample_images(
-            counted, create_diffusion(), settings, PixelCodec(), seeds=seeds, shape=shape,
+            counted, process, settings, PixelCodec(), seeds=seeds, shape=shape,
             num_classes=num_classes, labels=labels, batch_size=cfg.sample_batch, device=cfg.device,
             progress=cfg.progress,
         )  # fmt: skip

@@ -94,7 +94,8 @@ def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weigh
                 "objective",
                 "ddpm (epsilon prediction; the DDPM/DDIM/DPM-Solver samplers apply)"
                 if cfg.objective == "ddpm"
-                else "flow (SiT flow matching; dydit's DDPM samplers do not apply, flow samplers come later)",
+                else f"flow (SiT flow matching, {cfg.flow_path} path, {cfg.flow_prediction} prediction; "
+                "the euler/heun/sde/adaptive samplers apply)",
             ),
             _row(
                 "numerics",

@@ -142,7 +142,13 @@ def model_config(
 
 
 # ModelConfig fields that the weights fix beyond their shapes: what they were trained for, and how.
-WEIGHT_FIELDS: tuple[str, ...] = ("objective", "timestep_freq_shift", "mlp_norm_eps")
+WEIGHT_FIELDS: tuple[str, ...] = (
+    "objective",
+    "flow_path",
+    "flow_prediction",
+    "timestep_freq_shift",
+    "mlp_norm_eps",
+)
 
 
 def weight_conventions(source: CheckpointSource) -> dict[str, Any]:

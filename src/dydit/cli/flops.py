@@ -22,7 +22,7 @@ from dydit.cli._common import (
 from dydit.errors import DyditError
 
 DEFAULT_MODEL = "DiT-XL/2"
-_SAMPLER_NAMES = "ddpm, ddim, dpm++2m"
+_SAMPLER_NAMES = "ddpm, ddim, dpm++2m (DDPM models); euler, heun, sde (flow-matching models)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sampler",
-        default="ddpm",
-        help=f"sampler that drives the measured trajectory: {_SAMPLER_NAMES} (default ddpm)",
+        default=None,
+        help=f"sampler that drives the measured trajectory: {_SAMPLER_NAMES} (default ddpm, or euler "
+        "for a flow-matching model)",
     )
     p.add_argument(
         "--samples",
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(static_flops_markdown(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg))
         return 0
     model = load_model(ckpt, cfg)
-    settings = dict(sampler=args.sampler, samples=args.samples, cfg_scale=args.cfg_scale, seed=args.seed)
+    sampler = args.sampler or ("euler" if cfg.objective == "flow" else "ddpm")
+    settings = dict(sampler=sampler, samples=args.samples, cfg_scale=args.cfg_scale, seed=args.seed)
     rows = schedule_flops(model, steps=args.steps, device=resolve_device(args.device), **settings)
     name = args.model or preset_name(cfg) or "DyDiT"
     title = f"{name} checkpoint {args.checkpoint}"

@@ -76,14 +76,19 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
     """Sampler, steps, guidance, labels, seeds, batch and device."""
     g = p.add_argument_group("sampling")
     g.add_argument(
-        "--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm", help="sampler (default ddpm)"
+        "--sampler",
+        choices=("ddpm", "ddim", "dpm++2m", "euler", "heun", "sde", "adaptive"),
+        default=None,
+        help="DDPM models: ddpm, ddim, dpm++2m; flow-matching (SiT) models: euler, heun (2 network "
+        "evaluations per step), sde (Euler-Maruyama) or adaptive (dopri5, needs torchdiffeq). "
+        "Default: ddpm, or euler for a flow model (the checkpoint's config says which it is)",
     )
     g.add_argument(
         "--steps",
         type=_steps,
         default=250,
-        help="network evaluations on evenly spaced original timesteps, or ddimN for DDIM striding "
-        "(default 250)",
+        help="DDPM: network evaluations on evenly spaced original timesteps, or ddimN for DDIM "
+        "striding; flow: steps of the uniform time grid (default 250)",
     )
     g.add_argument(
         "--eta", type=non_negative_float, default=None, help="DDIM noise scale eta (ddim only; default 0)"
@@ -181,13 +186,13 @@ def _build_model(cfg: Any, ckpt: Any, execution: str | None) -> Any:
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the run needs, validated; what --dry-run prints."""
     from dydit import distributed
-    from dydit.diffusion import create_diffusion
-    from dydit.sample import SamplingSettings, resolve_labels
+    from dydit.flow import create_process
+    from dydit.sample import SamplingSettings, check_process, resolve_labels
 
     cfg, ckpt, source = _model_config(args)
-    cfg.require_ddpm("dydit sample")
+    default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
     settings = SamplingSettings(
-        sampler=args.sampler,
+        sampler=args.sampler or default_sampler,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels,
@@ -202,8 +207,9 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     seeds = list(range(args.seed, args.seed + n))
     labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
     labels = resolve_labels(seeds, labels, cfg.num_classes)
-    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
-    timesteps = settings.timesteps(diffusion.num_timesteps)
+    diffusion = create_process(cfg)  # the process the checkpoint's config names: DDPM or flow
+    check_process(settings.sampler, diffusion, cfg)
+    timesteps = settings.network_times(diffusion)
     if args.vae is not None:
         codec = args.vae
     elif cfg.in_channels in (1, 3):
@@ -226,7 +232,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "weights": source,
         "model": cfg.to_dict(),
         "sampling": settings.to_dict(),
-        "timesteps": f"{len(timesteps)} original timesteps {timesteps[-1]}..{timesteps[0]}",
+        "timesteps": _describe_times(timesteps, settings),
         "num_samples": n,
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "labels": labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
@@ -240,6 +246,14 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "npz": npz,
         "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
     }
+
+
+def _describe_times(times: list[float], settings: Any) -> str:
+    if settings.flow:
+        if not times:
+            return "flow times chosen by the adaptive solver"
+        return f"{len(times)} flow times {times[0]:g}..{times[-1]:g} (t = 0 noise, 1 data)"
+    return f"{len(times)} original timesteps {int(times[-1])}..{int(times[0])}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from dydit.cli._common import non_negative_float, positive_int, seed_int
-from dydit.presets import dydit_name
+from dydit.presets import dydit_name, is_sit_name
 
 if TYPE_CHECKING:
     from dydit.train.config import TrainConfig
@@ -68,6 +68,19 @@ def _add_model_group(p: argparse.ArgumentParser, d: TrainConfig, *, finetune: bo
     g.add_argument(
         "--model-option", action="append", type=_model_option, default=[], metavar="KEY=VALUE",
         help="override a model config field, e.g. depth=4 or learn_sigma=false (repeatable)",
+    )  # fmt: skip
+    g.add_argument(
+        "--objective", choices=("ddpm", "flow"), default=None,
+        help="training objective: ddpm (DiT's epsilon prediction) or flow (flow matching, SiT); "
+        "default: the preset's (SiT-* are flow) or the --init-from weights'",
+    )  # fmt: skip
+    g.add_argument(
+        "--flow-path", choices=("linear", "gvp"), default=None,
+        help="flow matching: the interpolant path (default linear, SiT's)",
+    )  # fmt: skip
+    g.add_argument(
+        "--flow-prediction", choices=("velocity", "noise", "score"), default=None,
+        help="flow matching: what the network predicts (default velocity, SiT's)",
     )  # fmt: skip
     g.add_argument(
         "--init-from", required=finetune, default=None, metavar="CKPT",
@@ -227,8 +240,12 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
         # The file's own config, else its training args, else the preset its shapes match.
         model, stored_overrides = model_spec(model_config(args.init_from), dynamic=True)
         overrides = {**stored_overrides, **overrides}
+    elif finetune and is_sit_name(model):
+        overrides = {"dynamic": True, **overrides}  # a DyDiT on a flow-matching (SiT) network
     elif finetune:
         model = dydit_name(model)
+    flow = {"objective": args.objective, "flow_path": args.flow_path, "flow_prediction": args.flow_prediction}
+    overrides.update({k: v for k, v in flow.items() if v is not None})  # explicit flags win
     data = args.data
     if args.cache_latents:
         data = f"latents:{args.cache_latents}"

@@ -26,7 +26,9 @@ from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
 from dydit.flops.formulas import config_macs_table, layer_costs, token_router_macs
+from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.presets import ModelConfig
+from dydit.sample import SamplingSettings, check_process
 
 
 class RoutingRecorder:
@@ -35,17 +37,17 @@ class RoutingRecorder:
 
     def __init__(self, model: Any):
         self.model = model
-        self.by_timestep: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self.by_timestep: dict[int | float, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         out, stats = self.model.forward_with_routing(x, t, y)
         for tv in t.unique().tolist():  # the samplers use one timestep per call; be general anyway
             rows = t == tv
             decisions = (stats.heads[rows], stats.groups[rows], stats.tokens[rows])
-            self.by_timestep.setdefault(int(tv), []).append(decisions)
+            self.by_timestep.setdefault(tv, []).append(decisions)  # int (DDPM) or float (flow) key
         return out
 
-    def decisions(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+    def decisions(self, t: int | float) -> tuple[Tensor, Tensor, Tensor]:
         """heads (B, L, H), groups (B, L, H), tokens (B, L, N) of every row seen at timestep ``t``."""
         calls = self.by_timestep[t]
         return tuple(torch.cat([c[i] for c in calls]) for i in range(3))  # type: ignore[return-value]
@@ -53,9 +55,10 @@ class RoutingRecorder:
 
 @dataclass(frozen=True)
 class StepFlops:
-    """One sampling timestep: mean attention and MLP MACs per image, mean fractions kept."""
+    """One sampling timestep (DDPM step, or flow time in [0, 1]): mean attention and MLP MACs per
+    image, mean fractions kept."""
 
-    t: int
+    t: int | float
     attn: float
     mlp: float
     heads: float
@@ -75,13 +78,14 @@ def schedule_flops(
 ) -> list[StepFlops]:
     """Sample ``samples`` images from a DyDiT and measure the realised work at every timestep.
 
+    The model's own process (DDPM or flow matching, from its config) and a matching ``sampler``.
     Image i starts from the noise of seed ``seed + i``; labels are drawn with ``seed``. Returns
-    one :class:`StepFlops` per sampling timestep, from t = T-1 down.
+    one :class:`StepFlops` per sampling timestep, from the noise end (DDPM t = T-1 down, flow t = 0 up).
     """
-    if sampler not in SAMPLERS:
-        raise DyditError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     cfg = model.config
-    cfg.require_ddpm("measuring FLOPs along a DDPM sampling trajectory")
+    process = create_process(cfg)
+    SamplingSettings(sampler=sampler, steps=steps or DEFAULT_STEPS)  # a known sampler, valid steps
+    check_process(sampler, process, cfg)  # ... that fits the model's process
     if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
     dev = torch.device(device)
@@ -92,14 +96,13 @@ def schedule_flops(
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
     y = torch.randint(cfg.num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
     fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
-    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
+    run = FLOW_SAMPLERS[sampler] if isinstance(process, Transport) else SAMPLERS[sampler]
     with torch.no_grad():
-        SAMPLERS[sampler](
-            fn, noise, diffusion, steps or DEFAULT_STEPS, model_kwargs=dict(y=y.to(dev)), generators=gens
-        )
+        run(fn, noise, process, steps or DEFAULT_STEPS, model_kwargs=dict(y=y.to(dev)), generators=gens)
     attn_cost, mlp_cost = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
     rows = []
-    for t in sorted(recorder.by_timestep, reverse=True):
+    # from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching
+    for t in sorted(recorder.by_timestep, reverse=not isinstance(process, Transport)):
         h, g, k = recorder.decisions(t)
         rows.append(
             StepFlops(

@@ -128,7 +128,6 @@ class TrainConfig:
             raise DyditError("distillation needs a teacher: set --distill-from or --init-from")
         if self.target is not None:
             check_target(self.target)
-        self.model_config().require_ddpm("dydit training")
         dynamic = self.model_config().dynamic
         if dynamic and self.target is None:
             raise DyditError(f"{self.model} is a DyDiT: set the FLOPs target lambda in (0, 1] (--target)")

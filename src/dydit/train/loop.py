@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from dydit import distributed
-from dydit.constants import NUM_TIMESTEPS
 from dydit.data import derive_seed
-from dydit.diffusion import create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
+from dydit.flow import create_process
 from dydit.io import locked_dir
 from dydit.log import RunLogger, report
 from dydit.models.dydit import RoutingStats
@@ -44,10 +43,11 @@ from dydit.train.step import (
     TrainForward,
     compute_loss,
     guarded_step,
+    noise_level,
     route_buckets,
     router_report,
 )
-from dydit.train.targets import stratified_timesteps, target_schedule
+from dydit.train.targets import draw_timesteps, target_schedule
 
 # Second component of the per-step seed that drives the model's own randomness (class dropout,
 # Gumbel noise); the first (0) drives t, ε and nothing else.
@@ -99,7 +99,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     rank, local_batch, dynamic = distributed.rank(), stream.batch_size, mc.dynamic
     net = _distribute(TrainForward(model), device)
     teacher = load_teacher(cfg.teacher_path, mc, device) if cfg.distill_weight > 0 else None
-    diffusion = create_diffusion(learn_sigma=mc.learn_sigma)
+    diffusion = create_process(mc)  # DDPM (T = 1000) or the flow-matching transport
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step = run.start
@@ -117,10 +117,9 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             # All randomness of this step derives from (seed, rank, step): resume is exact.
             g = torch.Generator(device).manual_seed(derive_seed(cfg.seed, rank, step))
             torch.manual_seed(derive_seed(cfg.seed, rank, step, _MODEL_RNG_STREAM))
-            if cfg.use_stratified_t:
-                t = stratified_timesteps(local_batch, NUM_TIMESTEPS, generator=g, device=device)
-            else:
-                t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g, device=device)
+            t = draw_timesteps(
+                diffusion, local_batch, stratified=cfg.use_stratified_t, generator=g, device=device
+            )
             noise = torch.randn(x0.shape, generator=g, device=device)
             lambda_t = (
                 target_schedule(step, cfg.target, cfg.target_warmup_steps, cfg.target_hold_steps)
@@ -141,7 +140,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             update_ema(ema, model, ema_decay(step, cfg.ema_decay, cfg.ema_warmup))
             step += 1
 
-            window.add(means, norm, stepped, lambda_t, routing, t)
+            window.add(means, norm, stepped, lambda_t, routing, noise_level(diffusion, t))
             bar.update(1)
             if step % cfg.log_every == 0 or step == end:
                 last = window.flush(log, step, cfg.batch_size, optimizer, dynamic)
@@ -213,15 +212,16 @@ class _LogWindow:
         stepped: bool,
         lambda_t: float | None,
         routing: RoutingStats | None,
-        t: torch.Tensor,
+        level: torch.Tensor,
     ) -> None:
+        """``level`` (B,): each sample's noise level in [0, 1] (:func:`~dydit.train.step.noise_level`)."""
         for k, v in means.items():
             self.sums[k] += v
         self.sums["grad_norm"] += grad_norm
         if lambda_t is not None:
             self.sums["flops_target"] += lambda_t
         if routing is not None:
-            self.buckets += route_buckets(routing, t)
+            self.buckets += route_buckets(routing, level, 1)
         self.steps += 1
         self.skipped += not stepped
 

@@ -28,9 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from dydit.constants import NUM_TIMESTEPS
 from dydit.diffusion import GaussianDiffusion
 from dydit.flops.analytic import flops_loss, flops_ratio
+from dydit.flow import Transport
 from dydit.models.dydit import RoutingStats, execution
 
-# Router statistics are summarised per timestep bucket: t in [k·T/4, (k+1)·T/4) for k = 0..3.
+# Router statistics are summarised per noise-level quarter (DDPM: t in [k·T/4, (k+1)·T/4), k = 0..3).
 ROUTER_BUCKETS = 4
 _ROUTER_FIELDS = ("count", "heads", "groups", "tokens")
 
@@ -62,7 +63,7 @@ class TrainForward(nn.Module):
 
 def compute_loss(
     net: nn.Module,
-    diffusion: GaussianDiffusion,
+    diffusion: GaussianDiffusion | Transport,
     x0: Tensor,
     y: Tensor,
     t: Tensor,
@@ -80,8 +81,9 @@ def compute_loss(
 
     Args:
         net: a :class:`TrainForward` (possibly DDP-wrapped).
-        diffusion: the training diffusion (all T steps).
-        x0: (B, C, H, W) clean data; y: (B,) labels; t: (B,) step indices; noise: ε like x0.
+        diffusion: the training process: the diffusion (all T steps) or a flow-matching transport.
+        x0: (B, C, H, W) clean data; y: (B,) labels; t: (B,) step indices (DDPM) or flow times in
+            [0, 1] (flow matching); noise: ε like x0.
         lambda_t: the FLOPs target of this step (DyDiT), None for a static DiT.
         complete: add the complete-model loss (§5.2).
         flops_weight: w of the FLOPs loss; layer_costs: per-layer (A, M) of §5.3.
@@ -100,12 +102,9 @@ def compute_loss(
         y_in = _drop_labels(net, y) if distill else y
         out, routing = net(x_t, t_model, y_in, "masked")
     terms = diffusion.loss_terms(out.float(), x0, x_t, t, noise)
-    loss = terms["loss"].mean()  # §5.1: hybrid loss of the (dynamic) network
-    parts = {
-        "loss_diffusion": loss.detach(),
-        "mse": terms["mse"].mean().detach(),
-        "vb": terms["vb"].mean().detach(),
-    }
+    loss = terms["loss"].mean()  # §5.1: hybrid loss (DDPM) or flow-matching loss of the network
+    parts = {"loss_diffusion": loss.detach()}
+    parts.update({k: v.mean().detach() for k, v in terms.items() if k != "loss"})  # mse (+ vb for DDPM)
     if complete:
         with cast:
             full, _ = net(x_t, t_model, y, "dense")
@@ -180,12 +179,22 @@ def guarded_step(
     return value, True
 
 
+def noise_level(diffusion: GaussianDiffusion | Transport, t: Tensor) -> Tensor:
+    """Where t lies between data (0) and pure noise (1): t / T for DDPM, 1 − t for flow matching."""
+    if isinstance(diffusion, Transport):
+        return 1.0 - t.float()
+    return t.float() / diffusion.num_timesteps
+
+
 def route_buckets(routing: RoutingStats, t: Tensor, num_timesteps: int = NUM_TIMESTEPS) -> Tensor:
     """Sums of (count, head, group, token keep ratios) per timestep bucket: (ROUTER_BUCKETS, 4).
 
-    Divide columns 1..3 by column 0 (after summing over steps and ranks) for mean keep ratios.
+    ``t`` (B,) in [0, num_timesteps): DDPM steps, or a noise level in [0, 1] from :func:`noise_level`
+    with ``num_timesteps=1``. Bucket k holds [k/4, (k+1)/4) of the range, from the low-noise to the
+    high-noise quarter. Divide columns 1..3 by column 0 (after summing over steps and ranks) for mean
+    keep ratios.
     """
-    bucket = (t.long() * ROUTER_BUCKETS // num_timesteps).clamp(0, ROUTER_BUCKETS - 1)  # (B,)
+    bucket = (t.float() * ROUTER_BUCKETS / num_timesteps).long().clamp(0, ROUTER_BUCKETS - 1)  # (B,)
     per_sample = torch.stack(
         [
             torch.ones(t.shape[0], device=t.device),

@@ -6,9 +6,12 @@
   of [0, T), so every batch covers the whole time axis and the batch-mean FLOPs constraint cannot
   be met by skewing the timesteps of a batch. The offset o is drawn per call when the batch is not
   a multiple of S, so every stratum is equally likely for any per-process batch size.
+- :func:`draw_timesteps`: the training times of a process, DDPM steps or flow-matching times.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +19,7 @@ from torch import Tensor
 from dydit.constants import NUM_TIMESTEPS, TARGET_HOLD_STEPS, TIMESTEP_STRATA
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
+from dydit.flow import Transport
 
 
 def target_schedule(
@@ -71,4 +75,31 @@ def stratified_timesteps(
     hi = (s + 1) * num_timesteps // strata
     u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
     t = lo + (u * (hi - lo)).long().clamp_max(hi - lo - 1)  # clamp guards u·width rounding to width
+    return t.to(device) if device is not None else t
+
+
+def draw_timesteps(
+    process: Any,
+    batch: int,
+    *,
+    stratified: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Training times (B,) for ``process``: DDPM steps in [0, T) (long), or flow times (float) on
+    the transport's interval [t0, t1]. ``stratified`` uses the strata of :func:`stratified_timesteps`
+    (for flow: the S equal parts of [t0, t1], the same offset rule)."""
+    if not isinstance(process, Transport):
+        if stratified:
+            return stratified_timesteps(batch, process.num_timesteps, generator=generator, device=device)
+        return torch.randint(0, process.num_timesteps, (batch,), generator=generator, device=device)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if stratified:
+        # Stratum index of each sample, then u uniform inside it: the DDPM rule on a continuum.
+        s = stratified_timesteps(batch, TIMESTEP_STRATA, generator=generator).to(gen_device)
+        u = (s + torch.rand(batch, generator=generator, device=gen_device)) / TIMESTEP_STRATA
+    else:
+        u = torch.rand(batch, generator=generator, device=gen_device)
+    t0, t1 = process.interval
+    t = t0 + (t1 - t0) * u
     return t.to(device) if device is not None else t

@@ -1,0 +1,187 @@
+"""Samplers for flow-matching models: Euler and Heun ODE, an adaptive ODE solver, Euler–Maruyama SDE.
+
+They share the signature of the diffusion samplers (:mod:`dydit.diffusion.samplers`) with a
+:class:`~dydit.flow.Transport` in place of the diffusion::
+
+    sampler(model_fn, noise, transport, steps, *, model_kwargs=None, generators=None,
+            progress=False, **options) -> x_data
+
+- ``model_fn(x, t, **model_kwargs)``: the network (or a guidance wrapper); it receives the flow time
+  t ∈ [0, 1] as a (B,) float tensor, every image of a call at the same t.
+- ``noise``: (B, C, H, W), the sample at t = 0. The samplers integrate forward to t = 1 (data).
+- ``steps``: an int N, the number of steps of the uniform grid on ``transport.interval``.
+- ``generators``: one ``torch.Generator`` per image for the SDE's noise (ignored by the ODEs).
+
+Network evaluations (NFE, what the compute of a run is proportional to; :func:`evaluations`):
+Euler N, Heun 2N, Euler–Maruyama N (N − 1 stochastic steps on [t0, 1 − δ] and a last deterministic
+step of length δ, SiT's "Mean" last step), adaptive: as many as the solver needs (count them with a
+wrapper). Fixed-step samplers give each image the same result whatever its batch; the adaptive
+solver controls its step size on the whole batch, so there an image depends on its batch neighbours
+up to the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dydit.diffusion.samplers import randn_per_image
+from dydit.errors import DyditError
+from dydit.flow.transport import Transport
+
+DEFAULT_LAST_STEP = 0.04  # δ, the deterministic last step of the SDE sampler (SiT's default)
+
+
+class FlowSampler(Protocol):
+    def __call__(
+        self,
+        model_fn: Any,
+        noise: Tensor,
+        transport: Transport,
+        steps: int,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+        progress: bool = False,
+    ) -> Tensor: ...
+
+
+def _check(transport: Any, steps: Any, minimum: int = 1) -> int:
+    if not isinstance(transport, Transport):
+        raise DyditError(
+            f"flow samplers need a flow-matching model (a Transport), got {type(transport).__name__}: "
+            "use a DDPM sampler (ddpm, ddim, dpm++2m) for this model"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
+        raise DyditError(f"flow samplers take a number of steps >= {minimum}, got {steps!r}")
+    return steps
+
+
+def _velocity(model_fn, transport: Transport, x: Tensor, t: float, model_kwargs) -> Tensor:
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (B,)
+    out = model_fn(x, transport.original_timesteps(tt), **(model_kwargs or {}))
+    return transport.velocity(out.float(), x.float(), tt).to(x.dtype)
+
+
+def _grid(t0: float, t1: float, n: int, progress: bool, name: str) -> Iterator[tuple[float, float]]:
+    """Consecutive (t, t_next) pairs of the uniform grid of n steps on [t0, t1]."""
+    ts = torch.linspace(t0, t1, n + 1, dtype=torch.float64).tolist()
+    for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
+        yield ts[i], ts[i + 1]
+
+
+@torch.no_grad()
+def sample_euler(
+    model_fn, noise: Tensor, transport: Transport, steps: int = 50, *, model_kwargs=None,
+    generators=None, progress: bool = False,
+) -> Tensor:  # fmt: skip
+    """Explicit Euler on dx/dt = v(x, t): first order, N evaluations."""
+    n = _check(transport, steps)
+    x = noise
+    for t, t_next in _grid(*transport.interval, n, progress, "euler"):
+        x = x + (t_next - t) * _velocity(model_fn, transport, x, t, model_kwargs)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model_fn, noise: Tensor, transport: Transport, steps: int = 50, *, model_kwargs=None,
+    generators=None, progress: bool = False,
+) -> Tensor:  # fmt: skip
+    """Heun's method (explicit trapezoid): second order, 2N evaluations."""
+    n = _check(transport, steps)
+    x = noise
+    for t, t_next in _grid(*transport.interval, n, progress, "heun"):
+        h = t_next - t
+        v = _velocity(model_fn, transport, x, t, model_kwargs)
+        v_next = _velocity(model_fn, transport, x + h * v, t_next, model_kwargs)
+        x = x + 0.5 * h * (v + v_next)
+    return x
+
+
+@torch.no_grad()
+def sample_sde(
+    model_fn, noise: Tensor, transport: Transport, steps: int = 250, *, model_kwargs=None,
+    generators: Sequence[torch.Generator] | None = None, progress: bool = False,
+    diffusion_norm: float = 1.0, last_step: float = DEFAULT_LAST_STEP,
+) -> Tensor:  # fmt: skip
+    """Euler–Maruyama on dx = [v + ½ w_t ∇log p_t] dt + √(w_t) dW, w_t = norm·σ_t, then a last
+    deterministic Euler step of length δ = ``last_step`` into t1 (no noise is added there).
+
+    The SDE has the marginals of the probability-flow ODE dx = v dt (SiT §2); N ≥ 2 evaluations.
+    """
+    n = _check(transport, steps, minimum=2)
+    t0, t1 = transport.interval
+    if not 0 < last_step < t1 - t0:
+        raise DyditError(f"last_step must be in (0, {t1 - t0}), got {last_step}")
+    if not diffusion_norm >= 0:
+        raise DyditError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+    x = noise
+    for t, t_next in _grid(t0, t1 - last_step, n - 1, progress, "sde"):
+        h = t_next - t
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        v = _velocity(model_fn, transport, x, t, model_kwargs)
+        drift = v + diffusion_norm * transport.drift_correction(v, x, tt)
+        w = diffusion_norm * float(transport.diffusion_coefficient(tt[:1]))
+        x = x + h * drift + (w * h) ** 0.5 * randn_per_image(x, generators)
+    return x + last_step * _velocity(model_fn, transport, x, t1 - last_step, model_kwargs)
+
+
+@torch.no_grad()
+def sample_adaptive(
+    model_fn, noise: Tensor, transport: Transport, steps: int = 0, *, model_kwargs=None,
+    generators=None, progress: bool = False, method: str = "dopri5", atol: float = 1e-6,
+    rtol: float = 1e-3,
+) -> Tensor:  # fmt: skip
+    """An adaptive ODE solver from ``torchdiffeq`` (``pip install 'dydit[flow]'``), dopri5 by default
+    with SiT's tolerances. ``steps`` is ignored (the solver picks its own); 0 is accepted."""
+    _check(transport, max(int(steps), 1))
+    try:
+        from torchdiffeq import odeint
+    except ImportError:
+        raise DyditError("the adaptive sampler needs torchdiffeq: pip install 'dydit[flow]'") from None
+    t0, t1 = transport.interval
+
+    def f(t: Tensor, x: Tensor) -> Tensor:
+        return _velocity(model_fn, transport, x, float(t), model_kwargs)
+
+    times = torch.tensor([t0, t1], dtype=torch.float64, device=noise.device)
+    return odeint(f, noise.double(), times, method=method, atol=atol, rtol=rtol)[-1].to(noise.dtype)
+
+
+FLOW_SAMPLERS: dict[str, FlowSampler] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "sde": sample_sde,
+    "adaptive": sample_adaptive,
+}
+_EVALS_PER_STEP = {"euler": 1, "heun": 2, "sde": 1}
+
+
+def evaluations(sampler: str, steps: int) -> int | None:
+    """Network evaluations of a fixed-step flow sampler for ``steps`` steps (None: adaptive)."""
+    if sampler not in FLOW_SAMPLERS:
+        raise DyditError(f"unknown flow sampler {sampler!r}; choose one of {', '.join(FLOW_SAMPLERS)}")
+    return None if sampler == "adaptive" else _EVALS_PER_STEP[sampler] * steps
+
+
+def flow_times(sampler: str, steps: int, transport: Transport) -> list[float]:
+    """The times (descending noise, i.e. ascending t) a fixed-step sampler evaluates the network at.
+
+    What a DyDiT's width plan must cover. Empty for the adaptive solver (its times are not known
+    in advance; the sliced engine then plans each new time on first use).
+    """
+    evaluations(sampler, steps)
+    t0, t1 = transport.interval
+    if sampler == "adaptive":
+        return []
+    if sampler == "sde":
+        grid = torch.linspace(t0, t1 - DEFAULT_LAST_STEP, steps, dtype=torch.float64).tolist()
+        return [float(torch.tensor(t, dtype=torch.float32)) for t in grid]
+    grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+    times = grid[:-1] if sampler == "euler" else grid
+    return [float(torch.tensor(t, dtype=torch.float32)) for t in times]
