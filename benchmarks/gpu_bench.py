@@ -1,4 +1,4 @@
-"""The prepared GPU benchmark of issue 5 (METHOD.md §8): DiT-XL/2 at 256 px, bf16, CFG, one H100.
+"""The prepared GPU benchmark of issue 5 (docs/METHOD.md §8): DiT-XL/2 at 256 px, bf16, CFG, one H100.
 
 Models and compiled graphs are built once; phases, each appending its rows to ``$OUT/bench.json``
 and ``$OUT/bench.md`` as soon as it ends (a run cut short still leaves results):

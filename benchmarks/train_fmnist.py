@@ -3,7 +3,7 @@
 Reports, with the same training loop that ``dydit train`` / ``dydit finetune`` run:
 
 1. the pre-training loss curve (it should go clearly down);
-2. the FLOPs ratio ρ of the fine-tuned DyDiT (METHOD.md §5.3): the training-time value the loss
+2. the FLOPs ratio ρ of the fine-tuned DyDiT (docs/METHOD.md §5.3): the training-time value the loss
    sees (Gumbel masks, batch mean over the last log interval), the deterministic eval-mode value on
    held-out images at t spread over [0, 1000), and the work counted by the sliced engine;
 3. the time of a fine-tuning step (masked DyDiT, no complete-model pass) relative to a DiT training

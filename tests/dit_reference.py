@@ -1,4 +1,4 @@
-"""An independent DiT/SiT forward pass in plain tensor ops, written from METHOD.md §1.2 for tests.
+"""An independent DiT/SiT forward pass in plain tensor ops, written from docs/METHOD.md §1.2 for tests.
 
 It reads a state dict in the official key layout and shares no code with ``dydit.models``
 (explicit softmax attention instead of SDPA), so a test that compares ``dydit`` against it checks

@@ -1,4 +1,4 @@
-"""``dydit bench`` and the prepared GPU script, on tiny CPU models (METHOD.md §7.4, §8).
+"""``dydit bench`` and the prepared GPU script, on tiny CPU models (docs/METHOD.md §7.4, §8).
 
 Speed is not asserted here (the CPU is shared); the tests check that every mode runs on the same
 weights and inputs, that ρ, speed-up and efficiency are consistent, and that the outputs agree.

@@ -1,4 +1,4 @@
-"""Data-parallel training: 2-process torchrun with gloo on CPU (DESIGN.md §5 ``distributed``)."""
+"""Data-parallel training: 2-process torchrun with gloo on CPU (docs/ARCHITECTURE.md §6.9)."""
 
 from __future__ import annotations
 

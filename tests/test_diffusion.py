@@ -1,4 +1,4 @@
-"""Gaussian diffusion (METHOD.md §1.4): schedule, forward process, posterior, respacing, hybrid loss."""
+"""Gaussian diffusion (docs/METHOD.md §1.4): schedule, forward process, posterior, respacing, hybrid loss."""
 
 from __future__ import annotations
 

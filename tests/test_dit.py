@@ -1,4 +1,4 @@
-"""DiT: official key names and shapes, strict loading, DiT initialisation (METHOD.md §1.2, §1.5)."""
+"""DiT: official key names and shapes, strict loading, DiT initialisation (docs/METHOD.md §1.2, §1.5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ OFFICIAL = ["S", "B", "L", "XL"]
 
 
 def official_shapes(depth: int, d: int, p: int, n: int, in_ch: int = 4, classes: int = 1000) -> dict:
-    """The key -> shape table of METHOD.md §1.5, written out independently of the model code."""
+    """The key -> shape table of docs/METHOD.md §1.5, written out independently of the model code."""
     c_out = 2 * in_ch
     shapes = {
         "pos_embed": (1, n, d),
@@ -62,7 +62,7 @@ def test_official_key_names_and_shapes(name: str) -> None:
 def test_xl2_parameter_count() -> None:
     with torch.device("meta"):
         model = dydit.create_model("DiT-XL/2")
-    assert sum(p.numel() for p in model.parameters()) == 675_129_632  # METHOD.md §1.1: 675.13 M
+    assert sum(p.numel() for p in model.parameters()) == 675_129_632  # docs/METHOD.md §1.1: 675.13 M
 
 
 def test_strict_load_of_official_layout_state_dict(tmp_path) -> None:

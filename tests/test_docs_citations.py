@@ -1,8 +1,8 @@
 """Citations of docs/METHOD.md and docs/ARCHITECTURE.md stay true; the repository stands alone.
 
-- Every "METHOD.md §x" (or "docs/METHOD.md §x", and likewise for ARCHITECTURE.md) in src/, tests/
+- Every "docs/METHOD.md §x" (or "docs/METHOD.md §x", and likewise for ARCHITECTURE.md) in src/, tests/
   benchmarks/, docs/ and README.md names a section heading of that file. Lists after one mention count too:
-  "(METHOD.md §1.3, §1.4, §7.2)" cites three sections; a mention of another document ends the list.
+  "(docs/METHOD.md §1.3, §1.4, §7.2)" cites three sections; a mention of another document ends the list.
 - No file of the repository points into the team's private notes beside it (a sibling "shared" folder).
 """
 
@@ -81,9 +81,9 @@ def _repo_files() -> list[Path]:
 
 def test_parser_reads_lists_and_stops_at_other_documents() -> None:
     m = "METHOD.md"
-    assert cited_sections("(METHOD.md §1.3, §1.4, §7.2).") == [(m, "1.3"), (m, "1.4"), (m, "7.2")]
+    assert cited_sections("(docs/METHOD.md §1.3, §1.4, §7.2).") == [(m, "1.3"), (m, "1.4"), (m, "7.2")]
     assert cited_sections("see docs/METHOD.md §8.3b and §1.1.") == [(m, "8.3b"), (m, "1.1")]
-    assert cited_sections("(METHOD.md §1.6, §6; NOTES.md §3 rule 4)") == [(m, "1.6"), (m, "6")]
+    assert cited_sections("(docs/METHOD.md §1.6, §6; NOTES.md §3 rule 4)") == [(m, "1.6"), (m, "6")]
     assert cited_sections("(docs/METHOD.md §6.2; docs/ARCHITECTURE.md §6.3)") == [
         (m, "6.2"),
         ("ARCHITECTURE.md", "6.3"),

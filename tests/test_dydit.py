@@ -1,6 +1,6 @@
 """DyDiT model: parity with DiT, masked semantics vs a hand-written reference, STE, modes, plans.
 
-METHOD.md §2, §3, §4, §13 items 2-4.
+docs/METHOD.md §2, §3, §4, §13 items 2-4.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def inputs(batch: int = 4, dtype=torch.float32, seed: int = 7):
 
 # Hand-written reference: explicit per-head softmax attention and explicit masks. -------------
 def reference_block(block, x, c, heads, groups, tokens):
-    """METHOD.md §2/§3.3/§4.2 written out: heads (B,H), groups (B,H), tokens (B,N) or None."""
+    """docs/METHOD.md §2/§3.3/§4.2 written out: heads (B,H), groups (B,H), tokens (B,N) or None."""
     b, n, d = x.shape
     h_count = block.attn.num_heads
     hd = d // h_count
@@ -166,7 +166,7 @@ def test_block_with_hand_set_masks_matches_reference():
         ref, _ = reference_block(block, x, c, heads, groups, tokens)
     assert torch.equal(keep, tokens)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    # With no head, the attention branch is gate_msa * proj.bias, not zero (METHOD.md §3.5).
+    # With no head, the attention branch is gate_msa * proj.bias, not zero (docs/METHOD.md §3.5).
     shift1, scale1, gate1, *_ = block.modulation(c)
     with torch.no_grad():
         after_attn = x + gate1[:, None] * block.masked_attention(torch.randn_like(x), heads)
@@ -280,7 +280,7 @@ def test_release_key_names_and_shapes(layout, k):
         expected[f"blocks.{i}.token_selection.mlp_head.2.bias"] = (1,)
     assert extra == expected
     assert all(sd[key].shape == v.shape for key, v in dit_keys.items())
-    if layout == "forced_first":  # METHOD.md §2: DiT-S/2 router overhead about 0.16 M parameters
+    if layout == "forced_first":  # docs/METHOD.md §2: DiT-S/2 router overhead about 0.16 M parameters
         assert round(sum(math.prod(s) for s in extra.values()) / 1e6, 2) == 0.16
 
 

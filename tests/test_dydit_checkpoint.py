@@ -1,4 +1,4 @@
-"""DyDiT checkpoints: both router layouts, plain DiT into DyDiT, clear errors (METHOD.md §12)."""
+"""DyDiT checkpoints: both router layouts, plain DiT into DyDiT, clear errors (docs/METHOD.md §12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLOPs accounting (MAC convention, METHOD.md §1.1, §7.3) and the `dydit flops` command."""
+"""FLOPs accounting (MAC convention, docs/METHOD.md §1.1, §7.3) and the `dydit flops` command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dydit.flops import config_macs_table, count_flops, layer_costs, token_route
 from dydit.models.dit import DiT
 from dydit.presets import get_model_config
 
-# Per-layer attention / MLP constants in GFLOPs, METHOD.md §1.1 (the released FLOPs dict).
+# Per-layer attention / MLP constants in GFLOPs, docs/METHOD.md §1.1 (the released FLOPs dict).
 CONSTANTS = {
     ("DiT-S/2", 32): (0.201326592, 0.301989888),
     ("DiT-B/2", 32): (0.704643072, 1.207959552),

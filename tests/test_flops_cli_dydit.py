@@ -1,4 +1,4 @@
-"""``dydit flops`` with DyDiT checkpoints: per-timestep and schedule-averaged FLOPs (METHOD.md §7.3)."""
+"""``dydit flops`` with DyDiT checkpoints: per-timestep and schedule-averaged FLOPs (docs/METHOD.md §7.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLOPs-ratio loss (METHOD.md §5.3), target schedule (§5.4), stratified timesteps."""
+"""FLOPs-ratio loss (docs/METHOD.md §5.3), target schedule (§5.4), stratified timesteps."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_all_on_is_one_and_method_anchors():
     half[..., :8] = 1
     all_tokens, half_tokens = torch.ones(1, 28, 256), torch.zeros(1, 28, 256)
     half_tokens[..., :128] = 1
-    # METHOD.md §8: 0.50 with half heads and groups; 0.34 when half the tokens are skipped too.
+    # docs/METHOD.md §8: 0.50 with half heads and groups; 0.34 when half the tokens are skipped too.
     assert per_sample_flops_ratio(half, half, all_tokens, XL_A, XL_M).item() == pytest.approx(0.5)
     rho = per_sample_flops_ratio(half, half, half_tokens, XL_A, XL_M).item()
     assert rho == pytest.approx(0.34, abs=0.005)

@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md §2 is one way; this walks src/dydit and fails on a reverse edge.
+"""Imports go one way (docs/ARCHITECTURE.md §2): this walks src/dydit and fails on a reverse edge.
 
 Every top-level module or package of ``dydit`` sits in one layer; a module may import its own layer
 and the layers below, never one above. Within a layer, :data:`FORBIDDEN` names the edges that are

@@ -1,4 +1,4 @@
-"""Importance reordering of heads and MLP groups is function-preserving (METHOD.md §3.4)."""
+"""Importance reordering of heads and MLP groups is function-preserving (docs/METHOD.md §3.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routers and Gumbel-sigmoid binarisation (METHOD.md §3.1, §3.2, §4.1)."""
+"""Routers and Gumbel-sigmoid binarisation (docs/METHOD.md §3.1, §3.2, §4.1)."""
 
 from __future__ import annotations
 

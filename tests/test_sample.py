@@ -1,4 +1,4 @@
-"""Sampling library (METHOD.md §7.1): per-image seeds, rank striding, resumable output directories,
+"""Sampling library (docs/METHOD.md §7.1): per-image seeds, rank striding, resumable output directories,
 ADM-format npz, and the pixel/VAE codecs."""
 
 from __future__ import annotations

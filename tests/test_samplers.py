@@ -1,4 +1,4 @@
-"""Samplers and guidance (METHOD.md §1.3, §7.2): original timesteps, per-image noise, determinism,
+"""Samplers and guidance (docs/METHOD.md §1.3, §7.2): original timesteps, per-image noise, determinism,
 convergence on an analytic model, and the two classifier-free guidance modes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The sliced engine equals masked DyDiT (METHOD.md §3.5, §4.3, §13 item 5), and router calibration."""
+"""The sliced engine equals masked DyDiT (docs/METHOD.md §3.5, §4.3, §13 item 5), and router calibration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Named constants of DiT and DyDiT (METHOD.md §1, §3, §4, §5).
+"""Named constants of DiT and DyDiT (docs/METHOD.md §1, §3, §4, §5).
 
 Every magic number of the method lives here, with the section that defines it.
 """

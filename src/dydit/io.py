@@ -1,4 +1,4 @@
-"""Files written safely: atomic replacement, and one writer per directory (DESIGN.md §2, ``io``).
+"""Files written safely: atomic replacement, and one writer per directory (docs/ARCHITECTURE.md §6.5).
 
 - :func:`atomic_write` writes a file through a hidden temporary file, flushed and renamed: the file
   either exists whole or not at all, and a failed write keeps the previous version.

@@ -1,6 +1,6 @@
 """Rank-0 logging: text through ``logging`` handlers, scalars to ``stats.jsonl`` (and TensorBoard).
 
-DESIGN.md §3 rule 8: only the main process writes; other ranks get a logger with a
+docs/ARCHITECTURE.md §6.4: only the main process writes; other ranks get a logger with a
 ``NullHandler``, and ``print`` is never patched. Scalars go through one function,
 :func:`report`, which anything (the training step, a router, an evaluator) may call; they are
 collected until the active :class:`RunLogger` flushes them as one JSON line per step::

@@ -1,4 +1,4 @@
-"""Typed registry of model presets (METHOD.md §1.1).
+"""Typed registry of model presets (docs/METHOD.md §1.1).
 
 ``MODEL_PRESETS`` maps names such as ``"DiT-XL/2"`` to a :class:`ModelConfig`; ``"DyDiT-XL/2"``
 resolves to the same architecture with ``dynamic=True``. Small single-channel presets
@@ -166,7 +166,7 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-# (depth, width, heads) of the four DiT sizes, METHOD.md §1.1.
+# (depth, width, heads) of the four DiT sizes, docs/METHOD.md §1.1.
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 # Small single-channel sizes for 28/32-pixel data (10 classes, pixel space).
 _SMALL_SIZES = {"Ti": (6, 192, 6), "Mi": (8, 256, 8)}

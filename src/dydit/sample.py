@@ -1,6 +1,6 @@
-"""Sampling with per-image seeds, rank striding and resumable output directories (METHOD.md §7.1, §7.2).
+"""Sampling with per-image seeds, rank striding and resumable output directories (docs/METHOD.md §7.1, §7.2).
 
-Reproducibility is structural (DESIGN.md §3 rule 9, the EDM2 recipe): image i is defined by
+Reproducibility is structural (docs/ARCHITECTURE.md §6.2, the EDM2 recipe): image i is defined by
 ``(seeds[i], labels[i])`` alone. Its initial noise and every per-step noise come from its own
 ``torch.Generator`` seeded with ``seeds[i]``, so an image does not depend on the batch size, on its
 batch neighbours or on the number of processes. Ranks stride the list (image i goes to rank

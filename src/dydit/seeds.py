@@ -1,4 +1,4 @@
-"""Seeds: what a valid seed is, checked and parsed in one place (DESIGN.md §3 rule 9).
+"""Seeds: what a valid seed is, checked and parsed in one place (docs/ARCHITECTURE.md §6.2).
 
 A *base seed* (``--seed`` of every command, a run's ``TrainConfig.seed``) is an integer in
 [0, 2**63). Image i of a sampling run uses seed ``SEED + i`` for its own ``torch.Generator``, which

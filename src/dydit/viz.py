@@ -2,7 +2,7 @@
 
 - :func:`sample_grid`: a grid of samples titled with their class labels.
 - :func:`flops_profile`: per timestep, the active heads (TDW), active MLP groups (TDW) and kept
-  tokens (SDT) of every layer, and the resulting FLOPs ratio (METHOD.md §7.3).
+  tokens (SDT) of every layer, and the resulting FLOPs ratio (docs/METHOD.md §7.3).
 - :func:`router_heatmap`: every head/group router decision, (layer, index) × timestep.
 - :func:`token_keep_overlay`: SDT token masks over the sample images.
 

@@ -1,4 +1,4 @@
-"""Inference-speed benchmark: dense DiT, masked DyDiT and sliced DyDiT side by side (METHOD.md §7.4, §8).
+"""Inference-speed benchmark: dense DiT, masked DyDiT and sliced DyDiT side by side (docs/METHOD.md §7.4, §8).
 
 One run builds every model from the same weights, feeds them the same inputs and times them
 interleaved (repeat r of every mode before repeat r+1 of any), so load changes hit all modes alike.

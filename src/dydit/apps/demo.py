@@ -4,7 +4,7 @@
 
 1. loads the shipped base DiT (``assets/dit-ti4-fmnist.safetensors``, trained by ``dydit train``;
    see ``assets/README.md`` for the exact command and log);
-2. fine-tunes it into a DyDiT at FLOPs target λ (METHOD.md §5) for a few percent of the base
+2. fine-tunes it into a DyDiT at FLOPs target λ (docs/METHOD.md §5) for a few percent of the base
    model's iterations (resumable: rerunning continues the fine-tune);
 3. samples the same seeds and labels from the dense DiT and from the DyDiT run by the sliced
    engine, timing both side by side and counting the multiply-accumulates really performed;
@@ -71,7 +71,7 @@ class DemoConfig:
     ema_decay: float = 0.99
     target_hold_steps: int = 10
     target_warmup_steps: int = 100
-    complete_steps: int = 300  # iterations with the complete-model loss (METHOD.md §5.2)
+    complete_steps: int = 300  # iterations with the complete-model loss (docs/METHOD.md §5.2)
     distill_weight: float = 0.0  # distillation from the frozen base (docs/TRAINING.md)
     reorder: bool = False  # importance reordering before fine-tuning
     num_samples: int = 1000

@@ -1,4 +1,4 @@
-"""Every checkpoint format in one place (METHOD.md §1.5, §12): reading, converting, fitting a model.
+"""Every checkpoint format in one place (docs/METHOD.md §1.5, §12): reading, converting, fitting a model.
 
 - :func:`load_checkpoint` -> a state dict in dydit's (the official DiT's) key layout, from a raw
   state dict, an official DiT/DyDiT/SiT training dict, a dydit training state or export, a bare

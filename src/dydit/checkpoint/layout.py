@@ -1,4 +1,4 @@
-"""DyDiT checkpoints (METHOD.md §12): the router layout a state dict was saved with, and loading a
+"""DyDiT checkpoints (docs/METHOD.md §12): the router layout a state dict was saved with, and loading a
 DiT or DyDiT state dict into a DyDiT strictly (a DiT's weights leave exactly the routers fresh).
 """
 

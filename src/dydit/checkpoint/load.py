@@ -219,7 +219,7 @@ def load_dydit_checkpoint(
     config: ModelConfig | str | None = None,
     layout: str | None = None,
 ) -> DyDiT:
-    """:func:`load_model` for a DyDiT: a DiT checkpoint gets fresh routers (METHOD.md §12).
+    """:func:`load_model` for a DyDiT: a DiT checkpoint gets fresh routers (docs/METHOD.md §12).
 
     ``layout`` forces a router layout and must agree with the checkpoint's router shapes.
     """

@@ -1,4 +1,4 @@
-"""``dydit bench``: dense DiT vs masked DyDiT vs sliced DyDiT, timed side by side (METHOD.md §7.4, §8)."""
+"""``dydit bench``: dense DiT, masked DyDiT and sliced DyDiT timed side by side (docs/METHOD.md §7.4, §8)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 any checkpoint -> a diffusers ``DiTTransformer2DModel`` folder.
 
 Training already writes ``ema.safetensors`` at every checkpoint; this re-exports a given state,
-e.g. the raw model weights instead of the EMA (METHOD.md §12; DESIGN.md §3 rule 7).
+e.g. the raw model weights instead of the EMA (docs/METHOD.md §12; docs/ARCHITECTURE.md §6.3).
 """
 
 from __future__ import annotations

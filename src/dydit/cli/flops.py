@@ -1,8 +1,8 @@
 """``dydit flops``: MACs of one forward pass for one image, in GFLOPs (1 FLOP = 1 MAC).
 
-Without ``--checkpoint``: the static per-component table of a preset (METHOD.md §1.1). With a DyDiT
+Without ``--checkpoint``: the static per-component table of a preset (docs/METHOD.md §1.1). With a DyDiT
 checkpoint: the realised FLOPs per sampling timestep and their average over a sampler's schedule
-(METHOD.md §7.3). Width masks come from the routers at each original timestep; token keep rates
+(docs/METHOD.md §7.3). Width masks come from the routers at each original timestep; token keep rates
 are measured on real forward passes along a sampling trajectory. A plain DiT checkpoint gets the
 static table of its architecture.
 """

@@ -1,4 +1,4 @@
-"""``dydit sample``: class-conditional samples from a checkpoint or a preset (METHOD.md §1.3, §7.1, §7.2).
+"""``dydit sample``: class-conditional samples from a checkpoint or preset (docs/METHOD.md §1.3, §7.1, §7.2).
 
 A thin layer over :mod:`dydit.sample`. Writes a class-labelled grid PNG; with ``--out-dir`` also one
 file per image (resumable: rerun the command) and, with ``--npz``, an ADM-format ``.npz`` for FID.
@@ -17,7 +17,7 @@ from typing import Any
 from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device, seed_int
 from dydit.errors import DyditError
 
-DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (METHOD.md §7.1)
+DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (docs/METHOD.md §7.1)
 DEFAULT_NUM_SAMPLES = 16
 GRID_MAX = 64  # the grid shows at most this many images; the rest go to --out-dir
 MAX_NUM_SAMPLES = 10_000_000  # 200x FID-50K; far more is a typo that would exhaust memory

@@ -1,6 +1,6 @@
 """``dydit train``: DiT training from scratch or from weights; rerun the command to resume.
 
-A thin layer over :func:`dydit.train.loop.train` (METHOD.md §1.6, §6): options overlay a
+A thin layer over :func:`dydit.train.loop.train` (docs/METHOD.md §1.6, §6): options overlay a
 :class:`~dydit.train.config.TrainConfig`, ``--dry-run`` prints it. The same command runs under
 ``torchrun --nproc_per_node=N`` for data-parallel training. ``dydit finetune`` shares these options.
 """
@@ -162,7 +162,7 @@ def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """The FLOPs target, its schedule and the extra losses of DyDiT fine-tuning."""
     from dydit.cli._common import unit_interval
 
-    g = p.add_argument_group("DyDiT fine-tuning (METHOD.md §5)")
+    g = p.add_argument_group("DyDiT fine-tuning (docs/METHOD.md §5)")
     g.add_argument("--target", type=unit_interval, required=True, help="FLOPs target lambda in (0, 1]")
     g.add_argument(
         "--target-warmup-steps", type=_non_negative_int, default=d.target_warmup_steps,
@@ -334,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a DiT from scratch or from weights (rerun to resume; works under torchrun)",
-        description="Train a DiT (METHOD.md §1.6). Rerunning the same command resumes from the run "
+        description="Train a DiT (docs/METHOD.md §1.6). Rerunning the same command resumes from the run "
         "directory's checkpoint. Launch with torchrun --nproc_per_node=N for data-parallel training.",
     )
     add_run_options(p, finetune=False)

@@ -9,7 +9,7 @@
 - ``"latents:/path"`` -- a latent cache written by :func:`~dydit.data.latents.encode_dataset`.
 
 Every dataset carries a :class:`~dydit.data.base.DataInfo` (channels, size, classes, codec,
-whether flips make sense). See METHOD.md §1.6 and §6 for the recipes these follow.
+whether flips make sense). See docs/METHOD.md §1.6 and §6 for the recipes these follow.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The dataset protocol of the training loop (METHOD.md §6.1, §6.2; DESIGN.md §2 ``data/``).
+"""The dataset protocol of the training loop (docs/METHOD.md §6.1, §6.2; docs/ARCHITECTURE.md §1).
 
 Every training dataset is a map-style :class:`ImageDataset` of ``(x, y)`` pairs: ``x`` a float
 tensor (C, H, W) in [-1, 1] (pixels) or a scaled latent, ``y`` an integer class label. The
 horizontal flip is not a random transform inside the dataset: the loader decides it from
 ``(seed, epoch)`` and asks for ``get(i, flip)``, so that data order and augmentation are both
-reproducible and resumable (DESIGN.md §3 rule 9).
+reproducible and resumable (docs/ARCHITECTURE.md §6.2).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class DataInfo:
     """What the model and sampler need to know about a dataset.
 
     ``codec`` is ``"pixel"`` for images in [-1, 1], or the VAE spec a latent cache was encoded
-    with (its latents are already multiplied by the latent scale, METHOD.md §1.4).
+    with (its latents are already multiplied by the latent scale, docs/METHOD.md §1.4).
     """
 
     name: str

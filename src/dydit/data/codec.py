@@ -1,4 +1,4 @@
-"""Codecs between pixels and the space the diffusion model works in (METHOD.md §1.1, §1.4).
+"""Codecs between pixels and the space the diffusion model works in (docs/METHOD.md §1.1, §1.4).
 
 - :class:`PixelCodec`: identity; pixel models diffuse images in [-1, 1] directly.
 - :class:`VAECodec`: a Stable Diffusion ``AutoencoderKL`` (f = 8, 4 latent channels for
@@ -70,7 +70,7 @@ class VAECodec:
         vae: a diffusers model directory, a Hub id (e.g. ``"stabilityai/sd-vae-ft-ema"``; loaded
             from the local cache when offline) or an ``AutoencoderKL`` instance.
         device: where the VAE runs; inputs are moved there and results stay there.
-        scale: latent scale factor (METHOD.md §1.4).
+        scale: latent scale factor (docs/METHOD.md §1.4).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """scikit-learn's 8x8 digits (1 797 images, 10 classes): the dataset of the tiny CPU tests.
 
 It ships inside scikit-learn, so it works offline. Values 0..16 map linearly to [-1, 1]. A flipped
-digit is a different (or no) digit, so the flip augmentation is off by default (DESIGN.md §5).
+digit is a different (or no) digit, so the flip augmentation is off by default.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Fashion-MNIST from the idx ``.gz`` files of the Debian package ``dataset-fashion-mnist``.
 
-The default training set of this project (DESIGN.md §6): 60 000 28x28 grey images in 10 classes,
+The default training set of this project (docs/ARCHITECTURE.md §6.8): 60 000 28x28 grey images in 10 classes,
 padded to 32x32 on the black background (or resized) so that the small ``DiT-Ti``/``DiT-Mi`` presets
 with patch 2 or 4 tile it. Pixels map to [-1, 1]. Horizontal flips are label-preserving for
-clothes, so the flip augmentation of DiT (METHOD.md §1.6) is on by default.
+clothes, so the flip augmentation of DiT (docs/METHOD.md §1.6) is on by default.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """ImageFolder-style directories (``root/<class>/<image>``) with ADM's centre crop, PIL only.
 
-The DiT data pipeline of METHOD.md §1.6: while the short side is at least twice the target size,
+The DiT data pipeline of docs/METHOD.md §1.6: while the short side is at least twice the target size,
 halve the image with a box filter; then resize bicubically so that the short side equals the
 target; then crop the centre square. Classes are the sorted sub-directory names (like
-torchvision's ImageFolder, which we cannot import here: DESIGN.md §6). Images lying directly in
+torchvision's ImageFolder, which we cannot import here: docs/ARCHITECTURE.md §6.8). Images lying directly in
 ``root`` with no class sub-directories form a single class.
 """
 
@@ -24,7 +24,7 @@ DEFAULT_SIZE = 256
 
 
 def center_crop_adm(image, size: int):
-    """ADM centre crop of a PIL image to ``size`` x ``size`` (METHOD.md §1.6)."""
+    """ADM centre crop of a PIL image to ``size`` x ``size`` (docs/METHOD.md §1.6)."""
     from PIL import Image
 
     while min(image.size) >= 2 * size:

@@ -1,8 +1,8 @@
 """A sharded on-disk cache of VAE latents: encode a dataset once, then train on the latents.
 
-DiT encodes every image with the Stable Diffusion VAE on the fly (METHOD.md §1.6, §6.2); for
-repeated training runs it is cheaper to encode once (the MAR idea, DESIGN.md §1). The cache holds
-latents already multiplied by the latent scale (the codec owns that constant, METHOD.md §1.4) and,
+DiT encodes every image with the Stable Diffusion VAE on the fly (docs/METHOD.md §1.6, §6.2); for
+repeated training runs it is cheaper to encode once (the MAR idea, docs/ARCHITECTURE.md §6.8). The cache holds
+latents already multiplied by the latent scale (the codec owns that constant, docs/METHOD.md §1.4) and,
 when flipping makes sense, the latents of the mirrored images as well, since a flip in pixel space
 is not a flip in latent space.
 

@@ -1,4 +1,4 @@
-"""A resumable stream of per-rank training batches (METHOD.md §6.2; DESIGN.md §3 rule 9).
+"""A resumable stream of per-rank training batches (docs/METHOD.md §6.2; docs/ARCHITECTURE.md §6.2).
 
 The order of an epoch is a function of ``(seed, epoch)`` alone: torch's ``DistributedSampler``
 shuffles with a generator seeded by ``seed + epoch`` and gives rank r every world_size-th index;

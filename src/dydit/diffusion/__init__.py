@@ -1,4 +1,4 @@
-"""Gaussian diffusion, respacing, samplers and classifier-free guidance (METHOD.md §1.3, §1.4, §7.2).
+"""Gaussian diffusion, respacing, samplers and classifier-free guidance (docs/METHOD.md §1.3, §1.4, §7.2).
 
 The network enters only as a callable ``model_fn(x, t, y=...) -> Tensor`` that receives original
 timesteps; nothing here imports a model class. Typical use::

@@ -1,4 +1,4 @@
-"""Gaussian diffusion with ε-prediction and a learned-range variance (METHOD.md §1.4, §5.1).
+"""Gaussian diffusion with ε-prediction and a learned-range variance (docs/METHOD.md §1.4, §5.1).
 
 Forward process q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I) (DDPM eq. 4), posterior
 q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) with (DDPM eqs. 6-7)

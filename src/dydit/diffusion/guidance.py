@@ -1,4 +1,4 @@
-"""Classifier-free guidance as a sampler-side wrapper (METHOD.md §1.3).
+"""Classifier-free guidance as a sampler-side wrapper (docs/METHOD.md §1.3).
 
 ``guided(model_fn, scale, null_class)`` returns a callable with the model's own signature
 ``(x, t, y) -> Tensor``. It evaluates the conditional and the unconditional (null-class) halves in one

@@ -1,4 +1,4 @@
-"""Respaced diffusion: sampling on a subset of the original timesteps (METHOD.md §1.4, §7.2).
+"""Respaced diffusion: sampling on a subset of the original timesteps (docs/METHOD.md §1.4, §7.2).
 
 A respaced process keeps timesteps k_0 < k_1 < ... < k_{N-1} of the original one and uses the betas
 β'_i = 1 - ᾱ_{k_i} / ᾱ_{k_{i-1}}, so its marginals q(x_{k_i} | x_0) are unchanged. Its

@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral, DDIM and DPM-Solver++(2M), with one signature (METHOD.md §1.4, §7.2).
+"""Samplers: DDPM ancestral, DDIM and DPM-Solver++(2M), with one signature (docs/METHOD.md §1.4, §7.2).
 
 Every sampler is a plain ``@torch.no_grad()`` function::
 
@@ -31,7 +31,7 @@ from dydit.diffusion.gaussian import GaussianDiffusion, ModelFn
 from dydit.diffusion.respace import respace
 from dydit.diffusion.schedules import Steps
 
-DEFAULT_STEPS = 250  # DiT's and DyDiT's reported FIDs use 250 respaced DDPM steps (METHOD.md §7.2)
+DEFAULT_STEPS = 250  # DiT's and DyDiT's reported FIDs use 250 respaced DDPM steps (docs/METHOD.md §7.2)
 
 
 class Sampler(Protocol):

@@ -1,4 +1,4 @@
-"""Noise schedules and timestep respacing (METHOD.md §1.4).
+"""Noise schedules and timestep respacing (docs/METHOD.md §1.4).
 
 DiT uses T = 1000 steps and a linear beta schedule from 1e-4 to 0.02, with both endpoints scaled by
 1000 / T so that other lengths keep the same overall noise level. Sampling with fewer steps keeps a
@@ -16,7 +16,7 @@ import numpy as np
 from dydit.constants import BETA_END, BETA_START, NUM_TIMESTEPS
 from dydit.errors import DyditError
 
-# The linear schedule's endpoints are defined for this reference length (METHOD.md §1.4).
+# The linear schedule's endpoints are defined for this reference length (docs/METHOD.md §1.4).
 _REFERENCE_LENGTH = 1000
 
 Steps = int | str | Sequence[int]

@@ -1,4 +1,4 @@
-"""What a DyDiT switches off along a sampling schedule, and what it costs (METHOD.md §7.3).
+"""What a DyDiT switches off along a sampling schedule, and what it costs (docs/METHOD.md §7.3).
 
 :class:`RoutingRecorder` wraps a DyDiT as a plain ``model(x, t, y)`` callable (masked execution)
 and keeps the router decisions of every call, grouped by timestep. Two measurements use it:

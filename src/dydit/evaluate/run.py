@@ -1,7 +1,7 @@
 """``evaluate()``: FID, sFID, Inception Score, precision/recall and classifier metrics of a sample set.
 
 Definitions are the ADM evaluator's (Dhariwal & Nichol 2021), which DiT and DyDiT report
-(METHOD.md §7.1): Inception-v3 pool features for FID and k = 3 precision/recall, the first seven
+(docs/METHOD.md §7.1): Inception-v3 pool features for FID and k = 3 precision/recall, the first seven
 ``mixed_6/conv`` channels for sFID, the softmax for IS. A reference ``.npz`` with ``mu``/``sigma``
 (``mu_s``/``sigma_s``) is used as it is for FID (sFID); its ``arr_0`` images are featurised only
 for what the statistics cannot give (precision/recall). Reference features are cached on disk.

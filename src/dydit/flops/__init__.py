@@ -1,4 +1,4 @@
-"""FLOPs accounting, counted as multiply-accumulates (1 FLOP = 1 MAC; METHOD.md §1.1, §7.3).
+"""FLOPs accounting, counted as multiply-accumulates (1 FLOP = 1 MAC; docs/METHOD.md §1.1, §7.3).
 
 ``formulas`` holds the only MAC formulas of the project; ``counter`` records the work that layers
 really perform while a :func:`count_flops` context is active.

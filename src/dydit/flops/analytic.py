@@ -1,6 +1,6 @@
 """Closed-form, differentiable FLOPs of a routed DyDiT pass and the FLOPs-constrained loss.
 
-METHOD.md §5.3. With per-layer static costs A (attention) and M (MLP) from
+docs/METHOD.md §5.3. With per-layer static costs A (attention) and M (MLP) from
 :func:`dydit.flops.formulas.layer_costs`, for sample b and layer l:
 
     r_h = (1/H) Σ_h heads[b, l, h]     r_g = (1/H) Σ_j groups[b, l, j]     r_t = (1/N) Σ_n tokens[b, l, n]
@@ -101,7 +101,7 @@ def check_target(target: float) -> float:
 
 
 def flops_loss(rho: Tensor, target: float, weight: float = FLOPS_LOSS_WEIGHT) -> Tensor:
-    """L_FLOPs = weight·(ρ − λ_t)² (METHOD.md §5.3); λ_t outside (0, 1] raises DyditError."""
+    """L_FLOPs = weight·(ρ − λ_t)² (docs/METHOD.md §5.3); λ_t outside (0, 1] raises DyditError."""
     target = check_target(target)
     if not weight >= 0:
         raise DyditError(f"FLOPs loss weight must be >= 0, got {weight}")

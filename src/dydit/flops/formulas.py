@@ -1,4 +1,4 @@
-"""The MAC formulas of DiT and DyDiT, in one place (METHOD.md §1.1, §5.3, §7.3).
+"""The MAC formulas of DiT and DyDiT, in one place (docs/METHOD.md §1.1, §5.3, §7.3).
 
 Convention: one multiply-accumulate counts as one FLOP, as in the DiT paper, so DiT-XL/2 at
 256 px costs about 118.6 G. Elementwise work (norms, modulation, activations, softmax) is not
@@ -47,7 +47,7 @@ def mlp_macs(
 
 
 def token_router_macs(tokens: int, width: int, reduction: int = TOKEN_ROUTER_REDUCTION) -> int:
-    """One SDT token router on ``tokens`` rows: Linear(D, D/r) then Linear(D/r, 1) (METHOD.md §4.1)."""
+    """One SDT token router on ``tokens`` rows: Linear(D, D/r) then Linear(D/r, 1) (docs/METHOD.md §4.1)."""
     hidden = max(1, width // reduction)
     return linear_macs(tokens, width, hidden) + linear_macs(tokens, hidden, 1)
 

@@ -1,4 +1,4 @@
-"""Flow matching (stochastic interpolants, SiT; METHOD.md §3.6, §10): the path, the parameterisation
+"""Flow matching (stochastic interpolants, SiT; docs/METHOD.md §3.6, §10): the path, the parameterisation
 and the training loss.
 
 **Time convention (the SiT one).** t ∈ [0, 1]; t = 0 is pure noise and t = 1 is data:

@@ -1,4 +1,4 @@
-"""The DyDiT block: its dynamic computation, defined once (arXiv 2410.03456; METHOD.md §2, §3.3, §4.2).
+"""The DyDiT block: its dynamic computation, defined once (arXiv 2410.03456; docs/METHOD.md §2, §3.3, §4.2).
 
 Per block, with the six adaLN vectors of c = E_t + E_y:
 
@@ -68,13 +68,13 @@ def attention_half(
 
 def token_skip(x: Tensor, tokens: Tensor, gate_mlp: Tensor, update: Tensor) -> Tensor:
     """x + tokens ⊙ (gate_mlp · update): a skipped token gets no MLP update at all, fc2.bias
-    included (METHOD.md §4.2). x, update (B, N, D); tokens (B, N) 0/1; gate_mlp (B, D)."""
+    included (docs/METHOD.md §4.2). x, update (B, N, D); tokens (B, N) 0/1; gate_mlp (B, D)."""
     update = gate_mlp.unsqueeze(1) * update
     return x + tokens.to(update.dtype).unsqueeze(-1) * update
 
 
 class DyDiTBlock(DiTBlock):
-    """A DiT block with a head router, an MLP-group router and a token router (METHOD.md §2).
+    """A DiT block with a head router, an MLP-group router and a token router (docs/METHOD.md §2).
 
     ``forward(x, c)`` is inherited: the dense, complete block. :meth:`forward_masked` is the
     dynamic block. Head h covers channels h·d..(h+1)·d-1 before ``proj``; MLP group j covers

@@ -1,6 +1,6 @@
 """Routers calibrated to a target FLOPs ratio, for timing DyDiT models without trained routers.
 
-METHOD.md §3.1 (width routers read E_t only), §4.1 (token router), §5.3 (ρ) and §8. A DyDiT built
+docs/METHOD.md §3.1 (width routers read E_t only), §4.1 (token router), §5.3 (ρ) and §8. A DyDiT built
 from a DiT keeps every head, group and token (router biases 15 / 35), so its sliced engine would
 do all the work. To time large models at a chosen ρ, :func:`calibrate_routers` rewrites the routers:
 
@@ -170,7 +170,7 @@ def masked_forward(
     token_logits: Callable[[int, Tensor], Tensor] | None = None,
     token_hook: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Reference DyDiT inference by masking (METHOD.md §2, §3.3, §4.2): full tensors times 0/1 masks.
+    """Reference DyDiT inference by masking (docs/METHOD.md §2, §3.3, §4.2): full tensors times 0/1 masks.
 
     Runs each block's :meth:`~dydit.models.block.DyDiTBlock.forward_masked` with evaluation
     width masks (per sample: each sample's own t). ``width_masks(t)`` may replace the model's,

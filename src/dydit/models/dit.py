@@ -1,4 +1,4 @@
-"""DiT: the static Diffusion Transformer (Peebles & Xie, arXiv 2212.09748; METHOD.md §1).
+"""DiT: the static Diffusion Transformer (Peebles & Xie, arXiv 2212.09748; docs/METHOD.md §1).
 
 State-dict compatible with the official checkpoints (``DiT-XL-2-256x256.pt``): same key names,
 same shapes, strict loading. The network satisfies the project's one model contract,
@@ -26,7 +26,7 @@ from dydit.presets import ModelConfig
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (METHOD.md §1.2 item 6)."""
+    """Transformer block with adaLN-Zero conditioning (docs/METHOD.md §1.2 item 6)."""
 
     def __init__(
         self, hidden_size: int, num_heads: int, mlp_hidden: int, mlp_norm_eps: float = LAYERNORM_EPS
@@ -104,7 +104,7 @@ class DiT(nn.Module):
         return DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
 
     def initialize_weights(self) -> None:
-        """DiT initialisation (METHOD.md §1.2): Xavier linears, frozen sin-cos table, adaLN-Zero."""
+        """DiT initialisation (docs/METHOD.md §1.2): Xavier linears, frozen sin-cos table, adaLN-Zero."""
 
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):

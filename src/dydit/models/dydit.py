@@ -1,6 +1,6 @@
 """DyDiT: DiT with timestep-wise dynamic width and spatial-wise dynamic tokens (arXiv 2410.03456).
 
-METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The block and its dynamic
+docs/METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The block and its dynamic
 computation live in models/block.py; this module holds the model: routing statistics, width plans
 and the execution modes. ``model.execution`` is one of
 
@@ -49,7 +49,7 @@ class RoutingStats:
 
 @dataclass(frozen=True)
 class WidthPlan:
-    """Evaluation width masks for the time values a sampler uses (METHOD.md §3.5 step 1).
+    """Evaluation width masks for the time values a sampler uses (docs/METHOD.md §3.5 step 1).
 
     The plan the sliced engine turns into per-step weight packs, and the demo plots. timesteps (T,)
     holds the time values as the model receives them (long DDPM timesteps, or floats); heads
@@ -80,7 +80,7 @@ class WidthPlan:
 
 
 class DyDiT(DiT):
-    """Dynamic DiT; same official DiT key names plus router keys (METHOD.md §12).
+    """Dynamic DiT; same official DiT key names plus router keys (docs/METHOD.md §12).
 
     ``forward(x, t, y) -> Tensor`` in the mode ``self.execution``; build with
     ``create_model("DyDiT-S/2")`` or :meth:`from_dit`.
@@ -173,7 +173,7 @@ class DyDiT(DiT):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward_with_routing(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, RoutingStats]:
-        """Masked forward pass plus the router decisions the FLOPs loss needs (METHOD.md §5.3)."""
+        """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
         tokens, c, t_emb = self.embed(x, t, y)  # (B, N, D), (B, D), (B, D)
         heads, groups, keep = [], [], []
         for block in self.blocks:

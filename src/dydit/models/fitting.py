@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dydit.errors import CheckpointError
 from dydit.presets import DIT_NAMES, MODEL_PRESETS, dydit_name
 
-# Sub-module names that exist in DyDiT but not in DiT (METHOD.md §12).
+# Sub-module names that exist in DyDiT but not in DiT (docs/METHOD.md §12).
 ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
 
 

@@ -1,4 +1,4 @@
-"""DiT building blocks, written in paper order (DiT, arXiv 2212.09748; METHOD.md §1.2).
+"""DiT building blocks, written in paper order (DiT, arXiv 2212.09748; docs/METHOD.md §1.2).
 
 Module and parameter names follow the official DiT checkpoints exactly (``x_embedder.proj``,
 ``t_embedder.mlp.0``/``.2``, ``y_embedder.embedding_table``, ``attn.qkv``/``attn.proj``,
@@ -38,8 +38,8 @@ def attention(
 
     ``qkv_weight`` (3·K·d, D) holds the [q; k; v] rows of ``num_heads`` = K heads, head-major, and
     ``proj_weight`` (D_out, K·d) the matching columns. ``head_mask`` (B, K) scales each head's output
-    before ``proj`` (0/1 masks switch heads off; METHOD.md §3.3). Without weights (K = 0) the
-    result is ``proj_bias`` for every token (METHOD.md §3.5 item 2).
+    before ``proj`` (0/1 masks switch heads off; docs/METHOD.md §3.3). Without weights (K = 0) the
+    result is ``proj_bias`` for every token (docs/METHOD.md §3.5 item 2).
     """
     b, n, _ = x.shape
     if qkv_weight is None:
@@ -62,8 +62,8 @@ def mlp(
     """fc1 -> GELU (tanh approximation) -> fc2. (..., D) -> (..., D_out).
 
     ``group_mask`` (B, G) scales G equal groups of fc1 outputs before the GELU (0/1 masks switch
-    groups off; METHOD.md §3.3); x is then (B, N, D). Without weights the result is ``fc2_bias``
-    for every row (no active group; METHOD.md §3.5 item 3).
+    groups off; docs/METHOD.md §3.3); x is then (B, N, D). Without weights the result is ``fc2_bias``
+    for every row (no active group; docs/METHOD.md §3.5 item 3).
     """
     if fc1_weight is None:
         return fc2_bias.expand(*x.shape[:-1], fc2_bias.shape[0])
@@ -76,7 +76,7 @@ def mlp(
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
-    """Fixed 2-D sin-cos position table of shape (grid_size², dim), MAE recipe (METHOD.md §1.2 item 2).
+    """Fixed 2-D sin-cos position table of shape (grid_size², dim), MAE recipe (docs/METHOD.md §1.2 item 2).
 
     The first half of the channels encodes the column (w) coordinate and the second half the row
     (h) coordinate; each half concatenates [sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(−k/(dim/4)).

@@ -1,4 +1,4 @@
-"""Function-preserving reordering of heads and MLP groups by importance (METHOD.md §3.4).
+"""Function-preserving reordering of heads and MLP groups by importance (docs/METHOD.md §3.4).
 
 Optional and off by default (the released DyDiT training does not reorder). Before fine-tuning,
 each block's heads and MLP channel groups can be sorted by a weight-norm importance score in

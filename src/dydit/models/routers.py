@@ -1,6 +1,6 @@
 """DyDiT routers: TDW width routers, the SDT token router and Gumbel-sigmoid binarisation.
 
-METHOD.md §3.1 (width routers), §3.2 (Gumbel-sigmoid + straight-through), §4.1 (token router).
+docs/METHOD.md §3.1 (width routers), §3.2 (Gumbel-sigmoid + straight-through), §4.1 (token router).
 
 - A :class:`WidthRouter` is one ``nn.Linear(D, K)`` applied to the timestep embedding E_t. With the
   ``"forced_first"`` layout (current DyDiT release) it has K = H - 1 outputs and index 0 is always
@@ -33,7 +33,7 @@ def _gumbel(like: Tensor) -> Tensor:
 
 
 def gumbel_sigmoid(logits: Tensor, training: bool, tau: float = GUMBEL_TAU) -> Tensor:
-    """Binary decisions as 0/1 floats of ``logits``' shape (METHOD.md §3.2).
+    """Binary decisions as 0/1 floats of ``logits``' shape (docs/METHOD.md §3.2).
 
     Training: s = sigmoid((z + g1 - g2) / tau) with two independent Gumbel samples per element;
     the forward value is the hard 1[s > 0.5] exactly, the gradient is that of s (straight-through).
@@ -92,7 +92,7 @@ def token_router_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tenso
 
 
 class TokenRouter(nn.Module):
-    """SDT router: residual stream x (B, N, D) -> per-token logits (B, N) (METHOD.md §4.1).
+    """SDT router: residual stream x (B, N, D) -> per-token logits (B, N) (docs/METHOD.md §4.1).
 
     ``mlp_head`` = Linear(D, D/16) -> ReLU -> Linear(D/16, 1), checkpoint keys
     ``token_selection.mlp_head.0.*`` and ``token_selection.mlp_head.2.*``; read them through

@@ -1,6 +1,6 @@
 """Sliced inference engine for DyDiT: the work of masked heads, groups and tokens is really skipped.
 
-METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
+docs/METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
 the flattened batch) and §8 (what makes it fast). The released DyDiT code multiplies full tensors
 by 0/1 masks and is slower than DiT; this engine computes exactly the masked model's output while
 running attention on the active heads only (their q/k/v rows and ``proj`` columns; full
@@ -49,7 +49,7 @@ MlpWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]  # fc1 w
 # Weight packs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttnPack:
-    """Attention weights of the active heads I of one layer (METHOD.md §3.5 item 2)."""
+    """Attention weights of the active heads I of one layer (docs/METHOD.md §3.5 item 2)."""
 
     num_heads: int  # |I|
     qkv_weight: Tensor | None  # (3·|I|·d, D): [q; k; v] rows of the heads in I, head-major
@@ -65,7 +65,7 @@ class AttnPack:
 
 @dataclass(frozen=True)
 class MlpPack:
-    """MLP weights of the active groups J of one layer (METHOD.md §3.5 item 3)."""
+    """MLP weights of the active groups J of one layer (docs/METHOD.md §3.5 item 3)."""
 
     num_groups: int  # |J|
     fc1_weight: Tensor | None  # (|J|·g, D)
@@ -144,7 +144,7 @@ def gathered_mlp_update(
     fc2_bias: Tensor,
 ) -> Tensor:
     """The block's token skip (``x + keep ⊙ gate_mlp·MLP_J(h)``) computed on the kept rows only:
-    gather -> :func:`~dydit.models.layers.mlp` -> gate -> scatter-add (METHOD.md §4.3)."""
+    gather -> :func:`~dydit.models.layers.mlp` -> gate -> scatter-add (docs/METHOD.md §4.3)."""
     b, n, d = x.shape
     rows = h.reshape(b * n, d) if idx is None else h.reshape(b * n, d).index_select(0, idx)  # (M, D)
     u = mlp(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)  # (M, D)

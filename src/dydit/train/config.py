@@ -1,4 +1,4 @@
-"""The typed configuration of one training run (METHOD.md §1.6, §6; DESIGN.md §3 rule 4).
+"""The typed configuration of one training run (docs/METHOD.md §1.6, §6; docs/ARCHITECTURE.md §6.6).
 
 One frozen dataclass covers DiT pre-training and DyDiT fine-tuning: they differ by the model
 preset (``DyDiT-*`` routes), ``init_from`` and the FLOPs target λ. The resolved config is saved as
@@ -41,16 +41,16 @@ class TrainConfig:
         data: dataset spec (``fashion-mnist``, ``digits``, ``folder:PATH``, ``latents:PATH``).
         image_size, fit: pixel size and how small images reach it (``pad`` or ``resize``).
         flip: horizontal flips (None: the dataset's default, off for digits).
-    Optimisation (METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; ``router_lr`` (None:
+    Optimisation (docs/METHOD.md §1.6, §6.1): AdamW with ``lr``, ``weight_decay``; ``router_lr`` (None:
         ``lr``) is the learning rate of DyDiT's routers alone, a project option for short fine-tunes
         (the paper uses one rate for all parameters); global ``batch_size``
         split over the processes; ``grad_guard`` "clip" (default) scales gradients by
         min(1, ``grad_threshold`` / norm), "skip" drops the update unless norm < ``grad_threshold``
         (the released stage-2 fine-tuning); one optimizer step per iteration at most (the released
-        stage-1 script takes two, METHOD.md §6.2; docs/TRAINING.md says why "clip" is the default).
+        stage-1 script takes two, docs/METHOD.md §6.2; docs/TRAINING.md says why "clip" is the default).
     EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` uses
         min(decay, (1 + step) / (10 + step)) for short runs.
-    DyDiT (METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t
+    DyDiT (docs/METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t
         schedule, ``complete_steps`` iterations with the complete-model loss, ``flops_weight``,
         ``stratified_t`` (None: on for DyDiT, off for DiT); ``reorder`` sorts every block's heads
         and MLP groups by weight-norm importance before fine-tuning starts (function-preserving, so

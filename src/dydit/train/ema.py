@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (METHOD.md §1.6, §6.2).
+"""Exponential moving average of the weights (docs/METHOD.md §1.6, §6.2).
 
 DiT and DyDiT keep θ_ema ← d·θ_ema + (1 − d)·θ after every optimizer step with d = 0.9999, the EMA
 initialised as a copy of the model (after loading pre-trained weights, for fine-tuning). Sampling

@@ -1,4 +1,4 @@
-"""The training loop: DiT pre-training and DyDiT fine-tuning are one loop (METHOD.md §6.3).
+"""The training loop: DiT pre-training and DyDiT fine-tuning are one loop (docs/METHOD.md §6.3).
 
 ``train(cfg)`` sets the run up (:func:`dydit.train.run.set_up`: the data stream, the model from
 scratch, from ``init_from`` or resumed, its EMA and AdamW), then repeats
@@ -6,7 +6,7 @@ scratch, from ``init_from`` or resumed, its EMA and AdamW), then repeats
 window of ``log_every`` steps and saving every ``ckpt_every`` steps (:func:`dydit.train.run.save`).
 Rerunning the same command resumes from ``checkpoints/state.pt`` exactly: the data position, the
 optimizer and EMA are restored, and every random draw of step k comes from generators seeded by
-``(seed, rank, k)`` (DESIGN.md §3 rule 9), so k + k steps equal 2k steps.
+``(seed, rank, k)`` (docs/ARCHITECTURE.md §6.2), so k + k steps equal 2k steps.
 
 Under ``torchrun`` the same call runs data-parallel (DDP; NCCL on GPU, gloo on CPU): the global
 batch is split over the ranks, logged scalars are averaged across them, and rank 0 alone logs and
@@ -90,6 +90,24 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         raise DyditError(f"batch size {cfg.batch_size} is not divisible by the number of processes ({world})")
     with locked_dir(cfg.out_dir):  # one writer per run directory; rank 0 holds it for the job
         return _train(cfg, device, stop_at)
+
+
+def finetune(init_from: str | Path, target: float, **options: Any) -> TrainResult:
+    """Fine-tune the DiT (or SiT) at ``init_from`` into a DyDiT at FLOPs target λ = ``target``.
+
+    The model is the DyDiT version of the checkpoint's own model (its stored config, else the
+    preset its shapes match), with fresh routers; ``options`` are further :class:`TrainConfig`
+    fields (``steps``, ``out_dir``, ``complete_steps``, ``distill_weight``, ...). Equivalent to
+    ``dydit finetune --init-from PATH --target λ``; rerunning resumes.
+    """
+    from dydit.checkpoint import model_config
+    from dydit.train.config import model_spec
+
+    name, overrides = model_spec(model_config(str(init_from)), dynamic=True)
+    overrides = {**overrides, **options.pop("model_overrides", {})}
+    return train(
+        TrainConfig(model=name, model_overrides=overrides, init_from=str(init_from), target=target, **options)
+    )
 
 
 def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:

@@ -3,7 +3,7 @@
 - :func:`set_up` reads the resume state (checked against the config, the ``init_from`` file pinned
   by its sha256), builds the model (from scratch, from ``init_from``, or resumed), prepares the run
   directory and restores EMA, optimizer and RNG; nothing is written before all inputs have loaded.
-- :func:`save` writes the training state and the EMA export on rank 0 (METHOD.md §6.2), and every
+- :func:`save` writes the training state and the EMA export on rank 0 (docs/METHOD.md §6.2), and every
   rank learns whether that worked.
 """
 

@@ -1,4 +1,4 @@
-"""Training states and EMA exports (METHOD.md §6.2, §12; DESIGN.md §3 rule 7).
+"""Training states and EMA exports (docs/METHOD.md §6.2, §12; docs/ARCHITECTURE.md §6.3).
 
 Two kinds of files, as in k-diffusion and EDM2:
 

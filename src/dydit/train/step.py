@@ -1,6 +1,6 @@
-"""One training iteration: the loss composition and the guarded optimizer step (METHOD.md §5, §6.3).
+"""One training iteration: the loss composition and the guarded optimizer step (docs/METHOD.md §5, §6.3).
 
-The objective of METHOD.md §5.5, spelled out in :func:`compute_loss`:
+The objective of docs/METHOD.md §5.5, spelled out in :func:`compute_loss`:
 
     L = L_diff(DyDiT, masked)                      §5.1, every iteration
       + L_diff(complete DiT, same weights)         §5.2, while step < complete_steps
@@ -77,7 +77,7 @@ def compute_loss(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor], RoutingStats | None]:
-    """The training loss of one batch (METHOD.md §5.5) and its parts for logging.
+    """The training loss of one batch (docs/METHOD.md §5.5) and its parts for logging.
 
     Args:
         net: a :class:`TrainForward` (possibly DDP-wrapped).
@@ -133,7 +133,7 @@ def _model(net: nn.Module) -> nn.Module:
 
 
 def _drop_labels(net: nn.Module, y: Tensor) -> Tensor:
-    """Class dropout (METHOD.md §1.2 item 4) drawn outside the network, as the network would."""
+    """Class dropout (docs/METHOD.md §1.2 item 4) drawn outside the network, as the network would."""
     return _model(net).y_embedder.token_drop(y)
 
 
@@ -160,7 +160,7 @@ def grad_norm(params: list[Tensor]) -> Tensor:
 def guarded_step(
     optimizer: torch.optim.Optimizer, params: list[Tensor], guard: str, threshold: float
 ) -> tuple[float, bool]:
-    """At most one optimizer step after backward (METHOD.md §6.2 gradient-norm guard).
+    """At most one optimizer step after backward (docs/METHOD.md §6.2 gradient-norm guard).
 
     ``clip`` (the default): scale the gradients by min(1, threshold / norm), then step.
     ``skip``: step only if norm < threshold, the released stage-2 fine-tuning's rule (a norm equal

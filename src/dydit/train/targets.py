@@ -1,4 +1,4 @@
-"""The FLOPs target schedule λ_t and the stratified timestep sampler (METHOD.md §5.3, §5.4).
+"""The FLOPs target schedule λ_t and the stratified timestep sampler (docs/METHOD.md §5.3, §5.4).
 
 - :func:`target_schedule`: λ_t = 1 for the first ``hold_steps`` iterations, then the reference
   formula λ_t = 1 − (1 − λ)·step/warmup_steps until ``warmup_steps``, then λ.
@@ -25,7 +25,7 @@ from dydit.flow import Transport
 def target_schedule(
     step: int, target: float, warmup_steps: int, hold_steps: int = TARGET_HOLD_STEPS
 ) -> float:
-    """The FLOPs target λ_t at optimisation step ``step`` (0-based; METHOD.md §5.4).
+    """The FLOPs target λ_t at optimisation step ``step`` (0-based; docs/METHOD.md §5.4).
 
     λ_t = 1.0 while step < hold_steps; then, while step < warmup_steps, the linear decay
     1 − (1 − λ)·step/warmup_steps of the reference code (``step`` counts from 0, not from the end
