@@ -27,8 +27,8 @@ def test_the_readme_workflow_on_a_tiny_model(tmp_path) -> None:
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([999, 10]), torch.tensor([1, 2])
     assert torch.allclose(dy(x, t, y), dit(x, t, y), atol=1e-6)  # routers start fully open
 
-    result = dydit.finetune(base, target=0.5, data="digits", steps=2, batch_size=4, out_dir=str(tmp_path / "dy"),
-                            progress=False, device="cpu")  # fmt: skip
+    out = str(tmp_path / "dy")
+    result = dydit.finetune(base, 0.5, data="digits", steps=2, batch_size=4, out_dir=out, progress=False)
     dy = dydit.load_model(result.export).eval()
     assert dy.config.dynamic and result.step == 2
     dy.execution = "sliced"
