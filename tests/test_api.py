@@ -11,8 +11,15 @@ from dydit.train.state import export_weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_every_public_name_resolves() -> None:
+def test_every_public_name_resolves_and_no_function_hides_a_subpackage() -> None:
+    import importlib
+    import pkgutil
+
     assert all(hasattr(dydit, name) for name in dydit.__all__)
+    for info in pkgutil.iter_modules(dydit.__path__):  # `import dydit.train.loop` needs dydit.train
+        if info.name == "__main__":
+            continue
+        assert getattr(dydit, info.name, None) in (None, importlib.import_module(f"dydit.{info.name}"))
 
 
 def test_the_readme_workflow_on_a_tiny_model(tmp_path) -> None:

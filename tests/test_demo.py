@@ -70,7 +70,7 @@ def test_bad_demo_settings() -> None:
     with pytest.raises(DyditError, match="lambda"):
         DemoConfig(target=1.5)
     with pytest.raises(DyditError, match="sampler"):
-        DemoConfig(sampler="euler")
+        DemoConfig(sampler="euler_a")
     assert main(["demo", "--dry-run", "--fast"]) == 0
 
 

@@ -107,7 +107,8 @@ def test_plain_dit_checkpoint_gets_the_static_table(tmp_path, capsys):
     [
         (["--router-layout", "all"], "layout 'all' was requested"),
         (["--model", "DyDiT-S/2"], "does not fit the model"),
-        (["--sampler", "euler"], "unknown sampler 'euler'"),
+        (["--sampler", "euler_a"], "unknown sampler 'euler_a'"),
+        (["--sampler", "euler"], "euler is a flow-matching sampler and this is a DDPM model"),
         (["--image-size", "64"], "come from the checkpoint"),
     ],
 )

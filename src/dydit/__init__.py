@@ -14,8 +14,9 @@ The workflow, in the order a user meets it::
     for batch in dydit.generate(dy, process, settings, seeds=range(8), shape=(1, 32, 32), num_classes=10):
         ...                                              # batch.samples: (B, C, H, W), per-image seeds
 
-Lower layers (models, diffusion, flow, flops, data, checkpoint, train, evaluate) are importable
-on their own; docs/ARCHITECTURE.md maps them.
+Pre-training is ``dydit.train.train(dydit.TrainConfig(...))`` (the subpackage keeps its name, so
+the function is not re-exported here). Lower layers (models, diffusion, flow, flops, data,
+checkpoint, train, evaluate) are importable on their own; docs/ARCHITECTURE.md maps them.
 """
 
 from dydit.checkpoint import checkpoint_config, fit_state_dict, load_checkpoint, load_model, read_checkpoint
@@ -26,7 +27,7 @@ from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.models import DiT, DyDiT, WidthPlan
 from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config
 from dydit.sample import SamplingSettings, generate, sample_images
-from dydit.train import TrainConfig, finetune, train
+from dydit.train import TrainConfig, finetune
 
 __version__ = "0.1.0"
 
@@ -58,5 +59,4 @@ __all__ = [
     "load_model",
     "read_checkpoint",
     "sample_images",
-    "train",
 ]
