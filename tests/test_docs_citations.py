@@ -125,3 +125,29 @@ def test_nothing_points_outside_the_repository_at_private_notes() -> None:
         if text is not None and NOTES_PATH in text:
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"files mentioning {NOTES_PATH!r}: {offenders}"
+
+
+def test_the_modules_and_objects_architecture_md_names_exist() -> None:
+    """Every backticked ``package.module(.Object)`` in docs/ARCHITECTURE.md's concept table resolves."""
+    import importlib
+
+    import dydit
+
+    table = (ROOT / "docs" / "ARCHITECTURE.md").read_text().split("## 5.")[1].split("\n## ")[0]
+    names = set(re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", table))
+    assert len(names) > 20
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        obj: object = None
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module("dydit." + ".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, None)
+            break
+        if obj is None and not hasattr(dydit.DyDiT, parts[-1]):
+            missing.append(name)
+    assert not missing, f"docs/ARCHITECTURE.md names what does not exist: {missing}"
