@@ -346,3 +346,27 @@ def test_float_time_values_are_planned_by_their_exact_value():
     assert engine.cache_info()["plans"] == 2
     engine.prepare([0.5, 0.5])  # Python floats: float64 keys
     assert engine.cache_info()["plans"] == 3 and engine.plan(0.5) is engine.plan(torch.tensor(0.5))
+
+
+def test_in_place_weight_updates_of_ema_and_reordering_drop_the_engine_cache() -> None:
+    from dydit.models.reorder import reorder_by_importance
+    from dydit.train.ema import update_ema
+
+    cfg = tiny_config(depth=1, num_heads=4, dynamic=True)
+    model, ema = DyDiT(cfg).eval(), DyDiT(cfg).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([900, 900]), torch.tensor([0, 1])
+    for m in (model, ema):
+        m.execution = "sliced"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        ema(x, t, y)  # builds the engine's packs from the old weights
+        update_ema(ema, model, 0.5)
+        after_ema = ema(x, t, y)
+        ema.execution = "masked"
+        assert torch.allclose(after_ema, ema(x, t, y), atol=1e-5)  # the packs followed the update
+        model(x, t, y)
+        reorder_by_importance(model)
+        after = model(x, t, y)
+        model.execution = "masked"
+        assert torch.allclose(after, model(x, t, y), atol=1e-5)
