@@ -109,10 +109,11 @@ def sample_sde(
     generators: Sequence[torch.Generator] | None = None, progress: bool = False,
     diffusion_norm: float = 1.0, last_step: float = DEFAULT_LAST_STEP,
 ) -> Tensor:  # fmt: skip
-    """Euler–Maruyama on dx = [v + ½ w_t ∇log p_t] dt + √(w_t) dW, w_t = norm·σ_t, then a last
-    deterministic Euler step of length δ = ``last_step`` into t1 (no noise is added there).
+    """Euler–Maruyama on dx = [v + w_t ∇log p_t] dt + √(2 w_t) dW with w_t = norm·σ_t (SiT's default
+    ``sigma`` diffusion form), then a last deterministic Euler step of length δ = ``last_step`` into
+    t1 (no noise is added there; SiT's "Mean" last step).
 
-    The SDE has the marginals of the probability-flow ODE dx = v dt (SiT §2); N ≥ 2 evaluations.
+    The SDE has the marginals of the probability-flow ODE dx = v dt; N ≥ 2 evaluations.
     """
     n = _check(transport, steps, minimum=2)
     t0, t1 = transport.interval
@@ -125,9 +126,9 @@ def sample_sde(
         h = t_next - t
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         v = _velocity(model_fn, transport, x, t, model_kwargs)
-        drift = v + diffusion_norm * transport.drift_correction(v, x, tt)
-        w = diffusion_norm * float(transport.diffusion_coefficient(tt[:1]))
-        x = x + h * drift + (w * h) ** 0.5 * randn_per_image(x, generators)
+        drift = v + diffusion_norm * transport.sigma_score(v, x, tt)  # w_t ∇log p = norm · σ_t ∇log p
+        w = diffusion_norm * float(transport.coefficients(tt[:1])[1])
+        x = x + h * drift + (2 * w * h) ** 0.5 * randn_per_image(x, generators)
     return x + last_step * _velocity(model_fn, transport, x, t1 - last_step, model_kwargs)
 
 

@@ -58,7 +58,7 @@ class Transport:
 
     It offers the training seam of :class:`~dydit.diffusion.GaussianDiffusion` (``q_sample``,
     ``original_timesteps``, ``loss_terms``), so the training step calls either one the same way,
-    and the conversions the flow samplers need (``velocity``, ``drift_correction``).
+    and the conversions the flow samplers need (``velocity``, ``sigma_score``).
     """
 
     path: Path = "linear"
@@ -133,16 +133,12 @@ class Transport:
         # x = α x_data + σ ε  =>  x_data = (x − σ ε)/α,  u = α' x_data + σ' ε
         return d_alpha / alpha * (x - sigma * noise) + d_sigma * noise
 
-    def drift_correction(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """½ w_t ∇log p_t(x) with w_t = σ_t, written through the velocity v (finite at σ_t = 0).
+    def sigma_score(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """σ_t · ∇log p_t(x), written through the velocity v so that it stays finite at σ_t = 0.
 
-        The SDE dx = [v + ½ w_t ∇log p_t] dt + √w_t dW has the marginals of the ODE dx = v dt. From
-        x = α x_data + σ ε and v = α' x_data + σ' ε: ∇log p = −E[ε|x]/σ = (α' x − α v) / (σ (α σ' − α' σ)).
+        From x = α x_data + σ ε and v = α' x_data + σ' ε: ∇log p = −E[ε|x]/σ, and
+        σ ∇log p = (α' x − α v) / (α σ' − α' σ). The SDE sampler's drift is v + w_t ∇log p with the
+        diffusion coefficient w_t = norm · σ_t (SiT's ``sigma`` form).
         """
-        alpha, _, d_alpha, d_sigma = (_expand(c, x) for c in self.coefficients(t))
-        sigma = _expand(self.coefficients(t)[1], x)
-        return 0.5 * (d_alpha * x - alpha * v) / (alpha * d_sigma - d_alpha * sigma)
-
-    def diffusion_coefficient(self, t: Tensor) -> Tensor:
-        """w_t = σ_t (SiT's default ``sigma`` diffusion form with norm 1)."""
-        return self.coefficients(t)[1]
+        alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in self.coefficients(t))
+        return (d_alpha * x - alpha * v) / (alpha * d_sigma - d_alpha * sigma)
