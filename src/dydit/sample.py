@@ -100,6 +100,11 @@ class SamplingSettings:
         """Whether the sampler is a flow-matching one (Euler, Heun, SDE, adaptive)."""
         return self.sampler in FLOW_SAMPLERS
 
+    @property
+    def function(self) -> Any:
+        """The sampler itself: ``SAMPLERS[sampler]`` or ``FLOW_SAMPLERS[sampler]``."""
+        return FLOW_SAMPLERS[self.sampler] if self.flow else SAMPLERS[self.sampler]
+
     def timesteps(self, num_timesteps: int) -> list[int]:
         """The original timesteps the network will see (validates ``steps``)."""
         return space_timesteps(num_timesteps, self.steps)
@@ -189,7 +194,7 @@ def generate(
     all_labels = resolve_labels(seeds, labels, num_classes)
     todo = rank_share(len(seeds)) if indices is None else list(indices)
     fn = guided(model_fn, settings.cfg_scale, num_classes, settings.guidance_channels)
-    sampler = FLOW_SAMPLERS[settings.sampler] if settings.flow else SAMPLERS[settings.sampler]
+    sampler = settings.function
     bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not (progress and distributed.is_main()))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]

@@ -187,7 +187,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the run needs, validated; what --dry-run prints."""
     from dydit import distributed
     from dydit.flow import create_process
-    from dydit.sample import SamplingSettings, check_process, resolve_labels
+    from dydit.sample import SamplingSettings, resolve_labels
 
     cfg, ckpt, source = _model_config(args)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
@@ -208,8 +208,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
     labels = resolve_labels(seeds, labels, cfg.num_classes)
     diffusion = create_process(cfg)  # the process the checkpoint's config names: DDPM or flow
-    check_process(settings.sampler, diffusion, cfg)
-    timesteps = settings.network_times(diffusion)
+    timesteps = settings.network_times(diffusion)  # the sampler must fit the process
     if args.vae is not None:
         codec = args.vae
     elif cfg.in_channels in (1, 3):

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dydit.diffusion import SAMPLERS, create_diffusion, guided
+from dydit.diffusion import create_diffusion, guided
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
 from dydit.flops.formulas import config_macs_table, layer_costs, token_router_macs
-from dydit.flow import FLOW_SAMPLERS, Transport, create_process
+from dydit.flow import Transport, create_process
 from dydit.presets import ModelConfig
-from dydit.sample import SamplingSettings, check_process
+from dydit.sample import SamplingSettings
 
 
 class RoutingRecorder:
@@ -84,8 +84,8 @@ def schedule_flops(
     """
     cfg = model.config
     process = create_process(cfg)
-    SamplingSettings(sampler=sampler, steps=steps or DEFAULT_STEPS)  # a known sampler, valid steps
-    check_process(sampler, process, cfg)  # ... that fits the model's process
+    settings = SamplingSettings(sampler=sampler, steps=steps or DEFAULT_STEPS)
+    settings.network_times(process)  # a known sampler and valid steps that fit the model's process
     if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
     dev = torch.device(device)
@@ -96,9 +96,8 @@ def schedule_flops(
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
     y = torch.randint(cfg.num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
     fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
-    run = FLOW_SAMPLERS[sampler] if isinstance(process, Transport) else SAMPLERS[sampler]
     with torch.no_grad():
-        run(fn, noise, process, steps or DEFAULT_STEPS, model_kwargs=dict(y=y.to(dev)), generators=gens)
+        settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
     attn_cost, mlp_cost = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
     rows = []
     # from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching

@@ -67,9 +67,14 @@ def _velocity(model_fn, transport: Transport, x: Tensor, t: float, model_kwargs)
     return transport.velocity(out.float(), x.float(), tt).to(x.dtype)
 
 
+def _times(t0: float, t1: float, n: int) -> list[float]:
+    """The n + 1 points of the uniform grid of n steps on [t0, t1]."""
+    return torch.linspace(t0, t1, n + 1, dtype=torch.float64).tolist()
+
+
 def _grid(t0: float, t1: float, n: int, progress: bool, name: str) -> Iterator[tuple[float, float]]:
     """Consecutive (t, t_next) pairs of the uniform grid of n steps on [t0, t1]."""
-    ts = torch.linspace(t0, t1, n + 1, dtype=torch.float64).tolist()
+    ts = _times(t0, t1, n)
     for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
         yield ts[i], ts[i + 1]
 
@@ -180,9 +185,10 @@ def flow_times(sampler: str, steps: int, transport: Transport) -> list[float]:
     t0, t1 = transport.interval
     if sampler == "adaptive":
         return []
-    if sampler == "sde":
-        grid = torch.linspace(t0, t1 - DEFAULT_LAST_STEP, steps, dtype=torch.float64).tolist()
-        return [float(torch.tensor(t, dtype=torch.float32)) for t in grid]
-    grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
-    times = grid[:-1] if sampler == "euler" else grid
+    if sampler == "sde":  # N − 1 stochastic steps on [t0, 1 − δ], then the last one from 1 − δ
+        times = _times(t0, t1 - DEFAULT_LAST_STEP, steps - 1)
+    else:
+        grid = _times(t0, t1, steps)
+        times = grid[:-1] if sampler == "euler" else grid
+    # the samplers hand the network float32 times (_velocity); a plan is keyed by those values
     return [float(torch.tensor(t, dtype=torch.float32)) for t in times]
