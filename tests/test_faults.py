@@ -396,13 +396,25 @@ def failing(*args, **kwargs):
 loop.compute_loss = failing
 """
 
+# gloo's teardown after a failure sometimes aborts the process (SIGABRT, exit -6: seen in CI on
+# this very test). This preamble makes any teardown abort, every time: destroying the process
+# group, and anything run at interpreter exit. A failed rank must end without either.
+TEARDOWN_ABORTS = """
+import atexit, os
+import torch.distributed as dist
+dist.destroy_process_group = lambda *args, **kwargs: os.abort()
+atexit.register(os.abort)
+"""
+
 
 @pytest.mark.distributed
-def test_one_rank_failing_while_training_ends_every_rank_promptly(tmp_path):
+@pytest.mark.parametrize("teardown", ["real", "aborting"])
+def test_one_rank_failing_while_training_ends_every_rank_promptly(tmp_path, teardown):
     """Ranks launched by hand (as a scheduler would, no torchrun agent to kill the survivors)."""
     run = tmp_path / "run"
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    cmd = cli_command(train_args(run, 6), RANK_FAILS_TRAINING)
+    preamble = RANK_FAILS_TRAINING + (TEARDOWN_ABORTS if teardown == "aborting" else "")
+    cmd = cli_command(train_args(run, 6), preamble)
     procs = [
         subprocess.Popen(
             cmd,

@@ -2,13 +2,18 @@
 
 Launch under ``torchrun --nproc_per_node=N``: :func:`init` reads the environment, picks NCCL on
 GPU and gloo on CPU. Every helper works uninitialised (rank 0 of a world of 1).
+
+A run that succeeds tears the group down with :func:`destroy`; a run that fails ends with
+:func:`exit_now`, which leaves it alone (see there why).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -77,3 +82,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with ``code`` after a failure, without tearing the process group down.
+
+    Teardown after a failure races the peers: one may be inside a collective this rank never
+    joined, another may already be gone. gloo can then throw on one of its own threads, and an
+    uncaught C++ exception aborts the process (SIGABRT, exit status -6) after the one-line error
+    was printed, so a scheduler sees a crash instead of exit ``code``. Leaving the group alone
+    avoids that: the operating system closes this process's sockets, which is exactly how the
+    peers learn that it failed. Standard streams and log files are flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

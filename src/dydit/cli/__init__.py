@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except KeyboardInterrupt:
         print("dydit: interrupted", file=sys.stderr)
-        return 130
+        return _failed(130)
     except Exception as e:  # noqa: BLE001 - the CLI's single error boundary
         if debug:
             raise
@@ -75,8 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             f"dydit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
             file=sys.stderr,
         )
-        return 1
+        return _failed(1)
     return int(result or 0)
+
+
+def _failed(code: int) -> int:
+    """``code``, or, in a process of a distributed run, the end of the process with ``code``:
+    tearing its process group down after a failure can abort it (see ``distributed.exit_now``)."""
+    distributed = sys.modules.get("dydit.distributed")  # never imported: no process group to leave
+    if distributed is not None and distributed.is_initialized():
+        distributed.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

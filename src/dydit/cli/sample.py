@@ -265,10 +265,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     device = distributed.init(args.device)
-    try:
-        _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device)
-    finally:
-        distributed.destroy()
+    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device)
+    distributed.destroy()  # on failure the CLI ends the process with distributed.exit_now
     return 0
 
 

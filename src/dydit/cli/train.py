@@ -321,11 +321,10 @@ def execute(args: argparse.Namespace, *, finetune: bool) -> int:
     configure_torch(tf32=not args.no_tf32)
     if args.cache_latents:
         cache_latents(args)
-    try:
-        result = train(cfg, stop_at=args.stop_at)
-    finally:
-        distributed.destroy()
-    if distributed.is_main():
+    result = train(cfg, stop_at=args.stop_at)
+    main = distributed.is_main()  # asked before the group is gone (then every process is "rank 0")
+    distributed.destroy()  # on failure the CLI ends the process with distributed.exit_now
+    if main:
         print(f"step {result.step}/{cfg.steps}; EMA weights: {result.export}")
     return 0
 
