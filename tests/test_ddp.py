@@ -47,6 +47,7 @@ WORKER = textwrap.dedent(
     with open(f"{out}/losses_rank{rank}.json", "w") as f:
         json.dump(local_losses, f)
     distributed.destroy()
+    distributed.exit_now(0)  # as the CLI ends: no interpreter teardown, which gloo can abort
     """
 )
 

@@ -3,8 +3,8 @@
 Launch under ``torchrun --nproc_per_node=N``: :func:`init` reads the environment, picks NCCL on
 GPU and gloo on CPU. Every helper works uninitialised (rank 0 of a world of 1).
 
-A run that succeeds tears the group down with :func:`destroy`; a run that fails ends with
-:func:`exit_now`, which leaves it alone (see there why).
+A process of a distributed run ends with :func:`exit_now` (after :func:`destroy` when it succeeded),
+not with the interpreter's own teardown, which gloo can turn into an abort (see there).
 """
 
 from __future__ import annotations
@@ -85,14 +85,17 @@ def destroy() -> None:
 
 
 def exit_now(code: int) -> NoReturn:
-    """End this process with ``code`` after a failure, without tearing the process group down.
+    """End this process with exit status ``code``, skipping the interpreter's own teardown.
 
-    Teardown after a failure races the peers: one may be inside a collective this rank never
-    joined, another may already be gone. gloo can then throw on one of its own threads, and an
-    uncaught C++ exception aborts the process (SIGABRT, exit status -6) after the one-line error
-    was printed, so a scheduler sees a crash instead of exit ``code``. Leaving the group alone
-    avoids that: the operating system closes this process's sockets, which is exactly how the
-    peers learn that it failed. Standard streams and log files are flushed first.
+    gloo's teardown can kill a process that has done its work: at interpreter exit its C++ worker
+    threads and pending work objects are destroyed in an order that sometimes calls
+    ``std::terminate`` ("terminate called without an active exception", SIGABRT, exit status -6:
+    seen in this project's tests on a busy machine, after a successful run and after a failed
+    one). So a distributed process ends here instead. After a success, call :func:`destroy` first
+    (every rank has finished, so the group closes in order). After a failure, do not: a peer may
+    be inside a collective this rank never joined, or already gone, and tearing the group down
+    races it; the operating system closes this process's sockets, which is exactly how the peers
+    learn that it failed. Standard streams and log files are flushed before the end.
     """
     sys.stdout.flush()
     sys.stderr.flush()

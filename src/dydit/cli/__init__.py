@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or "--debug" in argv
     try:
         result = args.func(args)
+        distributed = _joined_distributed()
+        if distributed is not None:
+            distributed.barrier()  # no process leaves while another still runs its part of the command
     except KeyboardInterrupt:
         print("dydit: interrupted", file=sys.stderr)
-        return _failed(130)
+        return _end(130)
     except Exception as e:  # noqa: BLE001 - the CLI's single error boundary
         if debug:
             raise
@@ -75,17 +78,26 @@ def main(argv: list[str] | None = None) -> int:
             f"dydit {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
             file=sys.stderr,
         )
-        return _failed(1)
-    return int(result or 0)
+        return _end(1)
+    return _end(int(result or 0))
 
 
-def _failed(code: int) -> int:
-    """``code``, or, in a process of a distributed run, the end of the process with ``code``:
-    tearing its process group down after a failure can abort it (see ``distributed.exit_now``)."""
-    distributed = sys.modules.get("dydit.distributed")  # never imported: no process group to leave
-    if distributed is not None and distributed.is_initialized():
-        distributed.exit_now(code)
-    return code
+def _joined_distributed():
+    """The module ``dydit.distributed`` when this process joined a process group, else None."""
+    distributed = sys.modules.get("dydit.distributed")  # never imported: no group (and no torch import)
+    return distributed if distributed is not None and distributed.is_initialized() else None
+
+
+def _end(code: int) -> int:
+    """``code`` to return; a process of a distributed run ends here instead, with ``code``, so that
+    gloo's teardown cannot abort it (``distributed.exit_now``): after a success its group is closed
+    first, after a failure it is left to the operating system."""
+    distributed = _joined_distributed()
+    if distributed is None:
+        return code
+    if code == 0:
+        distributed.destroy()
+    distributed.exit_now(code)
 
 
 if __name__ == "__main__":

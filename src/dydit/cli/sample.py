@@ -266,7 +266,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = distributed.init(args.device)
     _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device)
-    distributed.destroy()  # on failure the CLI ends the process with distributed.exit_now
     return 0
 
 

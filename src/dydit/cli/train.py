@@ -322,9 +322,7 @@ def execute(args: argparse.Namespace, *, finetune: bool) -> int:
     if args.cache_latents:
         cache_latents(args)
     result = train(cfg, stop_at=args.stop_at)
-    main = distributed.is_main()  # asked before the group is gone (then every process is "rank 0")
-    distributed.destroy()  # on failure the CLI ends the process with distributed.exit_now
-    if main:
+    if distributed.is_main():
         print(f"step {result.step}/{cfg.steps}; EMA weights: {result.export}")
     return 0
 
