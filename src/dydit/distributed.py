@@ -87,11 +87,11 @@ def destroy() -> None:
 def exit_now(code: int) -> NoReturn:
     """End this process with exit status ``code``, skipping the interpreter's own teardown.
 
-    gloo's teardown can kill a process that has done its work: at interpreter exit its C++ worker
-    threads and pending work objects are destroyed in an order that sometimes calls
-    ``std::terminate`` ("terminate called without an active exception", SIGABRT, exit status -6:
-    seen in this project's tests on a busy machine, after a successful run and after a failed
-    one). So a distributed process ends here instead. After a success, call :func:`destroy` first
+    gloo's teardown can kill a process that has done its work: its C++ worker threads and pending
+    work objects are destroyed in an order that sometimes calls ``std::terminate`` (SIGABRT, exit
+    status -6). Seen in this project's tests: on a failed training rank in CI, and, with
+    "terminate called without an active exception", after a successful torchrun sampling run on a
+    busy machine. So a distributed process ends here instead. After a success, call :func:`destroy` first
     (every rank has finished, so the group closes in order). After a failure, do not: a peer may
     be inside a collective this rank never joined, or already gone, and tearing the group down
     races it; the operating system closes this process's sockets, which is exactly how the peers
