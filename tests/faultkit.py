@@ -31,6 +31,8 @@ from dydit.factory import build_model
 # for a loaded machine (the suite's checks wait on files, pipes and exits instead).
 HANG_GUARD_S = 600
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# A 2-process launch on this machine; the script and its arguments follow.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 CLI = "import sys\nfrom dydit.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 TINY_MODEL = [arg for kv in ("depth=1", "hidden_size=32", "num_heads=2") for arg in ("--model-option", kv)]
 

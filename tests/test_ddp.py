@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from faultkit import HANG_GUARD_S
+from faultkit import HANG_GUARD_S, TORCHRUN
 
 from dydit.log import read_stats
 
@@ -54,7 +53,7 @@ WORKER = textwrap.dedent(
 
 def _torchrun(args, tmp_path, timeout=HANG_GUARD_S):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    cmd = [*TORCHRUN, *args]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 

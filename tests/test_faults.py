@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from faultkit import (
     CLI,
     ENV,
     HANG_GUARD_S,
+    TORCHRUN,
     assert_same_state,
     can_mount_tmpfs,
     cli_command,
@@ -352,11 +352,10 @@ cs._build_model = build
 def test_one_torchrun_rank_failing_while_sampling_stops_all_ranks_and_publishes_no_npz(tmp_path, capsys):
     ck = save_tiny(tmp_path / "tiny.safetensors")
     out, n = tmp_path / "samples", 24
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     script = tmp_path / "worker.py"
     script.write_text(RANK_FAILS_SAMPLING + CLI)
     r = subprocess.run(
-        [*torchrun, str(script), *sample_args(ck, out, n)],
+        [*TORCHRUN, str(script), *sample_args(ck, out, n)],
         env=ENV,
         capture_output=True,
         text=True,
@@ -421,9 +420,8 @@ def test_torchrun_success_ends_without_the_interpreter_teardown(tmp_path, comman
         args = sample_args(save_tiny(tmp_path / "tiny.safetensors"), tmp_path / "samples", 6)
     else:
         args = train_args(tmp_path / "run", 2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     r = subprocess.run(
-        [*torchrun, str(script), *args], env=ENV, capture_output=True, text=True, timeout=HANG_GUARD_S
+        [*TORCHRUN, str(script), *args], env=ENV, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert r.returncode == 0, r.stderr[-3000:]
     if command == "sample":
