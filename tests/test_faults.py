@@ -395,8 +395,8 @@ def failing(*args, **kwargs):
 loop.compute_loss = failing
 """
 
-# gloo's teardown sometimes aborts a process (SIGABRT, exit -6; "terminate called without an
-# active exception"): seen in CI on the failing-rank test below, and on a busy machine after a
+# gloo's teardown sometimes aborts a process (SIGABRT, exit -6): seen in CI on the failing-rank
+# test below, and ("terminate called without an active exception") on a busy machine after a
 # successful torchrun sampling run. These preambles make teardown abort every time. A process of a
 # distributed run must end without the interpreter's teardown, and a failed one without destroying
 # its process group either (distributed.exit_now).
