@@ -35,5 +35,11 @@ GUMBEL_TAU = 5.0
 FLOPS_LOSS_WEIGHT = 2.0
 # §5.4: the target stays at 1.0 for this many iterations before decaying to lambda.
 TARGET_HOLD_STEPS = 100
+# §5.4: lambda_t reaches the target at this iteration (the reference code's default warm-up).
+TARGET_WARMUP_STEPS = 1000
+# Runs shorter than TARGET_WARMUP_STEPS / AUTO_WARMUP_FRACTION scale the schedule to their length
+# (hold 1/20 of the run, warm-up to the target by mid-run), so a short fine-tune reaches lambda.
+AUTO_HOLD_FRACTION = 0.05
+AUTO_WARMUP_FRACTION = 0.5
 # §5.3: number of timestep strata of the stratified sampler.
 TIMESTEP_STRATA = 4

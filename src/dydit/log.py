@@ -36,6 +36,9 @@ STATS_FILE = "stats.jsonl"
 LOG_FILE = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
 
+# ``logger.info(msg, extra={FILE_ONLY: True})`` writes to ``log.txt`` only (a progress bar shows it).
+FILE_ONLY = "dydit_file_only"
+
 _active: RunLogger | None = None
 
 
@@ -54,6 +57,7 @@ def get_logger(run_dir: str | os.PathLike | None = None, *, console: bool = True
     if console:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(fmt)
+        stream.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
         logger.addHandler(stream)
     if run_dir is not None:
         file = _QuietFileHandler(Path(run_dir) / LOG_FILE)

@@ -16,6 +16,7 @@ from dydit.presets import dydit_name, is_sit_name
 
 if TYPE_CHECKING:
     from dydit.train.config import TrainConfig
+    from dydit.train.loop import TrainResult
 
 
 def _model_option(text: str) -> tuple[str, Any]:
@@ -154,7 +155,11 @@ def _add_optimisation_group(p: argparse.ArgumentParser, d: TrainConfig, *, finet
     g.add_argument(
         "--ema-decay", type=_decay, default=d.ema_decay, help="EMA decay per step (default %(default)g)"
     )
-    g.add_argument("--ema-warmup", action="store_true", help="EMA decay min(d, (1+k)/(10+k)) for short runs")
+    g.add_argument(
+        "--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+        help="EMA decay min(d, (1+k)/(10+k)) at step k, so that the average follows the weights in runs "
+        "of any length (default: on; --no-ema-warmup: the constant decay of the DiT paper)",
+    )  # fmt: skip
     g.add_argument("--seed", type=seed_int, default=d.seed, help="run seed (data order, noise, init)")
 
 
@@ -166,11 +171,12 @@ def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--target", type=unit_interval, required=True, help="FLOPs target lambda in (0, 1]")
     g.add_argument(
         "--target-warmup-steps", type=_non_negative_int, default=d.target_warmup_steps,
-        help="lambda_t decays linearly from 1 to the target until this step",
+        help="lambda_t decays linearly from 1 to the target until this step (default: the paper's 1000, "
+        "or half of --steps when that is shorter)",
     )  # fmt: skip
     g.add_argument(
         "--target-hold-steps", type=_non_negative_int, default=d.target_hold_steps,
-        help="lambda_t stays 1 for this many steps",
+        help="lambda_t stays 1 for this many steps (default: the paper's 100, or --steps/20 when shorter)",
     )  # fmt: skip
     g.add_argument(
         "--complete-steps", type=_non_negative_int, default=d.complete_steps,
@@ -206,7 +212,16 @@ def _add_run_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", default=d.out_dir, help="run directory; rerunning with it resumes")
     g.add_argument("--ckpt-every", type=positive_int, default=d.ckpt_every, help="steps between checkpoints")
-    g.add_argument("--log-every", type=positive_int, default=d.log_every, help="steps between logged scalars")
+    g.add_argument(
+        "--keep-checkpoints", type=_non_negative_int, default=d.keep_checkpoints, metavar="N",
+        help="keep the newest N numbered training states checkpoints/NNNNNNN.pt (0: all; default "
+        "%(default)s); checkpoints/state.pt is always the newest",
+    )  # fmt: skip
+    g.add_argument(
+        "--log-every", type=positive_int, default=d.log_every,
+        help="steps between logged scalars (stats.jsonl, a line in log.txt, TensorBoard when installed; "
+        "on stderr too with --no-progress)",
+    )  # fmt: skip
     g.add_argument(
         "--stop-at", type=positive_int, default=None, metavar="STEP",
         help="end this invocation at STEP with a checkpoint (rerun to continue)",
@@ -277,6 +292,7 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
         weight_decay=args.weight_decay,
         steps=args.steps,
         ckpt_every=args.ckpt_every,
+        keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every,
         seed=args.seed,
         ema_decay=args.ema_decay,
@@ -313,7 +329,7 @@ def cache_latents(args: argparse.Namespace) -> None:
 def execute(args: argparse.Namespace, *, finetune: bool) -> int:
     cfg = config_from_args(args, finetune=finetune)
     if args.dry_run:
-        print(cfg.to_json())
+        print(cfg.resolved().to_json())  # automatic fields as a fresh run resolves them
         return 0
     from dydit import distributed
     from dydit.train import configure_torch, train
@@ -323,8 +339,19 @@ def execute(args: argparse.Namespace, *, finetune: bool) -> int:
         cache_latents(args)
     result = train(cfg, stop_at=args.stop_at)
     if distributed.is_main():
-        print(f"step {result.step}/{cfg.steps}; EMA weights: {result.export}")
+        print(summary(result, cfg))
     return 0
+
+
+def summary(result: TrainResult, cfg: TrainConfig) -> str:
+    """The last line of a run: how far it got, the ρ a DyDiT reached, the EMA file, how to go on."""
+    parts = [f"step {result.step}/{cfg.steps}"]
+    if result.flops_ratio is not None:
+        parts.append(f"FLOPs ratio of the EMA weights {result.flops_ratio:.3f} (target {cfg.target:g})")
+    parts.append(f"EMA weights: {result.export}")
+    if result.step < cfg.steps:
+        parts.append("rerun the same command to continue")
+    return "; ".join(parts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

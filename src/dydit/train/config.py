@@ -12,7 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dydit.constants import FLOPS_LOSS_WEIGHT, TARGET_HOLD_STEPS
+from dydit.constants import (
+    AUTO_HOLD_FRACTION,
+    AUTO_WARMUP_FRACTION,
+    FLOPS_LOSS_WEIGHT,
+    TARGET_HOLD_STEPS,
+    TARGET_WARMUP_STEPS,
+)
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
 from dydit.presets import ModelConfig, get_model_config
@@ -24,8 +30,11 @@ FITS: tuple[str, ...] = ("pad", "resize")
 # Fields that may change between an interrupted run and its resumption without changing results
 # (or that only say how far to go); all other fields must match the stored config.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
-    {"out_dir", "steps", "ckpt_every", "log_every", "num_workers", "device", "progress"}
+    {"out_dir", "steps", "ckpt_every", "keep_checkpoints", "log_every", "num_workers", "device", "progress"}
 )
+# Fields whose None means "scaled to the run" (:meth:`TrainConfig.resolved`); a run stores the values
+# it resolved at its start, and a resumed run keeps them whatever ``steps`` says now.
+AUTO_FIELDS: tuple[str, ...] = ("target_hold_steps", "target_warmup_steps", "ema_warmup")
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,13 @@ class TrainConfig:
         min(1, ``grad_threshold`` / norm), "skip" drops the update unless norm < ``grad_threshold``
         (the released stage-2 fine-tuning); one optimizer step per iteration at most (the released
         stage-1 script takes two, docs/METHOD.md §6.2; docs/TRAINING.md says why "clip" is the default).
-    EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` uses
-        min(decay, (1 + step) / (10 + step)) for short runs.
+    EMA: ``ema_decay`` per step, initialised from the model; ``ema_warmup`` (None: on) uses
+        min(decay, (1 + step) / (10 + step)), so that the average follows the weights of any run
+        length (without it, 1000 steps at decay 0.9999 leave 90 % of the initial weights in the EMA).
     DyDiT (docs/METHOD.md §5): ``target`` λ, ``target_warmup_steps`` / ``target_hold_steps`` of the λ_t
-        schedule, ``complete_steps`` iterations with the complete-model loss, ``flops_weight``,
+        schedule (None: the paper's 1000 / 100 for runs of 2000 steps or more, else scaled to the run,
+        half of it to reach λ and a twentieth held at 1; :meth:`resolved`), ``complete_steps``
+        iterations with the complete-model loss, ``flops_weight``,
         ``stratified_t`` (None: on for DyDiT, off for DiT); ``reorder`` sorts every block's heads
         and MLP groups by weight-norm importance before fine-tuning starts (function-preserving, so
         the forced-on index 0 is the most important unit; ``dydit.models.reorder``).
@@ -59,6 +71,7 @@ class TrainConfig:
         ``distill_weight`` w_d of the loss w_d · mean((f_θ(x_t, t, y) − f_teacher(x_t, t, y))²)
         over every output channel (ε and variance), against a frozen teacher loaded from
         ``distill_from`` (None: ``init_from``, the dense base a fine-tune starts from); 0: off.
+    Checkpoints: every ``ckpt_every`` steps; ``keep_checkpoints`` numbered copies are kept (0: all).
     Runtime: ``bf16`` autocast, ``grad_checkpointing``, ``device``, ``num_workers``, ``progress``.
     """
 
@@ -76,15 +89,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     steps: int = 1000
     ckpt_every: int = 500
+    keep_checkpoints: int = 3
     log_every: int = 50
     seed: int = 0
     ema_decay: float = 0.9999
-    ema_warmup: bool = False
+    ema_warmup: bool | None = None
     grad_guard: GradGuard = "clip"
     grad_threshold: float = 200.0
     target: float | None = None
-    target_warmup_steps: int = 1000
-    target_hold_steps: int = TARGET_HOLD_STEPS
+    target_warmup_steps: int | None = None
+    target_hold_steps: int | None = None
     complete_steps: int = 0
     flops_weight: float = FLOPS_LOSS_WEIGHT
     stratified_t: bool | None = None
@@ -102,10 +116,16 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise DyditError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        non_negative = ("target_warmup_steps", "target_hold_steps", "complete_steps", "num_workers", "seed")
+        non_negative = (
+            "target_warmup_steps", "target_hold_steps", "complete_steps", "num_workers", "seed",
+            "keep_checkpoints",
+        )  # fmt: skip
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise DyditError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if name in AUTO_FIELDS and value is None:
+                continue
+            if not isinstance(value, int) or value < 0:
+                raise DyditError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.lr > 0:
             raise DyditError(f"learning rate must be positive, got {self.lr}")
         if self.router_lr is not None and not self.router_lr > 0:
@@ -151,6 +171,17 @@ class TrainConfig:
         """The frozen teacher of the distillation loss (``distill_from``, else ``init_from``)."""
         return self.distill_from or self.init_from
 
+    def resolved(self, stored: dict[str, Any] | None = None) -> TrainConfig:
+        """This config with every automatic field (None) made concrete: from ``stored`` (the train
+        config of the run being resumed) where it has the field, else scaled to ``steps``."""
+        auto = {**auto_target_schedule(self.steps), "ema_warmup": True}
+        values = {}
+        for name in AUTO_FIELDS:
+            if getattr(self, name) is None:
+                kept = None if stored is None else stored.get(name, _PRE_AUTO_DEFAULTS[name])
+                values[name] = kept if kept is not None else auto[name]
+        return self.replace(**values) if values else self
+
     @property
     def use_stratified_t(self) -> bool:
         return self.dynamic if self.stratified_t is None else self.stratified_t
@@ -177,17 +208,40 @@ class TrainConfig:
         """Fields whose values differ from a stored run's config in a way that changes results.
 
         A field the stored config lacks (a run recorded before the field existed) counts as its
-        default, which is what that run used.
+        default, which is what that run used. An automatic field left None here takes the stored
+        value (:meth:`resolved`), so it is no conflict.
         """
         mine = self.to_dict()
         defaults = {
             f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING
         }
+        old = {k: stored.get(k, defaults.get(k)) for k in mine}
         return [
-            f"{k}: {stored.get(k, defaults.get(k))!r} -> {mine[k]!r}"
+            f"{k}: {old[k]!r} -> {mine[k]!r}"
             for k in mine
-            if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != mine[k]
+            if k not in RESUMABLE_CHANGES and not (k in AUTO_FIELDS and mine[k] is None) and old[k] != mine[k]
         ]
+
+
+# The defaults of these fields before they became automatic: what a run that did not record them used.
+_PRE_AUTO_DEFAULTS: dict[str, Any] = {
+    "target_hold_steps": TARGET_HOLD_STEPS,
+    "target_warmup_steps": TARGET_WARMUP_STEPS,
+    "ema_warmup": False,
+}
+
+
+def auto_target_schedule(steps: int) -> dict[str, int]:
+    """The λ_t schedule of a run of ``steps`` steps when none is given (docs/METHOD.md §5.4).
+
+    The paper's hold (100) and warm-up (1000) from 2000 steps on; a shorter run holds λ_t = 1 for
+    a twentieth of its steps and reaches λ at mid-run, so that its second half trains at the target
+    (with the paper's 1000-step warm-up, a 200-step fine-tune would end at λ_t = 0.91).
+    """
+    return {
+        "target_hold_steps": min(TARGET_HOLD_STEPS, int(steps * AUTO_HOLD_FRACTION)),
+        "target_warmup_steps": min(TARGET_WARMUP_STEPS, int(steps * AUTO_WARMUP_FRACTION)),
+    }
 
 
 def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, dict[str, Any]]:

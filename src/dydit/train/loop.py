@@ -33,7 +33,7 @@ from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
 from dydit.flow import create_process
 from dydit.io import locked_dir
-from dydit.log import RunLogger, report
+from dydit.log import FILE_ONLY, RunLogger, report
 from dydit.models.dydit import RoutingStats
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
@@ -43,6 +43,7 @@ from dydit.train.step import (
     TrainForward,
     compute_loss,
     guarded_step,
+    measured_flops_ratio,
     noise_level,
     route_buckets,
     router_report,
@@ -56,7 +57,8 @@ _MODEL_RNG_STREAM = 1
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where a run ended: its directory, step, files, last logged scalars, and the trained networks."""
+    """Where a run ended: its directory, step, files, last logged scalars, the trained networks and,
+    for a DyDiT, the FLOPs ratio ρ its EMA weights spend (:func:`~dydit.train.step.measured_flops_ratio`)."""
 
     run_dir: Path
     step: int
@@ -65,6 +67,7 @@ class TrainResult:
     last: dict[str, float]
     model: nn.Module = field(repr=False)
     ema: nn.Module = field(repr=False)
+    flops_ratio: float | None = None  # a DyDiT's EMA weights, measured at the end (None: not measured)
 
 
 def configure_torch(tf32: bool = True) -> None:
@@ -113,6 +116,7 @@ def finetune(init_from: str | Path, target: float, **options: Any) -> TrainResul
 def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     """The loop of :func:`train`, run while the run directory is locked."""
     run = set_up(cfg, device)
+    cfg = run.cfg  # resolved: automatic fields from the resumed run or scaled to its length
     model, ema, optimizer, stream, mc = run.model, run.ema, run.optimizer, run.stream, run.model_config
     rank, local_batch, dynamic = distributed.rank(), stream.batch_size, mc.dynamic
     net = _distribute(TrainForward(model), device)
@@ -121,14 +125,14 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step = run.start
-    end = cfg.steps if stop_at is None else max(step, min(cfg.steps, stop_at))
+    end = max(step, cfg.steps if stop_at is None else min(cfg.steps, stop_at))
     _log_start(run, end)
     saved = step if run.state_file.exists() else None  # step of the last good checkpoint on disk
     window = _LogWindow(device)
     last: dict[str, float] = {}
     bar = _progress_bar(cfg, step)
     batches = iter(stream)
-    with RunLogger(run.run_dir) as log:
+    with RunLogger(run.run_dir) as log, _interruption(run, lambda: (step, saved)):
         while step < end:
             x0, y = next(batches)
             x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -163,6 +167,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             if step % cfg.log_every == 0 or step == end:
                 last = window.flush(log, step, cfg.batch_size, optimizer, dynamic)
                 bar.set_postfix(_postfix(last, dynamic), refresh=False)
+                _log_line(run, step, last, dynamic, console=bar.disable)
             if step % cfg.ckpt_every == 0 or step == end:
                 with window.paused():  # checkpoint time is not training throughput
                     save(run, step)
@@ -171,8 +176,16 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     if saved != step:
         save(run, step)  # nothing was left to do, but the export must exist
     export = ckpt.export_path(run.run_dir)
-    run.logger.info(f"stopped at step {step} of {cfg.steps}; EMA weights: {export}")
-    return TrainResult(run.run_dir, step, run.state_file, export, last, model, ema)
+    rho = None
+    if dynamic and run.start < step:  # the batch of the last step is at hand
+        rho = measured_flops_ratio(ema, diffusion, x0, y, t, noise, costs)
+        rho = distributed.all_reduce_mean(torch.tensor([rho], device=device)).item()  # the global batch
+        _check_reached(run, step, rho)
+    if run.start >= cfg.steps:
+        run.logger.info(f"{run.run_dir} is already at step {run.start} (--steps {cfg.steps}): nothing to do")
+    else:
+        run.logger.info(f"stopped at step {step} of {cfg.steps}; EMA weights: {export}")
+    return TrainResult(run.run_dir, step, run.state_file, export, last, model, ema, rho)
 
 
 def _distribute(net: nn.Module, device: str) -> nn.Module:
@@ -190,8 +203,55 @@ def _log_start(run: Run, end: int) -> None:
     run.logger.info(
         f"{cfg.model} ({n_params / 1e6:.2f} M parameters) on {cfg.data} ({len(run.stream.dataset)} items, "
         f"{info.channels}x{info.image_size}x{info.image_size}); {distributed.world_size()} process(es) x "
-        f"batch {run.stream.batch_size} on {run.device}; steps {run.start} -> {end} of {cfg.steps}"
+        f"batch {run.stream.batch_size} on {run.device}; "
+        + (f"steps {run.start} -> {end} of {cfg.steps}" if end > run.start else f"at step {run.start}")
     )
+
+
+# How a run ends ----------------------------------------------------------------------------------
+# A fine-tune whose EMA weights end further than this from λ gets a warning (the README's promise).
+RHO_TOLERANCE = 0.05
+
+
+@contextlib.contextmanager
+def _interruption(run: Run, where: Any) -> Iterator[None]:
+    """On Ctrl-C, log where the run stopped, what is on disk and how to continue, then re-raise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        step, saved = where()
+        kept = f"the checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was written"
+        run.logger.info(f"interrupted at step {step}; {kept}; rerun the same command to resume")
+        raise
+
+
+def _check_reached(run: Run, step: int, rho: float) -> None:
+    """Log the EMA weights' ρ; warn when a run that reached its end misses the target λ."""
+    cfg = run.cfg
+    assert cfg.target is not None
+    run.logger.info(f"FLOPs ratio of the EMA weights on the last batch: {rho:.3f} (target {cfg.target:g})")
+    if step < cfg.steps or abs(rho - cfg.target) <= RHO_TOLERANCE:
+        return
+    lam = target_schedule(step - 1, cfg.target, cfg.target_warmup_steps, cfg.target_hold_steps)
+    hint = (
+        f"lambda_t was still {lam:.3f} at the last step: shorten --target-warmup-steps "
+        f"({cfg.target_warmup_steps}) or raise --steps"
+        if lam > cfg.target + 1e-9
+        else "train longer (--steps), raise --router-lr or --flops-weight"
+    )
+    run.logger.warning(
+        f"warning: the fine-tuned model's FLOPs ratio {rho:.3f} is more than {RHO_TOLERANCE} from the "
+        f"target {cfg.target:g}; {hint}"
+    )
+
+
+def _log_line(run: Run, step: int, last: dict[str, float], dynamic: bool, *, console: bool) -> None:
+    """The window's numbers as one line of ``log.txt``, and of stderr when no progress bar shows them."""
+    parts = [f"step {step}/{run.cfg.steps}", f"loss {last['loss']:.4f}"]
+    if dynamic:
+        parts.append(f"flops ratio {last['flops_ratio']:.3f} (target now {last['flops_target']:.3f})")
+    parts.append(f"{last['steps_per_s']:.2f} steps/s")
+    run.logger.info(", ".join(parts), extra={} if console else {FILE_ONLY: True})
 
 
 # One step's numbers ------------------------------------------------------------------------------

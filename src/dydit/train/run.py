@@ -59,7 +59,7 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
     info = dataset.info
     mc = resolve_model_config(cfg, info.channels, info.image_size, info.num_classes)
     state_file = ckpt.state_path(run_dir)
-    state, init_digest = _read_resume_state(cfg, state_file)
+    cfg, state, init_digest = _read_resume_state(cfg, state_file)
     start = int(state["step"]) if state is not None else 0
     position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
     stream = DataStream(
@@ -103,11 +103,15 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
     )
 
 
-def _read_resume_state(cfg: TrainConfig, state_file: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The run's saved training state (None for a fresh run), checked against ``cfg``, and the
-    sha256 of the ``init_from`` file the run started from (None where there is none to pin)."""
+def _read_resume_state(
+    cfg: TrainConfig, state_file: Path
+) -> tuple[TrainConfig, dict[str, Any] | None, str | None]:
+    """``cfg`` resolved (its automatic fields from the resumed run, else scaled to its steps), the
+    run's saved training state (None for a fresh run), checked against it, and the sha256 of the
+    ``init_from`` file the run started from (None where there is none to pin)."""
     run_dir = Path(cfg.out_dir)
     state = ckpt.load_state(state_file) if state_file.exists() else None
+    cfg = cfg.resolved(state["config"]["train"] if state is not None else None)
     if state is not None:
         conflicts = cfg.resume_conflicts(state["config"]["train"])
         if conflicts:
@@ -125,7 +129,7 @@ def _read_resume_state(cfg: TrainConfig, state_file: Path) -> tuple[dict[str, An
             f"{cfg.init_from} is not the file {run_dir} started from (its contents changed since); "
             "use another --out-dir to start afresh from the new weights"
         )
-    return state, init_digest
+    return cfg, state, init_digest
 
 
 def resolve_model_config(cfg: TrainConfig, channels: int, image_size: int, num_classes: int) -> ModelConfig:
@@ -211,6 +215,7 @@ def save(run: Run, step: int) -> None:
                 init_sha256=run.init_digest,
             )  # fmt: skip
             ckpt.save_state(run.state_file, state)
+            ckpt.keep_numbered(run.state_file, step, cfg.keep_checkpoints)
             export_cfg = {"model": mc.to_dict(), "data": info.to_dict(), "train": cfg.to_dict(), "step": step}
             ckpt.export_weights(ckpt.export_path(run.run_dir), run.ema, export_cfg)
         except DyditError as e:

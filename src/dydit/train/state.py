@@ -5,6 +5,9 @@ Two kinds of files, as in k-diffusion and EDM2:
 - the **training state** ``checkpoints/state.pt``: model, EMA, optimizer, step, data position,
   RNG states (as tensors), the config as a plain dict and the package version. Only dicts,
   lists, numbers, strings and tensors, so it loads with ``torch.load(weights_only=True)``.
+- **numbered states** ``checkpoints/NNNNNNN.pt`` (the step, seven digits, as the official DiT
+  names its checkpoints): each saved state is also kept under its step, as a hard link to the
+  bytes of ``state.pt`` (a copy where links are not supported), the newest ``keep`` of them.
 - the **EMA export** ``ema.safetensors``: the EMA weights, with the configuration as JSON under
   the metadata key ``"config"`` (``{"model": ModelConfig.to_dict(), "data": ..., "train": ...}``),
   which is what sampling and evaluation load (:func:`dydit.checkpoint.checkpoint_config`).
@@ -16,8 +19,11 @@ until the new one is complete and a failed write (full disk, no permission) lose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ EXPORT_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FORMAT = DYDIT_STATE_FORMAT
 STATE_VERSION = 1
+_NUMBERED = re.compile(r"\d{7,}\.pt")
 
 
 def state_path(run_dir: str | os.PathLike) -> Path:
@@ -43,6 +50,38 @@ def state_path(run_dir: str | os.PathLike) -> Path:
 
 def export_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / EXPORT_FILE
+
+
+def numbered_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"{step:07d}.pt"
+
+
+def numbered_states(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's numbered training states, oldest first."""
+    found = (Path(run_dir) / CHECKPOINT_DIR).glob("*.pt")
+    return sorted((p for p in found if _NUMBERED.fullmatch(p.name)), key=lambda p: int(p.stem))
+
+
+def keep_numbered(state_file: str | os.PathLike, step: int, keep: int) -> Path:
+    """Keep the state just written to ``state_file`` as ``NNNNNNN.pt`` beside it, then delete all
+    but the newest ``keep`` numbered states (0: keep every one). Returns the numbered file."""
+    state_file = Path(state_file)
+    target = numbered_path(state_file.parent.parent, step)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.link(state_file, tmp)  # the same bytes under a second name: no second copy on disk
+        os.replace(tmp, target)
+    except OSError:  # a file system without hard links: a real (atomic) copy
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        atomic_write(target, lambda t: shutil.copyfile(state_file, t))
+    if keep > 0:
+        for old in numbered_states(state_file.parent.parent)[:-keep]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+    return target
 
 
 # RNG states as tensors ------------------------------------------------------------------------

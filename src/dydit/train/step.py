@@ -127,6 +127,28 @@ def compute_loss(
     return loss, parts, routing
 
 
+@torch.no_grad()
+def measured_flops_ratio(
+    model: nn.Module,
+    diffusion: GaussianDiffusion | Transport,
+    x0: Tensor,
+    y: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    layer_costs: tuple[float, float],
+) -> float:
+    """ρ (docs/METHOD.md §5.3) that a DyDiT spends in eval mode (hard masks, as when sampling) on
+    the batch x_t of ``x0`` at times ``t``: what the weights a run ends with will cost."""
+    was_training = model.training
+    model.eval()
+    try:
+        x_t = diffusion.q_sample(x0, t, noise)
+        _, routing = model.forward_with_routing(x_t, diffusion.original_timesteps(t), y)
+        return float(flops_ratio(routing, *layer_costs))
+    finally:
+        model.train(was_training)
+
+
 def _model(net: nn.Module) -> nn.Module:
     """The network inside a (possibly DDP-wrapped) :class:`TrainForward`."""
     return (net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net).model
