@@ -15,6 +15,7 @@ import torch
 
 from dydit.cli import main
 from dydit.cli.train import summary
+from dydit.errors import DyditError
 from dydit.train import loop
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig, auto_target_schedule
@@ -76,8 +77,9 @@ def test_a_resumed_run_keeps_the_schedule_it_started_with(tmp_path, dit_export):
     res = train(cfg.replace(steps=4))
     stored = torch.load(res.state, weights_only=True)["config"]["train"]
     assert res.step == 4
-    assert (stored["target_warmup_steps"], stored["target_hold_steps"], stored["ema_warmup"]) == (1000, 100, False)
-    with pytest.raises(Exception, match="different configuration.*target_warmup_steps"):
+    kept = (stored["target_warmup_steps"], stored["target_hold_steps"], stored["ema_warmup"])
+    assert kept == (1000, 100, False)
+    with pytest.raises(DyditError, match="different configuration.*target_warmup_steps"):
         train(cfg.replace(steps=6, target_warmup_steps=3))
 
 
