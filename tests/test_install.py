@@ -71,3 +71,17 @@ def test_readme_and_run_sh_name_only_extras_that_exist():
     assert named and named <= extras, named - extras
     assert f".[{run_sh[1]}]" in readme, "the README states what run.sh installs"
     assert "pip install /path/to/dydit" in readme and "no extra is needed" in readme
+
+
+def test_the_package_ships_every_asset_file_its_readme_cites():
+    import fnmatch
+
+    assets = ROOT / "src" / "dydit" / "assets"
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "dydit"
+    ]
+    cited = set(re.findall(r"`([\w.-]+\.(?:safetensors|jsonl|txt|md))`", (assets / "README.md").read_text()))
+    cited = {name for name in cited if (assets / name).is_file()}
+    assert {"dit-ti4-fmnist.log.txt", "dit-ti4-fmnist.stats.jsonl"} <= cited
+    unshipped = {n for n in cited if not any(fnmatch.fnmatch(f"assets/{n}", p) for p in patterns)}
+    assert not unshipped, f"assets/README.md cites files a pip install leaves out: {sorted(unshipped)}"
