@@ -313,7 +313,9 @@ def cache_latents(args: argparse.Namespace) -> None:
 def execute(args: argparse.Namespace, *, finetune: bool) -> int:
     cfg = config_from_args(args, finetune=finetune)
     if args.dry_run:
-        print(cfg.to_json())
+        from dydit.train.run import data_image_size
+
+        print(cfg.replace(image_size=data_image_size(cfg)).to_json())  # the size the run would use
         return 0
     from dydit import distributed
     from dydit.train import configure_torch, train
