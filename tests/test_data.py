@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
+import re
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +142,147 @@ def test_image_folder_flat_and_empty(tmp_path):
         make_dataset(f"folder:{tmp_path / 'none'}")
     with pytest.raises(DyditError, match="does not exist"):
         make_dataset(f"folder:{tmp_path / 'missing'}")
+
+
+def test_image_folder_size_defaults_to_the_images_own(tmp_path):
+    """Not 256 whatever the images: the short side most images share, at most 256."""
+    from dydit.data import dataset_image_size
+
+    for i in range(3):
+        _save(tmp_path / "small" / "c" / f"{i}.png", (32, 32), (9, 9, 9))
+    assert make_dataset(f"folder:{tmp_path / 'small'}").info.image_size == 32
+    for i, size in enumerate([(48, 64), (64, 48), (20, 20), (30, 48)]):
+        _save(tmp_path / "mixed" / f"{i}.png", size, (9, 9, 9))
+    ds = make_dataset(f"folder:{tmp_path / 'mixed'}")
+    assert ds.info.image_size == 48 and ds.get(2)[0].shape == (3, 48, 48)
+    _save(tmp_path / "large" / "a.png", (300, 400), (9, 9, 9))
+    assert make_dataset(f"folder:{tmp_path / 'large'}").info.image_size == 256  # DiT's, not 300
+    assert dataset_image_size(f"folder:{tmp_path / 'mixed'}") == 48  # headers only, for --dry-run
+    assert dataset_image_size(f"folder:{tmp_path / 'mixed'}", 12) == 12
+    assert dataset_image_size("digits") == 8 and dataset_image_size("fashion-mnist") == 32
+
+
+def test_image_folder_honours_fit(tmp_path):
+    """pad: a small image is centred on black, unscaled; resize: enlarged (ADM centre crop)."""
+    _save(tmp_path / "d" / "a.png", (4, 4), (255, 0, 0))
+    _save(tmp_path / "d" / "b.png", (20, 10), (0, 255, 0))  # larger than 8: centre crop either way
+    padded = make_dataset(f"folder:{tmp_path / 'd'}", image_size=8, fit="pad")
+    x, _ = padded.get(0)
+    assert torch.equal(x[:, 2:6, 2:6], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 4, 4))
+    border = torch.ones(8, 8, dtype=torch.bool)
+    border[2:6, 2:6] = False
+    assert (x[:, border] == -1).all()
+    resized = make_dataset(f"folder:{tmp_path / 'd'}", image_size=8, fit="resize")
+    assert torch.allclose(resized.get(0)[0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
+    for ds in (padded, resized):
+        assert torch.allclose(ds.get(1)[0], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
+    with pytest.raises(DyditError, match="unknown fit"):
+        ImageFolderDataset(tmp_path / "d", 8, fit="stretch")
+
+
+# Faithful decoding of image files (16-bit, float, transparency, broken files) --------------------------
+def _folder_of(tmp_path, name: str, image) -> str:
+    path = tmp_path / name / f"{name}.{'tif' if image.mode == 'F' else 'png'}"
+    path.parent.mkdir(parents=True)
+    image.save(path)
+    return f"folder:{path.parent}"
+
+
+def _pixel(x: torch.Tensor) -> list[float]:
+    """The first pixel of a decoded (3, S, S) image, back in 0..255."""
+    return [round(v, 3) for v in ((x[:, 0, 0] + 1) * 127.5).tolist()]
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    values = np.array([[0, 16448, 32896, 65535]] * 4, dtype=np.uint16)  # 0, 64, 128, 255 in 8 bits
+    im = Image.frombytes("I;16", (4, 4), values.tobytes())
+    ds = make_dataset(_folder_of(tmp_path, "g16", im), fit="pad")
+    x, _ = ds.get(0)
+    assert ds.info.image_size == 4
+    assert [_pixel(x[:, :, j : j + 1])[0] for j in range(4)] == [0.0, 64.0, 128.0, 255.0]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey
+
+
+@pytest.mark.parametrize(("scale", "value", "expected"), [(1.0, 0.5, 128.0), (255.0, 51.0, 51.0)])
+def test_float_tiff_is_scaled_from_0_1_or_0_255(tmp_path, scale, value, expected):
+    from PIL import Image
+
+    values = np.full((4, 4), value, dtype=np.float32)
+    values[0, 1] = scale  # white
+    ds = make_dataset(_folder_of(tmp_path, "f", Image.frombytes("F", (4, 4), values.tobytes())))
+    x, _ = ds.get(0)
+    assert _pixel(x) == [expected] * 3 and _pixel(x[:, :, 1:]) == [255.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [(-0.5, r"float pixels in \[-0.5, 1\]"), (300.0, "neither in"), (float("nan"), "NaN")],
+)
+def test_float_tiff_of_no_known_scale_is_refused_with_its_name(tmp_path, values, needle):
+    from PIL import Image
+
+    a = np.ones((4, 4), dtype=np.float32)
+    a[1, 1] = values
+    spec = _folder_of(tmp_path, "f", Image.frombytes("F", (4, 4), a.tobytes()))
+    with pytest.raises(
+        DyditError, match=f"cannot read image {re.escape(str(tmp_path / 'f' / 'f.tif'))}: .*{needle}"
+    ):
+        make_dataset(spec)
+
+
+def test_transparency_is_composited_on_black(tmp_path):
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (4, 4), (255, 255, 255, 0))  # transparent white: black, not white
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    rgba.putpixel((2, 0), (200, 100, 50, 51))  # a fifth opaque
+    x, _ = make_dataset(_folder_of(tmp_path, "rgba", rgba)).get(0)
+    assert _pixel(x) == [0.0] * 3
+    assert _pixel(x[:, :, 1:]) == [255.0, 0.0, 0.0]
+    assert _pixel(x[:, :, 2:]) == [40.0, 20.0, 10.0]
+    la = Image.new("LA", (4, 4), (200, 128))
+    assert _pixel(make_dataset(_folder_of(tmp_path, "la", la)).get(0)[0]) == [100.0] * 3
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    palette.info["transparency"] = 1  # saved as a tRNS chunk: the white entry is transparent
+    assert _pixel(make_dataset(_folder_of(tmp_path, "p", palette)).get(0)[0]) == [0.0] * 3
+
+
+def _truncated_jpeg(path) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="JPEG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_truncated_image_is_refused_when_the_folder_is_read(tmp_path):
+    """Every image is decoded when the dataset is made: the error names the first bad file and
+    counts the others, before any batch is drawn."""
+    for i in range(4):
+        _save(tmp_path / "d" / "c" / f"{i}.png", (8, 8), (1, 2, 3))
+    _truncated_jpeg(tmp_path / "d" / "c" / "1.jpg")
+    with pytest.raises(
+        DyditError, match=f"cannot read image {re.escape(str(tmp_path / 'd' / 'c' / '1.jpg'))}: .*truncated"
+    ):
+        make_dataset(f"folder:{tmp_path / 'd'}")
+    (tmp_path / "d" / "c" / "3.png").write_bytes(b"not an image")
+    with pytest.raises(DyditError, match=r"1\.jpg: .*truncated.* \(and 1 more unreadable images\)$"):
+        make_dataset(f"folder:{tmp_path / 'd'}")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_broken_after_the_check_is_named_when_drawn(tmp_path, workers):
+    """A file spoiled after the folder was read is still named, in-process and from a loader worker."""
+    for i in range(2):
+        _save(tmp_path / "d" / f"{i}.png", (8, 8), (1, 2, 3))
+    ds = make_dataset(f"folder:{tmp_path / 'd'}")
+    (tmp_path / "d" / "1.png").write_bytes(b"spoilt")
+    with pytest.raises(DyditError, match=f"cannot read image {tmp_path / 'd' / '1.png'}: cannot identify"):
+        next(iter(DataStream(ds, 2, seed=0, num_workers=workers)))
 
 
 # Latent cache -----------------------------------------------------------------------------------

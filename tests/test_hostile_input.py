@@ -339,7 +339,8 @@ def test_image_folders_that_are_empty_missing_or_without_images(tmp_path, capsys
 @pytest.mark.parametrize("workers", ["0", "1"])
 @pytest.mark.parametrize("kind", ["random-bytes", "bomb", "truncated"])
 def test_unreadable_image_in_a_folder_names_the_file(tmp_path, capsys, workers, kind):
-    """Also through a DataLoader worker process (--num-workers 1), whose errors used to lose the message."""
+    """Found when the folder is first read, whatever --num-workers (a file spoiled later, drawn in a
+    DataLoader worker whose errors used to lose the message: test_data.py)."""
     bad = tmp_path / "data" / "cats" / "a.png"
     if kind == "random-bytes":
         bad.parent.mkdir(parents=True)
@@ -355,6 +356,23 @@ def test_unreadable_image_in_a_folder_names_the_file(tmp_path, capsys, workers, 
         "truncated": "truncated",
     }
     assert f"cannot read image {bad}: " in line and needle[kind] in line
+
+
+def test_truncated_jpeg_stops_a_folder_run_before_it_starts(tmp_path, capsys):
+    """Every image is decoded when the folder is first read: the run stops before writing anything,
+    naming the first bad file and counting the others (it used to fail when first drawn, mid-run)."""
+    data = tmp_path / "data"
+    for i in range(6):
+        _png(data / "cats" / f"{i}.png", (9, 9))
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="JPEG")
+    for name in ("x.jpg", "y.jpg"):
+        (data / "dogs").mkdir(exist_ok=True)
+        (data / "dogs" / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    out = tmp_path / "run"
+    line = cli_error(_folder_args(data, out, "--batch-size", "8", "--steps", "1"), capsys, "train")
+    assert f"cannot read image {data / 'dogs' / 'x.jpg'}: " in line and "truncated" in line
+    assert line.endswith("(and 1 more unreadable images)") and not out.exists()
 
 
 def test_mixed_sizes_and_modes_in_a_folder_train(tmp_path):

@@ -122,3 +122,65 @@ def test_latent_cache_then_train(tmp_path):
     # The cache is built once: a second run (the resume) does not touch it.
     stamp = (cache / "meta.json").stat().st_mtime_ns
     assert main(args) == 0 and (cache / "meta.json").stat().st_mtime_ns == stamp
+
+
+# Image folders: the size the model or the images fix ---------------------------------------------------
+def _image_folder(root, size: tuple[int, int], n: int = 4) -> str:
+    from PIL import Image
+
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (40 * i, 90, 200)).save(root / f"c{i % 2}" / f"{i}-{size[0]}.png")
+    return f"folder:{root}"
+
+
+def _dry_run_size(capsys, args: list[str]) -> int | None:
+    capsys.readouterr()  # what runs before printed
+    assert main([*args, "--dry-run"]) == 0
+    return json.loads(capsys.readouterr().out)["image_size"]
+
+
+def test_folder_trains_at_the_size_the_model_or_the_images_fix(capsys, tmp_path):
+    """Not 256: --image-size, else the model's input size (--model-option, --init-from), else the images'."""
+    data = _image_folder(tmp_path / "img", (16, 16))
+    run = [
+        "--data",
+        data,
+        *TINY_OPTS,
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert _dry_run_size(capsys, ["train", *run, "--out-dir", str(tmp_path / "a")]) == 16
+    assert _dry_run_size(capsys, ["train", *run, "--image-size", "8", "--out-dir", str(tmp_path / "a")]) == 8
+    fixed = [*run, "--model-option", "input_size=8", "--out-dir", str(tmp_path / "b")]
+    assert _dry_run_size(capsys, ["train", *fixed]) == 8
+    assert main(["train", *fixed]) == 0
+    assert checkpoint_config(tmp_path / "b" / "ema.safetensors").input_size == 8
+    mc = get_model_config("DiT-Ti/2", input_size=8, in_channels=3, num_classes=2, depth=1, hidden_size=32,
+                          num_heads=2)  # fmt: skip
+    weights = tmp_path / "w.safetensors"
+    export_weights(weights, build_model(mc), {"model": mc.to_dict()})
+    init = [*run, "--init-from", str(weights), "--out-dir", str(tmp_path / "c")]
+    assert _dry_run_size(capsys, ["train", *init]) == 8
+    finetune = ["finetune", *init, "--target", "0.5"]
+    assert _dry_run_size(capsys, finetune) == 8
+    assert main(finetune) == 0
+    assert checkpoint_config(tmp_path / "c" / "ema.safetensors").input_size == 8
+
+
+def test_resumed_folder_run_keeps_its_size(capsys, tmp_path):
+    """The images' most common size may change between runs; a resumed model's size does not."""
+    data = _image_folder(tmp_path / "img", (16, 16), n=2)
+    args = ["train", "--data", data, *TINY_OPTS, "--batch-size", "2", "--no-progress", "--device", "cpu",
+            "--out-dir", str(tmp_path / "r")]  # fmt: skip
+    assert main([*args, "--steps", "1"]) == 0
+    _image_folder(tmp_path / "img", (8, 8), n=4)  # now most images are 8x8
+    assert _dry_run_size(capsys, [*args, "--steps", "2"]) == 16
+    assert main([*args, "--steps", "2"]) == 0
+    assert checkpoint_config(tmp_path / "r" / "ema.safetensors").input_size == 16
+    assert _dry_run_size(capsys, [*args, "--steps", "2", "--out-dir", str(tmp_path / "new")]) == 8

@@ -100,11 +100,16 @@ def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         "(default %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--image-size", type=positive_int, default=None, help="pixel size (default: the dataset's)"
-    )
+        "--image-size", type=positive_int, default=None,
+        help="pixel size (default: the model's input size where --init-from, a resumed run or "
+        "--model-option input_size fixes it, else the dataset's; a folder: the short side most of its "
+        "images share, at most 256)",
+    )  # fmt: skip
     g.add_argument(
-        "--fit", choices=("pad", "resize"), default=d.fit, help="how small images reach --image-size"
-    )
+        "--fit", choices=("pad", "resize"), default=d.fit,
+        help="how images reach --image-size: pad (default: centre an image no larger than the size on "
+        "black, centre-crop a larger one) or resize (the ADM centre crop, DiT's pipeline)",
+    )  # fmt: skip
     g.add_argument(
         "--flip", action=argparse.BooleanOptionalAction, default=None,
         help="random horizontal flips (default: on, except for digits)",
@@ -329,7 +334,10 @@ def cache_latents(args: argparse.Namespace) -> None:
 def execute(args: argparse.Namespace, *, finetune: bool) -> int:
     cfg = config_from_args(args, finetune=finetune)
     if args.dry_run:
-        print(cfg.resolved().to_json())  # automatic fields as a fresh run resolves them
+        from dydit.train.run import data_image_size
+
+        # Automatic fields and the image size as a fresh run resolves them.
+        print(cfg.resolved().replace(image_size=data_image_size(cfg)).to_json())
         return 0
     from dydit import distributed
     from dydit.train import configure_torch, train

@@ -5,7 +5,7 @@
 - ``"fashion-mnist"`` or ``"fashion-mnist:/dir"`` -- the Debian package's idx files (default data),
 - ``"fashion-mnist-test"`` -- its 10 000-image test split,
 - ``"digits"`` -- scikit-learn's 8x8 digits (tiny tests),
-- ``"folder:/path"`` -- an ImageFolder-style directory, ADM centre crop,
+- ``"folder:/path"`` -- an ImageFolder-style directory, ADM centre crop (every file checked once),
 - ``"latents:/path"`` -- a latent cache written by :func:`~dydit.data.latents.encode_dataset`.
 
 Every dataset carries a :class:`~dydit.data.base.DataInfo` (channels, size, classes, codec,
@@ -23,17 +23,25 @@ DATASET_KINDS: tuple[str, ...] = ("fashion-mnist", "fashion-mnist-test", "digits
 MAX_IMAGE_SIZE = 4096
 
 
-def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> ImageDataset:
+def _check_size(image_size: int | None) -> None:
+    if image_size is not None and not 0 < image_size <= MAX_IMAGE_SIZE:
+        raise DyditError(f"image size must be in 1..{MAX_IMAGE_SIZE} pixels, got {image_size}")
+
+
+def make_dataset(
+    spec: str, image_size: int | None = None, fit: str = "pad", progress: bool = False
+) -> ImageDataset:
     """The dataset a spec string names (see the module docstring).
 
     Args:
         spec: dataset spec.
         image_size: output size for pixel datasets (default: 32 for Fashion-MNIST, 8 for digits,
-            256 for folders); latent caches have a fixed size and reject a different one.
+            the images' own for folders: see :mod:`dydit.data.imagefolder`); latent caches have a
+            fixed size and reject a different one.
         fit: how small images reach ``image_size``: ``"pad"`` or ``"resize"``.
+        progress: a progress bar while a folder's images are checked.
     """
-    if image_size is not None and not 0 < image_size <= MAX_IMAGE_SIZE:
-        raise DyditError(f"image size must be in 1..{MAX_IMAGE_SIZE} pixels, got {image_size}")
+    _check_size(image_size)
     kind, _, arg = spec.partition(":")
     if kind in ("fashion-mnist", "fashion-mnist-test"):
         from dydit.data.fashion_mnist import load_fashion_mnist
@@ -47,7 +55,7 @@ def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> 
     if kind == "folder" and arg:
         from dydit.data.imagefolder import ImageFolderDataset
 
-        return ImageFolderDataset(arg, image_size=image_size)
+        return ImageFolderDataset(arg, image_size=image_size, fit=fit, progress=progress)
     if kind == "latents" and arg:
         from dydit.data.latents import LatentDataset
 
@@ -64,12 +72,43 @@ def make_dataset(spec: str, image_size: int | None = None, fit: str = "pad") -> 
     )
 
 
+def dataset_image_size(spec: str, image_size: int | None = None, progress: bool = False) -> int | None:
+    """The image size ``make_dataset(spec, image_size)`` gives, without loading or checking the data
+    (a folder's image headers are read, with a progress bar if asked and slow); None for a latent
+    cache that is not complete yet."""
+    _check_size(image_size)
+    kind, _, arg = spec.partition(":")
+    if kind == "latents" and arg:
+        from dydit.data.latents import read_meta
+
+        try:
+            return int(read_meta(arg)["latent_size"])
+        except DyditError:
+            return None  # built later by --cache-latents; make_dataset reports a cache still missing then
+    if image_size is not None:
+        return image_size
+    if kind in ("fashion-mnist", "fashion-mnist-test"):
+        from dydit.data.fashion_mnist import DEFAULT_SIZE
+
+        return DEFAULT_SIZE
+    if kind == "digits" and not arg:
+        from dydit.data.digits import NATIVE_SIZE
+
+        return NATIVE_SIZE
+    if kind == "folder" and arg:
+        from dydit.data.imagefolder import folder_image_size
+
+        return folder_image_size(arg, progress)
+    return make_dataset(spec).info.image_size  # an unknown spec: its error
+
+
 __all__ = [
     "DATASET_KINDS",
     "ArrayDataset",
     "DataInfo",
     "DataStream",
     "ImageDataset",
+    "dataset_image_size",
     "derive_seed",
     "make_dataset",
 ]

@@ -283,7 +283,7 @@ def build_latent_cache(
         raise DyditError(
             "--cache-latents needs --vae (a local AutoencoderKL path or hub id) to build the cache"
         )
-    dataset = make_dataset(data, image_size, fit)
+    dataset = make_dataset(data, image_size, fit, progress=progress)
     codec = make_codec(vae, device=device)
     flip = dataset.info.flip if flip is None else flip
     generator = torch.Generator(device).manual_seed(seed)  # posterior samples, reproducibly

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,17 @@ class Run:
 
 
 def set_up(cfg: TrainConfig, device: str) -> Run:
-    """Data, resume state, model, run directory, EMA and optimizer, in the order failures must stop
-    them: nothing is written before the data, the state and the init weights all load."""
+    """Resume state, data, model, run directory, EMA and optimizer, in the order failures must stop
+    them: nothing is written before the state, the data and the init weights all load. The data's
+    image size defaults to the one the model fixes (:func:`requested_image_size`)."""
     rank, world = distributed.rank(), distributed.world_size()
     run_dir = Path(cfg.out_dir)
-    dataset = make_dataset(cfg.data, cfg.image_size, cfg.fit)
-    info = dataset.info
-    mc = resolve_model_config(cfg, info.channels, info.image_size, info.num_classes)
     state_file = ckpt.state_path(run_dir)
     cfg, state, init_digest = _read_resume_state(cfg, state_file)
+    size = requested_image_size(cfg, state["config"]["model"] if state is not None else None)
+    dataset = make_dataset(cfg.data, size, cfg.fit, progress=cfg.progress and distributed.is_main())
+    info = dataset.info
+    mc = resolve_model_config(cfg, info.channels, info.image_size, info.num_classes)
     start = int(state["step"]) if state is not None else 0
     position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
     stream = DataStream(
@@ -130,6 +133,49 @@ def _read_resume_state(
             "use another --out-dir to start afresh from the new weights"
         )
     return cfg, state, init_digest
+
+
+def model_input_size(cfg: TrainConfig, resumed_model: dict[str, Any] | None = None) -> int | None:
+    """The input size the model fixes before any data is read, or None: the resumed run's model
+    (``resumed_model``, its stored config), an ``input_size`` model option, else the ``init_from``
+    weights' (their stored config, or their shapes)."""
+    if resumed_model is not None:
+        return int(resumed_model["input_size"])
+    if "input_size" in cfg.model_overrides:
+        return cfg.model_config().input_size
+    if cfg.init_from:
+        from dydit.checkpoint import model_config
+
+        try:
+            return model_config(cfg.init_from).input_size
+        except DyditError:
+            return None  # loading the weights names the problem
+    return None
+
+
+def requested_image_size(cfg: TrainConfig, resumed_model: dict[str, Any] | None = None) -> int | None:
+    """The pixel size to ask the data for: ``--image-size``, else the size the model fixes (pixel
+    data only: a latent cache has its own), else None (the dataset's default)."""
+    if cfg.image_size is not None or cfg.data.startswith("latents:"):
+        return cfg.image_size
+    return model_input_size(cfg, resumed_model)
+
+
+def data_image_size(cfg: TrainConfig) -> int | None:
+    """The image size a run of ``cfg`` trains at, told without loading the data or the training state
+    (``--dry-run``): a resumed run's model config is read from the run directory's config.json, a
+    folder's image sizes from their headers. None for a latent cache not built yet."""
+    from dydit.data import dataset_image_size
+
+    resumed = None
+    run_dir = Path(cfg.out_dir)
+    if ckpt.state_path(run_dir).exists():
+        try:
+            stored = json.loads((run_dir / ckpt.CONFIG_FILE).read_text())
+            resumed = {"input_size": int(stored["model"]["input_size"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            resumed = None  # the run itself reads the training state
+    return dataset_image_size(cfg.data, requested_image_size(cfg, resumed), progress=cfg.progress)
 
 
 def resolve_model_config(cfg: TrainConfig, channels: int, image_size: int, num_classes: int) -> ModelConfig:
