@@ -172,6 +172,25 @@ def test_folder_of_images_and_mixed_sizes(tmp_path) -> None:
         open_image_set(tmp_path)
 
 
+def test_folder_images_are_decoded_faithfully(tmp_path) -> None:
+    # 16-bit grey was clipped to white and transparency dropped by PIL's convert (issue 22).
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    Image.fromarray(ramp.astype(np.int32)).convert("I;16").save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((8, 8), 40_000, np.int32)).convert("I;16").save(tmp_path / "flat16.png")
+    flat, grey = np.concatenate(list(open_image_set(tmp_path).images.batches(2)))[..., 0]  # sorted by name
+    np.testing.assert_array_equal(flat, 40_000 * 255 // 65535 + 1)  # 155.6 rounds to 156
+    np.testing.assert_allclose(grey, ramp / 257.0, atol=0.51)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128  # half-transparent red over black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    for p in ("grey16.png", "flat16.png"):
+        (tmp_path / p).unlink()
+    (pixels,) = list(open_image_set(tmp_path).images.batches(1))
+    assert pixels.shape == (1, 8, 8, 3) and (pixels[..., 0] == 100).all() and (pixels[..., 1:] == 0).all()
+
+
 def test_missing_and_unsupported_paths(tmp_path) -> None:
     with pytest.raises(DyditError, match="no such file or folder"):
         open_image_set(tmp_path / "nope.npz")

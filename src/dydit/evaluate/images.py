@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dydit.data.decode import to_rgb
 from dydit.errors import DyditError
 from dydit.io import npz_name, save_npz
 
@@ -157,7 +158,8 @@ class FolderImages(ImageSource):
 
         try:
             with Image.open(path) as im:
-                x = np.asarray(im.convert(self.mode), dtype=np.uint8)
+                rgb = to_rgb(im)  # 16-bit and float scaled, transparency composited (data.decode)
+            x = np.asarray(rgb.convert("L") if self.mode == "L" else rgb, dtype=np.uint8)
         except (OSError, Image.DecompressionBombError, ValueError) as e:
             raise DyditError(f"cannot read image {path}: {e}") from None
         return x.reshape(self.shape)
