@@ -19,8 +19,9 @@ from dydit.apps.bench import BenchConfig, BenchRow, run_bench
 from dydit.apps.bench_report import markdown_table, write_json
 from dydit.cli import main
 from dydit.errors import DyditError
+from dydit.factory import create_model
 from dydit.models.dydit import DyDiT
-from dydit.presets import ModelConfig
+from dydit.presets import ModelConfig, get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=4)
@@ -63,8 +64,8 @@ def test_markdown_and_json(tmp_path):
     assert all(r.ms_per_forward == r.ms_min <= r.ms_median for r in rows)
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| measurement | mode |") and len(table) == 2 + len(rows)
-    write_json(rows, tmp_path / "r" / "bench.json")
-    data = json.loads((tmp_path / "r" / "bench.json").read_text())
+    write_json(rows, tmp_path / "bench.json")
+    data = json.loads((tmp_path / "bench.json").read_text())
     assert [d["mode"] for d in data] == ["dense", "sliced"]
     assert all(k in d for d in data for k in REQUIRED)
 
@@ -82,7 +83,7 @@ def test_trained_routers_from_a_checkpoint_are_used_as_they_are(tmp_path):
         str(path),
         metadata={"config": json.dumps(cfg.to_dict())},
     )
-    rows = run_bench(tiny_bench(checkpoint=str(path), batches=(1,), modes=("dense", "sliced")))
+    rows = run_bench(tiny_bench(model=None, checkpoint=str(path), batches=(1,), modes=("dense", "sliced")))
     a, m = 4 * 16 * 32**2 + 2 * 16**2 * 32, 8 * 16 * 32**2  # per-layer MACs, N = 16, D = 32
     # Token routers keep everything (bias 35): rho = (A/2 + M) / (A + M).
     assert rows[1].flops_ratio == pytest.approx((a / 2 + m) / (a + m))
@@ -125,6 +126,30 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
     assert "| forward | sliced | 1 | 2 |" in printed
     assert "per network evaluation" in printed and "round(rho*N) steps" in printed
     assert {d["mode"] for d in json.loads(out.read_text())} == {"dense", "masked", "sliced"}
+
+
+def test_checkpoint_rows_name_its_model_and_path(tmp_path, capsys):
+    """``bench --checkpoint`` labelled every row with the ``--model`` default (DiT-S/2) and did not say
+    which file was timed: rows name the model loaded; the report and the JSON name the file."""
+    cfg = get_model_config("DyDiT-Ti/4")
+    path = tmp_path / "dydit-ti4.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in DyDiT(cfg).state_dict().items()},
+        str(path),
+        metadata={"config": json.dumps(cfg.to_dict())},
+    )
+    out = tmp_path / "bench.json"
+    args = ["bench", "--checkpoint", str(path), "--batch", "1", "--repeats", "1", "--warmup", "0",
+            "--timesteps", "500", "--cfg-scale", "1", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert main([*args, "--modes", "dense,sliced"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"DyDiT-Ti/4 from {path} on ")
+    rows = json.loads(out.read_text())
+    assert {(r["model"], r["checkpoint"]) for r in rows} == {("DyDiT-Ti/4", str(path))}
+    dit = tmp_path / "dit-ti4.safetensors"  # a DiT checkpoint: routers calibrated, rows say DiT
+    save_file({k: v.contiguous() for k, v in create_model("DiT-Ti/4").state_dict().items()}, str(dit))
+    assert main([*args[:2], str(dit), *args[3:], "--modes", "dense"]) == 0
+    assert {r["model"] for r in json.loads(out.read_text())} == {"DiT-Ti/4"}
 
 
 def test_cli_help_and_dry_run(capsys):

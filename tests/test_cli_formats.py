@@ -72,6 +72,25 @@ def test_inspect_says_what_each_format_is(fmt, files, capsys) -> None:
         assert "step        1,000" in out and "stored      depth=6 hidden_size=192" in out
 
 
+def test_inspect_fails_when_the_weights_do_not_load(files, tmp_path, capsys) -> None:
+    """``inspect`` printed "loads NO" and exited 0: scripts could not tell. The description is still
+    printed; the last line is the error and the status is 1."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(files["export"]))
+    del sd["final_layer.linear.bias"]
+    path = tmp_path / "broken.safetensors"
+    meta = {"config": json.dumps({"model": dydit.get_model_config("DiT-Ti/4").to_dict()})}
+    save_file(sd, str(path), metadata=meta)
+    assert main(["inspect", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "loads       NO: " in out and "final_layer.linear.bias" in out
+    assert err.strip().splitlines() == [
+        f"dydit inspect: error: {path} does not load: " + err.split(": ", 3)[3].strip()
+    ]
+    assert "final_layer.linear.bias" in err
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sample_flops_and_finetune_accept_every_format(fmt, files, tmp_path, capsys) -> None:
     path = str(files[fmt])

@@ -8,6 +8,8 @@ real Inception appears in one short ``slow`` test only.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,27 @@ def test_cli_reports_all_metrics_and_caches_the_reference(tmp_path, tiny_incepti
     assert main(args) == 0  # second run reads the cached reference statistics
     second = json.loads((tmp_path / "r.json").read_text())
     assert second["metrics"] == pytest.approx(first["metrics"])
+
+
+def test_json_onto_a_fifo_or_below_a_missing_folder_is_refused_first(
+    tmp_path, tiny_inception, capsys
+) -> None:
+    """``--json`` onto a FIFO replaced it with a file; below a missing folder created the folder."""
+    write_npz(tmp_path / "s.npz", _images(20, 0))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    base = ["evaluate", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--inception",
+            str(tiny_inception), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--json"]  # fmt: skip
+    for target in (fifo, tmp_path / "missing" / "r.json"):
+        assert main([*base, str(target)]) == 1
+        captured = capsys.readouterr()
+        assert (
+            captured.err.strip()
+            .splitlines()[-1]
+            .startswith(f"dydit evaluate: error: cannot write {target}: ")
+        )
+        assert "FID" not in captured.out  # refused before the work
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (tmp_path / "missing").exists()
 
 
 def test_fid_against_itself_is_zero_and_stats_npz_is_used_as_is(tmp_path, tiny_inception) -> None:

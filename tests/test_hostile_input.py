@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import shutil
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -279,6 +280,31 @@ def test_nan_weights_are_caught_before_they_reach_disk(tmp_path, capsys):
     assert "non-finite loss (nan) at step 1" in line and "no checkpoint had been written yet" in line
 
 
+def _tiny_state(path: Path, model=None) -> Path:
+    """A dydit training state of a tiny DiT (or ``model``), as ``dydit train`` writes it."""
+    from dydit.train.state import make_state, save_state
+
+    model = model if model is not None else build_model(tiny_config(in_channels=3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = make_state(model=model, ema=model, optimizer=optimizer, step=1, data={"epoch": 0},
+                       config={}, model_config=model.config.to_dict(), data_info={})  # fmt: skip
+    return save_state(path, state)
+
+
+def test_nan_weights_are_not_exported(tmp_path, capsys):
+    """``export`` of NaN weights said "max relative difference 0" (NaN compared as 0) and wrote them."""
+    model = build_nan_model()
+    state = _tiny_state(tmp_path / "state.pt", model)
+    line = cli_error(["export", str(state), "--out", str(tmp_path / "ema.safetensors")], capsys, "export")
+    assert "tensor final_layer.linear.weight holds NaN values" in line and str(state) in line
+    ck = save_tiny(tmp_path / "nan.safetensors", model)
+    line = cli_error(
+        ["export", str(ck), "--to", "diffusers", "--out", str(tmp_path / "hf")], capsys, "export"
+    )
+    assert "tensor final_layer.linear.weight holds NaN values" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors", "state.pt"]
+
+
 def build_nan_model():
     from dydit.factory import build_model
 
@@ -464,3 +490,61 @@ def test_object_label_array_in_an_npz_is_a_clear_error(tmp_path, capsys):
                    str(net), "--no-cache", "--device", "cpu", "--quiet"], capsys, "evaluate")  # fmt: skip
     finally:
         assert not marker.exists()
+
+
+# Outputs onto what is not a regular file -------------------------------------------------------------
+def _output_commands(ck: Path, state: Path, work: Path) -> dict[str, tuple[str, list[str]]]:
+    """command -> (suffix of its output, its arguments without the output path)."""
+    sample = ["sample", "--checkpoint", str(ck), "--steps", "1", "--num-samples", "2", "--device", "cpu",
+              "--no-progress"]  # fmt: skip
+    bench = ["bench", "--checkpoint", str(ck), "--batch", "1", "--repeats", "1", "--warmup", "0",
+             "--modes", "dense", "--cfg-scale", "1", "--device", "cpu", "--timesteps", "500"]  # fmt: skip
+    return {
+        "sample --grid": (".png", [*sample, "--grid"]),
+        "sample --npz": (
+            ".npz",
+            [*sample, "--out-dir", str(work / "s"), "--grid", str(work / "g.png"), "--npz"],
+        ),
+        "bench --json": (".json", [*bench, "--json"]),
+        "export --out": (".safetensors", ["export", str(state), "--out"]),
+    }
+
+
+def test_outputs_never_replace_devices_fifos_or_folders(tmp_path, capsys):
+    """As root, ``--grid /dev/full`` replaced /dev/full with a PNG (an atomic rename replaces any
+    directory entry). Every command's output onto a FIFO, a folder, a link to /dev/null, a dangling
+    link, a file below a missing folder, and /dev/null itself: one line naming the path before any
+    work, and the target, its folder and /dev/null are left as they were.
+
+    /dev/null comes last: code without the refusal fails on the FIFO before it could replace the
+    system's /dev/null."""
+    ck = save_tiny(tmp_path / "tiny.safetensors")
+    state = _tiny_state(tmp_path / "state.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    kinds = ("fifo", "folder", "null", "dangling")
+    for command, (suffix, args) in _output_commands(ck, state, work).items():
+        fifo, folder, link, dangling = (work / f"{kind}{suffix}" for kind in kinds)
+        os.mkfifo(fifo)
+        folder.mkdir()
+        link.symlink_to(os.devnull)
+        dangling.symlink_to(work / "nowhere")
+        for target in (fifo, folder, link, dangling, work / "missing" / f"x{suffix}", Path(os.devnull)):
+            before, null_before = _node(target), _node(os.devnull)
+            line = cli_error([*args, str(target)], capsys, command.split()[0])
+            if target == Path(os.devnull) and command == "export --out":
+                assert "must be a .safetensors file" in line, line
+            else:
+                assert f"cannot write {target}: " in line, (command, line)
+            assert _node(target) == before and _node(os.devnull) == null_before, (command, target)
+        assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and not list(folder.iterdir()), command
+    assert sorted(p.name for p in work.iterdir() if not p.name.startswith(kinds)) == []  # no s/, no g.png
+    assert not temp_files(tmp_path) and not list(Path("/dev").glob(".null.tmp-*"))
+
+
+def _node(path: Path | str) -> tuple[int, ...] | None:
+    """The directory entry itself (links not followed): type and mode, inode, device numbers."""
+    if not os.path.lexists(path):
+        return None
+    st = os.lstat(path)
+    return st.st_mode, st.st_ino, st.st_dev, st.st_rdev

@@ -4,17 +4,23 @@ parser, preset names, and the machine and number formatting of reports."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import re
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faultkit import temp_files
 
+from dydit import io
 from dydit.errors import DyditError
-from dydit.io import atomic_write, npz_name, remove_stale_temps_in, save_npz
+from dydit.io import atomic_write, npz_name, remove_stale_temps_in, save_npz, save_text
 from dydit.log import device_name, format_number, machine_description
 from dydit.presets import (
     DIT_NAMES,
@@ -73,6 +79,78 @@ def test_stale_temps_of_dead_writers_are_removed_once_per_directory(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_temps_in(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and mine.exists()
+
+
+def _node(path: Path | str) -> tuple[int, int, int, int]:
+    """What identifies a directory entry (not following links): type and mode, inode, device numbers."""
+    st = os.lstat(path)
+    return st.st_mode, st.st_ino, st.st_dev, st.st_rdev
+
+
+def test_writes_refuse_anything_that_is_not_a_regular_file(tmp_path):
+    """A FIFO, a socket, a folder, links to them and to /dev/null, a dangling link, /dev/null itself:
+    refused with one line naming the path; each stays what it was and no temporary file is left.
+
+    /dev/null comes last: code without the refusal fails on the FIFO before it could replace the
+    system's /dev/null (which an atomic rename does as root)."""
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    links = {"fifo-link": fifo, "folder-link": folder, "null-link": Path(os.devnull)}
+    links["dangling"] = tmp_path / "nowhere"
+    for name, to in links.items():
+        (tmp_path / name).symlink_to(to)
+    targets = [fifo, tmp_path / "fifo-link", folder, tmp_path / "folder-link", tmp_path / "null-link"]
+    targets.append(tmp_path / "dangling")
+    with contextlib.closing(socket.socket(socket.AF_UNIX)) as sock:
+        with contextlib.suppress(OSError):  # a path too long for a socket: the other cases remain
+            sock.bind(str(tmp_path / "sock"))
+            targets.insert(1, tmp_path / "sock")
+        targets.append(Path(os.devnull))
+        for target in targets:
+            before, null_before = _node(target), _node(os.devnull)
+            for durable in (True, False):
+                with pytest.raises(DyditError, match=f"^cannot write {re.escape(str(target))}: ") as e:
+                    save_text(target, "replaced?", durable=durable)
+                assert "\n" not in str(e.value)
+                assert _node(target) == before and _node(os.devnull) == null_before, target
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and not list(Path("/dev").glob(".null.tmp-*"))
+    assert not list(folder.iterdir()) and not temp_files(tmp_path)
+    assert "is a FIFO (through a symbolic link)" in _error(tmp_path / "fifo-link")
+    assert "is a character device" in _error(os.devnull) and "is a directory" in _error(folder)
+    assert "symbolic link to a missing file" in _error(tmp_path / "dangling")
+
+
+def _error(path) -> str:
+    with pytest.raises(DyditError) as e:
+        save_text(path, "x")
+    return str(e.value)
+
+
+def test_a_link_to_a_regular_file_is_written_through(tmp_path):
+    """The file the link names is replaced atomically; the link stays a link (as ``cp`` or ``>``)."""
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "bench.json"
+    real.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(Path("runs") / "bench.json")
+    assert save_text(link, "new") == link
+    assert link.is_symlink() and os.readlink(link) == str(Path("runs") / "bench.json")
+    assert real.read_text() == "new" and not temp_files(tmp_path) and not temp_files(tmp_path / "runs")
+
+
+def test_a_missing_folder_of_a_file_is_an_error_not_created(tmp_path):
+    """``--grid /nonexistent/dir/g.png`` created /nonexistent/dir; only output trees a command owns
+    (``parents=True``) get their folders created."""
+    target = tmp_path / "no" / "such" / "g.png"
+    with pytest.raises(DyditError, match=f"directory {re.escape(str(target.parent))} does not exist"):
+        save_text(target, "x")
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DyditError, match="(?i)not a directory"):
+        save_text(tmp_path / "file" / "x.json", "x")
+    assert io.output_target(target, tree=tmp_path / "no") == target  # inside the tree a command creates
+    assert save_text(target, "x", parents=True).read_text() == "x"
 
 
 # Seeds ------------------------------------------------------------------------------------------

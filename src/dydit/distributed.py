@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+
+from dydit.errors import DyditError
 
 
 def is_initialized() -> bool:
@@ -39,21 +42,49 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_DEVICE = re.compile(r"cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """``device`` as torch names it, refused unless this machine has it: ``auto`` (CUDA if
+    available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, or ``mps`` where the MPS backend is
+    available. Anything else (``tpu``, ``gpu``, ...) is a one-line error naming the value."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if _DEVICE.fullmatch(device):
+        if not torch.cuda.is_available():
+            raise DyditError(f"device {device!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if ":" in device and int(device.partition(":")[2]) >= count:
+            raise DyditError(f"device {device!r} requested but this machine has {count} CUDA device(s)")
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DyditError("device 'mps' requested but the MPS backend is not available on this machine")
+        return device
+    raise DyditError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
 def init(device: str = "auto", timeout_s: float = 600.0) -> str:
     """Join the process group if launched by torchrun; returns the device string for this rank.
 
-    ``device``: "auto" (CUDA if available), "cpu" or "cuda". Under torchrun each rank takes
-    ``cuda:LOCAL_RANK``; the backend is NCCL on CUDA and gloo on CPU.
+    ``device``: "auto" (CUDA if available), "cpu", "cuda", "cuda:N" or "mps" (:func:`check_device`:
+    anything else is a DyditError). Under torchrun each CUDA rank takes ``cuda:LOCAL_RANK``; the
+    backend is NCCL on CUDA and gloo otherwise.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    device = check_device(device)
+    use_cuda = device.startswith("cuda")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    if use_cuda:
-        return f"cuda:{local_rank()}" if is_initialized() else (device if device != "auto" else "cuda")
-    return "cpu"
+    if use_cuda and is_initialized():
+        return f"cuda:{local_rank()}"
+    return device
 
 
 def barrier() -> None:

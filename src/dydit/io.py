@@ -17,6 +17,14 @@ directory is locked through :func:`locked_dir`; every file dydit publishes (chec
 and ``.npy`` files, grids and ``.npz`` files, :func:`save_npz`) is written by :func:`atomic_write`.
 Per-image sample files pass ``durable=False``: no fsync and no stale-file scan per image, for
 directories of tens of thousands of PNGs.
+
+What a write may replace (:func:`output_target`, also called by commands before they start work):
+only a regular file. A path that exists as anything else (a directory, a device such as
+``/dev/null``, a FIFO, a socket, or a symbolic link to one of these) is refused with one line naming
+it, and left untouched: an atomic rename would replace the device node itself. A symbolic link to a
+regular file is written through: the file it points to is replaced atomically and the link is kept,
+as ``cp`` or a shell redirection would. The directory of a file must exist: a missing folder is an
+error, not created, except below an output directory the command owns (``parents=True``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import fcntl
 import os
 import shutil
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -98,8 +107,77 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, durable: bool = True) -> Path:
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _missing_parent(directory: Path, tree: str | os.PathLike | None) -> str | None:
+    """Why files cannot be created in ``directory`` without creating it; None if they can, or where
+    ``directory`` is on the way to or inside ``tree``, an output directory the command creates."""
+    try:
+        if stat.S_ISDIR(os.stat(directory).st_mode):
+            return None
+        return f"{directory} is not a directory"
+    except FileNotFoundError:
+        if tree is not None:
+            top, here = Path(os.path.abspath(tree)), Path(os.path.abspath(directory))
+            if here == top or top in here.parents or here in top.parents:
+                return None
+        return f"directory {directory} does not exist"
+    except OSError as e:
+        return f"{directory}: {e.strerror or e}"
+
+
+def output_target(
+    path: str | os.PathLike, *, parents: bool = False, tree: str | os.PathLike | None = None
+) -> Path:
+    """The regular file a write of ``path`` replaces: ``path``, or the file a symbolic link points to.
+
+    Raises a one-line DyditError naming ``path`` when it exists and is not a regular file (a
+    directory, a device, a FIFO, a socket, or a link to one of them, or a dangling link), and when
+    its directory does not exist, unless ``parents`` (the caller creates it) or the directory is
+    ``tree``, inside it or on the way to it (an output directory the command will create). Nothing
+    is created or modified: commands call this before they start work.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)  # through links, as the kernel resolves them (/proc/self/fd/1 included)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DyditError(f"cannot write {path}: it is a symbolic link to a missing file") from None
+        reason = None if parents else _missing_parent(path.parent, tree)
+        if reason is not None:
+            raise DyditError(f"cannot write {path}: {reason}") from None
+        return path
+    except OSError as e:
+        raise DyditError(f"cannot write {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "special") + (
+            " (through a symbolic link)" * os.path.islink(path)
+        )
+        raise DyditError(
+            f"cannot write {path}: it exists and is {kind}, not a regular file; choose a file path"
+        )
+    if not os.path.islink(path):
+        return path
+    target = Path(os.path.realpath(path))
+    with contextlib.suppress(OSError):
+        if os.path.samestat(st, os.stat(target)):
+            return target
+    raise DyditError(f"cannot write {path}: cannot resolve its symbolic link")
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[str], None],
+    *,
+    durable: bool = True,
+    parents: bool = False,
+) -> Path:
     """Call ``write(tmp_path)``, fsync, then ``os.replace`` onto ``path``; raise DyditError on failure.
+
+    ``path`` is checked by :func:`output_target` first; ``parents=True`` creates its missing
+    directories, for files inside an output tree the caller owns.
 
     The temporary file ``.NAME.tmp-PID`` is private to this process, so concurrent writers of the
     same file never mix their bytes. It is removed when anything fails, and ``path`` keeps its
@@ -111,21 +189,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, durab
     file still appears whole or not at all.
     """
     path = Path(path)
-    tmp = _temp_path(path)
+    target = output_target(path, parents=parents)
+    tmp = _temp_path(target)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            target.parent.mkdir(parents=True, exist_ok=True)
         if durable:
-            remove_stale_temps(path)
+            remove_stale_temps(target)
         write(str(tmp))
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE & ~_umask())  # some writers create private (0600) files
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except (OSError, RuntimeError, SafetensorError) as e:
         # torch.save reports a full disk as a short write ("unexpected pos"), without errno: a short
         # write fills the disk, so look at the free space before the partial file is removed.
-        full = _disk_full(path.parent)
+        full = _disk_full(target.parent)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else f"{e}".strip().split("\n")[0]
@@ -155,14 +235,21 @@ def npz_name(path: str | os.PathLike) -> Path:
     return path if path.name.endswith(".npz") else path.with_name(path.name + ".npz")
 
 
-def save_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+def save_text(path: str | os.PathLike, text: str, *, durable: bool = True, parents: bool = False) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a JSON or Markdown report is whole or absent."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), durable=durable)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write, durable=durable, parents=parents)
 
 
-def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, durable: bool = True) -> Path:
+def save_npz(
+    path: str | os.PathLike, arrays: dict[str, np.ndarray], *, durable: bool = True, parents: bool = False
+) -> Path:
     """``np.savez`` to ``path`` atomically: a reader (or a crash) never sees half an npz."""
-    return atomic_write(path, write_with_file(lambda f: np.savez(f, **arrays)), durable=durable)
+    write = write_with_file(lambda f: np.savez(f, **arrays))
+    return atomic_write(path, write, durable=durable, parents=parents)
 
 
 # Directory locks -------------------------------------------------------------------------------

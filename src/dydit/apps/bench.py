@@ -33,19 +33,20 @@ from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import SlicedDyDiT
-from dydit.presets import dit_name
+from dydit.presets import ModelConfig, dit_name, preset_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
 DEFAULT_MODES = ("dense", "masked", "sliced")
+DEFAULT_MODEL = "DiT-S/2"  # the preset of random weights when none is named
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """What to time. ``batches`` count images; with ``cfg_scale`` != 1 the network sees 2x rows."""
 
-    model: str = "DiT-S/2"
-    checkpoint: str | None = None
+    model: str | None = None  # preset of random weights (default DEFAULT_MODEL), or of a checkpoint
+    checkpoint: str | None = None  # that cannot say; rows are labelled with the model actually loaded
     batches: tuple[int, ...] = (16,)
     dtype: str = "float32"
     device: str = "cpu"
@@ -128,12 +129,12 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     dtype, overrides = DTYPES[cfg.dtype], dict(cfg.overrides)
     if cfg.input_size is not None:
         overrides["input_size"] = cfg.input_size
-    base = dit_name(cfg.model)
+    base = dit_name(cfg.model or DEFAULT_MODEL)
     dev = torch.device(cfg.device)
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:
             ckpt = open_checkpoint(cfg.checkpoint)
-            dy, trained = load_model(ckpt, dynamic=True), has_routers(ckpt.state_dict)
+            dy, trained = load_model(ckpt, cfg.model, dynamic=True), has_routers(ckpt.state_dict)
             dit = DiT(dy.config.replace(dynamic=False))
             own = dit.state_dict()
             dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})
@@ -151,6 +152,17 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
         )
         calibration = calibrate_routers(dy, heads=heads, groups=groups, tokens=tokens, seed=cfg.seed)
     return dit, dy, calibration
+
+
+def model_label(cfg: BenchConfig, config: ModelConfig, trained: bool) -> str:
+    """What the rows say was timed: ``--model`` for random weights; for a checkpoint, the preset its
+    weights are (``DyDiT-S/2`` with trained routers), else its sizes."""
+    if not cfg.checkpoint:
+        return cfg.model or DEFAULT_MODEL
+    d = config.replace(dynamic=False)
+    sizes = f"depth {d.depth}, width {d.hidden_size}, {d.num_heads} heads, patch {d.patch_size}"
+    base = preset_name(d) or f"custom DiT ({sizes})"
+    return (preset_name(config) or f"{base} with trained routers") if trained else base
 
 
 def make_runners(
@@ -245,6 +257,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None):
         self.cfg, self.log = cfg, log
         self.dit, self.dy, calibration = build_models(cfg)
+        self.model = model_label(cfg, self.dy.config, trained=calibration is None)
         self._log_calibration(calibration)
         self.runners = make_runners(cfg, self.dit, self.dy)
 
@@ -295,8 +308,9 @@ class Bench:
                 t = torch.full((x.shape[0],), cfg.timesteps[0], device=x.device)
                 err = _rel_err(runners[sliced_mode](x, t, y), dy(x, t, y))
         self.log(f"batch {batch}: rho {rho:.3f}; timing {', '.join(runners)} ...")
-        meta = dict(model=cfg.model, batch=batch, rows=x.shape[0], dtype=cfg.dtype, device=cfg.device)
+        meta = dict(model=self.model, batch=batch, rows=x.shape[0], dtype=cfg.dtype, device=cfg.device)
         extra = {
+            "checkpoint": cfg.checkpoint,
             "device_name": device_name(cfg.device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

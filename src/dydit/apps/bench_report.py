@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from dydit.apps.bench import MODES, BenchConfig, BenchRow
+from dydit.apps.bench import DEFAULT_MODEL, MODES, BenchConfig, BenchRow
 from dydit.io import save_text
 from dydit.log import device_name
 
@@ -49,8 +49,10 @@ def write_json(rows: list[BenchRow], path: str | os.PathLike) -> None:
 
 def bench_report(cfg: BenchConfig, rows: list[BenchRow]) -> str:
     """The header line (model, machine, settings), the table and :data:`PER_EVALUATION_NOTE`."""
+    model = rows[0].model if rows else cfg.model or DEFAULT_MODEL
+    source = f" from {cfg.checkpoint}" if cfg.checkpoint else " (random weights)"
     header = (
-        f"{cfg.model} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
+        f"{model}{source} on {device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}), {cfg.dtype}, CFG {cfg.cfg_scale}; ms/forward = {cfg.stat} of "
         f"{cfg.repeats} repeats"
     )

@@ -61,11 +61,6 @@ def _routers(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> str:
     return f"layout all: width routers with H = {h} outputs, no index forced (Dec-2024 release)"
 
 
-def _fit(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> str:
-    problem = fit_problem(cfg, sd)
-    return "strictly, every key and shape" if problem is None else f"NO: {problem}"
-
-
 def _args_text(args: Mapping[str, Any]) -> str:
     first = ("model", "image_size", "num_classes")
     keys = [k for k in first if k in args] + sorted(k for k in args if k not in first)
@@ -74,15 +69,25 @@ def _args_text(args: Mapping[str, Any]) -> str:
 
 def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weights: str = "ema") -> list[str]:
     """The lines ``dydit inspect`` prints for ``path`` (CheckpointError if it cannot be read)."""
+    return inspect_checkpoint(path, model, weights)[0]
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike, model: str | None = None, weights: str = "ema"
+) -> tuple[list[str], str | None]:
+    """(the lines of :func:`describe_checkpoint`, why the weights do not load, or None if they load
+    strictly into the model dydit builds for them)."""
     ckpt = open_checkpoint(path, weights)
     sd = ckpt.state_dict
     lines = [_row("file", ckpt.source), _row("format", ckpt.description)]
     if ckpt.entry is not None:
         lines.append(_row("weights", f"the '{ckpt.entry}' entry"))
+    problem: str | None = None
     try:
         cfg: ModelConfig | None = model_config(ckpt, model)
     except CheckpointError as e:
         cfg = None
+        problem = f"no model found for it: {e}"
         lines.append(_row("model", f"unknown: {e}"))
     if cfg is not None:
         shift = cfg.timestep_freq_shift
@@ -102,8 +107,9 @@ def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weigh
                 f"timestep features of the {_SHIFT_NAMES[shift]} code (frequency shift {shift}); "
                 f"LayerNorm eps before the MLP {cfg.mlp_norm_eps:g}",
             ),
-            _row("loads", _fit(cfg, sd)),
         ]
+        problem = fit_problem(cfg, sd)
+        lines.append(_row("loads", "strictly, every key and shape" if problem is None else f"NO: {problem}"))
     total = sum(v.numel() for v in sd.values())
     routers = sum(v.numel() for k, v in sd.items() if any(m in k for m in ROUTER_KEY_MARKERS))
     lines.append(
@@ -125,4 +131,4 @@ def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weigh
             lines.append(_row("run", " ".join(f"{k}={json.dumps(train[k])}" for k in keys if k in train)))
     if ckpt.args:
         lines.append(_row("args", _args_text(ckpt.args)))
-    return lines
+    return lines, problem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from dydit.checkpoint.diffusers import DIFFUSERS_FREQ_SHIFT, ROUTERS_FILE, write_diffusers
+from dydit.checkpoint.files import check_finite
 from dydit.checkpoint.formats import open_checkpoint
 from dydit.checkpoint.load import load_model, model_config
 from dydit.presets import ModelConfig
@@ -38,8 +40,10 @@ def convention_gap(model: nn.Module) -> float:
         embedder.freq_shift = previous
         if execution is not None:
             model.execution = execution
-    scale = ours.abs().max().item()
-    return (ours - theirs).abs().max().item() / scale if scale > 0 else 0.0
+    scale, gap = ours.abs().max().item(), (ours - theirs).abs().max().item()
+    if not (math.isfinite(scale) and math.isfinite(gap)):
+        return math.nan  # non-finite outputs: no difference can be claimed
+    return gap / scale if scale > 0 else 0.0
 
 
 def export_diffusers(
@@ -52,12 +56,14 @@ def export_diffusers(
     """Write a ``DiTTransformer2DModel`` folder for any checkpoint dydit loads.
 
     The checkpoint is first loaded strictly into its dydit model (:func:`~dydit.load_model`), so
-    only weights that fit a DiT or DyDiT are exported. Returns (folder, notes for the user):
+    only weights that fit a DiT or DyDiT are exported; weights holding NaN or inf are refused
+    (CheckpointError naming the tensor). Returns (folder, notes for the user):
     for a DyDiT, diffusers runs the complete (dense) network and ``dydit_routers.safetensors``
     carries the routers; for a model with the official DiT's timestep features, diffusers'
     outputs differ from dydit's by the measured amount (diffusers hard-codes its own features).
     """
     ckpt = open_checkpoint(source, weights)
+    check_finite(ckpt.state_dict, ckpt.source)
     cfg = model_config(ckpt, model)
     loaded = load_model(ckpt, cfg)
     path = write_diffusers(out, loaded.state_dict(), cfg)

@@ -154,3 +154,14 @@ def file_sha256(path: str | os.PathLike) -> str:
                 digest.update(chunk)
         _HASHES[key] = digest.hexdigest()
     return _HASHES[key]
+
+
+def check_finite(sd: Mapping[str, Tensor], source: str | os.PathLike) -> None:
+    """CheckpointError naming the first floating-point tensor of ``sd`` that holds NaN or inf: such
+    weights produce no images, and a file that passes them on hides the damage (``dydit export``)."""
+    for name, value in sd.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            raise CheckpointError(
+                f"{source}: tensor {name} holds {bad} values; refusing to export broken weights"
+            )

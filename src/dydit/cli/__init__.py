@@ -3,14 +3,19 @@
 A subcommand module defines ``register(subparsers) -> None``, which adds a parser whose defaults
 set ``func`` to a callable taking the parsed arguments. Modules are discovered automatically.
 User errors (:class:`~dydit.errors.DyditError`, bad files, bad options) end in a one-line message
-and a non-zero exit; ``--debug`` shows the traceback instead.
+and a non-zero exit; ``--debug`` shows the traceback instead. Output piped into a reader that
+stops early (``dydit inspect X | head``) ends quietly, as standard tools do (status 141).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
+import select
+import signal
 import sys
 
 from dydit.errors import DyditError
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or "--debug" in argv
     try:
         result = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the error boundary
         distributed = _joined_distributed()
         if distributed is not None:
             distributed.barrier()  # no process leaves while another still runs its part of the command
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print("dydit: interrupted", file=sys.stderr)
         return _end(130)
     except Exception as e:  # noqa: BLE001 - the CLI's single error boundary
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return _end(_quiet_broken_pipe())
         if debug:
             raise
         if isinstance(e, DyditError):
@@ -80,6 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return _end(1)
     return _end(int(result or 0))
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``dydit inspect X | head``)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # stdout closed or replaced
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """End as ``cat`` or ``grep`` do when the reader of their output stops early: no message, and the
+    status of a process ended by SIGPIPE (141). Python's exit-time flush of stdout would complain
+    too, so stdout is pointed at /dev/null first."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _joined_distributed():

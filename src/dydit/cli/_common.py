@@ -56,13 +56,10 @@ def unit_interval(text: str) -> float:
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    """``--device``: auto, cpu, cuda, cuda:N, or mps where available; else a one-line error."""
+    from dydit.distributed import check_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DyditError(f"device {name!r} requested but CUDA is not available")
-    return name
+    return check_device(name)
 
 
 def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "DiT-XL/2") -> None:

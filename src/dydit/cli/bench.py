@@ -48,13 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """What runs: weights, batch sizes, dtype, device."""
-    from dydit.apps.bench import DTYPES
+    from dydit.apps.bench import DEFAULT_MODEL, DTYPES
 
     p.add_argument(
-        "--model", default="DiT-S/2", help="model preset, e.g. DiT-S/2, DiT-XL/2 (default: DiT-S/2)"
+        "--model",
+        default=None,
+        help=f"model preset of random weights, e.g. DiT-S/2, DiT-XL/2 (default: {DEFAULT_MODEL}); with "
+        "--checkpoint, the preset of a file that cannot say (rows name the model loaded)",
     )
     p.add_argument(
-        "--checkpoint", default=None, help="DiT or DyDiT weights (.pt/.safetensors); default: random weights"
+        "--checkpoint",
+        default=None,
+        help="DiT or DyDiT weights (.pt/.safetensors); default: random weights. Its path is recorded "
+        "in the report and the JSON rows",
     )
     p.add_argument(
         "--batch",
@@ -155,12 +161,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=seed_int, default=0, help="seed for weights, inputs and calibration (default: 0)"
     )
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the rows as JSON to PATH (a regular file; its folder must exist)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
 
 
 def config_from_args(args: argparse.Namespace):
-    from dydit.apps.bench import BenchConfig
+    from dydit.apps.bench import DEFAULT_MODEL, BenchConfig
     from dydit.presets import get_model_config
 
     modes = tuple(args.modes)
@@ -168,7 +179,7 @@ def config_from_args(args: argparse.Namespace):
         modes += tuple(m for m in ("dense-compiled", "sliced-compiled") if m not in modes)
     input_size = None
     if args.image_size is not None:
-        base = get_model_config(args.model)
+        base = get_model_config(args.model or DEFAULT_MODEL)
         input_size = args.image_size // 8 if base.in_channels == 4 else args.image_size
     return BenchConfig(
         model=args.model,
@@ -197,10 +208,13 @@ def run(args: argparse.Namespace) -> int:
 
     from dydit.apps.bench import run_bench
     from dydit.apps.bench_report import bench_report, write_json
+    from dydit.io import output_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
+    if args.json:
+        output_target(args.json)  # a device, a folder or a missing folder: refused before the timing
     if args.dry_run:
         print(cfg)
         return 0

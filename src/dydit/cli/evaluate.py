@@ -77,7 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-cache", action="store_true", help="neither read nor write cached reference statistics"
     )
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON to PATH (a regular file; its folder must exist)",
+    )
     p.add_argument(
         "--threads",
         type=thread_count,
@@ -95,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.json:
+        from dydit.io import output_target
+
+        output_target(args.json)  # a device, a folder or a missing folder: refused before the work
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     report = evaluate(
         args.samples,

@@ -3,7 +3,8 @@
 Format (raw state dict, training dict with ``args``, dydit state or export, bare safetensors,
 diffusers folder), the model and preset it loads into, DiT or DyDiT and the router layout, the
 training objective and numerical conventions, whether it loads strictly, the parameter count,
-and the stored config, training step and ``args`` when the file has them.
+and the stored config, training step and ``args`` when the file has them. Weights that do not load
+strictly are described all the same, then reported as an error (exit status 1).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dydit.checkpoint import describe_checkpoint
+    from dydit.checkpoint.describe import inspect_checkpoint
+    from dydit.errors import DyditError
 
-    print("\n".join(describe_checkpoint(args.path, args.model, args.weights)))
+    lines, problem = inspect_checkpoint(args.path, args.model, args.weights)
+    print("\n".join(lines), flush=True)
+    if problem is not None:  # described, but it does not load: a failure for scripts (exit 1)
+        raise DyditError(f"{args.path} does not load: {problem}")
     return 0

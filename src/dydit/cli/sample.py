@@ -257,10 +257,14 @@ def _describe_times(times: list[float], settings: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from dydit import distributed
+    from dydit.io import output_target
 
     resolve_device(args.device)  # a clear error for cuda without CUDA
     plan = _resolve(args)
     cfg, ckpt, settings, seeds, labels, diffusion = plan.pop("_objects")
+    for path in (plan["grid"], plan["npz"]):  # a device, a folder, a missing folder: refused up front
+        if path is not None:
+            output_target(path, tree=args.out_dir)
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0

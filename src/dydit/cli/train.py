@@ -332,6 +332,9 @@ def cache_latents(args: argparse.Namespace) -> None:
 
 
 def execute(args: argparse.Namespace, *, finetune: bool) -> int:
+    from dydit.cli._common import resolve_device
+
+    resolve_device(args.device)  # an unknown device is an error here, --dry-run included
     cfg = config_from_args(args, finetune=finetune)
     if args.dry_run:
         from dydit.train.run import data_image_size

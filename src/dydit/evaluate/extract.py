@@ -147,7 +147,7 @@ def _save_entry(path: Path, entry: Extracted, note: dict) -> None:
         arrays[f"{kind}_mu"], arrays[f"{kind}_sigma"] = stats.mu, stats.sigma
     if entry.features is not None:
         arrays["features"] = entry.features
-    save_npz(path, arrays)
+    save_npz(path, arrays, parents=True)  # the cache's refs/ folder
     save_text(path.with_suffix(".json"), json.dumps(note, indent=1) + "\n")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint.files import read_file
+from dydit.checkpoint.files import check_finite, read_file
 from dydit.checkpoint.formats import DYDIT_STATE_FORMAT
 from dydit.errors import CheckpointError, DyditError
 from dydit.io import atomic_write
@@ -168,13 +168,16 @@ def export_weights(
 
 
 def export_state(state_file: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:
-    """Write the ``ema`` (or ``model``) weights of a training state as a safetensors export."""
+    """Write the ``ema`` (or ``model``) weights of a training state as a safetensors export.
+
+    Weights holding NaN or inf are refused (CheckpointError naming the tensor), nothing written."""
     from safetensors.torch import save_file
 
     if which not in ("ema", "model"):
         raise DyditError(f"export 'ema' or 'model' weights, not {which!r}")
     state = load_state(state_file)
     tensors = {k: v.contiguous() for k, v in state[which].items()}
+    check_finite(tensors, f"{state_file} ({which} weights)")
     config = {**state["config"], "step": state["step"], "version": state["version"], "weights": which}
     metadata = {"config": json.dumps(config), "format": "pt"}
     return atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
