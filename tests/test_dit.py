@@ -156,3 +156,21 @@ def test_bad_configs_raise_clear_errors() -> None:
     with pytest.raises(dydit.DyditError, match="unknown model option"):
         dydit.create_model("DiT-S/2", widht=3)
     assert set(MODEL_PRESETS) >= {f"DiT-{s}/{p}" for s in OFFICIAL for p in (2, 4, 8)}
+
+
+VARIANTS = [{}, {"learn_sigma": False, "class_dropout_prob": 0.0}, {"mlp_ratio": 2.5, "in_channels": 3}]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_parameter_estimate_is_the_built_count(overrides) -> None:
+    """``ModelConfig.num_parameters`` (what the size limit checks before building) is exact for a DiT;
+    a DyDiT's routers add under 1 %."""
+    for name in ("DiT-S/2", "DiT-XL/8", "DiT-Ti/4"):
+        cfg = get_model_config(name, **overrides)
+        with torch.device("meta"):
+            count, dynamic = (
+                sum(v.numel() for v in dydit.build_model(c).state_dict().values())
+                for c in (cfg, cfg.replace(dynamic=True))
+            )
+        assert cfg.num_parameters == count, name
+        assert count < dynamic < 1.01 * count, name

@@ -100,8 +100,7 @@ def test_plain_dit_checkpoint_of_a_preset_is_recognised():
 
 def test_checkpoint_of_another_model_size_is_rejected():
     other = trained_like("forced_first", hidden_size=48).state_dict()
-    shapes = r"\(checkpoint \(288, 48\), model \(192, 32\)\)"
-    with pytest.raises(CheckpointError, match="mis-shaped keys: .*" + shapes):
+    with pytest.raises(CheckpointError, match="hidden_size 32 in the config, width 48 in the weights"):
         load_dydit_checkpoint(other, config=tiny_config())
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_dydit_checkpoint(trained_like("forced_first", num_heads=4).state_dict(), config=tiny_config())

@@ -8,6 +8,7 @@ the cases.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -23,13 +24,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from faultkit import cli_error, save_tiny, temp_files, train_args
+from faultkit import HANG_GUARD_S, cli_error, error_line, run_cli, save_tiny, temp_files, train_args
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dydit.cli import main
 from dydit.evaluate import write_npz
 from dydit.factory import build_model
+from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -182,7 +184,7 @@ def _broken_folders(d: Path, marker: Path) -> dict[str, Path]:
 
 
 BROKEN = {
-    "not-json": "is a directory, not a file",
+    "not-json": "config.json is not valid JSON (Expecting property name enclosed in double quotes at line 1",
     "other-network": "describes another network than DiT",
     "no-weights": "has a DiT config.json but no diffusion_pytorch_model.safetensors",
     "truncated-weights": "cannot read safetensors checkpoint",
@@ -231,7 +233,7 @@ def test_wrong_model_or_router_layout(tmp_path, capsys):
     save_file(sd, str(lying), metadata={"config": json.dumps({"model": cfg})})
     common = ["--steps", "2", "--device", "cpu", "--no-progress", "--grid", str(tmp_path / "g.png")]
     line = cli_error(["sample", "--checkpoint", str(lying), *common], capsys, "sample")
-    assert "does not fit the model" in line and "missing keys: blocks.2" in line
+    assert "lying.safetensors does not fit its weights: depth 3 in the config, 2 blocks in the" in line
 
     every = _dydit("all", tmp_path / "all.safetensors")
     line = cli_error(
@@ -256,6 +258,212 @@ def test_wrong_model_or_router_layout(tmp_path, capsys):
                            ("mlp_ratio=-1", "mlp_ratio must be a positive number")):  # fmt: skip
         args = [*train_args(tmp_path / "run", 1), "--model-option", option, "--dry-run"]
         assert needle in cli_error(args, capsys, "train")
+
+
+# Hostile model sizes in configs -------------------------------------------------------------------
+@pytest.fixture
+def refuse_builds(monkeypatch):
+    """Call it once the test's files exist: from then on, building any DiT or DyDiT (even on the meta
+    device) fails the test. Hostile sizes must be refused before a model of their size exists, without
+    the memory or the time building it would take."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a model was built for a hostile config")
+
+    return lambda: monkeypatch.setattr(DiT, "__init__", refuse)
+
+
+def _commands(f: Path, work: Path) -> list[list[str]]:
+    """The commands that read a model config from a checkpoint; none may write anything."""
+    return [
+        ["inspect", str(f)],
+        ["sample", "--checkpoint", str(f), "--steps", "1", "--device", "cpu", "--grid", str(work / "g.png")],
+        ["flops", "--checkpoint", str(f), "--device", "cpu"],
+        ["finetune", "--init-from", str(f), "--target", "0.5", "--dry-run"],
+        ["export", str(f), "--to", "diffusers", "--out", str(work / "hf")],
+    ]  # fmt: skip
+
+
+HOSTILE_DIFFUSERS = {  # config.json entries -> the error
+    "huge": ({"num_layers": 100000, "num_attention_heads": 1000, "attention_head_dim": 1000},
+             "num_layers 100000 is over dydit's limit of 512 for depth"),
+    "sample-size": ({"sample_size": 1000000000},
+                    "sample_size 1000000000 is over dydit's limit of 4,096 for input_size"),
+    "width": ({"num_attention_heads": 512, "attention_head_dim": 1024},
+              "num_attention_heads x attention_head_dim 524288 is over dydit's limit of 16,384"),
+    "classes": ({"num_embeds_ada_norm": 10**12}, "num_embeds_ada_norm 1000000000000 is over dydit's limit"),
+    "text-heads": ({"num_attention_heads": "16"}, "num_attention_heads must be an integer, got '16'"),
+    "text-eps": ({"norm_eps": "tiny"}, "norm_eps must be a number, got 'tiny'"),
+    "lying-depth": ({"num_layers": 20},
+                    "config.json does not fit its weights: num_layers 20 in the config, 2 blocks"),
+    "lying-patch": ({"patch_size": 4}, "patch_size 4 in the config, 2 in the weights"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOSTILE_DIFFUSERS)
+def test_hostile_sizes_in_a_diffusers_config_are_refused_before_building(
+    name, tmp_path, capsys, refuse_builds
+):
+    """``num_layers 100000`` used to build the model block by block (GBs after 2 minutes); a billion
+    ``sample_size`` tried to allocate 5e17 bytes; a config that lies within the limits was built."""
+    entries, needle = HOSTILE_DIFFUSERS[name]
+    folder = _diffusers_folder(tmp_path / name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | entries))
+    work = tmp_path / "work"
+    work.mkdir()
+    refuse_builds()
+    for command in _commands(folder, work):
+        line = cli_error(command, capsys, command[0])
+        assert needle in line and str(folder / "config.json") in line, (command[0], line)
+    assert not list(work.iterdir()) and not temp_files(tmp_path)
+
+
+def test_a_block_index_of_10_to_the_12_in_diffusers_weights_is_no_hang(tmp_path):
+    """A weights key naming block 10**12 made the key conversion loop over every block index up to it."""
+    folder = _diffusers_folder(tmp_path / "far")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    sd[f"transformer_blocks.{10**12}.norm1.linear.weight"] = torch.zeros(1)
+    save_file(sd, str(weights))
+    proc = run_cli(["inspect", str(folder)], timeout=HANG_GUARD_S)  # a guard against a hang, not a timing
+    assert proc.returncode == 1
+    assert "num_layers 2 in the config, 1000000000001 blocks" in error_line(proc.stderr)
+
+
+def _foreign_folders(d: Path) -> dict[str, Path]:
+    good = _diffusers_folder(d / "good")
+    cases = {name: shutil.copytree(good, d / name) for name in FOREIGN}
+    config = {
+        "nested": "[" * 100000,
+        "invalid": '{"_class_name": "DiTTransformer2DModel",\n "num_layers": 2,,}',
+        "list": "[1, 2]",
+        "unet": json.dumps({"_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4}),
+        "sd3": json.dumps({"_class_name": "SD3Transformer2DModel", "num_layers": 24}),
+        "transformers": json.dumps({"architectures": ["BertModel"], "model_type": "bert"}),
+        "run-dir": json.dumps({"train": {"steps": 10}, "model": tiny_config().to_dict(), "data": {}}),
+        "old-class-lacking": json.dumps({"_class_name": "Transformer2DModel", "num_layers": 2}),
+    }
+    for name, text in config.items():
+        (cases[name] / "config.json").write_text(text)
+    (cases["pipeline"] / "config.json").unlink()
+    pipeline = json.dumps({"_class_name": "StableDiffusionPipeline"})
+    (cases["pipeline"] / "model_index.json").write_text(pipeline)
+    weights = cases["nested-index"] / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.with_name(weights.name + ".index.json").write_text('{"weight_map": ' + "[" * 100000)
+    cases["nested-metadata"] = d / "nested.safetensors"
+    save_file(load_file(str(save_tiny(d / "tiny.safetensors"))), str(cases["nested-metadata"]),
+              metadata={"config": "[" * 100000})  # fmt: skip
+    return cases
+
+
+FOREIGN = {
+    "nested": "config.json is not usable JSON: it nests deeper than Python parses",
+    "invalid": "config.json is not valid JSON (Expecting property name enclosed in double quotes at line 2 "
+               "column 18)",
+    "list": "config.json holds a JSON list, not a model config",
+    "unet": "config.json is the config of a 'UNet2DConditionModel', not of a DiT (DiTTransformer2DModel)",
+    "sd3": "config.json is the config of a 'SD3Transformer2DModel', not of a DiT",
+    "transformers": "config.json has no _class_name, so it is no diffusers model config (model_type 'bert'",
+    "run-dir": "config.json is a dydit run's configuration",
+    "old-class-lacking": "config.json lacks ['activation_fn', 'attention_bias', 'attention_head_dim'",
+    "pipeline": "a diffusers pipeline without transformer/config.json",
+    "nested-index": "index.json is not usable JSON: it nests deeper than Python parses",
+    "nested-metadata": "the config stored in",
+}  # fmt: skip
+
+
+def test_invalid_or_foreign_config_json_says_what_it_is(tmp_path, capsys):
+    """An invalid or foreign ``config.json`` was reported as "no config.json"; 100000 nested ``[`` (in a
+    config.json, a shard index or a safetensors' stored config) was an internal RecursionError."""
+    cases = _foreign_folders(tmp_path / "in")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, needle in FOREIGN.items():
+        for command in _commands(cases[name], work):
+            line = cli_error(command, capsys, command[0])
+            assert needle in line, (name, command[0], line)
+        assert not list(work.iterdir()) and not temp_files(tmp_path)
+    line = cli_error(["inspect", str(cases["nested-metadata"])], capsys, "inspect")
+    assert "nested.safetensors is not usable JSON: it nests deeper than Python parses" in line
+
+
+def test_a_stored_config_that_lies_about_its_weights_is_refused_before_building(
+    tmp_path, capsys, refuse_builds
+):
+    """A 2-block file whose stored config says depth 1000, width 200000 was an internal error (an
+    allocation of 160 GB) in ``finetune --init-from``, and ``flops --checkpoint`` printed a table for
+    the config without reading the weights; lies within the limits were built."""
+    gray = build_model(tiny_config(in_channels=1, num_classes=10))
+    sd = {k: v.contiguous() for k, v in gray.state_dict().items()}
+
+    def stored(name: str, **lie) -> Path:
+        meta = {"config": json.dumps({"model": tiny_config(in_channels=1, num_classes=10).to_dict() | lie})}
+        save_file(sd, str(tmp_path / name), metadata=meta)
+        return tmp_path / name
+
+    state = tmp_path / "state.pt"  # a dydit training state whose config says 16x16 inputs
+    torch.save({"format": "dydit-train-state", "step": 3, "model": sd, "ema": sd,
+                "config": {"model": gray.config.to_dict() | {"input_size": 16}}}, state)  # fmt: skip
+    official = tmp_path / "0001000.pt"  # official args naming DiT-XL/2 and hostile sizes
+    args = argparse.Namespace(model="DiT-XL/2", image_size=10**9, num_classes=10**12)
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": args}, official)
+    raw = tmp_path / "raw.pt"
+    torch.save(sd, raw)
+    cases = {
+        stored("huge.safetensors", depth=1000, hidden_size=200000):
+            "config stored in {f} is invalid: depth 1000 is over dydit's limit of 512",
+        stored("lying.safetensors", depth=100, hidden_size=2048, num_heads=16):
+            "config stored in {f} does not fit its weights: depth 100 in the config, 2 blocks in the "
+            "weights; hidden_size 2048 in the config, width 32 in the weights",
+        stored("classes.safetensors", num_classes=1000):
+            "num_classes 1000 (1001 label rows) in the config, 11 label rows in the weights",
+        stored("sigma.safetensors", learn_sigma=False):
+            "learn_sigma false (1 output channels) in the config, 2 output channels in the weights",
+        state: "input_size 16 (64 tokens) in the config, 16 tokens in the weights",
+        official: "does not fit the model: depth 28 in the config, 2 blocks in the weights",
+    }  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    refuse_builds()
+    for f, needle in cases.items():
+        run = ["finetune", "--init-from", str(f), "--target", "0.5", "--data", "digits", "--steps", "1",
+               "--device", "cpu", "--no-progress", "--out-dir", str(work / "ft")]  # fmt: skip
+        for command in [*_commands(f, work), run]:
+            if f == official and ("inspect" in command or "--dry-run" in command):
+                continue  # the args name a preset: inspect says "loads NO: ...", a dry run reads no weights
+            line = cli_error(command, capsys, command[0])
+            assert needle.format(f=f) in line, (f.name, command[0], line)
+        assert not list(work.iterdir()) and not temp_files(tmp_path)
+    # No stored config: a preset named on the command line is checked against the weights too.
+    line = cli_error(["flops", "--checkpoint", str(raw), "--model", "DiT-B/4"], capsys, "flops")
+    assert "does not fit the model: depth 12 in the config, 2 blocks in the weights" in line
+    xl = ["train", "--data", "digits", "--model", "DiT-XL/2", "--init-from", str(raw), "--steps", "1",
+          "--device", "cpu", "--no-progress", "--out-dir", str(work / "run")]  # fmt: skip
+    line = cli_error(xl, capsys, "train")
+    assert f"{raw} does not fit the model: depth 28 in the config, 2 blocks" in line
+    assert not list(work.iterdir())
+
+
+def test_model_sizes_over_the_limits_are_refused(tmp_path, capsys, refuse_builds):
+    """Sizes from the command line are bounded as those from files are (docs/METHOD.md §1.1)."""
+    refuse_builds()
+    run = train_args(tmp_path / "run", 1)
+    for option, needle in (
+        (f"depth={'[' * 100000}", "depth must be an integer, got '[[[["),  # was an internal RecursionError
+        ("depth=100000", "depth 100000 is over dydit's limit of 512"),
+        ("mlp_ratio=1000", "mlp_ratio 1000 is over dydit's limit of 64"),
+        ("num_classes=1e12", "num_classes must be an integer, got 1000000000000.0"),
+    ):
+        assert needle in cli_error([*run, "--model-option", option, "--dry-run"], capsys, "train")
+    big = [a for kv in ("hidden_size=16384", "num_heads=16", "depth=200") for a in ("--model-option", kv)]
+    line = cli_error([*run, *big], capsys, "train")
+    assert "about 967.2 B parameters" in line and "over dydit's limit of 20 B" in line
+    line = cli_error(["sample", "--model", "DiT-XL/2", "--image-size", "32768", "--steps", "1", "--device",
+                      "cpu", "--grid", str(tmp_path / "g.png")], capsys, "sample")  # fmt: skip
+    assert "num_tokens ((input_size / patch_size)^2) 4194304 is over dydit's limit of 65,536" in line
+    assert not list(tmp_path.iterdir())
 
 
 def test_nan_weights_are_caught_before_they_reach_disk(tmp_path, capsys):

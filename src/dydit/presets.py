@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dydit.constants import LAYERNORM_EPS
+from dydit.constants import LAYERNORM_EPS, TIMESTEP_FREQ_DIM
 from dydit.errors import DyditError
 
 RouterLayout = Literal["forced_first", "all"]
@@ -40,6 +41,54 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     "timestep_freq_shift": int,
 }
 _KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", bool: "true or false"}
+
+# The most each size may be (docs/METHOD.md §1.1). Configs come from files (a checkpoint's stored
+# config, a diffusers config.json, official training args) and from the command line: a hostile or
+# mistyped size is refused before anything is built. Every bound is far above the published models
+# (DiT-XL/2: depth 28, width 1152, 16 heads of 72, patch 2, 32x32x4 latents, 256 tokens, 675 M
+# parameters).
+SIZE_LIMITS: dict[str, int] = {
+    "depth": 512,
+    "hidden_size": 16384,
+    "num_heads": 512,
+    "head_dim": 1024,  # hidden_size / num_heads
+    "patch_size": 64,
+    "input_size": 4096,  # side of the (latent) image
+    "in_channels": 1024,
+    "num_classes": 1_000_000,
+    "num_tokens": 65536,  # (input_size / patch_size)^2
+}
+MAX_MLP_RATIO = 64
+# Parameters of the dense network, estimated from the config alone (ModelConfig.num_parameters).
+MAX_PARAMETERS = 20_000_000_000
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 40
+_short.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short: a hostile value (a megabyte string, a nested list) stays one line."""
+    try:
+        return _short.repr(value)
+    except (ValueError, RecursionError):  # an int of more than 4300 digits
+        digits = int(value.bit_length() * math.log10(2)) + 1 if isinstance(value, int) else "too many"
+        return f"a number of {digits} digits"
+
+
+def check_size(field: str, value: int, name: str | None = None) -> None:
+    """Raise a one-line DyditError unless ``value`` is an integer from 1 to ``SIZE_LIMITS[field]``.
+
+    ``name`` is what the message calls it (a key of another format, ``num_layers``); default ``field``.
+    """
+    name = name or field
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DyditError(f"{name} must be an integer, got {shown(value)}")
+    if value < 1:
+        raise DyditError(f"{name} must be positive, got {value}")
+    limit = SIZE_LIMITS[field]
+    if value > limit:
+        of = "" if name.startswith(field) else f" for {field}"
+        raise DyditError(f"{name} {shown(value)} is over dydit's limit of {limit:,}{of}")
 
 
 @dataclass(frozen=True)
@@ -80,19 +129,29 @@ class ModelConfig:
             value = getattr(self, name)
             is_bool = isinstance(value, bool)
             if not (is_bool if kind is bool else isinstance(value, kind) and not is_bool):
-                raise DyditError(f"{name} must be {_KIND_NAMES[kind]}, got {value!r}")
+                raise DyditError(f"{name} must be {_KIND_NAMES[kind]}, got {shown(value)}")
         if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
             raise DyditError(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
+        if self.mlp_ratio > MAX_MLP_RATIO:
+            raise DyditError(f"mlp_ratio {self.mlp_ratio} is over dydit's limit of {MAX_MLP_RATIO}")
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels"):
-            if getattr(self, name) <= 0:
-                raise DyditError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 1:
-            raise DyditError(f"num_classes must be at least 1, got {self.num_classes}")
+            check_size(name, getattr(self, name))
+        check_size("num_classes", self.num_classes)
         if self.hidden_size % self.num_heads:
             raise DyditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check_size("head_dim", self.head_dim, "head_dim (hidden_size / num_heads)")
         if self.input_size % self.patch_size:
             raise DyditError(
                 f"image/latent size {self.input_size} is not divisible by the patch size {self.patch_size}"
+            )
+        check_size("num_tokens", self.num_tokens, "num_tokens ((input_size / patch_size)^2)")
+        if self.mlp_hidden < 1:
+            raise DyditError(f"mlp_ratio {self.mlp_ratio} leaves no MLP width (hidden_size x mlp_ratio < 1)")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise DyditError(
+                f"this config describes a network of about {self.num_parameters / 1e9:,.1f} B parameters "
+                f"(depth {self.depth}, hidden_size {self.hidden_size}, {self.num_tokens} tokens, "
+                f"{self.num_classes} classes), over dydit's limit of {MAX_PARAMETERS / 1e9:g} B"
             )
         if self.router_layout not in ROUTER_LAYOUTS:
             raise DyditError(f"router_layout must be one of {ROUTER_LAYOUTS}, got {self.router_layout!r}")
@@ -143,6 +202,18 @@ class ModelConfig:
     def num_tokens(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the dense network (``pos_embed`` included, as DiT counts it; a DyDiT's routers
+        add under 1 %), from the config alone: nothing is built."""
+        d, m, pp = self.hidden_size, self.mlp_hidden, self.patch_size**2
+        embed = self.in_channels * pp * d + d + self.num_tokens * d
+        t_embed = TIMESTEP_FREQ_DIM * d + d + d * d + d
+        labels = (self.num_classes + (self.class_dropout_prob > 0)) * d
+        block = (d * 6 * d + 6 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+        final = (d * 2 * d + 2 * d) + (d + 1) * pp * self.out_channels
+        return embed + t_embed + labels + self.depth * block + final
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -151,7 +222,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise DyditError(f"unknown model config fields: {sorted(unknown)}")
+            raise DyditError(f"unknown model config fields: {shown(sorted(map(str, unknown)))}")
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [name for name in required if name not in d]
         if missing:

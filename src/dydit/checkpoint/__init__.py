@@ -30,12 +30,19 @@ from dydit.checkpoint.formats import (
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.checkpoint.load import (
     build_loaded,
+    fit_problem,
     load_dydit_checkpoint,
     load_model,
     model_config,
     weight_conventions,
 )
-from dydit.models.fitting import describe_mismatch, fit_state_dict, guess_preset, has_routers
+from dydit.models.fitting import (
+    describe_mismatch,
+    fit_state_dict,
+    guess_preset,
+    has_routers,
+    size_mismatches,
+)
 
 __all__ = [
     "FORMATS",
@@ -49,6 +56,7 @@ __all__ = [
     "detect_router_layout",
     "file_sha256",
     "find_diffusers_dir",
+    "fit_problem",
     "fit_state_dict",
     "guess_preset",
     "has_routers",
@@ -61,6 +69,7 @@ __all__ = [
     "read_checkpoint",
     "read_diffusers",
     "read_file",
+    "size_mismatches",
     "state_dict_from_object",
     "weight_conventions",
     "write_diffusers",

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dydit.checkpoint.files import read_file
+from dydit.checkpoint.files import read_file, read_json
 from dydit.errors import CheckpointError, DyditError
-from dydit.models.fitting import ROUTER_KEY_MARKERS
+from dydit.models.fitting import ROUTER_KEY_MARKERS, size_mismatches
 from dydit.models.layers import sincos_pos_embed_2d
-from dydit.presets import ModelConfig
+from dydit.presets import ModelConfig, check_size, shown
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -60,6 +60,18 @@ _REQUIRED = {
     "attention_bias": True,
     "norm_elementwise_affine": False,
 }
+# The integer sizes of a config.json and the ModelConfig field whose limit bounds each.
+_SIZES = {
+    "num_layers": "depth", "num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
+    "patch_size": "patch_size", "sample_size": "input_size", "in_channels": "in_channels",
+    "num_embeds_ada_norm": "num_classes",
+}  # fmt: skip
+# What a config.json calls the ModelConfig fields (for errors about the config.json).
+_NAMES = {
+    "depth": "num_layers", "hidden_size": "num_attention_heads x attention_head_dim",
+    "input_size": "sample_size", "num_classes": "num_embeds_ada_norm", "learn_sigma": "out_channels",
+}  # fmt: skip
+MODEL_INDEX = "model_index.json"
 
 # (dydit name, diffusers name) of each weight; ".weight"/".bias" are appended.
 _TOP = (("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
@@ -79,9 +91,10 @@ _SUFFIXES = (".weight", ".bias")
 # Folders and configs ----------------------------------------------------------------------------
 def _is_dit_config(path: Path) -> bool:
     try:
-        return json.loads(path.read_text()).get("_class_name") in _CLASS_NAMES
-    except (OSError, ValueError, AttributeError):
+        config = read_json(path)
+    except CheckpointError:
         return False
+    return isinstance(config, dict) and config.get("_class_name") in _CLASS_NAMES
 
 
 def find_diffusers_dir(path: str | os.PathLike) -> Path | None:
@@ -93,17 +106,71 @@ def find_diffusers_dir(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def _config_problem(path: Path) -> str:
+    """What a ``config.json`` that is not a diffusers DiT's is instead."""
+    try:
+        config = read_json(path)
+    except CheckpointError as e:
+        return str(e)
+    if not isinstance(config, dict):
+        return f"{path} holds a JSON {type(config).__name__}, not a model config"
+    name = config.get("_class_name")
+    if isinstance(config.get("train"), dict) and isinstance(config.get("model"), dict):
+        return (
+            f"{path} is a dydit run's configuration: load the run's checkpoints/state.pt or an export "
+            "(dydit export)"
+        )
+    if name is None:
+        kind = config.get("model_type")
+        what = f" (model_type {shown(kind)}: a transformers config?)" if kind is not None else ""
+        return f"{path} has no _class_name, so it is no diffusers model config{what}"
+    return f"{path} is the config of a {shown(name)}, not of a DiT ({CLASS_NAME})"
+
+
+def folder_problem(path: str | os.PathLike) -> str:
+    """Why ``path`` (a directory) is not a diffusers DiT folder, for an error message."""
+    path = Path(path)
+    for folder in (path, path / PIPELINE_SUBFOLDER):
+        if (folder / CONFIG_FILE).is_file():
+            return _config_problem(folder / CONFIG_FILE)
+    if (path / MODEL_INDEX).is_file():
+        sub = f"{PIPELINE_SUBFOLDER}/{CONFIG_FILE}"
+        return f"a diffusers pipeline without {sub} (a DiT pipeline keeps its DiT there)"
+    return f"no {CONFIG_FILE} of a diffusers DiT in it or in {PIPELINE_SUBFOLDER}/"
+
+
+def _check_sizes(get: dict[str, Any], source: str) -> None:
+    """Raise a one-line CheckpointError naming the first config.json size of the wrong type or too large."""
+    try:
+        for key, field in _SIZES.items():
+            check_size(field, get[key], key)
+        heads, head_dim = get["num_attention_heads"], get["attention_head_dim"]
+        check_size("hidden_size", heads * head_dim, _NAMES["hidden_size"])
+        if get["out_channels"] is not None:
+            check_size("in_channels", get["out_channels"], "out_channels")
+    except DyditError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    eps = get["norm_eps"]
+    if not isinstance(eps, int | float) or isinstance(eps, bool):
+        raise CheckpointError(f"{source}: norm_eps must be a number, got {shown(eps)}")
+
+
 def config_from_diffusers(dc: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Our :class:`ModelConfig` for a ``DiTTransformer2DModel`` config (diffusers' numerics)."""
+    """Our :class:`ModelConfig` for a ``DiTTransformer2DModel`` config (diffusers' numerics).
+
+    Every size is checked (type, and dydit's limits, :data:`~dydit.presets.SIZE_LIMITS`) before
+    anything is computed from it; errors name the ``config.json`` key.
+    """
     # Folders converted for Transformer2DModel (facebook/DiT-XL-2-256) name everything but these two.
     defaults = _DEFAULTS if dc.get("_class_name") == CLASS_NAME else {"out_channels": None, "norm_eps": 1e-5}
     get = {**defaults, **dc}
     lacking = [k for k in (*_DEFAULTS, *_REQUIRED) if k not in get and k != "out_channels"]
     if lacking:
         raise CheckpointError(f"{source} lacks {sorted(set(lacking))}")
-    other = {k: get[k] for k, v in _REQUIRED.items() if get[k] != v}
+    other = ", ".join(f"{k}={shown(get[k])}" for k, v in _REQUIRED.items() if get[k] != v)
     if other:
         raise CheckpointError(f"{source} describes another network than DiT ({other}); dydit cannot load it")
+    _check_sizes(get, source)
     in_ch, out_ch = get["in_channels"], get["out_channels"] or get["in_channels"]
     if out_ch not in (in_ch, 2 * in_ch):
         raise CheckpointError(f"{source}: {out_ch} output channels for {in_ch} input channels is not a DiT")
@@ -120,7 +187,7 @@ def config_from_diffusers(dc: dict[str, Any], source: str = "config.json") -> Mo
             timestep_freq_shift=DIFFUSERS_FREQ_SHIFT,
             mlp_norm_eps=float(get["norm_eps"]),
         )
-    except (DyditError, TypeError) as e:
+    except DyditError as e:
         raise CheckpointError(f"{source} is not a valid DiT config: {e}") from None
 
 
@@ -159,14 +226,13 @@ def from_diffusers(sd: dict[str, Tensor], source: str = "diffusers weights") -> 
     """
     rest = dict(sd)
     out: dict[str, Tensor] = {}
-    depth = 1 + max(
-        (int(m[1]) for k in rest if (m := re.match(r"transformer_blocks\.(\d+)\.", k))), default=-1
-    )
+    # The block indices present (not range(1 + the largest): a key may name block 10**12).
+    blocks = sorted({int(m[1]) for k in rest if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
     for ours, theirs in _TOP:
         for s in _SUFFIXES:
             if theirs + s in rest:
                 out[ours + s] = rest.pop(theirs + s)
-    for i in range(depth):
+    for i in blocks:
         b, t = f"blocks.{i}.", f"transformer_blocks.{i}."
         for ours, theirs in _BLOCK:
             for s in _SUFFIXES:
@@ -175,7 +241,11 @@ def from_diffusers(sd: dict[str, Tensor], source: str = "diffusers weights") -> 
         for s in _SUFFIXES:
             parts = [t + name + s for name in _QKV[1]]
             if all(p in rest for p in parts):
-                out[b + _QKV[0] + s] = torch.cat([rest.pop(p) for p in parts])  # rows [q; k; v]
+                qkv = [rest.pop(p) for p in parts]
+                if len({(q.dim(), *q.shape[1:]) for q in qkv}) > 1:
+                    shapes = ", ".join(str(tuple(q.shape)) for q in qkv)
+                    raise CheckpointError(f"{source}: block {i}'s to_q, to_k, to_v do not stack ({shapes})")
+                out[b + _QKV[0] + s] = torch.cat(qkv)  # rows [q; k; v]
         for ours, theirs in _EMBEDDERS:
             for s in _SUFFIXES:
                 key = t + "norm1.emb." + theirs + s
@@ -229,13 +299,14 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     if (folder / WEIGHTS_FILE).is_file():
         return read_file(folder / WEIGHTS_FILE)[0]
     if (folder / WEIGHTS_INDEX).is_file():
+        index = read_json(folder / WEIGHTS_INDEX)
         try:
-            shards = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = sorted({Path(shard).name for shard in index["weight_map"].values()})
+        except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{folder / WEIGHTS_INDEX} is not a valid shard index") from None
         out: dict[str, Tensor] = {}
         for shard in shards:
-            out |= read_file(folder / Path(shard).name)[0]
+            out |= read_file(folder / shard)[0]
         return out
     if (folder / WEIGHTS_BIN).is_file():
         return read_file(folder / WEIGHTS_BIN)[0]
@@ -245,12 +316,15 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
 def read_diffusers(folder: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig]:
     """(dydit state dict, config) of a diffusers DiT folder; routers from ``dydit_routers.safetensors``."""
     folder = Path(folder)
-    try:
-        dc = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {folder / CONFIG_FILE}: {e}") from None
+    dc = read_json(folder / CONFIG_FILE)
+    if not isinstance(dc, dict):
+        raise CheckpointError(_config_problem(folder / CONFIG_FILE))
     cfg = config_from_diffusers(dc, str(folder / CONFIG_FILE))
     sd = from_diffusers(_read_weights(folder), str(folder))
+    # The config must describe these weights before its position table is computed.
+    wrong = size_mismatches(cfg, sd, _NAMES)
+    if wrong:
+        raise CheckpointError(f"{folder / CONFIG_FILE} does not fit its weights: {'; '.join(wrong)}")
     sd["pos_embed"] = sincos_pos_embed_2d(cfg.hidden_size, cfg.input_size // cfg.patch_size).unsqueeze(0)
     if (folder / ROUTERS_FILE).is_file():
         routers = read_file(folder / ROUTERS_FILE)[0]

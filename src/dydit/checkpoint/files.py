@@ -118,18 +118,46 @@ def state_dict_from_object(
     return _strip_prefixes(tensors)
 
 
-def stored_run_config(obj: Mapping[str, Any], meta: Mapping[str, str]) -> dict[str, Any] | None:
-    """The run configuration stored by dydit: safetensors metadata ``config`` or a dict's ``config``."""
+def parse_json(text: str | bytes, source: str) -> Any:
+    """``json.loads(text)``, or a one-line CheckpointError naming ``source``: where the JSON is invalid,
+    or that it nests too deeply or holds a number too long for Python to parse."""
     try:
-        raw: Any = json.loads(meta["config"]) if "config" in meta else obj.get("config")
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"the checkpoint's stored config is not valid JSON ({e})") from None
+        raise CheckpointError(
+            f"{source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise CheckpointError(f"{source} is not usable JSON: it nests deeper than Python parses") from None
+    except ValueError as e:  # a number of more than 4300 digits; undecodable bytes
+        raise CheckpointError(f"{source} is not usable JSON ({str(e).splitlines()[0]})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in a file (CheckpointError, naming the file, if it cannot be read or parsed)."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_json(text, str(path))
+
+
+def stored_run_config(
+    obj: Mapping[str, Any], meta: Mapping[str, str], source: str = "the checkpoint"
+) -> dict[str, Any] | None:
+    """The run configuration stored by dydit: safetensors metadata ``config`` or a dict's ``config``."""
+    if "config" in meta:
+        raw: Any = parse_json(meta["config"], f"the config stored in {source}")
+    else:
+        raw = obj.get("config")
     return raw if isinstance(raw, dict) else None
 
 
-def config_from_object(obj: Mapping[str, Any], meta: Mapping[str, str]) -> ModelConfig | None:
+def config_from_object(
+    obj: Mapping[str, Any], meta: Mapping[str, str], source: str = "the checkpoint"
+) -> ModelConfig | None:
     """The model config stored in safetensors metadata ``config`` or a training dict's ``config``."""
-    raw: Any = stored_run_config(obj, meta)
+    raw: Any = stored_run_config(obj, meta, source)
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
         raw = raw["model"]
     if not isinstance(raw, dict):
@@ -137,7 +165,7 @@ def config_from_object(obj: Mapping[str, Any], meta: Mapping[str, str]) -> Model
     try:
         return ModelConfig.from_dict(raw)
     except DyditError as e:
-        raise CheckpointError(f"the checkpoint's stored model config is invalid: {e}") from None
+        raise CheckpointError(f"the model config stored in {source} is invalid: {e}") from None
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}

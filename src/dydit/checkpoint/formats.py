@@ -3,6 +3,8 @@
 :func:`open_checkpoint` reads a path once and says what it is; the weights come back in dydit's
 (the official DiT's) key layout whatever the format, with the model config the file stores (ours,
 or a diffusers ``config.json``), the training ``args`` of official scripts and the training step.
+A stored config is checked against the weights' shapes here (and is bounded by
+:data:`~dydit.presets.SIZE_LIMITS`): one that lies about its weights never reaches a model build.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dydit.checkpoint.diffusers import find_diffusers_dir, read_diffusers
+from dydit.checkpoint.diffusers import find_diffusers_dir, folder_problem, read_diffusers
 from dydit.checkpoint.files import (
     config_from_object,
     read_file,
@@ -26,6 +28,7 @@ from dydit.checkpoint.files import (
     weights_entry,
 )
 from dydit.errors import CheckpointError
+from dydit.models.fitting import size_mismatches
 from dydit.presets import ModelConfig
 
 # Format name -> what ``dydit inspect`` calls it.
@@ -90,16 +93,19 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
     if path.is_dir():
         folder = find_diffusers_dir(path)
         if folder is None:
+            problem = folder_problem(path)
             raise CheckpointError(
-                f"checkpoint path is a directory, not a file: {path} (nor a diffusers DiT folder: "
-                "no config.json of a DiTTransformer2DModel in it or in transformer/)"
+                f"{path} is a directory, not a checkpoint file nor a diffusers DiT folder: {problem}"
             )
         sd, cfg = read_diffusers(folder)
         return Checkpoint(str(path), "diffusers", sd, cfg)
     obj, meta = read_file(path)
     sd = state_dict_from_object(obj, str(path), weights)
-    cfg = config_from_object(obj, meta)
-    run = stored_run_config(obj, meta)
+    cfg = config_from_object(obj, meta, str(path))
+    run = stored_run_config(obj, meta, str(path))
+    wrong = size_mismatches(cfg, sd) if cfg is not None else []
+    if wrong:
+        raise CheckpointError(f"the config stored in {path} does not fit its weights: {'; '.join(wrong)}")
     if path.suffix == ".safetensors":
         fmt = "dydit_export" if cfg is not None else "safetensors"
         step = run.get("step") if run else None

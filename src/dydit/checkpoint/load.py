@@ -31,6 +31,7 @@ from dydit.models.fitting import (
     guess_preset,
     has_routers,
     mismatch_message,
+    size_mismatches,
 )
 from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config, is_sit_name, preset_name
 
@@ -164,9 +165,15 @@ def weight_conventions(source: CheckpointSource) -> dict[str, Any]:
 def fit_problem(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> str | None:
     """Why ``sd`` does not load strictly into ``cfg``'s model (None when it does), from shapes alone.
 
-    The model is built on the meta device: no memory for weights, so a wrong guess costs nothing.
-    A DyDiT may lack exactly its router keys (it then starts with fresh routers).
+    The sizes of ``cfg`` are first checked against a few shapes of ``sd``, naming each field they
+    contradict; only a config that passes is built, on the meta device (no memory for weights), to
+    check every key. A DyDiT may lack exactly its router keys (it then starts with fresh routers).
     """
+    sizes = size_mismatches(cfg, sd)
+    if sizes:
+        guess = guess_preset(sd)
+        hint = f"; the checkpoint looks like {guess}" if guess else ""
+        return "checkpoint does not fit the model: " + "; ".join(sizes) + hint
     with torch.device("meta"):
         probe = build_model(cfg)
     fresh_ok = ROUTER_KEY_MARKERS if cfg.dynamic and not has_routers(sd) else ()

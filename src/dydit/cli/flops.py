@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             "drop --image-size/--num-classes"
         )
 
-    from dydit.checkpoint import has_routers, load_model, model_config, open_checkpoint
+    from dydit.checkpoint import fit_problem, has_routers, load_model, model_config, open_checkpoint
+    from dydit.errors import CheckpointError
     from dydit.evaluate.routing import schedule_flops, schedule_flops_markdown, static_flops_markdown
     from dydit.presets import preset_name
 
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.checkpoint} is a plain DiT checkpoint (no router weights); "
                 f"{', '.join(dynamic_opts)} apply to DyDiT checkpoints only"
             )
+        problem = fit_problem(cfg, ckpt.state_dict)  # the table must describe these weights
+        if problem:
+            raise CheckpointError(problem)
         print(static_flops_markdown(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg))
         return 0
     model = load_model(ckpt, cfg)

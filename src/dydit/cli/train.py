@@ -25,7 +25,7 @@ def _model_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key.strip().replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON: a plain string (the config's type check names it)
         return key.strip().replace("-", "_"), value
 
 

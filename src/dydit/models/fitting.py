@@ -6,15 +6,17 @@ them is :mod:`dydit.checkpoint`'s job.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from torch import Tensor, nn
 
 from dydit.errors import CheckpointError
-from dydit.presets import DIT_NAMES, MODEL_PRESETS, dydit_name
+from dydit.presets import DIT_NAMES, MODEL_PRESETS, ModelConfig, dydit_name
 
 # Sub-module names that exist in DyDiT but not in DiT (docs/METHOD.md §12).
 ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
 def has_routers(sd: Mapping[str, Tensor]) -> bool:
@@ -38,6 +40,60 @@ def guess_preset(sd: Mapping[str, Tensor]) -> str | None:
         if (cfg.depth, cfg.hidden_size, cfg.patch_size) == (depth, width, patch):
             return dydit_name(name) if has_routers(sd) else name
     return None
+
+
+def _shape(sd: Mapping[str, Tensor], key: str, ndim: int) -> tuple[int, ...] | None:
+    value = sd.get(key)
+    return tuple(value.shape) if isinstance(value, Tensor) and value.dim() == ndim else None
+
+
+def size_mismatches(
+    cfg: ModelConfig, sd: Mapping[str, Tensor], names: Mapping[str, str] | None = None
+) -> list[str]:
+    """The sizes of ``cfg`` that the weights contradict, one phrase each, read from a few shapes.
+
+    Nothing is built: a config that lies about its weights (depth 1000 for a 2-block file) is caught
+    before a model of its size is allocated. Shapes absent from ``sd`` are left to strict loading.
+    ``names`` renames fields in the phrases (a diffusers ``config.json`` says ``num_layers``).
+    """
+
+    def phrase(field: str, ours: str, theirs: str) -> str:
+        return f"{(names or {}).get(field, field)} {ours} in the config, {theirs} in the weights"
+
+    out = []
+    blocks = {int(m[1]) for k in sd if (m := _BLOCK_KEY.match(k))}
+    depth = 1 + max(blocks, default=-1)
+    if depth != cfg.depth:
+        out.append(phrase("depth", str(cfg.depth), f"{depth} blocks"))
+    proj = _shape(sd, "x_embedder.proj.weight", 4)
+    pos = _shape(sd, "pos_embed", 3)
+    width = proj[0] if proj else pos[2] if pos else None
+    wide = width is not None and width != cfg.hidden_size
+    if wide:
+        out.append(phrase("hidden_size", str(cfg.hidden_size), f"width {width}"))
+    patch = proj is not None and proj[2] != cfg.patch_size
+    if patch:
+        out.append(phrase("patch_size", str(cfg.patch_size), str(proj[2])))
+    channels = proj is not None and proj[1] != cfg.in_channels
+    if channels:
+        out.append(phrase("in_channels", str(cfg.in_channels), str(proj[1])))
+    if pos and pos[1] != cfg.num_tokens:
+        out.append(phrase("input_size", f"{cfg.input_size} ({cfg.num_tokens} tokens)", f"{pos[1]} tokens"))
+    rows = _shape(sd, "y_embedder.embedding_table.weight", 2)
+    want = cfg.num_classes + (cfg.class_dropout_prob > 0)
+    if rows and rows[0] != want:
+        ours = f"{cfg.num_classes} ({want} label rows)"
+        out.append(phrase("num_classes", ours, f"{rows[0]} label rows"))
+    final = _shape(sd, "final_layer.linear.weight", 2)
+    pp = cfg.patch_size**2
+    if final and not (channels or patch) and final[0] != pp * cfg.out_channels:
+        ours = f"{str(cfg.learn_sigma).lower()} ({cfg.out_channels} output channels)"
+        out.append(phrase("learn_sigma", ours, f"{final[0] / pp:g} output channels"))
+    fc1 = _shape(sd, "blocks.0.mlp.fc1.weight", 2)
+    if fc1 and not wide and fc1[0] != cfg.mlp_hidden:
+        ours = f"{cfg.mlp_ratio:g} (MLP width {cfg.mlp_hidden})"
+        out.append(phrase("mlp_ratio", ours, f"MLP width {fc1[0]}"))
+    return out
 
 
 def describe_mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:

@@ -21,10 +21,11 @@ from torch import nn
 from dydit import distributed
 from dydit.checkpoint import file_sha256, fit_state_dict, load_checkpoint
 from dydit.data import DataInfo, DataStream, make_dataset
-from dydit.errors import DyditError
+from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
 from dydit.log import get_logger, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
+from dydit.models.fitting import size_mismatches
 from dydit.presets import ModelConfig
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
@@ -69,10 +70,13 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
         dataset, cfg.batch_size // world, seed=cfg.seed, rank=rank, world_size=world,
         flip=info.flip if cfg.flip is None else cfg.flip, num_workers=cfg.num_workers, **position,
     )  # fmt: skip
+    init = _init_weights(cfg.init_from, mc) if state is None and cfg.init_from else None
     # Model, EMA, optimizer: built identically on every rank; DDP also broadcasts rank 0's weights.
     torch.manual_seed(cfg.seed)
     model = build_model(mc)
-    tolerated = _load_init(model, cfg.init_from, mc.dynamic) if state is None and cfg.init_from else None
+    tolerated = None
+    if init is not None:
+        tolerated = fit_state_dict(model, init, allow_missing=ROUTER_KEY_MARKERS if mc.dynamic else ())
     if state is None and cfg.reorder:
         from dydit.models.reorder import reorder_by_importance
 
@@ -207,10 +211,17 @@ def _prepare_run_dir(run_dir: Path, config: dict, device: str) -> None:
         raise error or DyditError(f"rank 0 could not prepare the output directory {run_dir}")
 
 
-def _load_init(model: nn.Module, path: str, dynamic: bool) -> list[str]:
-    """Load ``init_from`` weights; a DyDiT may start from a DiT (router keys keep their init, §12)."""
+def _init_weights(path: str, mc: ModelConfig) -> dict[str, torch.Tensor]:
+    """The ``init_from`` weights, their sizes checked against ``mc`` before a model of its size is built.
+
+    Loading them strictly follows the build; a DyDiT may start from a DiT (router keys keep their
+    init, §12).
+    """
     sd = load_checkpoint(path)
-    return fit_state_dict(model, sd, allow_missing=ROUTER_KEY_MARKERS if dynamic else ())
+    wrong = size_mismatches(mc, sd)
+    if wrong:
+        raise CheckpointError(f"{path} does not fit the model: {'; '.join(wrong)}")
+    return sd
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
