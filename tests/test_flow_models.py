@@ -103,3 +103,31 @@ def test_train_finetune_and_sample_a_flow_model(tmp_path, capsys) -> None:
                  "--num-samples", "4", "--grid", str(tmp_path / "g2.png"), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "DDPM sampler" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_adaptive_sampler_runs_a_float32_model_in_its_dtype(dynamic: bool) -> None:
+    # dopri5 integrates in float64; a real float32 network must still only ever see float32 inputs.
+    pytest.importorskip("torchdiffeq", reason="the adaptive sampler is optional (dydit[flow])")
+    from conftest import tiny_config
+
+    model = build_model(tiny_config(objective="flow", dynamic=dynamic)).eval()
+    with torch.no_grad():  # a non-trivial velocity field (the zero-initialised head outputs 0)
+        g = torch.Generator().manual_seed(2)
+        model.final_layer.linear.weight.normal_(std=0.2, generator=g)
+        model.final_layer.adaLN_modulation[-1].weight.normal_(std=0.2, generator=g)
+    seen = set()
+
+    def net(x, t, y):
+        seen.add((x.dtype, t.dtype))
+        return model(x, t, y)
+
+    net.config = model.config  # type: ignore[attr-defined]
+    kw = dict(seeds=[0, 1], shape=(4, 8, 8), num_classes=4, progress=False)
+    (adaptive,) = generate(net, Transport(), SamplingSettings(sampler="adaptive", steps=1), **kw)
+    assert seen == {(torch.float32, torch.float32)}
+    assert adaptive.samples.dtype == torch.float32 and torch.isfinite(adaptive.samples).all()
+    (heun,) = generate(model, Transport(), SamplingSettings(sampler="heun", steps=32), **kw)
+    assert (adaptive.samples - heun.samples).abs().max() < 0.05  # the same ODE (rtol 1e-3), two solvers
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    assert (adaptive.samples - noise).abs().max() > 0.1  # the field moved the samples

@@ -61,10 +61,17 @@ def _check(transport: Any, steps: Any, minimum: int = 1) -> int:
     return steps
 
 
-def _velocity(model_fn, transport: Transport, x: Tensor, t: float, model_kwargs) -> Tensor:
+def _velocity(
+    model_fn, transport: Transport, x: Tensor, t: float, model_kwargs, net_dtype: torch.dtype | None = None
+) -> Tensor:
+    """The velocity at (x, t) in the dtype of x. The network gets x in ``net_dtype`` (default: x's
+    own) and float32 times; its output is turned into a velocity in float32, or float64 for a
+    float64 x."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)  # (B,)
-    out = model_fn(x, transport.original_timesteps(tt), **(model_kwargs or {}))
-    return transport.velocity(out.float(), x.float(), tt).to(x.dtype)
+    x_net = x if net_dtype is None else x.to(net_dtype)
+    out = model_fn(x_net, transport.original_timesteps(tt), **(model_kwargs or {}))
+    work = torch.promote_types(x.dtype, torch.float32)
+    return transport.velocity(out.to(work), x.to(work), tt).to(x.dtype)
 
 
 def _times(t0: float, t1: float, n: int) -> list[float]:
@@ -144,16 +151,22 @@ def sample_adaptive(
     rtol: float = 1e-3,
 ) -> Tensor:  # fmt: skip
     """An adaptive ODE solver from ``torchdiffeq`` (``pip install 'dydit[flow]'``), dopri5 by default
-    with SiT's tolerances. ``steps`` is ignored (the solver picks its own); 0 is accepted."""
+    with SiT's tolerances. ``steps`` is ignored (the solver picks its own); 0 is accepted.
+
+    The solver's state, time and error control stay in float64; the network sees every state cast
+    to the dtype of ``noise`` (the model's dtype: float32 weights reject float64 inputs) and its
+    velocity is cast back to float64. The result has the dtype of ``noise``.
+    """
     _check(transport, max(int(steps), 1))
     try:
         from torchdiffeq import odeint
     except ImportError:
         raise DyditError("the adaptive sampler needs torchdiffeq: pip install 'dydit[flow]'") from None
     t0, t1 = transport.interval
+    model_dtype = noise.dtype
 
-    def f(t: Tensor, x: Tensor) -> Tensor:
-        return _velocity(model_fn, transport, x, float(t), model_kwargs)
+    def f(t: Tensor, x: Tensor) -> Tensor:  # x: the solver's float64 state; the network: model_dtype
+        return _velocity(model_fn, transport, x, float(t), model_kwargs, net_dtype=model_dtype)
 
     times = torch.tensor([t0, t1], dtype=torch.float64, device=noise.device)
     return odeint(f, noise.double(), times, method=method, atol=atol, rtol=rtol)[-1].to(noise.dtype)
