@@ -157,6 +157,26 @@ def test_evaluations_and_times() -> None:
         assert sorted(set(calls)) == sorted(set(flow_times(name, 6, tr)))  # what a width plan must cover
 
 
+@pytest.mark.parametrize("prediction", ["velocity", "noise"])
+def test_sde_times_follow_a_custom_last_step(prediction: str) -> None:
+    tr = Transport("linear", prediction)
+    t1 = tr.interval[1]  # 1, or 1 - eps: where the SDE ends (SiT ends at 1 for every prediction)
+    calls = []
+
+    def counting(x, t, y=None):
+        calls.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    for last_step in (0.04, 0.1, 0.3):
+        calls.clear()
+        FLOW_SAMPLERS["sde"](counting, torch.zeros(1, 1, 2, 2), tr, 5, last_step=last_step)
+        times = flow_times("sde", 5, tr, last_step=last_step)
+        assert calls == times and len(times) == 5
+        assert times[0] == pytest.approx(tr.interval[0]) and times[-1] == pytest.approx(t1 - last_step)
+    with pytest.raises(DyditError, match="last_step"):
+        flow_times("sde", 5, tr, last_step=1.5)
+
+
 def test_mismatched_process_and_bad_inputs_fail_in_one_line() -> None:
     ddpm = create_diffusion()
     with pytest.raises(DyditError, match="DDPM sampler"):

@@ -13,11 +13,29 @@ They share the signature of the diffusion samplers (:mod:`dydit.diffusion.sample
 - ``generators``: one ``torch.Generator`` per image for the SDE's noise (ignored by the ODEs).
 
 Network evaluations (NFE, what the compute of a run is proportional to; :func:`evaluations`):
-Euler N, Heun 2N, Euler–Maruyama N (N − 1 stochastic steps on [t0, 1 − δ] and a last deterministic
-step of length δ, SiT's "Mean" last step), adaptive: as many as the solver needs (count them with a
-wrapper). Fixed-step samplers give each image the same result whatever its batch; the adaptive
-solver controls its step size on the whole batch, so there an image depends on its batch neighbours
-up to the tolerance.
+Euler N, Heun 2N, Euler–Maruyama N (N − 1 stochastic steps on [t0, t1 − δ] and a last deterministic
+Euler step of length δ, SiT's ``last_step="Euler"``), adaptive: as many as the solver needs (count
+them with a wrapper). Fixed-step samplers give each image the same result whatever its batch; the
+adaptive solver controls its step size on the whole batch, so there an image depends on its batch
+neighbours up to the tolerance.
+
+Conventions against the official SiT code (``transport/transport.py``, ``integrators.py``;
+docs/METHOD.md §3.6):
+
+- ODE step counts: SiT's ``sample_ode(num_steps=M)`` builds ``linspace(t0, t1, M)``, M grid
+  *points*, so its fixed-grid solvers take M − 1 steps: SiT's M = N + 1 is dydit's N. (For dopri5,
+  SiT's ``num_steps`` only sets the output points; the solver picks its own steps, as here.)
+- SDE step counts agree: SiT's ``sample_sde(num_steps=N)`` also makes N − 1 Euler–Maruyama steps
+  on ``linspace(t0, 1 − δ, N)`` and one last step, N evaluations.
+- The SDE's last step: dydit takes SiT's ``last_step="Euler"`` (x + δ·v, the probability-flow
+  velocity only), not SiT's default ``"Mean"`` (x + δ·(v + w_t ∇log p_t), the SDE drift without
+  noise); ``last_step=δ`` here is SiT's ``last_step_size``.
+- The SDE's end point: SiT ends every SDE at t = 1 (its grid stops at 1 − δ whatever the
+  prediction); dydit ends at ``transport.interval[1]``, which is 1 for velocity models and
+  1 − eps = 0.999 for noise and score models (the grid stops at 0.999 − δ). Both start at
+  ``interval[0]``: 0, or eps = 10⁻³ for noise and score.
+- The ODEs use ``transport.interval`` as SiT's ``sample_ode`` does: [0, 1] for velocity, [eps, 1 − eps]
+  for noise and score.
 """
 
 from __future__ import annotations
@@ -74,6 +92,12 @@ def _velocity(
     return transport.velocity(out.to(work), x.to(work), tt).to(x.dtype)
 
 
+def _check_last_step(transport: Transport, last_step: float) -> None:
+    t0, t1 = transport.interval
+    if not 0 < last_step < t1 - t0:
+        raise DyditError(f"last_step must be in (0, {t1 - t0}), got {last_step}")
+
+
 def _times(t0: float, t1: float, n: int) -> list[float]:
     """The n + 1 points of the uniform grid of n steps on [t0, t1]."""
     return torch.linspace(t0, t1, n + 1, dtype=torch.float64).tolist()
@@ -122,15 +146,16 @@ def sample_sde(
     diffusion_norm: float = 1.0, last_step: float = DEFAULT_LAST_STEP,
 ) -> Tensor:  # fmt: skip
     """Euler–Maruyama on dx = [v + w_t ∇log p_t] dt + √(2 w_t) dW with w_t = norm·σ_t (SiT's default
-    ``sigma`` diffusion form), then a last deterministic Euler step of length δ = ``last_step`` into
-    t1 (no noise is added there; SiT's "Mean" last step).
+    ``sigma`` diffusion form) on [t0, t1 − δ], then a last deterministic Euler step of length
+    δ = ``last_step`` into t1 with the velocity alone: no noise and no score term (SiT's
+    ``last_step="Euler"``; SiT's default ``"Mean"`` would add δ·w_t ∇log p_t). [t0, t1] is
+    ``transport.interval``: noise and score models end at 1 − eps where SiT ends at 1 (module docstring).
 
     The SDE has the marginals of the probability-flow ODE dx = v dt; N ≥ 2 evaluations.
     """
     n = _check(transport, steps, minimum=2)
     t0, t1 = transport.interval
-    if not 0 < last_step < t1 - t0:
-        raise DyditError(f"last_step must be in (0, {t1 - t0}), got {last_step}")
+    _check_last_step(transport, last_step)
     if not diffusion_norm >= 0:
         raise DyditError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
     x = noise
@@ -188,18 +213,22 @@ def evaluations(sampler: str, steps: int) -> int | None:
     return None if sampler == "adaptive" else _EVALS_PER_STEP[sampler] * steps
 
 
-def flow_times(sampler: str, steps: int, transport: Transport) -> list[float]:
+def flow_times(
+    sampler: str, steps: int, transport: Transport, *, last_step: float = DEFAULT_LAST_STEP
+) -> list[float]:
     """The times (descending noise, i.e. ascending t) a fixed-step sampler evaluates the network at.
 
-    What a DyDiT's width plan must cover. Empty for the adaptive solver (its times are not known
+    What a DyDiT's width plan must cover. ``last_step`` is the SDE sampler's δ (give the value the
+    sampler runs with; ignored by the ODEs). Empty for the adaptive solver (its times are not known
     in advance; the sliced engine then plans each new time on first use).
     """
     evaluations(sampler, steps)
     t0, t1 = transport.interval
     if sampler == "adaptive":
         return []
-    if sampler == "sde":  # N − 1 stochastic steps on [t0, 1 − δ], then the last one from 1 − δ
-        times = _times(t0, t1 - DEFAULT_LAST_STEP, steps - 1)
+    if sampler == "sde":  # N − 1 stochastic steps on [t0, t1 − δ], then the last one from t1 − δ
+        _check_last_step(transport, last_step)
+        times = _times(t0, t1 - last_step, steps - 1)
     else:
         grid = _times(t0, t1, steps)
         times = grid[:-1] if sampler == "euler" else grid
