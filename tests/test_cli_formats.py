@@ -123,11 +123,13 @@ def test_finetune_from_official_and_diffusers_files(fmt, files, tmp_path, capsys
 
 
 def test_sampling_a_sit_with_ddpm_is_one_line(capsys) -> None:
-    assert main(["sample", "--model", "SiT-S/8", "--sampler", "ddpm", "--dry-run"]) == 1
+    assert main(["sample", "--model", "SiT-S/8", "--random-weights", "--sampler", "ddpm", "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ddpm is a DDPM sampler and this is a flow-matching (SiT) model" in err[0]
-    assert main(["sample", "--model", "SiT-S/8", "--dry-run", "--vae", "x"]) == 0  # default: euler
+    assert (
+        main(["sample", "--model", "SiT-S/8", "--random-weights", "--dry-run", "--vae", "x"]) == 0
+    )  # default: euler
     assert '"sampler": "euler"' in capsys.readouterr().out
-    assert main(["sample", "--model", "DiT-S/8", "--sampler", "heun", "--dry-run"]) == 1
+    assert main(["sample", "--model", "DiT-S/8", "--random-weights", "--sampler", "heun", "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "heun is a flow-matching sampler and this is a DDPM model" in err[0]

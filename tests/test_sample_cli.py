@@ -119,7 +119,9 @@ def test_grid_out_dir_and_npz(ckpt: Path, tmp_path: Path) -> None:
         (["--model", "DiT-Q/2"], "unknown model"),
         (["--checkpoint", "{ckpt}", "--classes", "1,4"], "class 4 is out of range"),
         (["--checkpoint", "{ckpt}", "--eta", "0.5"], "ddim sampler only"),
-        (["--model", "DiT-S/2"], "needs --vae"),
+        (["--model", "DiT-S/2", "--random-weights"], "needs --vae"),
+        (["--model", "DiT-Ti/4"], "--random-weights"),
+        (["--checkpoint", "{ckpt}", "--random-weights"], "without a checkpoint"),
         (["--checkpoint", "{ckpt}", "--execution", "sliced"], "DyDiT models only"),
         (["--checkpoint", "{ckpt}", "--npz"], "--out-dir"),
         ([], "give --checkpoint or --model"),
@@ -176,6 +178,86 @@ def test_dydit_checkpoint_in_sliced_execution(tmp_path: Path) -> None:
             == 0
         )
         assert out.exists()
+
+
+def _dydit_ckpt(tmp_path: Path) -> Path:
+    dit = build_model(tiny_config(in_channels=3))
+    torch.nn.init.normal_(dit.final_layer.linear.weight, std=0.2)
+    from dydit.models.dydit import DyDiT
+
+    return _save(DyDiT.from_dit(dit), tmp_path / "dydit.safetensors")
+
+
+def test_a_dydit_samples_sliced_by_default_and_says_so(tmp_path: Path, capsys, monkeypatch) -> None:
+    from dydit.models.dydit import DyDiT
+
+    ck = _dydit_ckpt(tmp_path)
+    args = ["sample", "--checkpoint", str(ck), *FAST, "--num-samples", "2", "--out-dir", str(tmp_path / "s")]
+    assert main([*args, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["execution"] == "sliced"
+
+    def masked_forward(*a, **k):  # the masked execution: must not run
+        raise AssertionError("sampled in masked execution")
+
+    monkeypatch.setattr(DyDiT, "forward_with_routing", masked_forward)
+    assert main(args) == 0
+    assert "execution: sliced" in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / "sampling.json").read_text())["execution"] == "sliced"
+    # masked stays selectable, and a sample directory never mixes executions
+    monkeypatch.undo()
+    assert main([*args, "--execution", "masked"]) == 1
+    assert "differs in: execution" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "m"), "--execution", "masked"]) == 0
+    assert "execution: masked" in capsys.readouterr().err
+
+
+def test_a_dit_says_it_runs_dense(ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert main(["sample", "--checkpoint", str(ckpt), *FAST, "--num-samples", "1",
+                 "--grid", str(tmp_path / "g.png")]) == 0  # fmt: skip
+    assert "execution: dense (a DiT)" in capsys.readouterr().err
+
+
+def test_random_weights_need_the_flag(tmp_path: Path, capsys) -> None:
+    base = ["sample", "--model", "DiT-Ti/4", "--image-size", "8", *FAST, "--num-samples", "1"]
+    assert main([*base, "--grid", str(tmp_path / "g.png")]) == 1
+    assert "--random-weights" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+    assert main([*base, "--random-weights", "--grid", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").exists()
+
+
+def test_default_grid_goes_beside_the_out_dir_not_into_the_current_folder(
+    ckpt: Path, tmp_path: Path, monkeypatch
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "runs" / "imgs"
+    assert (
+        main(["sample", "--checkpoint", str(ckpt), *FAST, "--num-samples", "3", "--out-dir", str(out)]) == 0
+    )
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "runs" / "imgs.png").is_file()
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    # without --out-dir the default is still sample.png here
+    assert main(["sample", "--checkpoint", str(ckpt), *FAST, "--num-samples", "1"]) == 0
+    assert [p.name for p in cwd.iterdir()] == ["sample.png"]
+
+
+def test_no_progress_silences_every_bar(ckpt: Path, tmp_path: Path, capfd) -> None:
+    args = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        *FAST,
+        "--num-samples",
+        "3",
+        "--out-dir",
+        str(tmp_path / "s"),
+    ]
+    assert main([*args, "--npz", "--grid", str(tmp_path / "g.png")]) == 0
+    err = capfd.readouterr().err
+    assert (tmp_path / "s.npz").is_file()
+    assert "packing npz" not in err and "sampling" not in err and "%|" not in err, err
 
 
 @pytest.mark.distributed

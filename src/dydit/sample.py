@@ -184,6 +184,9 @@ def generate(
         labels: one label per seed, or None to draw them from the seeds.
         dtype: dtype of the samples (noise is always drawn in float32, then cast).
         indices: which images to produce (default: this rank's share, :func:`rank_share`).
+
+    A DyDiT runs in its own ``model.execution``, ``"masked"`` unless set: set ``"sliced"`` (eval
+    mode) to really skip the switched-off work, as ``dydit sample`` does by default.
     """
     if batch_size < 1:
         raise DyditError(f"batch size must be positive, got {batch_size}")
@@ -345,7 +348,7 @@ def sample_to_dir(
         if npz_path is not None:
             result.npz = Path(npz_path)
             if distributed.is_main():
-                pack_npz(out, len(seeds), all_labels.numpy(), result.npz)
+                pack_npz(out, len(seeds), all_labels.numpy(), result.npz, progress=progress)
             distributed.barrier()
         return result
 

@@ -82,8 +82,11 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     distributed.barrier()
 
 
-def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path) -> Path:
-    """Stack ``000000.png`` ... into an ADM-format npz: ``arr_0`` (N, H, W, C) uint8, ``arr_1`` (N,) int64."""
+def pack_npz(
+    out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path, progress: bool = True
+) -> Path:
+    """Stack ``000000.png`` ... into an ADM-format npz: ``arr_0`` (N, H, W, C) uint8, ``arr_1`` (N,) int64
+    (with a progress bar unless ``progress`` is false)."""
     if num_images < 1:
         raise DyditError(f"cannot pack {npz_path}: no images")
     missing = [i for i in range(num_images) if not (out_dir / image_name(i, ".png")).exists()]
@@ -93,7 +96,7 @@ def pack_npz(out_dir: Path, num_images: int, labels: np.ndarray, npz_path: Path)
         )
     first = load_png(out_dir / image_name(0, ".png"))
     arr = np.empty((num_images, *first.shape), dtype=np.uint8)
-    for i in tqdm(range(num_images), desc="packing npz", unit="img", leave=False):
+    for i in tqdm(range(num_images), desc="packing npz", unit="img", leave=False, disable=not progress):
         arr[i] = load_png(out_dir / image_name(i, ".png"))
     return save_npz(npz_path, {"arr_0": arr, "arr_1": labels.astype(np.int64)})
 

@@ -2,6 +2,9 @@
 
 A thin layer over :mod:`dydit.sample`. Writes a class-labelled grid PNG; with ``--out-dir`` also one
 file per image (resumable: rerun the command) and, with ``--npz``, an ADM-format ``.npz`` for FID.
+A DyDiT runs the sliced engine unless ``--execution`` says otherwise (the execution is printed and
+recorded in the sample directory). Without ``--checkpoint`` the weights would be random: that needs
+``--random-weights``.
 Image i has seed ``--seed + i``, so results do not depend on ``--batch-size`` or on the number of
 processes; the same command runs under ``torchrun --nproc_per_node=N`` (gloo on CPU).
 """
@@ -19,6 +22,8 @@ from dydit.errors import DyditError
 
 DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (docs/METHOD.md §7.1)
 DEFAULT_NUM_SAMPLES = 16
+DEFAULT_DYDIT_EXECUTION = "sliced"  # the engine that really skips work; masked is no faster than dense
+DEFAULT_GRID = "sample.png"  # without --out-dir
 GRID_MAX = 64  # the grid shows at most this many images; the rest go to --out-dir
 MAX_NUM_SAMPLES = 10_000_000  # 200x FID-50K; far more is a typo that would exhaust memory
 
@@ -48,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Sample class-conditional images with DDPM, DDIM or DPM-Solver++(2M) and classifier-free "
         "guidance. Weights come from --checkpoint, any format `dydit inspect` reads (its stored config, "
         "else --model, else its training args, else the preset its shapes match) or, without a "
-        "checkpoint, are the random initialisation of --model.",
+        "checkpoint, are the random initialisation of --model (only with --random-weights). A DyDiT "
+        "runs the sliced engine by default.",
     )
     _add_model_group(p)
     _add_sampling_group(p)
@@ -61,9 +67,17 @@ def _add_model_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     add_model_options(g, default_model=None)
     g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="without --checkpoint, sample the random initialisation of --model (smoke tests and "
+        "timing only; refused otherwise, so a forgotten --checkpoint is an error)",
+    )
+    g.add_argument(
         "--execution",
         default=None,
-        help="DyDiT execution mode: dense, masked or sliced (default: the model's, masked)",
+        help="DyDiT execution: sliced (default; really skips the switched-off heads, groups and "
+        "tokens), masked (the training computation: the same images, no faster than dense) or "
+        "dense (the full DiT inside, routers ignored: other images). Printed on stderr and recorded",
     )
     g.add_argument(
         "--vae",
@@ -88,7 +102,8 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         type=_steps,
         default=250,
         help="DDPM: network evaluations on evenly spaced original timesteps, or ddimN for DDIM "
-        "striding; flow: steps of the uniform time grid (default 250)",
+        "striding; flow: steps of the uniform time grid, N + 1 points (SiT's num_steps counts the "
+        "points: its N + 1 is N here; default 250)",
     )
     g.add_argument(
         "--eta", type=non_negative_float, default=None, help="DDIM noise scale eta (ddim only; default 0)"
@@ -103,7 +118,8 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         "--guidance-channels",
         choices=("all", "dit_compat"),
         default="all",
-        help="guide all eps channels (default) or only the first 3, as the official DiT/DyDiT code",
+        help="guide all eps (or velocity) channels (default) or only the first 3, as the official "
+        "DiT, DyDiT and SiT code",
     )
     g.add_argument(
         "--clip-denoised", action="store_true", help="clamp predicted x0 to [-1, 1] (pixel models)"
@@ -130,8 +146,9 @@ def _add_output_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument(
         "--grid",
-        default="sample.png",
-        help=f"grid PNG of the first {GRID_MAX} images, labelled by class (default %(default)s)",
+        default=None,
+        help=f"grid PNG of the first {GRID_MAX} images, labelled by class (default: OUT_DIR.png beside "
+        f"--out-dir, else {DEFAULT_GRID} in the current folder)",
     )
     g.add_argument(
         "--out-dir",
@@ -151,7 +168,7 @@ def _add_output_group(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also save raw model-space samples (.npy; always for latent models without --vae)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
 
 
@@ -162,7 +179,15 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.checkpoint is None:
         if args.model is None:
             raise DyditError("give --checkpoint or --model")
-        return model_config_from_args(args), None, f"random initialisation of {args.model}"
+        cfg = model_config_from_args(args)  # an unknown --model is named first
+        if not args.random_weights:
+            raise DyditError(
+                f"no --checkpoint: --model {args.model} alone has random weights; give --checkpoint, "
+                "or --random-weights to sample the random initialisation"
+            )
+        return cfg, None, f"random initialisation of {args.model}"
+    if args.random_weights:
+        raise DyditError("--random-weights samples without a checkpoint; drop it or --checkpoint")
     from dydit.checkpoint import model_config, open_checkpoint
 
     ckpt = open_checkpoint(args.checkpoint)
@@ -171,14 +196,26 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return (cfg.replace(**sizes) if sizes else cfg), ckpt, str(Path(args.checkpoint).resolve())
 
 
-def _build_model(cfg: Any, ckpt: Any, execution: str | None) -> Any:
+def _execution(requested: str | None, cfg: Any) -> str:
+    """The execution a model runs: a DyDiT's (default sliced) or ``dense`` for a DiT."""
+    from dydit.models.dydit import EXECUTION_MODES
+
+    if not cfg.dynamic:
+        if requested is not None:
+            raise DyditError("--execution applies to DyDiT models only")
+        return "dense"
+    mode = DEFAULT_DYDIT_EXECUTION if requested is None else requested
+    if mode not in EXECUTION_MODES:
+        raise DyditError(f"--execution {mode!r}: choose one of {', '.join(EXECUTION_MODES)}")
+    return mode
+
+
+def _build_model(cfg: Any, ckpt: Any, execution: str) -> Any:
     from dydit.checkpoint import load_model
     from dydit.factory import build_model
 
     model = build_model(cfg) if ckpt is None else load_model(ckpt, cfg)
-    if execution is not None:
-        if not model.config.dynamic:
-            raise DyditError("--execution applies to DyDiT models only")
+    if model.config.dynamic:
         model.execution = execution
     return model.eval()
 
@@ -190,6 +227,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     from dydit.sample import SamplingSettings, resolve_labels
 
     cfg, ckpt, source = _model_config(args)
+    execution = _execution(args.execution, cfg)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
     settings = SamplingSettings(
         sampler=args.sampler or default_sampler,
@@ -227,6 +265,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.npz is not None and (args.out_dir is None or codec is None):
         raise DyditError("--npz packs the PNGs of --out-dir; give --out-dir (and --vae for a latent model)")
     npz = (args.npz or str(Path(args.out_dir).with_suffix(".npz"))) if args.npz is not None else None
+    grid = args.grid or (_beside(args.out_dir, ".png") if args.out_dir is not None else DEFAULT_GRID)
     return {
         "weights": source,
         "model": cfg.to_dict(),
@@ -236,15 +275,26 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "labels": labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
         "codec": codec,
-        "execution": args.execution,
+        "execution": execution,
         "batch_size": args.batch_size,
         "device": args.device,
         "world_size": distributed.world_size(),
-        "grid": args.grid if codec is not None else None,
+        "grid": grid if codec is not None else None,
         "out_dir": args.out_dir,
         "npz": npz,
         "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
     }
+
+
+def _beside(directory: str, suffix: str) -> str:
+    """``runs/samples`` -> ``runs/samples.png``: a file next to a directory, named after it (not
+    inside it, where `dydit evaluate DIR` would count it as a sample)."""
+    path = Path(directory)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    if not path.name:  # the root directory
+        raise DyditError(f"give --grid: no default grid file beside {directory}")
+    return str(path.with_name(path.name + suffix))
 
 
 def _describe_times(times: list[float], settings: Any) -> str:
@@ -283,7 +333,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
 
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
-    model = _build_model(cfg, ckpt, args.execution).to(device)
+    model = _build_model(cfg, ckpt, plan["execution"]).to(device)
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(
@@ -296,8 +346,11 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
         progress=not args.no_progress,
     )
     say = print if distributed.is_main() else (lambda *a, **k: None)
+    say(_execution_line(cfg, plan["execution"]), file=sys.stderr)
     if args.out_dir is not None:
         meta = {"weights": plan["weights"], "model": plan["model"]}
+        if cfg.dynamic:  # dense computes other images than masked/sliced: never mix them in one directory
+            meta["execution"] = plan["execution"]
         res = sample_to_dir(
             model,
             diffusion,
@@ -321,5 +374,13 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
         common.update(seeds=seeds[:GRID_MAX], labels=labels[:GRID_MAX])
         images, grid_labels = sample_images(model, diffusion, settings, codec, **common)
     if distributed.is_main():
-        save_grid(args.grid, images, grid_labels)
-        say(f"wrote {args.grid}", file=sys.stderr)
+        save_grid(plan["grid"], images, grid_labels)
+        say(f"wrote {plan['grid']}", file=sys.stderr)
+
+
+def _execution_line(cfg: Any, execution: str) -> str:
+    if not cfg.dynamic:
+        return "execution: dense (a DiT)"
+    note = {"sliced": "switched-off work skipped", "masked": "masks, no faster than dense",
+            "dense": "the full network, routers ignored"}[execution]  # fmt: skip
+    return f"execution: {execution} (DyDiT: {note}; --execution sliced|masked|dense)"
