@@ -87,3 +87,35 @@ def test_demo_help_states_the_real_defaults(capsys) -> None:
     for flag, value in stated.items():
         field = {"cfg-scale": "cfg_scale"}.get(flag, flag.replace("-", "_"))
         assert str(getattr(defaults, field)) == value or float(getattr(defaults, field)) == float(value), flag
+
+
+def test_sampling_is_timed_after_a_warm_up_of_every_step(monkeypatch) -> None:
+    """The demo times each model after an untimed pass over the whole sampling path. A simulated
+    clock (no wall-clock assertion): a network call costs 1 per image, plus 100 the first time a
+    (batch shape, t) pair is met and 1000 on the very first call: what first-call allocations,
+    kernel selection and the sliced engine's per-step plans cost. The timed seconds must be the
+    warm cost alone, whatever the model's place in line."""
+    import torch
+    from conftest import tiny_config
+
+    from dydit.apps import demo
+    from dydit.factory import build_model
+
+    model = build_model(tiny_config(in_channels=1)).eval()
+    clock = [0.0]
+    seen: set = set()
+
+    def net(x, t, y):
+        key = (tuple(x.shape), tuple(t.tolist()))
+        clock[0] += x.shape[0] + (0 if key in seen else 100) + (0 if seen else 1000)
+        seen.add(key)
+        return model(x, t, y)
+
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock[0])
+    cfg = DemoConfig.smoke(num_samples=4, sample_batch=2, steps=3, device="cpu", progress=False)
+    with torch.inference_mode():
+        images, labels, result = demo.sample_timed("tiny", net, cfg, (1, 8, 8), 4)
+    assert images.shape == (4, 8, 8, 1) and labels.tolist() == [0, 1, 2, 3]
+    assert result.forwards == 4 * 3  # counted: the timed run only (3 steps, no guidance)
+    assert result.seconds == result.forwards  # nothing cold was left for the timed run
+    assert clock[0] > result.seconds  # ... because the warm-up paid for it

@@ -164,7 +164,8 @@ def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Pa
 def sample_timed(
     name: str, model_fn: Callable, cfg: DemoConfig, shape: tuple[int, int, int], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, ModelResult]:
-    """Sample ``cfg.num_samples`` images (seeds 0.., balanced labels), timed and FLOPs-counted."""
+    """Sample ``cfg.num_samples`` images (seeds 0.., balanced labels), timed and FLOPs-counted after
+    an untimed warm-up pass over the first batch (same sampler, steps and batch size)."""
     from dydit.data.codec import PixelCodec
 
     config = getattr(model_fn, "config", None)
@@ -183,19 +184,21 @@ def sample_timed(
         calls += x.shape[0]
         return model_fn(x, t, y)
 
-    # Warm up outside the timed region at the batch the sampler will use (first-call allocations,
-    # kernel selection for that shape, the sliced engine's first plans); guidance doubles the batch.
-    n = min(cfg.sample_batch, cfg.num_samples) * (2 if cfg.cfg_scale != 1 else 1)
-    x = torch.randn(n, *shape, device=cfg.device)
-    t = torch.full((n,), 0.5) if flow else torch.full((n,), 999)
-    model_fn(x, t.to(cfg.device), torch.zeros(n, dtype=torch.long, device=cfg.device))
+    def run(fn: Callable, count: int) -> tuple[np.ndarray, np.ndarray]:
+        return sample_images(
+            fn, process, settings, PixelCodec(), seeds=seeds[:count], shape=shape, num_classes=num_classes,
+            labels=labels[:count], batch_size=cfg.sample_batch, device=cfg.device,
+            progress=cfg.progress and count == cfg.num_samples,
+        )  # fmt: skip
+
+    # Warm-up, untimed and uncounted: the whole sampling path once on the first batch, at the batch
+    # size and on every time step the timed run uses (first-call allocations, kernel selection, the
+    # sampler's and decoder's first calls, the sliced engine's plans for each step). Without it the
+    # first model timed paid these, and the per-step cost of one model depended on its place in line.
+    run(model_fn, min(cfg.sample_batch, cfg.num_samples))
     with count_flops() as fc:
         start = time.perf_counter()
-        images, labs = sample_images(
-            counted, process, settings, PixelCodec(), seeds=seeds, shape=shape,
-            num_classes=num_classes, labels=labels, batch_size=cfg.sample_batch, device=cfg.device,
-            progress=cfg.progress,
-        )  # fmt: skip
+        images, labs = run(counted, cfg.num_samples)
         seconds = time.perf_counter() - start
     core = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
     return images, labs, ModelResult(name, seconds, core, fc.total, calls, len(images))
@@ -268,7 +271,7 @@ def _run_demo(cfg: DemoConfig, base: Path, shipped: Path | None, out: Path) -> P
               "compute", cfg.num_samples)  # fmt: skip
     samples: dict[str, tuple[np.ndarray, ModelResult]] = {}
     with torch.inference_mode():
-        # The same seeds and labels for all; each model is warmed up before it is timed.
+        # The same seeds and labels for all; each model samples its first batch untimed before it is timed.
         img, labels, r = sample_timed(f"DiT (dense), {n} steps", dit, cfg, shape, mc.num_classes)
         samples["dit"] = (img, r)
         img, _, r = sample_timed(f"{name} (sliced), {n} steps", head, cfg, shape, mc.num_classes)
