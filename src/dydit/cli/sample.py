@@ -187,7 +187,7 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
             )
         return cfg, None, f"random initialisation of {args.model}"
     if args.random_weights:
-        raise DyditError("--random-weights samples without a checkpoint; drop it or --checkpoint")
+        raise DyditError("--random-weights samples without a checkpoint: drop it or --checkpoint, not both")
     from dydit.checkpoint import model_config, open_checkpoint
 
     ckpt = open_checkpoint(args.checkpoint)
