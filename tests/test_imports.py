@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"train", "sample", "evaluate"},
     {"checkpoint", "factory"},
     {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
-    {"presets", "constants", "log", "distributed", "io", "errors", "seeds"},
+    {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -43,6 +43,7 @@ FORBIDDEN = {
     "distributed": {"io", "log", "presets"},
     "constants": {"presets", "io", "log", "distributed"},
     "errors": {"presets", "constants", "io", "log", "distributed"},
+    "conditioning": {"presets", "constants", "io", "log", "distributed", "seeds"},
 }
 
 TOP_LEVEL = {p.stem for p in SRC.glob("*.py")} | {

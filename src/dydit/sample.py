@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dydit import distributed
+from dydit.conditioning import ClassLabels, Condition, conditioned
 from dydit.data.codec import Codec
 from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, guided
 from dydit.diffusion.samplers import DEFAULT_STEPS
@@ -125,12 +126,16 @@ class SamplingSettings:
 
 @dataclass
 class SampleBatch:
-    """One batch of a rank's share: global indices, seeds, labels (B,) and samples (B, C, H, W)."""
+    """One batch of a rank's share: global indices, seeds, labels (B,) and samples (B, C, H, W).
+
+    ``condition`` holds the batch's rows of the condition (on the sampling device); ``labels`` are
+    its class labels on the CPU, None for another kind of condition (text)."""
 
     indices: list[int]
     seeds: list[int]
-    labels: Tensor
+    labels: Tensor | None
     samples: Tensor
+    condition: Condition | None = None
 
 
 def resolve_labels(seeds: Sequence[int], labels: Sequence[int] | Tensor | None, num_classes: int) -> Tensor:
@@ -149,6 +154,26 @@ def resolve_labels(seeds: Sequence[int], labels: Sequence[int] | Tensor | None, 
     return out
 
 
+def resolve_condition(
+    seeds: Sequence[int],
+    labels: Sequence[int] | Tensor | None,
+    condition: Condition | None,
+    num_classes: int | None,
+) -> Condition:
+    """One row of condition per seed: ``condition`` (checked), or the class labels of
+    :func:`resolve_labels` with the null class ``num_classes``."""
+    if condition is None:
+        if num_classes is None:
+            raise DyditError("class-conditional sampling needs num_classes (or give a condition)")
+        return ClassLabels(resolve_labels(seeds, labels, num_classes), num_classes)
+    check_generator_seeds(seeds)
+    if labels is not None:
+        raise DyditError("give labels or a condition, not both")
+    if len(condition) != len(seeds):
+        raise DyditError(f"got a condition of {len(condition)} rows for {len(seeds)} seeds")
+    return condition
+
+
 def rank_share(num_images: int, rank: int | None = None, world: int | None = None) -> list[int]:
     """Indices of the images this rank produces: i with i % world == rank."""
     rank = distributed.rank() if rank is None else rank
@@ -164,8 +189,9 @@ def generate(
     *,
     seeds: Sequence[int],
     shape: tuple[int, int, int],
-    num_classes: int,
+    num_classes: int | None = None,
     labels: Sequence[int] | Tensor | None = None,
+    condition: Condition | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -176,12 +202,16 @@ def generate(
 
     Args:
         model_fn: ``(x, t, y) -> (B, C_out, H, W)`` on ``device`` (eval mode); guidance is added here.
+            ``y`` is the condition's :meth:`~dydit.conditioning.Condition.network_input`: the labels
+            (B,) for class labels (the null class for guidance is ``num_classes``).
         diffusion: the model's process: the full diffusion (T = 1000), which ``settings.steps``
             respaces, or the flow-matching transport (:func:`dydit.flow.create_process`).
-        seeds: one seed per image; image i is defined by ``seeds[i]`` and its label.
+        seeds: one seed per image; image i is defined by ``seeds[i]`` and its label (condition).
         shape: (C, H, W) of one sample in model space.
         num_classes: classes of the model; the null class for guidance is ``num_classes``.
         labels: one label per seed, or None to draw them from the seeds.
+        condition: instead of class labels, any :class:`~dydit.conditioning.Condition` with one row
+            per seed (e.g. a :class:`~dydit.conditioning.TextCondition`); its null is its own.
         dtype: dtype of the samples (noise is always drawn in float32, then cast).
         indices: which images to produce (default: this rank's share, :func:`rank_share`).
 
@@ -194,22 +224,23 @@ def generate(
     if isinstance(config, ModelConfig):  # a flow-matching model must not meet a DDPM sampler
         check_process(settings.sampler, diffusion, config)
     settings.network_times(diffusion)  # fail early on a bad step spec or sampler/process pairing
-    all_labels = resolve_labels(seeds, labels, num_classes)
+    cond = resolve_condition(seeds, labels, condition, num_classes)
     todo = rank_share(len(seeds)) if indices is None else list(indices)
-    fn = guided(model_fn, settings.cfg_scale, num_classes, settings.guidance_channels)
+    # The sampler carries the condition as y; guidance doubles it; the network gets its network input.
+    fn = guided(conditioned(model_fn), settings.cfg_scale, channels=settings.guidance_channels)
     sampler = settings.function
     bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not (progress and distributed.is_main()))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)  # (B, C, H, W)
-        y = all_labels[chunk].to(device)  # (B,)
+        c = cond.select(chunk).to(device, dtype)  # B rows
         x = sampler(
             fn,
             noise,
             diffusion,
             settings.steps,
-            model_kwargs={"y": y},
+            model_kwargs={"y": c},
             generators=gens,
             **settings.sampler_options(),
         )
@@ -221,7 +252,8 @@ def generate(
                 "hold NaN/inf or the sampler diverged (try a smaller --cfg-scale or more steps)"
             )
         bar.update(len(chunk))
-        yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], y.cpu(), x)
+        labels_cpu = c.labels.cpu() if isinstance(c, ClassLabels) else None
+        yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], labels_cpu, x, c)
     bar.close()
 
 

@@ -58,7 +58,11 @@ class ImageDataset(Dataset):
         return self.get(int(key), False)
 
     def get_batch(self, indices: Tensor, flips: Tensor) -> tuple[Tensor, Tensor]:
-        """A batch (B, C, H, W), (B,) for the given indices and flip flags; subclasses may vectorise."""
+        """A batch (B, C, H, W), (B,) for the given indices and flip flags; subclasses may vectorise.
+
+        The stream (:class:`~dydit.data.loader.DataStream`) hands the labels on as
+        :class:`~dydit.conditioning.ClassLabels`; a dataset of another condition returns that
+        :class:`~dydit.conditioning.Condition` here instead."""
         items = [self.get(int(i), bool(f)) for i, f in zip(indices.tolist(), flips.tolist())]
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 

@@ -6,6 +6,10 @@ the flip flag of every image is drawn from ``(seed, epoch)`` too. The position i
 therefore just ``(epoch, batch)``, which the training state stores; a resumed run skips to it and
 sees exactly the batches an uninterrupted run would have seen. Incomplete tail batches are dropped,
 as in DiT (``drop_last=True``).
+
+A batch is ``(x, cond)``: images (B, C, H, W) and their :class:`~dydit.conditioning.Condition`,
+class labels whose null class is the model's (``null_class``); a dataset whose ``get_batch`` returns
+a condition itself (e.g. text) has it passed on as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dydit.conditioning import Condition, as_condition
 from dydit.data.base import ImageDataset
 from dydit.errors import DyditError
 
@@ -28,7 +33,7 @@ def derive_seed(*parts: int) -> int:
 
 
 class DataStream:
-    """Endless iterator of ``(x, y)`` batches of ``batch_size`` for one rank; position ``(epoch, batch)``.
+    """Endless iterator of ``(x, cond)`` batches of ``batch_size`` for one rank; position ``(epoch, batch)``.
 
     Args:
         dataset: an :class:`~dydit.data.base.ImageDataset`.
@@ -38,6 +43,8 @@ class DataStream:
         flip: draw a horizontal flip for every image with probability 1/2.
         num_workers: DataLoader worker processes; in-memory datasets are batched in-process when 0.
         epoch, batch: the position to start from (a resumed run passes the stored one).
+        null_class: the null class of the batches' class labels (default: the dataset's number of
+            classes; a model with more classes passes its own).
     """
 
     def __init__(
@@ -52,6 +59,7 @@ class DataStream:
         num_workers: int = 0,
         epoch: int = 0,
         batch: int = 0,
+        null_class: int | None = None,
     ):
         n = len(dataset)
         if n == 0:
@@ -78,6 +86,7 @@ class DataStream:
             )
         self.epoch = epoch
         self.batch = batch
+        self.null_class = dataset.info.num_classes if null_class is None else null_class
 
     def state(self) -> dict[str, int]:
         """The position of the next batch: ``{"epoch": e, "batch": b}``."""
@@ -116,7 +125,7 @@ class DataStream:
                 raise
             raise DyditError(text.rstrip().splitlines()[-1].partition("Error: ")[2] or text) from None
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Condition]]:
         while True:
             for x, y in self._epoch_batches(self.epoch, self.batch):
                 # Advance the position before handing the batch out: the stored state always names
@@ -124,4 +133,4 @@ class DataStream:
                 self.batch += 1
                 if self.batch == self.batches_per_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0
-                yield x, y
+                yield x, as_condition(y, self.null_class)

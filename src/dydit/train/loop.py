@@ -134,8 +134,8 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     batches = iter(stream)
     with RunLogger(run.run_dir) as log, _interruption(run, lambda: (step, saved)):
         while step < end:
-            x0, y = next(batches)
-            x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x0, cond = next(batches)  # images (B, C, H, W) and their Condition (class labels)
+            x0, cond = x0.to(device, non_blocking=True), cond.to(device, non_blocking=True)
             # All randomness of this step derives from (seed, rank, step): resume is exact.
             g = torch.Generator(device).manual_seed(derive_seed(cfg.seed, rank, step))
             torch.manual_seed(derive_seed(cfg.seed, rank, step, _MODEL_RNG_STREAM))
@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
             )
             complete = dynamic and step < cfg.complete_steps
             loss, parts, routing = compute_loss(
-                net, diffusion, x0, y, t, noise, lambda_t=lambda_t, complete=complete,
+                net, diffusion, x0, cond, t, noise, lambda_t=lambda_t, complete=complete,
                 flops_weight=cfg.flops_weight, layer_costs=costs, bf16=cfg.bf16,
                 teacher=teacher, distill_weight=cfg.distill_weight,
             )  # fmt: skip
@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     export = ckpt.export_path(run.run_dir)
     rho = None
     if dynamic and run.start < step:  # the batch of the last step is at hand
-        rho = measured_flops_ratio(ema, diffusion, x0, y, t, noise, costs)
+        rho = measured_flops_ratio(ema, diffusion, x0, cond, t, noise, costs)
         rho = distributed.all_reduce_mean(torch.tensor([rho], device=device)).item()  # the global batch
         _check_reached(run, step, rho)
     if run.start >= cfg.steps:

@@ -68,7 +68,8 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
     position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
     stream = DataStream(
         dataset, cfg.batch_size // world, seed=cfg.seed, rank=rank, world_size=world,
-        flip=info.flip if cfg.flip is None else cfg.flip, num_workers=cfg.num_workers, **position,
+        flip=info.flip if cfg.flip is None else cfg.flip, num_workers=cfg.num_workers,
+        null_class=mc.num_classes, **position,
     )  # fmt: skip
     init = _init_weights(cfg.init_from, mc) if state is None and cfg.init_from else None
     # Model, EMA, optimizer: built identically on every rank; DDP also broadcasts rank 0's weights.

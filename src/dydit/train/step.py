@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dydit.conditioning import ClassLabels, Condition, network_input
 from dydit.constants import NUM_TIMESTEPS
 from dydit.diffusion import GaussianDiffusion
 from dydit.flops.analytic import flops_loss, flops_ratio
@@ -65,7 +66,7 @@ def compute_loss(
     net: nn.Module,
     diffusion: GaussianDiffusion | Transport,
     x0: Tensor,
-    y: Tensor,
+    y: Condition | Tensor,
     t: Tensor,
     noise: Tensor,
     *,
@@ -82,15 +83,17 @@ def compute_loss(
     Args:
         net: a :class:`TrainForward` (possibly DDP-wrapped).
         diffusion: the training process: the diffusion (all T steps) or a flow-matching transport.
-        x0: (B, C, H, W) clean data; y: (B,) labels; t: (B,) step indices (DDPM) or flow times in
-            [0, 1] (flow matching); noise: ε like x0.
+        x0: (B, C, H, W) clean data; y: the batch's :class:`~dydit.conditioning.Condition` (or its
+            labels (B,)), which reaches the network as its network input; t: (B,) step indices
+            (DDPM) or flow times in [0, 1] (flow matching); noise: ε like x0.
         lambda_t: the FLOPs target of this step (DyDiT), None for a static DiT.
         complete: add the complete-model loss (§5.2).
         flops_weight: w of the FLOPs loss; layer_costs: per-layer (A, M) of §5.3.
         bf16: run the network under bfloat16 autocast (the losses stay in float32).
         teacher: a frozen network ``teacher(x, t, y)`` (in eval mode); with ``distill_weight`` > 0
             the loss gains w_d · mean((out − teacher(x_t, t, y))²) over all output channels. The
-            class dropout is then drawn once here, so that student and teacher see the same labels.
+            class dropout is then drawn once here (:meth:`~dydit.conditioning.Condition.dropout`),
+            so that student and teacher see the same condition.
     Returns:
         (loss, parts, routing): the scalar loss, a dict of detached scalars, the router decisions.
     """
@@ -98,22 +101,23 @@ def compute_loss(
     x_t = diffusion.q_sample(x0, t, noise)
     t_model = diffusion.original_timesteps(t)
     distill = teacher is not None and distill_weight > 0
+    cond = y if isinstance(y, Condition) else ClassLabels(y, _model(net).y_embedder.num_classes)
     with cast, _labels_dropped_by_caller(net) if distill else contextlib.nullcontext():
-        y_in = _drop_labels(net, y) if distill else y
-        out, routing = net(x_t, t_model, y_in, "masked")
+        y_in = _drop_labels(net, cond) if distill else cond  # otherwise the network drops labels itself
+        out, routing = net(x_t, t_model, y_in.network_input(), "masked")
     terms = diffusion.loss_terms(out.float(), x0, x_t, t, noise)
     loss = terms["loss"].mean()  # §5.1: hybrid loss (DDPM) or flow-matching loss of the network
     parts = {"loss_diffusion": loss.detach()}
     parts.update({k: v.mean().detach() for k, v in terms.items() if k != "loss"})  # mse (+ vb for DDPM)
     if complete:
         with cast:
-            full, _ = net(x_t, t_model, y, "dense")
+            full, _ = net(x_t, t_model, cond.network_input(), "dense")
         complete_loss = diffusion.loss_terms(full.float(), x0, x_t, t, noise)["loss"].mean()
         loss = loss + complete_loss  # §5.2: keep the complete model healthy while routers prune
         parts["loss_complete"] = complete_loss.detach()
     if distill:
         with torch.no_grad(), cast:
-            target = teacher(x_t, t_model, y_in)
+            target = teacher(x_t, t_model, y_in.network_input())
         loss_distill = (out.float() - target.float()).square().mean()
         loss = loss + distill_weight * loss_distill
         parts["loss_distill"] = loss_distill.detach()
@@ -132,7 +136,7 @@ def measured_flops_ratio(
     model: nn.Module,
     diffusion: GaussianDiffusion | Transport,
     x0: Tensor,
-    y: Tensor,
+    y: Condition | Tensor,
     t: Tensor,
     noise: Tensor,
     layer_costs: tuple[float, float],
@@ -143,7 +147,7 @@ def measured_flops_ratio(
     model.eval()
     try:
         x_t = diffusion.q_sample(x0, t, noise)
-        _, routing = model.forward_with_routing(x_t, diffusion.original_timesteps(t), y)
+        _, routing = model.forward_with_routing(x_t, diffusion.original_timesteps(t), network_input(y))
         return float(flops_ratio(routing, *layer_costs))
     finally:
         model.train(was_training)
@@ -154,9 +158,10 @@ def _model(net: nn.Module) -> nn.Module:
     return (net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net).model
 
 
-def _drop_labels(net: nn.Module, y: Tensor) -> Tensor:
-    """Class dropout (docs/METHOD.md §1.2 item 4) drawn outside the network, as the network would."""
-    return _model(net).y_embedder.token_drop(y)
+def _drop_labels(net: nn.Module, cond: Condition) -> Condition:
+    """Class dropout (docs/METHOD.md §1.2 item 4) drawn outside the network, as the network would
+    (:meth:`~dydit.conditioning.Condition.dropout`: rows replaced by the condition's null)."""
+    return cond.dropout(_model(net).y_embedder.dropout_prob)
 
 
 @contextlib.contextmanager
