@@ -373,3 +373,23 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
         train(cfg.replace(steps=4))
     kept = torch.load(ckpt.state_path(cfg.out_dir), weights_only=True)
     assert kept["step"] == 2 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+
+
+def test_distillation_keeps_the_class_dropout():
+    # The dropout was once read inside the block that sets it to 0: with a teacher, no label was
+    # ever dropped, so the null class (what guidance needs) stopped being trained.
+    model = tiny_model(dynamic=True).train()
+    null = model.y_embedder.num_classes
+    seen = []
+
+    def teacher(x, t, y):
+        seen.append(y.clone())
+        return torch.zeros(x.shape[0], model.config.out_channels, *x.shape[2:])
+
+    x0, y, _ = _batch(64)
+    t = torch.arange(64) * 15
+    compute_loss(TrainForward(model), create_diffusion(), x0, y, t, torch.randn_like(x0), lambda_t=1.0,
+                 teacher=teacher, distill_weight=1.0)  # fmt: skip
+    dropped = (seen[0] == null).float().mean().item()
+    assert 0.02 < dropped < 0.3  # DiT's class dropout is 0.1
+    assert model.y_embedder.dropout_prob == 0.1  # restored

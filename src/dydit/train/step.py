@@ -102,8 +102,9 @@ def compute_loss(
     t_model = diffusion.original_timesteps(t)
     distill = teacher is not None and distill_weight > 0
     cond = y if isinstance(y, Condition) else ClassLabels(y, _model(net).y_embedder.num_classes)
+    # With a teacher the class dropout is drawn here, before the network is told not to draw it.
+    y_in = _drop_labels(net, cond) if distill else cond  # otherwise the network drops labels itself
     with cast, _labels_dropped_by_caller(net) if distill else contextlib.nullcontext():
-        y_in = _drop_labels(net, cond) if distill else cond  # otherwise the network drops labels itself
         out, routing = net(x_t, t_model, y_in.network_input(), "masked")
     terms = diffusion.loss_terms(out.float(), x0, x_t, t, noise)
     loss = terms["loss"].mean()  # §5.1: hybrid loss (DDPM) or flow-matching loss of the network
