@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from dydit import distributed
 from dydit.conditioning import ClassLabels, Condition, conditioned
 from dydit.data.codec import Codec
-from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, guided
+from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, RegisteredSampler, guided
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
-from dydit.flow import FLOW_SAMPLERS, Transport, flow_times
+from dydit.flow import FLOW_SAMPLERS, Transport
 from dydit.io import locked_dir
 from dydit.presets import ModelConfig
 from dydit.sample_io import (  # noqa: F401  (MANIFEST, load_png, save_grid: public here too)
@@ -102,21 +102,25 @@ class SamplingSettings:
         return self.sampler in FLOW_SAMPLERS
 
     @property
-    def function(self) -> Any:
-        """The sampler itself: ``SAMPLERS[sampler]`` or ``FLOW_SAMPLERS[sampler]``."""
+    def function(self) -> RegisteredSampler:
+        """The sampler itself: ``SAMPLERS[sampler]`` or ``FLOW_SAMPLERS[sampler]`` (callable; its
+        ``times`` says where it evaluates the network)."""
         return FLOW_SAMPLERS[self.sampler] if self.flow else SAMPLERS[self.sampler]
 
     def timesteps(self, num_timesteps: int) -> list[int]:
-        """The original timesteps the network will see (validates ``steps``)."""
+        """The original timesteps of a DDPM process of ``num_timesteps`` steps that ``steps`` keeps,
+        ascending (validates ``steps``)."""
         return space_timesteps(num_timesteps, self.steps)
 
-    def network_times(self, process: GaussianDiffusion | Transport) -> list[float]:
-        """The times the network will see with ``process``, in order of evaluation (validates the
-        pairing of sampler and process). Empty for the adaptive flow solver (not known in advance)."""
+    def network_times(self, process: GaussianDiffusion | Transport) -> list[int | float]:
+        """The distinct times the network will see with ``process``, in order of first evaluation
+        (DDPM: original timesteps, largest first; flow: t ascending): the sampler's declared
+        ``times`` (:class:`~dydit.diffusion.samplers.RegisteredSampler`), what a DyDiT's width plan
+        must cover. Validates the pairing of sampler and process. Empty for the adaptive flow
+        solver (not known in advance)."""
         check_process(self.sampler, process)
-        if isinstance(process, Transport):
-            return flow_times(self.sampler, int(self.steps), process)
-        return [float(t) for t in self.timesteps(process.num_timesteps)]
+        times = self.function.times(process, self.steps, **self.sampler_options())
+        return list(dict.fromkeys(times))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -338,7 +338,7 @@ def draw_pictures(
     from dydit.viz import flops_profile, router_heatmap, sample_grid, token_keep_overlay
 
     mc = model.config
-    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).timesteps(create_diffusion().num_timesteps)
+    ts = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps).network_times(create_process(mc))
     with execution(model, "masked"):
         profile = routing_profile(model, img_dyn, labels, ts, seed=cfg.seed, device=cfg.device)
     per_class = min(8, max(1, cfg.num_samples // mc.num_classes))

@@ -62,6 +62,25 @@ def resolve_device(name: str) -> str:
     return check_device(name)
 
 
+def sampler_names() -> tuple[str, ...]:
+    """Every registered sampler, DDPM ones first: the choices of ``--sampler``, read from the registries."""
+    from dydit.diffusion import SAMPLERS
+    from dydit.flow import FLOW_SAMPLERS
+
+    return (*SAMPLERS, *FLOW_SAMPLERS)
+
+
+def sampler_help() -> str:
+    """``--sampler`` help naming every registered sampler by the models it fits, with its summary."""
+    from dydit.diffusion import SAMPLERS
+    from dydit.flow import FLOW_SAMPLERS
+
+    def names(registry: dict) -> str:
+        return ", ".join(f"{k} ({v.summary})" if v.summary else k for k, v in registry.items())
+
+    return f"DDPM models: {names(SAMPLERS)}; flow-matching (SiT) models: {names(FLOW_SAMPLERS)}"
+
+
 def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "DiT-XL/2") -> None:
     p.add_argument("--model", default=default_model, help="model preset, e.g. DiT-XL/2, DyDiT-S/2, DiT-Ti/2")
     p.add_argument(

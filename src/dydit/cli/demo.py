@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from dydit.cli._common import non_negative_float, positive_int, resolve_device, seed_int, unit_interval
+from dydit.cli._common import (
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    sampler_help,
+    seed_int,
+    unit_interval,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="iterations of the live fine-tune (default 150)",
     )
     p.add_argument("--num-samples", type=positive_int, default=None, help="images per model (default 1000)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm++2m (default dpm++2m)")
+    p.add_argument("--sampler", default=None, help=f"{sampler_help()} (default dpm++2m)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default 20)")
     p.add_argument(
         "--cfg-scale", type=non_negative_float, default=None, help="guidance scale (default 1: none)"

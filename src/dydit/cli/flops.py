@@ -17,12 +17,13 @@ from dydit.cli._common import (
     non_negative_float,
     positive_int,
     resolve_device,
+    sampler_help,
     seed_int,
 )
 from dydit.errors import DyditError
+from dydit.presets import ROUTER_LAYOUTS
 
 DEFAULT_MODEL = "DiT-XL/2"
-_SAMPLER_NAMES = "ddpm, ddim, dpm++2m (DDPM models); euler, heun, sde (flow-matching models)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p, default_model=None)
     p.add_argument(
         "--router-layout",
-        choices=("forced_first", "all"),
+        choices=ROUTER_LAYOUTS,
         default=None,
         help="router layout of the DyDiT checkpoint (default: read from the router shapes)",
     )
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sampler",
         default=None,
-        help=f"sampler that drives the measured trajectory: {_SAMPLER_NAMES} (default ddpm, or euler "
+        help=f"sampler that drives the measured trajectory; {sampler_help()} (default ddpm, or euler "
         "for a flow-matching model)",
     )
     p.add_argument(

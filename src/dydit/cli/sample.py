@@ -17,7 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dydit.cli._common import add_model_options, non_negative_float, positive_int, resolve_device, seed_int
+from dydit.cli._common import (
+    add_model_options,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    sampler_help,
+    sampler_names,
+    seed_int,
+)
+from dydit.diffusion import GUIDANCE_CHANNELS
 from dydit.errors import DyditError
 
 DEFAULT_CFG_SCALE = 1.5  # DiT's and DyDiT's FID setting (docs/METHOD.md §7.1)
@@ -91,11 +100,10 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument(
         "--sampler",
-        choices=("ddpm", "ddim", "dpm++2m", "euler", "heun", "sde", "adaptive"),
+        choices=sampler_names(),
         default=None,
-        help="DDPM models: ddpm, ddim, dpm++2m; flow-matching (SiT) models: euler, heun (2 network "
-        "evaluations per step), sde (Euler-Maruyama) or adaptive (dopri5, needs torchdiffeq). "
-        "Default: ddpm, or euler for a flow model (the checkpoint's config says which it is)",
+        help=f"{sampler_help()}. Default: ddpm, or euler for a flow model (the checkpoint's config "
+        "says which it is)",
     )
     g.add_argument(
         "--steps",
@@ -116,7 +124,7 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--guidance-channels",
-        choices=("all", "dit_compat"),
+        choices=GUIDANCE_CHANNELS,
         default="all",
         help="guide all eps (or velocity) channels (default) or only the first 3, as the official "
         "DiT, DyDiT and SiT code",
@@ -302,7 +310,7 @@ def _describe_times(times: list[float], settings: Any) -> str:
         if not times:
             return "flow times chosen by the adaptive solver"
         return f"{len(times)} flow times {times[0]:g}..{times[-1]:g} (t = 0 noise, 1 data)"
-    return f"{len(times)} original timesteps {int(times[-1])}..{int(times[0])}"
+    return f"{len(times)} original timesteps {int(times[0])}..{int(times[-1])}"
 
 
 def run(args: argparse.Namespace) -> int:

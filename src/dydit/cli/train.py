@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from dydit.cli._common import non_negative_float, positive_int, seed_int
-from dydit.presets import dydit_name, is_sit_name
+from dydit.presets import FLOW_PATHS, FLOW_PREDICTIONS, OBJECTIVES
 
 if TYPE_CHECKING:
     from dydit.train.config import TrainConfig
@@ -71,16 +71,16 @@ def _add_model_group(p: argparse.ArgumentParser, d: TrainConfig, *, finetune: bo
         help="override a model config field, e.g. depth=4 or learn_sigma=false (repeatable)",
     )  # fmt: skip
     g.add_argument(
-        "--objective", choices=("ddpm", "flow"), default=None,
+        "--objective", choices=OBJECTIVES, default=None,
         help="training objective: ddpm (DiT's epsilon prediction) or flow (flow matching, SiT); "
         "default: the preset's (SiT-* are flow) or the --init-from weights'",
     )  # fmt: skip
     g.add_argument(
-        "--flow-path", choices=("linear", "gvp"), default=None,
+        "--flow-path", choices=FLOW_PATHS, default=None,
         help="flow matching: the interpolant path (default linear, SiT's)",
     )  # fmt: skip
     g.add_argument(
-        "--flow-prediction", choices=("velocity", "noise", "score"), default=None,
+        "--flow-prediction", choices=FLOW_PREDICTIONS, default=None,
         help="flow matching: what the network predicts (default velocity, SiT's)",
     )  # fmt: skip
     g.add_argument(
@@ -93,6 +93,8 @@ def _add_model_group(p: argparse.ArgumentParser, d: TrainConfig, *, finetune: bo
 
 def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     """Dataset, image size, augmentation, loader and latent cache."""
+    from dydit.train.config import FITS
+
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", default=d.data,
@@ -106,7 +108,7 @@ def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         "images share, at most 256)",
     )  # fmt: skip
     g.add_argument(
-        "--fit", choices=("pad", "resize"), default=d.fit,
+        "--fit", choices=FITS, default=d.fit,
         help="how images reach --image-size: pad (default: centre an image no larger than the size on "
         "black, centre-crop a larger one) or resize (the ADM centre crop, DiT's pipeline)",
     )  # fmt: skip
@@ -245,25 +247,9 @@ def _add_run_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 def config_from_args(args: argparse.Namespace, *, finetune: bool):
     """The :class:`TrainConfig` the parsed options describe."""
-    from dydit.train.config import TrainConfig, model_spec
+    from dydit.train.config import TrainConfig, run_model
 
-    overrides = dict(args.model_option)
-    model = args.model
-    if args.init_from is not None and model is not None:
-        from dydit.checkpoint import weight_conventions
-
-        # A named preset starting from these weights keeps their objective and numerics.
-        overrides = {**weight_conventions(args.init_from), **overrides}
-    if finetune and model is None:
-        from dydit.checkpoint import model_config
-
-        # The file's own config, else its training args, else the preset its shapes match.
-        model, stored_overrides = model_spec(model_config(args.init_from), dynamic=True)
-        overrides = {**stored_overrides, **overrides}
-    elif finetune and is_sit_name(model):
-        overrides = {"dynamic": True, **overrides}  # a DyDiT on a flow-matching (SiT) network
-    elif finetune:
-        model = dydit_name(model)
+    model, overrides = run_model(args.init_from, args.model, dict(args.model_option), finetune=finetune)
     flow = {"objective": args.objective, "flow_path": args.flow_path, "flow_prediction": args.flow_prediction}
     overrides.update({k: v for k, v in flow.items() if v is not None})  # explicit flags win
     data = args.data

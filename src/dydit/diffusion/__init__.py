@@ -12,7 +12,15 @@ timesteps; nothing here imports a model class. Typical use::
 from dydit.diffusion.gaussian import GaussianDiffusion, ModelFn
 from dydit.diffusion.guidance import GUIDANCE_CHANNELS, guided
 from dydit.diffusion.respace import create_diffusion, respace
-from dydit.diffusion.samplers import SAMPLERS, Sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from dydit.diffusion.samplers import (
+    SAMPLERS,
+    RegisteredSampler,
+    Sampler,
+    respaced_times,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+)
 from dydit.diffusion.schedules import linear_betas, space_timesteps
 
 __all__ = [
@@ -20,11 +28,13 @@ __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
     "ModelFn",
+    "RegisteredSampler",
     "Sampler",
     "create_diffusion",
     "guided",
     "linear_betas",
     "respace",
+    "respaced_times",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",

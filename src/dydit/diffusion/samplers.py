@@ -15,12 +15,21 @@ Every sampler is a plain ``@torch.no_grad()`` function::
 
 Swapping samplers is a one-word edit of the ``SAMPLERS`` registry key. All three use N network
 evaluations for N steps and end with the prediction of x_0 at the last (smallest) timestep.
+
+**Which times a sampler evaluates** is declared once, beside the sampler: each registry entry is a
+:class:`RegisteredSampler` whose ``times(process, steps, **options)`` lists the time the network
+receives at each evaluation, in order (one entry per evaluation). Here every sampler walks the
+respaced process ``respace(diffusion, steps)`` from its last step down, so its times are that
+process's ``timestep_map`` reversed. A DyDiT's width plan, ``dydit flops`` and ``dydit sample
+--dry-run`` ask these functions (through :meth:`dydit.sample.SamplingSettings.network_times`);
+tests/test_sampler_times.py runs every registered sampler and checks they agree.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +58,25 @@ class Sampler(Protocol):
     ) -> Tensor: ...
 
 
+@dataclass(frozen=True)
+class RegisteredSampler:
+    """A sampler and the times it evaluates the network at, declared together.
+
+    ``entry(model_fn, noise, process, steps, **options)`` runs ``entry.run``; ``entry.times(process,
+    steps, **options)`` is the time the network receives at each of its evaluations, in order (an
+    empty list when they are not known in advance: the adaptive flow solver). ``times`` takes the
+    sampler's own options too (those that do not move the grid are ignored), so one set of options
+    serves both. ``summary``: a few words for ``--help`` (empty: the name says it).
+    """
+
+    run: Callable[..., Tensor]
+    times: Callable[..., list[Any]]
+    summary: str = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.run(*args, **kwargs)
+
+
 def randn_per_image(like: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
     """Standard normal noise shaped like ``like``; row b drawn from ``generators[b]`` if given.
 
@@ -61,6 +89,13 @@ def randn_per_image(like: Tensor, generators: Sequence[torch.Generator] | None) 
         raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}")
     rows = [torch.randn(like.shape[1:], generator=g, device=g.device) for g in generators]
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+
+def respaced_times(diffusion: GaussianDiffusion, steps: Steps = DEFAULT_STEPS, **_options: Any) -> list[int]:
+    """The original timesteps the DDPM samplers evaluate with ``steps``, in order (largest first):
+    the ``timestep_map`` of ``respace(diffusion, steps)``, walked from its last step down as
+    :func:`_steps_desc` does. The samplers' other options do not move the grid."""
+    return respace(diffusion, steps).timestep_map.flip(0).tolist()
 
 
 def _steps_desc(d: GaussianDiffusion, noise: Tensor, progress: bool, name: str):
@@ -176,4 +211,8 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}
+SAMPLERS: dict[str, RegisteredSampler] = {
+    "ddpm": RegisteredSampler(sample_ddpm, respaced_times),
+    "ddim": RegisteredSampler(sample_ddim, respaced_times),
+    "dpm++2m": RegisteredSampler(sample_dpmpp_2m, respaced_times),
+}

@@ -26,7 +26,7 @@ from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
 from dydit.flops.formulas import config_macs_table, layer_costs, token_router_macs
-from dydit.flow import Transport, create_process
+from dydit.flow import create_process
 from dydit.presets import ModelConfig
 from dydit.sample import SamplingSettings
 
@@ -85,7 +85,7 @@ def schedule_flops(
     cfg = model.config
     process = create_process(cfg)
     settings = SamplingSettings(sampler=sampler, steps=steps or DEFAULT_STEPS)
-    settings.network_times(process)  # a known sampler and valid steps that fit the model's process
+    times = settings.network_times(process)  # the sampler's declared times; validates the pairing
     if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
     dev = torch.device(device)
@@ -100,8 +100,9 @@ def schedule_flops(
         settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
     attn_cost, mlp_cost = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
     rows = []
-    # from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching
-    for t in sorted(recorder.by_timestep, reverse=not isinstance(process, Transport)):
+    # in the sampler's order, from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching
+    # (the adaptive solver declares none: the times it chose, ascending)
+    for t in times or sorted(recorder.by_timestep):
         h, g, k = recorder.decisions(t)
         rows.append(
             StepFlops(

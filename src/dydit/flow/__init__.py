@@ -6,6 +6,7 @@ t ∈ [0, 1] (0 = noise, 1 = data); nothing here imports a model class. Typical 
     transport = Transport("linear", "velocity")                      # SiT's default
     terms = transport.loss_terms(model(x_t, t, y), x0, x_t, t, noise)  # {"loss", "mse"}, each (B,)
     x0 = FLOW_SAMPLERS["heun"](guided(model, 1.5, 1000), noise, transport, 25, model_kwargs=dict(y=y))
+    FLOW_SAMPLERS["heun"].times(transport, 25)                         # the 50 times the network sees
 
 :func:`create_process` picks the process a model was trained with from its config (``objective``,
 ``flow_path``, ``flow_prediction``), so sampling and training never guess it.
@@ -22,10 +23,12 @@ from dydit.flow.samplers import (
     FlowSampler,
     evaluations,
     flow_times,
+    ode_grid,
     sample_adaptive,
     sample_euler,
     sample_heun,
     sample_sde,
+    sde_grid,
 )
 from dydit.flow.transport import PATHS, PREDICTIONS, Transport
 
@@ -38,10 +41,12 @@ __all__ = [
     "create_process",
     "evaluations",
     "flow_times",
+    "ode_grid",
     "sample_adaptive",
     "sample_euler",
     "sample_heun",
     "sample_sde",
+    "sde_grid",
 ]
 
 

@@ -36,6 +36,11 @@ docs/METHOD.md §3.6):
   ``interval[0]``: 0, or eps = 10⁻³ for noise and score.
 - The ODEs use ``transport.interval`` as SiT's ``sample_ode`` does: [0, 1] for velocity, [eps, 1 − eps]
   for noise and score.
+
+Each sampler walks a grid built by one function (:func:`ode_grid`, :func:`sde_grid`), and its
+registry entry (:class:`~dydit.diffusion.samplers.RegisteredSampler`) derives from the same grid
+``times(transport, steps, **options)``: the float32 time of each network evaluation, in order,
+what a DyDiT's width plan is keyed by (tests/test_sampler_times.py checks each against a run).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dydit.diffusion.samplers import randn_per_image
+from dydit.diffusion.samplers import RegisteredSampler, randn_per_image
 from dydit.errors import DyditError
 from dydit.flow.transport import Transport
 
@@ -98,16 +103,59 @@ def _check_last_step(transport: Transport, last_step: float) -> None:
         raise DyditError(f"last_step must be in (0, {t1 - t0}), got {last_step}")
 
 
-def _times(t0: float, t1: float, n: int) -> list[float]:
-    """The n + 1 points of the uniform grid of n steps on [t0, t1]."""
+def _uniform(t0: float, t1: float, n: int) -> list[float]:
+    """The n + 1 points of the uniform grid of n steps on [t0, t1], in float64."""
     return torch.linspace(t0, t1, n + 1, dtype=torch.float64).tolist()
 
 
-def _grid(t0: float, t1: float, n: int, progress: bool, name: str) -> Iterator[tuple[float, float]]:
-    """Consecutive (t, t_next) pairs of the uniform grid of n steps on [t0, t1]."""
-    ts = _times(t0, t1, n)
-    for i in tqdm(range(n), desc=name, disable=not progress, leave=False):
-        yield ts[i], ts[i + 1]
+def ode_grid(transport: Transport, steps: int) -> list[float]:
+    """The N + 1 points Euler and Heun step through: N uniform steps on ``transport.interval``."""
+    n = _check(transport, steps)
+    return _uniform(*transport.interval, n)
+
+
+def sde_grid(transport: Transport, steps: int, last_step: float = DEFAULT_LAST_STEP) -> list[float]:
+    """The N points of the SDE sampler's N − 1 stochastic steps on [t0, t1 − δ] (δ = ``last_step``);
+    its last, deterministic step goes from the final point, t1 − δ, to t1."""
+    n = _check(transport, steps, minimum=2)
+    _check_last_step(transport, last_step)
+    t0, t1 = transport.interval
+    return _uniform(t0, t1 - last_step, n - 1)
+
+
+def _pairs(grid: list[float], progress: bool, name: str) -> Iterator[tuple[float, float]]:
+    """Consecutive (t, t_next) points of ``grid``."""
+    for i in tqdm(range(len(grid) - 1), desc=name, disable=not progress, leave=False):
+        yield grid[i], grid[i + 1]
+
+
+def _network_times(times: list[float]) -> list[float]:
+    """The times as the network receives them: the samplers hand it float32 (:func:`_velocity`)."""
+    return torch.tensor(times, dtype=torch.float32).tolist()
+
+
+def euler_times(transport: Transport, steps: int, **_options: Any) -> list[float]:
+    """Euler evaluates at each grid point but the last: N times."""
+    return _network_times(ode_grid(transport, steps)[:-1])
+
+
+def heun_times(transport: Transport, steps: int, **_options: Any) -> list[float]:
+    """Heun evaluates at both ends of each step: 2N times (inner points twice)."""
+    grid = ode_grid(transport, steps)
+    return _network_times([t for pair in zip(grid[:-1], grid[1:]) for t in pair])
+
+
+def sde_times(
+    transport: Transport, steps: int, *, last_step: float = DEFAULT_LAST_STEP, **_options: Any
+) -> list[float]:
+    """Euler–Maruyama evaluates at each point of its grid, the last (t1 − δ) for the final step: N times."""
+    return _network_times(sde_grid(transport, steps, last_step))
+
+
+def adaptive_times(transport: Transport, steps: int = 0, **_options: Any) -> list[float]:
+    """Not known in advance (the solver picks them): empty. A sliced engine plans each on first use."""
+    _check(transport, max(int(steps), 1))
+    return []
 
 
 @torch.no_grad()
@@ -116,9 +164,8 @@ def sample_euler(
     generators=None, progress: bool = False,
 ) -> Tensor:  # fmt: skip
     """Explicit Euler on dx/dt = v(x, t): first order, N evaluations."""
-    n = _check(transport, steps)
     x = noise
-    for t, t_next in _grid(*transport.interval, n, progress, "euler"):
+    for t, t_next in _pairs(ode_grid(transport, steps), progress, "euler"):
         x = x + (t_next - t) * _velocity(model_fn, transport, x, t, model_kwargs)
     return x
 
@@ -129,9 +176,8 @@ def sample_heun(
     generators=None, progress: bool = False,
 ) -> Tensor:  # fmt: skip
     """Heun's method (explicit trapezoid): second order, 2N evaluations."""
-    n = _check(transport, steps)
     x = noise
-    for t, t_next in _grid(*transport.interval, n, progress, "heun"):
+    for t, t_next in _pairs(ode_grid(transport, steps), progress, "heun"):
         h = t_next - t
         v = _velocity(model_fn, transport, x, t, model_kwargs)
         v_next = _velocity(model_fn, transport, x + h * v, t_next, model_kwargs)
@@ -153,20 +199,18 @@ def sample_sde(
 
     The SDE has the marginals of the probability-flow ODE dx = v dt; N ≥ 2 evaluations.
     """
-    n = _check(transport, steps, minimum=2)
-    t0, t1 = transport.interval
-    _check_last_step(transport, last_step)
+    grid = sde_grid(transport, steps, last_step)
     if not diffusion_norm >= 0:
         raise DyditError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
     x = noise
-    for t, t_next in _grid(t0, t1 - last_step, n - 1, progress, "sde"):
+    for t, t_next in _pairs(grid, progress, "sde"):
         h = t_next - t
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         v = _velocity(model_fn, transport, x, t, model_kwargs)
         drift = v + diffusion_norm * transport.sigma_score(v, x, tt)  # w_t ∇log p = norm · σ_t ∇log p
         w = diffusion_norm * float(transport.coefficients(tt[:1])[1])
         x = x + h * drift + (2 * w * h) ** 0.5 * randn_per_image(x, generators)
-    return x + last_step * _velocity(model_fn, transport, x, t1 - last_step, model_kwargs)
+    return x + last_step * _velocity(model_fn, transport, x, grid[-1], model_kwargs)
 
 
 @torch.no_grad()
@@ -197,40 +241,31 @@ def sample_adaptive(
     return odeint(f, noise.double(), times, method=method, atol=atol, rtol=rtol)[-1].to(noise.dtype)
 
 
-FLOW_SAMPLERS: dict[str, FlowSampler] = {
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "sde": sample_sde,
-    "adaptive": sample_adaptive,
+FLOW_SAMPLERS: dict[str, RegisteredSampler] = {
+    "euler": RegisteredSampler(sample_euler, euler_times),
+    "heun": RegisteredSampler(sample_heun, heun_times, "2 network evaluations per step"),
+    "sde": RegisteredSampler(sample_sde, sde_times, "Euler-Maruyama"),
+    "adaptive": RegisteredSampler(sample_adaptive, adaptive_times, "dopri5, needs torchdiffeq"),
 }
-_EVALS_PER_STEP = {"euler": 1, "heun": 2, "sde": 1}
 
 
 def evaluations(sampler: str, steps: int) -> int | None:
-    """Network evaluations of a fixed-step flow sampler for ``steps`` steps (None: adaptive)."""
+    """Network evaluations of a fixed-step flow sampler for ``steps`` steps (None: adaptive): the
+    length of its declared times."""
     if sampler not in FLOW_SAMPLERS:
         raise DyditError(f"unknown flow sampler {sampler!r}; choose one of {', '.join(FLOW_SAMPLERS)}")
-    return None if sampler == "adaptive" else _EVALS_PER_STEP[sampler] * steps
+    return len(FLOW_SAMPLERS[sampler].times(Transport(), steps)) or None
 
 
 def flow_times(
     sampler: str, steps: int, transport: Transport, *, last_step: float = DEFAULT_LAST_STEP
 ) -> list[float]:
-    """The times (descending noise, i.e. ascending t) a fixed-step sampler evaluates the network at.
+    """The distinct times (ascending t, from the noise end) a fixed-step sampler evaluates the network
+    at: its declared ``times`` without repeats.
 
     What a DyDiT's width plan must cover. ``last_step`` is the SDE sampler's δ (give the value the
     sampler runs with; ignored by the ODEs). Empty for the adaptive solver (its times are not known
     in advance; the sliced engine then plans each new time on first use).
     """
     evaluations(sampler, steps)
-    t0, t1 = transport.interval
-    if sampler == "adaptive":
-        return []
-    if sampler == "sde":  # N − 1 stochastic steps on [t0, t1 − δ], then the last one from t1 − δ
-        _check_last_step(transport, last_step)
-        times = _times(t0, t1 - last_step, steps - 1)
-    else:
-        grid = _times(t0, t1, steps)
-        times = grid[:-1] if sampler == "euler" else grid
-    # the samplers hand the network float32 times (_velocity); a plan is keyed by those values
-    return [float(torch.tensor(t, dtype=torch.float32)) for t in times]
+    return list(dict.fromkeys(FLOW_SAMPLERS[sampler].times(transport, steps, last_step=last_step)))

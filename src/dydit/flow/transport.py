@@ -39,11 +39,12 @@ import torch
 from torch import Tensor
 
 from dydit.errors import DyditError
+from dydit.presets import FLOW_PATHS, FLOW_PREDICTIONS
 
 Path = Literal["linear", "gvp"]
 Prediction = Literal["velocity", "noise", "score"]
-PATHS: tuple[str, ...] = ("linear", "gvp")
-PREDICTIONS: tuple[str, ...] = ("velocity", "noise", "score")
+PATHS: tuple[str, ...] = FLOW_PATHS  # the registry a model config is checked against (dydit.presets)
+PREDICTIONS: tuple[str, ...] = FLOW_PREDICTIONS
 DEFAULT_EPS = 1e-3  # the end-point margin of noise/score predictions (SiT's train/sample eps)
 
 

@@ -21,7 +21,7 @@ from dydit.constants import (
 )
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
-from dydit.presets import ModelConfig, get_model_config
+from dydit.presets import ModelConfig, dydit_name, get_model_config, is_sit_name
 
 GradGuard = Literal["clip", "skip", "none"]
 GRAD_GUARDS: tuple[str, ...] = ("clip", "skip", "none")
@@ -258,3 +258,42 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
     target = config.replace(dynamic=dynamic)
     base = get_model_config(name)
     return name, {k: v for k, v in target.to_dict().items() if getattr(base, k) != v}
+
+
+def run_model(
+    init_from: str | None,
+    model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    finetune: bool,
+) -> tuple[str, dict[str, Any]]:
+    """The (preset name, overrides) of the model a run trains from ``init_from`` (``--init-from``) and
+    ``model`` (``--model``); ``dydit train``, ``dydit finetune`` and :func:`dydit.train.finetune` all
+    ask this.
+
+    - A named preset starting from a file keeps the file's objective and numerics
+      (:func:`~dydit.checkpoint.weight_conventions`).
+    - A fine-tune without ``model`` becomes the DyDiT version of the file's own model: its stored
+      config, else its training args, else the preset its shapes match (:func:`model_spec`).
+    - A fine-tune of a named DiT preset becomes its ``DyDiT-*`` preset; of a SiT preset, the SiT
+      with ``dynamic=True`` (a DyDiT on a flow-matching network).
+
+    ``overrides`` (the user's ``--model-option``) win over what the file says.
+    """
+    overrides = dict(overrides or {})
+    if init_from is not None and model is not None:
+        from dydit.checkpoint import weight_conventions
+
+        overrides = {**weight_conventions(init_from), **overrides}
+    if finetune and model is None:
+        from dydit.checkpoint import model_config
+
+        model, stored = model_spec(model_config(str(init_from)), dynamic=True)
+        overrides = {**stored, **overrides}
+    elif finetune and is_sit_name(model):
+        overrides = {"dynamic": True, **overrides}
+    elif finetune:
+        model = dydit_name(model)
+    if model is None:
+        raise DyditError("no model: give --model (a preset name)")
+    return model, overrides

@@ -36,7 +36,7 @@ from dydit.io import locked_dir
 from dydit.log import FILE_ONLY, RunLogger, report
 from dydit.models.dydit import RoutingStats
 from dydit.train import state as ckpt
-from dydit.train.config import TrainConfig
+from dydit.train.config import TrainConfig, run_model
 from dydit.train.ema import ema_decay, update_ema
 from dydit.train.run import Run, load_teacher, save, set_up
 from dydit.train.step import (
@@ -100,16 +100,15 @@ def finetune(init_from: str | Path, target: float, **options: Any) -> TrainResul
 
     The model is the DyDiT version of the checkpoint's own model (its stored config, else the
     preset its shapes match), with fresh routers; ``options`` are further :class:`TrainConfig`
-    fields (``steps``, ``out_dir``, ``complete_steps``, ``distill_weight``, ...). Equivalent to
-    ``dydit finetune --init-from PATH --target λ``; rerunning resumes.
+    fields (``steps``, ``out_dir``, ``complete_steps``, ``distill_weight``, ...); ``model`` names a
+    preset instead, as ``--model`` does. Equivalent to ``dydit finetune --init-from PATH --target λ``
+    (both ask :func:`~dydit.train.config.run_model`); rerunning resumes.
     """
-    from dydit.checkpoint import model_config
-    from dydit.train.config import model_spec
-
-    name, overrides = model_spec(model_config(str(init_from)), dynamic=True)
-    overrides = {**overrides, **options.pop("model_overrides", {})}
+    path = str(init_from)
+    user = options.pop("model", None), options.pop("model_overrides", {})
+    model, overrides = run_model(path, *user, finetune=True)
     return train(
-        TrainConfig(model=name, model_overrides=overrides, init_from=str(init_from), target=target, **options)
+        TrainConfig(model=model, model_overrides=overrides, init_from=path, target=target, **options)
     )
 
 
