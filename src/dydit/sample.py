@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from dydit import distributed
 from dydit.conditioning import ClassLabels, Condition, conditioned
 from dydit.data.codec import Codec
-from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, RegisteredSampler, guided
-from dydit.diffusion.samplers import DEFAULT_STEPS
+from dydit.diffusion import GUIDANCE_CHANNELS, SAMPLERS, GaussianDiffusion, ModelFn, guided
+from dydit.diffusion.samplers import DEFAULT_STEPS, RegisteredSampler
 from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
 from dydit.flow import FLOW_SAMPLERS, Transport
@@ -269,7 +269,7 @@ def check_process(sampler: str, process: Any, config: ModelConfig | None = None)
         raise DyditError(f"this is {kind} model but the process is {type(process).__name__}")
     if flow_sampler and not isinstance(process, Transport):
         raise DyditError(
-            f"{sampler} is a flow-matching sampler and this is a DDPM model: use ddpm, ddim or dpm++2m"
+            f"{sampler} is a flow-matching sampler and this is a DDPM model: use {', '.join(SAMPLERS)}"
         )
     if not flow_sampler and isinstance(process, Transport):
         raise DyditError(

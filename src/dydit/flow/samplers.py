@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dydit.diffusion.samplers import RegisteredSampler, randn_per_image
+from dydit.diffusion.samplers import SAMPLERS, RegisteredSampler, randn_per_image
 from dydit.errors import DyditError
 from dydit.flow.transport import Transport
 
@@ -77,7 +77,7 @@ def _check(transport: Any, steps: Any, minimum: int = 1) -> int:
     if not isinstance(transport, Transport):
         raise DyditError(
             f"flow samplers need a flow-matching model (a Transport), got {type(transport).__name__}: "
-            "use a DDPM sampler (ddpm, ddim, dpm++2m) for this model"
+            f"use a DDPM sampler ({', '.join(SAMPLERS)}) for this model"
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < minimum:
         raise DyditError(f"flow samplers take a number of steps >= {minimum}, got {steps!r}")
