@@ -269,7 +269,7 @@ def check_process(sampler: str, process: Any, config: ModelConfig | None = None)
         raise DyditError(f"this is {kind} model but the process is {type(process).__name__}")
     if flow_sampler and not isinstance(process, Transport):
         raise DyditError(
-            f"{sampler} is a flow-matching sampler and this is a DDPM model: use {', '.join(SAMPLERS)}"
+            f"{sampler} is a flow-matching sampler and this is a DDPM model: use ddpm, ddim or dpm++2m"
         )
     if not flow_sampler and isinstance(process, Transport):
         raise DyditError(
