@@ -16,54 +16,15 @@ gathered kept tokens with the weights of the active groups, which changes the wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dydit.constants import LAYERNORM_EPS
 from dydit.errors import DyditError
+from dydit.models.backbone import full_weights
 from dydit.models.dit import DiTBlock
-from dydit.models.layers import attention, modulate
-from dydit.models.routers import TokenRouter, WidthRouter, gumbel_sigmoid, token_router_logits
-
-# (qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads): the arguments of layers.attention.
-AttnWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor, int]
-RouterWeights = tuple[Tensor, Tensor, Tensor, Tensor]  # (w1, b1, w2, b2) of the SDT router
-
-
-def attention_half(
-    x: Tensor,
-    mod: Sequence[Tensor],
-    attn: AttnWeights,
-    eps: float,
-    mlp_eps: float,
-    head_mask: Tensor | None = None,
-    router: RouterWeights | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The block up to the MLP: attention update, token-router logits and the MLP input.
-
-    Args:
-        x: (B, N, D) residual stream.
-        mod: the six adaLN vectors (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-            gate_mlp), each (B, D).
-        attn: attention weights, all heads or only the active ones (see :data:`AttnWeights`).
-        eps, mlp_eps: LayerNorm epsilons before attention and before the MLP.
-        head_mask: (B, H) 0/1 head mask, when ``attn`` holds all heads.
-        router: SDT router weights; None leaves the token decision to the caller.
-
-    Returns:
-        x after the attention branch (B, N, D), the MLP input h (B, N, D) and the token logits
-        (B, N) on that x, or None without ``router``.
-    """
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = mod
-    d = x.shape[-1]
-    a = attention(modulate(F.layer_norm(x, (d,), eps=eps), shift_msa, scale_msa), *attn, head_mask)
-    x = torch.addcmul(x, gate_msa.unsqueeze(1), a)  # (B, N, D); no head: gate_msa * proj.bias
-    logits = None if router is None else token_router_logits(x, *router)  # (B, N)
-    h = modulate(F.layer_norm(x, (d,), eps=mlp_eps), shift_mlp, scale_mlp)  # (B, N, D)
-    return x, h, logits
+from dydit.models.routers import TokenRouter, WidthRouter, gumbel_sigmoid
 
 
 def token_skip(x: Tensor, tokens: Tensor, gate_mlp: Tensor, update: Tensor) -> Tensor:
@@ -109,11 +70,6 @@ class DyDiTBlock(DiTBlock):
         """Token-router logits (B, N) on the post-attention residual stream x (B, N, D)."""
         return self.token_selection.logits(x)
 
-    def attention_weights(self) -> AttnWeights:
-        """All heads' attention weights, the ``attn`` argument of :func:`attention_half`."""
-        qkv, proj = self.attn.qkv, self.attn.proj
-        return qkv.weight, qkv.bias, proj.weight, proj.bias, self.num_heads
-
     def masked_attention(self, h: Tensor, heads: Tensor) -> Tensor:
         """Attention whose masked heads are zeroed before ``proj`` (proj.bias still added)."""
         return self.attn(h, head_mask=heads)  # (B, N, D)
@@ -138,7 +94,8 @@ class DyDiTBlock(DiTBlock):
         """
         mod = self.modulation(c)
         self.attn.record_macs(x)
-        x, h, _ = attention_half(x, mod, self.attention_weights(), self.norm1.eps, self.norm2.eps, heads)
+        weights = full_weights(self, self.head_units)
+        x, _, h = self.attention_half(x, mod, weights, self.num_heads, self.static, heads)
         if tokens is None:
             logits = self.token_logits(x) if token_logits is None else token_logits(x)
             tokens = gumbel_sigmoid(logits, self.token_selection.training)  # (B, N)
