@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dydit.constants import NUM_TIMESTEPS
 from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
+from dydit.models.dynamic import masked_layers
 
 # Router biases that keep an output always on / always off, whatever t is.
 _ALWAYS = 1e4
@@ -172,24 +173,25 @@ def masked_forward(
 ) -> Tensor:
     """Reference DyDiT inference by masking (docs/METHOD.md §2, §3.3, §4.2): full tensors times 0/1 masks.
 
-    Runs each block's :meth:`~dydit.models.block.DyDiTBlock.forward_masked` with evaluation
+    Runs the masked layer loop (:func:`~dydit.models.dynamic.masked_layers`) with evaluation
     width masks (per sample: each sample's own t). ``width_masks(t)`` may replace the model's,
     ``token_logits(layer, x)`` the token routers, and ``token_hook(layer, logits)`` may rewrite the
     logits (used by the token calibration). Returns (B, C_out, H, W).
     """
     width_masks = width_masks or model.width_masks
     t = t.expand(x.shape[0]) if t.ndim == 0 else t
-    tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-    head_masks, group_masks = width_masks(t)  # (B, L, H) each
-    for layer, block in enumerate(model.blocks):
+    state, c, _ = model.embed(x, t, y)
+    head_masks, group_masks = width_masks(t)  # (B, L, H), (B, L, G)
 
-        def select(z: Tensor, layer: int = layer, block: nn.Module = block) -> Tensor:
-            logits = block.token_logits(z) if token_logits is None else token_logits(layer, z)
-            return logits if token_hook is None else token_hook(layer, logits)
+    def width(layer: int, block: nn.Module) -> tuple[Tensor, Tensor]:
+        return head_masks[:, layer].to(c.dtype), group_masks[:, layer].to(c.dtype)
 
-        heads, groups = head_masks[:, layer].to(tokens.dtype), group_masks[:, layer].to(tokens.dtype)
-        tokens, _ = block.forward_masked(tokens, c, heads, groups, token_logits=select)
-    return model.head(tokens, c)
+    def select(layer: int, z: Tensor) -> Tensor:
+        logits = model.blocks[layer].token_logits(z) if token_logits is None else token_logits(layer, z)
+        return logits if token_hook is None else token_hook(layer, logits)
+
+    state, _ = masked_layers(model.blocks, state, c, width, select)
+    return model.head(state, c)
 
 
 @torch.no_grad()

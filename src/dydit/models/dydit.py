@@ -1,8 +1,8 @@
 """DyDiT: DiT with timestep-wise dynamic width and spatial-wise dynamic tokens (arXiv 2410.03456).
 
-docs/METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The block and its dynamic
-computation live in models/block.py; this module holds the model: routing statistics, width plans
-and the execution modes. ``model.execution`` is one of
+docs/METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The routers, the masked
+dynamic layer and its loop live in models/dynamic.py; this module holds the model: width plans and
+the execution modes. ``model.execution`` is one of
 
 - ``"dense"``: the complete DiT (routers bypassed);
 - ``"masked"`` (default): 0/1 masks multiply full tensors, static shapes (training, reference);
@@ -16,15 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from dydit.constants import TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
 from dydit.errors import DyditError
-from dydit.models.block import DyDiTBlock
-from dydit.models.dit import DiT
+from dydit.models.dit import DiT, DiTBlock
+from dydit.models.dynamic import (
+    DynamicBlock,
+    RoutingStats,
+    WidthPlan,
+    add_routers,
+    masked_layers,
+    register_dynamic_block,
+)
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import ModelConfig
@@ -32,51 +38,11 @@ from dydit.presets import ModelConfig
 EXECUTION_MODES: tuple[str, ...] = ("dense", "masked", "sliced")
 
 
-@dataclass(frozen=True)
-class RoutingStats:
-    """Router decisions of one forward pass, 0/1 values (straight-through gradients in training).
-
-    heads (B, L, H) and groups (B, L, H) include a forced index 0 as constant 1; tokens (B, L, N).
-    """
-
-    heads: Tensor
-    groups: Tensor
-    tokens: Tensor
-
-    def detach(self) -> RoutingStats:
-        return RoutingStats(self.heads.detach(), self.groups.detach(), self.tokens.detach())
+class DyDiTBlock(DynamicBlock, DiTBlock):
+    """A DiT block with its three routers: the class :func:`add_routers` gives a DyDiT's blocks."""
 
 
-@dataclass(frozen=True)
-class WidthPlan:
-    """Evaluation width masks for the time values a sampler uses (docs/METHOD.md §3.5 step 1).
-
-    The plan the sliced engine turns into per-step weight packs, and the demo plots. timesteps (T,)
-    holds the time values as the model receives them (long DDPM timesteps, or floats); heads
-    (T, L, H) and groups (T, L, H) are bool.
-    """
-
-    timesteps: Tensor
-    heads: Tensor
-    groups: Tensor
-
-    def __len__(self) -> int:
-        return self.timesteps.numel()
-
-    def steps(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """(t, heads (L, H), groups (L, H)) for each planned time value, in plan order."""
-        for i, t in enumerate(self.timesteps.tolist()):
-            yield float(t), self.heads[i], self.groups[i]
-
-    def lookup(self, t: float) -> tuple[Tensor, Tensor]:
-        """(heads (L, H), groups (L, H)) for the time value ``t``."""
-        hits = (self.timesteps == t).nonzero()
-        if hits.numel() == 0:
-            shown = [f"{v:g}" for v in self.timesteps.tolist()]
-            shown = shown if len(shown) <= 8 else [*shown[:4], "...", *shown[-4:]]
-            raise DyditError(f"timestep {float(t):g} is not in this width plan (planned: {shown})")
-        i = int(hits[0, 0])
-        return self.heads[i], self.groups[i]
+register_dynamic_block(DiTBlock, DyDiTBlock)
 
 
 class DyDiT(DiT):
@@ -105,8 +71,9 @@ class DyDiT(DiT):
         return self.config.router_layout
 
     def make_block(self, index: int) -> nn.Module:
-        c = self.config
-        return DyDiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.router_layout, c.mlp_norm_eps)
+        block = super().make_block(index)
+        add_routers(block, self.config.hidden_size, self.config.router_layout)
+        return block
 
     def initialize_weights(self) -> None:
         """DiT init (Xavier router weights included), then router biases that keep everything on:
@@ -175,15 +142,9 @@ class DyDiT(DiT):
     def forward_with_routing(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, RoutingStats]:
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
         tokens, c, t_emb = self.embed(x, t, y)  # (B, N, D), (B, D), (B, D)
-        heads, groups, keep = [], [], []
-        for block in self.blocks:
-            h, g = block.width_masks(t_emb)  # (B, H) each: width depends on E_t only
-            tokens, k = block.forward_masked(tokens, c, h, g)  # (B, N, D), (B, N)
-            heads.append(h)
-            groups.append(g)
-            keep.append(k)
-        out = self.head(tokens, c)
-        return out, RoutingStats(torch.stack(heads, 1), torch.stack(groups, 1), torch.stack(keep, 1))
+        # Width depends on E_t only; each layer's masks are drawn just before it runs.
+        tokens, stats = masked_layers(self.blocks, tokens, c, lambda _, block: block.width_masks(t_emb))
+        return self.head(tokens, c), stats
 
     # Per-timestep width decisions (inference) ------------------------------------------------
     @torch.no_grad()
