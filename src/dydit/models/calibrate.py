@@ -132,22 +132,21 @@ def calibrate_width_routers(
 
     Returns the realised (heads, groups) fractions measured with ``model.width_masks``.
     """
-    cfg = model.config
-    forced = cfg.router_layout == "forced_first"
-    h = cfg.num_heads
+    forced = model.router_layout == "forced_first"
     for name, value in (("heads", heads), ("groups", groups)):
         if not 0 <= value <= 1:
             raise DyditError(f"{name} fraction must be in [0, 1], got {value}")
     device = next(model.parameters()).device
     t = torch.as_tensor(range(NUM_TIMESTEPS) if timesteps is None else timesteps).flatten().to(device)
-    t_emb = model.t_embedder(t).float().cpu()  # (T, D): what the width routers read (§3.1)
+    t_emb = model.width_embedding(t).float().cpu()  # (T, D): what the width routers read (§3.1)
     u, u0 = _time_direction(t_emb, t.float().cpu() / NUM_TIMESTEPS)
     s = t_emb.double() @ u + u0  # (T,)
     gen = torch.Generator().manual_seed(seed)
     for layer, block in enumerate(model.blocks):
         direction = 1.0 if layer % 2 == 0 else -1.0
-        for router, fraction in ((block.attn_rate.router, heads), (block.mlp_rate.router, groups)):
-            counts = segment_counts(fraction, h, segments, spread, minimum=int(forced))
+        for rate, fraction in ((block.attn_rate, heads), (block.mlp_rate, groups)):
+            router = rate.router
+            counts = segment_counts(fraction, rate.num_units, segments, spread, minimum=int(forced))
             sign, threshold = _router_thresholds(router.out_features, direction * s, counts, forced, gen)
             # z(t) = threshold + sign·direction·(u·E_t + u0): linear in E_t, as the router is.
             router.weight.copy_((sign[:, None] * direction * u[None, :]).to(router.weight.dtype))
@@ -257,5 +256,5 @@ def calibrate_routers(
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
     k_frac = calibrate_token_routers(model, tokens, x, t, y)
-    a, m = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
+    a, m = model.layer_costs()
     return Calibration(h_frac, g_frac, k_frac, (h_frac * a + g_frac * k_frac * m) / (a + m))

@@ -9,7 +9,7 @@ units (heads, MLP groups), functional halves, modulation, FLOPs table and checkp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer. ``forward(x, t, y)``: x (B, C, H, W), t (B,), y (B,) -> (B, C_out, H, W)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, on_block: Callable[[nn.Module], None] | None = None):
+        """``on_block`` is called on each new block before the next is built (DyDiT adds its routers)."""
         super().__init__()
         self.config = config
         c = config
@@ -186,14 +187,17 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         # Frozen sin-cos table; a Parameter (not a buffer) so that the official key ``pos_embed`` exists.
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(self.make_block(i) for i in range(c.depth))
+        self.blocks = nn.ModuleList(self.make_block(i, on_block) for i in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self.initialize_weights()
 
-    def make_block(self, index: int) -> nn.Module:
-        """The block at depth ``index``; DyDiT overrides this to add routers."""
+    def make_block(self, index: int, on_block: Callable[[nn.Module], None] | None = None) -> DiTBlock:
+        """The block at depth ``index``, passed to ``on_block`` first."""
         c = self.config
-        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
+        block = DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
+        if on_block is not None:
+            on_block(block)
+        return block
 
     def initialize_weights(self) -> None:
         """DiT initialisation (docs/METHOD.md §1.2): Xavier linears, frozen sin-cos table, adaLN-Zero."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +37,8 @@ from dydit.errors import DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
 from dydit.models.backbone import Weights, unit_weights
+from dydit.models.dynamic import WidthPlan
 from dydit.models.routers import token_router_logits
-
-if TYPE_CHECKING:  # models/dydit.py imports this module
-    from dydit.models.dydit import DyDiT, WidthPlan
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 KeptRows = tuple[Tensor | None, Tensor | None, Tensor, int]  # idx, sample, gate, number of MLP rows
@@ -127,7 +124,7 @@ class SlicedDyDiT(nn.Module):
 
     def __init__(
         self,
-        model: DyDiT,
+        model: nn.Module,
         *,
         plan_timesteps: Iterable[float] | Tensor | None = None,
         token_logits: TokenLogitsFn | None = None,
@@ -344,6 +341,6 @@ class SlicedDyDiT(nn.Module):
         return idx, sample, gate, padded
 
 
-def sliced(model: DyDiT, **kwargs) -> SlicedDyDiT:
+def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
     """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
     return SlicedDyDiT(model, **kwargs)
