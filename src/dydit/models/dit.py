@@ -9,6 +9,7 @@ units (heads, MLP groups), functional halves, modulation, FLOPs table and checkp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -76,15 +77,15 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
-    # The backbone contract (models/backbone.py) ---------------------------------------------------
-    @property
+    # The backbone contract (models/backbone.py); sizes never change, so units are made once. -------
+    @functools.cached_property
     def head_units(self) -> Units:
         """Head h: rows h·d..(h+1)·d-1 of each of the q, k, v blocks of ``qkv``, columns of ``proj``."""
         d, width = self.attn.head_dim, self.attn.proj.out_features
         parts = (*(UnitPart("attn.qkv", 0, i * width) for i in range(3)), UnitPart("attn.proj", 1))
         return Units(self.attn.num_heads, d, parts)
 
-    @property
+    @functools.cached_property
     def group_units(self) -> Units:
         """H MLP groups: group j is ``fc1`` rows j·g..(j+1)·g-1 and the same ``fc2`` columns, g = hidden/H."""
         hidden, groups = self.mlp.fc1.out_features, self.attn.num_heads
@@ -92,7 +93,7 @@ class DiTBlock(nn.Module):
             raise DyditError(f"MLP hidden size {hidden} is not divisible into {groups} groups")
         return Units(groups, hidden // groups, (UnitPart("mlp.fc1", 0), UnitPart("mlp.fc2", 1)))
 
-    @property
+    @functools.cached_property
     def static(self) -> tuple[float, float]:
         """(eps before attention, eps before the MLP): the plain numbers the halves take."""
         return float(self.norm1.eps), float(self.norm2.eps)

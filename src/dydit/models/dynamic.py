@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dydit.errors import DyditError
-from dydit.flops.counter import record
+from dydit.flops.counter import is_counting, record
 from dydit.models.backbone import full_weights
 from dydit.models.routers import TokenRouter, WidthRouter, gumbel_sigmoid
 
@@ -128,13 +128,16 @@ class DynamicBlock:
         """
         heads_u, groups_u = self.head_units, self.group_units
         mod = self.modulation(c)
-        record("attention", self.attention_macs(state, heads_u.count))
+        counting = is_counting()
+        if counting:
+            record("attention", self.attention_macs(state, heads_u.count))
         weights = full_weights(self, heads_u)
         state, x, h = self.attention_half(state, mod, weights, heads_u.count, self.static, heads)
         if tokens is None:
             logits = self.token_logits(x) if token_logits is None else token_logits(x)
             tokens = gumbel_sigmoid(logits, self.token_selection.training)  # (B, N)
-        record("mlp", self.mlp_macs(h.shape[0] * h.shape[1], groups_u.count))
+        if counting:
+            record("mlp", self.mlp_macs(h.shape[0] * h.shape[1], groups_u.count))
         update = self.mlp_half(h, full_weights(self, groups_u), groups)
         return self.finish(state, token_skip(x, tokens, self.mlp_gate(mod), update), mod), tokens
 

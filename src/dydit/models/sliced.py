@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dydit.errors import DyditError
 from dydit.flops import formulas
-from dydit.flops.counter import record
+from dydit.flops.counter import is_counting, record
 from dydit.models.backbone import Weights, unit_weights
 from dydit.models.dynamic import WidthPlan
 from dydit.models.routers import token_router_logits
@@ -300,23 +300,26 @@ class SlicedDyDiT(nn.Module):
         raws = F.linear(F.silu(c), w, bias).split(sizes, dim=1)  # per layer (B, M_l)
         record("adaLN", c.shape[0] * c.shape[1] * sum(sizes))
         routers = self._router_weights()
+        counting = is_counting()  # the per-layer MACs are computed only for a counter
         for layer, block in enumerate(model.blocks):
             ap, mp, router = step.attn[layer], step.mlp[layer], routers[layer]
             mod = block.split_modulation(raws[layer])
-            record("attention", block.attention_macs(state, ap.count))
+            if counting:
+                record("attention", block.attention_macs(state, ap.count))
             state, x, h, logits = self._attn_fn(
                 block.attention_half, state, mod, ap.weights, ap.count, block.static, router
             )
             b, n, d = x.shape
             if logits is None:
                 logits = self._token_logits(layer, x)
-            else:
+            elif counting:
                 r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
             idx, sample, gate, rows = self._kept_rows(logits, block.mlp_gate(mod), n)
             if rows:
                 x = self._mlp_fn(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
-                record("mlp", block.mlp_macs(rows, mp.count))
+                if counting:
+                    record("mlp", block.mlp_macs(rows, mp.count))
             state = block.finish(state, x, mod)
         return model.head(state, c)
 
