@@ -143,7 +143,8 @@ class TinyMMDiT(nn.Module):
         self.final_modulation = nn.Linear(DIM, 2 * DIM)
         self.final = nn.Linear(DIM, PATCH * PATCH * CHANNELS)
 
-    def embed(self, x: Tensor, t: Tensor, text: Tensor):
+    def embed(self, x: Tensor, t: Tensor, text):
+        text = getattr(text, "embeddings", text)  # a tensor, or a condition object that holds one
         b, g = x.shape[0], SIZE // PATCH
         patches = x.view(b, CHANNELS, g, PATCH, g, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, TOKENS, -1)
         record("patch_embed", b * formulas.linear_macs(TOKENS, patches.shape[-1], DIM))
@@ -264,6 +265,26 @@ def test_masked_equals_sliced(layout):
     assert (heads[:, 0].sum(-1) == (1 if layout == "forced_first" else 0)).all()  # layer 0: no or one unit
     assert 0 < heads[:, 1:].float().mean() < 1 and 0 < groups[:, 1:].float().mean() < 1
     assert engine.cache_info()["pack_bytes"] > 0  # real slices of the separate q/k/v and both streams
+
+
+class Texts:
+    """A condition object as the workflows pass one: rows selectable, the embeddings inside."""
+
+    def __init__(self, embeddings: Tensor) -> None:
+        self.embeddings = embeddings
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def select(self, rows: Tensor) -> Texts:
+        return Texts(self.embeddings[rows])
+
+
+def test_sliced_engine_takes_a_condition_object():
+    model = random_routers(DyDiT(backbone=random_family()))
+    x, text = inputs(3)
+    t = torch.tensor([999, 10, 999])  # two groups of t: the engine selects the condition's rows
+    assert rel_err(SlicedDyDiT(model)(x, t, Texts(text)), model(x, t, text)) < 1e-5
 
 
 def test_analytic_flops_equal_counted_flops():

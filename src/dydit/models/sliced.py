@@ -272,12 +272,14 @@ class SlicedDyDiT(nn.Module):
     # forward ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x (B, C, H, W), t (B,) or scalar, y (B,) -> (B, C_out, H, W), equal to the masked DyDiT."""
+        """x (B, C, H, W), t (B,) or scalar, y the backbone's condition input (labels (B,), a tensor of
+        any shape with the batch first, or an object with ``len`` and ``select(rows)``) -> the
+        output (B, C_out, H, W), equal to the masked DyDiT."""
         if self.model.training:
             raise DyditError("the sliced engine is inference-only: call model.eval() first")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape[0] != x.shape[0] or y.shape[0] != x.shape[0]:
-            raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {y.shape[0]}")
+        if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
+            raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
         values = t.detach().cpu()  # the one host sync of the call
         first = values[0]
         if bool((values == first).all()):
@@ -286,7 +288,8 @@ class SlicedDyDiT(nn.Module):
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            part = self._forward_one_t(x[rows], t[rows], y[rows], value)
+            y_rows = y[rows] if isinstance(y, Tensor) else y.select(rows)
+            part = self._forward_one_t(x[rows], t[rows], y_rows, value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, rows, part)
