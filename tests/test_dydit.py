@@ -169,7 +169,7 @@ def test_block_with_hand_set_masks_matches_reference():
     # With no head, the attention branch is gate_msa * proj.bias, not zero (docs/METHOD.md §3.5).
     shift1, scale1, gate1, *_ = block.modulation(c)
     with torch.no_grad():
-        after_attn = x + gate1[:, None] * block.masked_attention(torch.randn_like(x), heads)
+        after_attn = x + gate1[:, None] * block.attn(torch.randn_like(x), head_mask=heads)
     torch.testing.assert_close(after_attn[1], x[1] + gate1[1] * block.attn.proj.bias)
     # A skipped token gets no MLP update at all (fc2.bias included): out = x after attention.
     skipped = tokens[0] == 0

@@ -168,7 +168,8 @@ def test_packs_are_cached_per_pattern_and_shared_when_full():
     # A full-width pack shares the model's tensors instead of copying them.
     full = SlicedDyDiT(DyDiT(tiny_config(num_heads=4)).eval(), plan_timesteps=[5])
     assert full.cache_info()["pack_bytes"] == 0
-    assert full.plan(5).attn[0].qkv_weight.data_ptr() == full.model.blocks[0].attn.qkv.weight.data_ptr()
+    qkv_weight = full.plan(5).attn[0].weights["attn.qkv"][0]
+    assert qkv_weight.data_ptr() == full.model.blocks[0].attn.qkv.weight.data_ptr()
 
 
 def test_counted_flops_are_the_work_of_the_plan():

@@ -24,6 +24,7 @@ from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
+from dydit.models.dit import KEYS
 from dydit.models.dydit import DyDiT
 from dydit.models.fitting import (
     ROUTER_KEY_MARKERS,
@@ -60,10 +61,10 @@ def _sizes_from_shapes(
     The number of classes given in ``args`` tells whether the label table has a null-class row.
     """
     try:
-        proj = sd["x_embedder.proj.weight"]
-        tokens = sd["pos_embed"].shape[1]
-        rows = sd["y_embedder.embedding_table.weight"].shape[0]
-        outputs = sd["final_layer.linear.weight"].shape[0]
+        proj = sd[KEYS["patch"]]
+        tokens = sd[KEYS["positions"]].shape[1]
+        rows = sd[KEYS["labels"]].shape[0]
+        outputs = sd[KEYS["output"]].shape[0]
     except (KeyError, IndexError):
         return base  # strict loading names what is missing
     p, in_ch = base.patch_size, proj.shape[1]

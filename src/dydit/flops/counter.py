@@ -37,6 +37,11 @@ class FlopCounter:
         self.by_component[component] += int(macs)
 
 
+def is_counting() -> bool:
+    """Whether a counter is active: lets a hot loop skip computing what :func:`record` would drop."""
+    return bool(_ACTIVE) and not torch.compiler.is_compiling()
+
+
 def record(component: str, macs: int) -> None:
     """Add ``macs`` to every active counter under ``component`` (no-op when none is active)."""
     if _ACTIVE and not torch.compiler.is_compiling():

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dydit.constants import NUM_TIMESTEPS
 from dydit.errors import DyditError
 from dydit.flops.formulas import layer_costs
+from dydit.models.dynamic import masked_layers
 
 # Router biases that keep an output always on / always off, whatever t is.
 _ALWAYS = 1e4
@@ -131,22 +132,21 @@ def calibrate_width_routers(
 
     Returns the realised (heads, groups) fractions measured with ``model.width_masks``.
     """
-    cfg = model.config
-    forced = cfg.router_layout == "forced_first"
-    h = cfg.num_heads
+    forced = model.router_layout == "forced_first"
     for name, value in (("heads", heads), ("groups", groups)):
         if not 0 <= value <= 1:
             raise DyditError(f"{name} fraction must be in [0, 1], got {value}")
     device = next(model.parameters()).device
     t = torch.as_tensor(range(NUM_TIMESTEPS) if timesteps is None else timesteps).flatten().to(device)
-    t_emb = model.t_embedder(t).float().cpu()  # (T, D): what the width routers read (§3.1)
+    t_emb = model.width_embedding(t).float().cpu()  # (T, D): what the width routers read (§3.1)
     u, u0 = _time_direction(t_emb, t.float().cpu() / NUM_TIMESTEPS)
     s = t_emb.double() @ u + u0  # (T,)
     gen = torch.Generator().manual_seed(seed)
     for layer, block in enumerate(model.blocks):
         direction = 1.0 if layer % 2 == 0 else -1.0
-        for router, fraction in ((block.attn_rate.router, heads), (block.mlp_rate.router, groups)):
-            counts = segment_counts(fraction, h, segments, spread, minimum=int(forced))
+        for rate, fraction in ((block.attn_rate, heads), (block.mlp_rate, groups)):
+            router = rate.router
+            counts = segment_counts(fraction, rate.num_units, segments, spread, minimum=int(forced))
             sign, threshold = _router_thresholds(router.out_features, direction * s, counts, forced, gen)
             # z(t) = threshold + sign·direction·(u·E_t + u0): linear in E_t, as the router is.
             router.weight.copy_((sign[:, None] * direction * u[None, :]).to(router.weight.dtype))
@@ -172,24 +172,25 @@ def masked_forward(
 ) -> Tensor:
     """Reference DyDiT inference by masking (docs/METHOD.md §2, §3.3, §4.2): full tensors times 0/1 masks.
 
-    Runs each block's :meth:`~dydit.models.block.DyDiTBlock.forward_masked` with evaluation
+    Runs the masked layer loop (:func:`~dydit.models.dynamic.masked_layers`) with evaluation
     width masks (per sample: each sample's own t). ``width_masks(t)`` may replace the model's,
     ``token_logits(layer, x)`` the token routers, and ``token_hook(layer, logits)`` may rewrite the
     logits (used by the token calibration). Returns (B, C_out, H, W).
     """
     width_masks = width_masks or model.width_masks
     t = t.expand(x.shape[0]) if t.ndim == 0 else t
-    tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-    head_masks, group_masks = width_masks(t)  # (B, L, H) each
-    for layer, block in enumerate(model.blocks):
+    state, c, _ = model.embed(x, t, y)
+    head_masks, group_masks = width_masks(t)  # (B, L, H), (B, L, G)
 
-        def select(z: Tensor, layer: int = layer, block: nn.Module = block) -> Tensor:
-            logits = block.token_logits(z) if token_logits is None else token_logits(layer, z)
-            return logits if token_hook is None else token_hook(layer, logits)
+    def width(layer: int, block: nn.Module) -> tuple[Tensor, Tensor]:
+        return head_masks[:, layer].to(c.dtype), group_masks[:, layer].to(c.dtype)
 
-        heads, groups = head_masks[:, layer].to(tokens.dtype), group_masks[:, layer].to(tokens.dtype)
-        tokens, _ = block.forward_masked(tokens, c, heads, groups, token_logits=select)
-    return model.head(tokens, c)
+    def select(layer: int, z: Tensor) -> Tensor:
+        logits = model.blocks[layer].token_logits(z) if token_logits is None else token_logits(layer, z)
+        return logits if token_hook is None else token_hook(layer, logits)
+
+    state, _ = masked_layers(model.blocks, state, c, width, select)
+    return model.head(state, c)
 
 
 @torch.no_grad()
@@ -255,5 +256,5 @@ def calibrate_routers(
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
     k_frac = calibrate_token_routers(model, tokens, x, t, y)
-    a, m = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
+    a, m = model.layer_costs()
     return Calibration(h_frac, g_frac, k_frac, (h_frac * a + g_frac * k_frac * m) / (a + m))

@@ -2,27 +2,47 @@
 
 State-dict compatible with the official checkpoints (``DiT-XL-2-256x256.pt``): same key names,
 same shapes, strict loading. The network satisfies the project's one model contract,
-``model(x, t, y) -> Tensor``, and knows nothing about diffusion or guidance.
+``model(x, t, y) -> Tensor``, and knows nothing about diffusion or guidance. It also implements
+the backbone contract of models/backbone.py, through which the DyDiT method reaches it: its
+units (heads, MLP groups), functional halves, modulation, FLOPs table and checkpoint key names.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dydit.constants import LAYERNORM_EPS
+from dydit.errors import DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import record
+from dydit.models.backbone import UnitPart, Units, Weights
 from dydit.models.layers import (
     Attention,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    attention,
+    mlp,
     modulate,
     sincos_pos_embed_2d,
 )
 from dydit.presets import ModelConfig
+
+# Checkpoint key names the loaders read shapes from (official DiT / DyDiT / SiT files).
+KEYS = {
+    "patch": "x_embedder.proj.weight",
+    "positions": "pos_embed",
+    "labels": "y_embedder.embedding_table.weight",
+    "output": "final_layer.linear.weight",
+    "mlp_in": "blocks.0.mlp.fc1.weight",
+    "block": "blocks.",
+}
 
 
 class DiTBlock(nn.Module):
@@ -57,6 +77,79 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, N, D)
         return x
 
+    # The backbone contract (models/backbone.py); sizes never change, so units are made once. -------
+    @functools.cached_property
+    def head_units(self) -> Units:
+        """Head h: rows h·d..(h+1)·d-1 of each of the q, k, v blocks of ``qkv``, columns of ``proj``."""
+        d, width = self.attn.head_dim, self.attn.proj.out_features
+        parts = (*(UnitPart("attn.qkv", 0, i * width) for i in range(3)), UnitPart("attn.proj", 1))
+        return Units(self.attn.num_heads, d, parts)
+
+    @functools.cached_property
+    def group_units(self) -> Units:
+        """H MLP groups: group j is ``fc1`` rows j·g..(j+1)·g-1 and the same ``fc2`` columns, g = hidden/H."""
+        hidden, groups = self.mlp.fc1.out_features, self.attn.num_heads
+        if hidden % groups:
+            raise DyditError(f"MLP hidden size {hidden} is not divisible into {groups} groups")
+        return Units(groups, hidden // groups, (UnitPart("mlp.fc1", 0), UnitPart("mlp.fc2", 1)))
+
+    @functools.cached_property
+    def static(self) -> tuple[float, float]:
+        """(eps before attention, eps before the MLP): the plain numbers the halves take."""
+        return float(self.norm1.eps), float(self.norm2.eps)
+
+    @property
+    def routed_dim(self) -> int:
+        return self.attn.proj.out_features
+
+    @staticmethod
+    def split_modulation(raw: Tensor) -> tuple[Tensor, ...]:
+        """The output (B, 6D) of :attr:`modulation_linear` as the six adaLN vectors, each (B, D)."""
+        return raw.chunk(6, dim=-1)
+
+    @staticmethod
+    def attention_half(
+        x: Tensor,
+        mod: Sequence[Tensor],
+        weights: Weights,
+        count: int,
+        static: tuple[float, float],
+        head_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The block up to the MLP with ``count`` heads' weights: (x after attention, x, MLP input h).
+
+        x (B, N, D); ``head_mask`` (B, H) when the weights hold all heads. With no head the branch
+        is gate_msa·proj.bias (docs/METHOD.md §3.5 item 2).
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, _ = mod
+        eps, mlp_eps = static
+        d = x.shape[-1]
+        h = modulate(F.layer_norm(x, (d,), eps=eps), shift_msa, scale_msa)
+        a = attention(h, *weights["attn.qkv"], *weights["attn.proj"], count, head_mask)
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), a)  # (B, N, D)
+        return x, x, modulate(F.layer_norm(x, (d,), eps=mlp_eps), shift_mlp, scale_mlp)
+
+    @staticmethod
+    def mlp_half(h: Tensor, weights: Weights, group_mask: Tensor | None = None) -> Tensor:
+        """The MLP update (before its gate) of rows h (..., D) with the given groups' weights."""
+        return mlp(h, *weights["mlp.fc1"], *weights["mlp.fc2"], group_mask)
+
+    @staticmethod
+    def mlp_gate(mod: Sequence[Tensor]) -> Tensor:
+        return mod[5]
+
+    def finish(self, state: Tensor, x: Tensor, mod: Sequence[Tensor]) -> Tensor:
+        """Nothing of a DiT block is left after its routed MLP."""
+        return x
+
+    def attention_macs(self, x: Tensor, count: int) -> int:
+        b, n, d = x.shape
+        return b * formulas.attention_macs(n, d, count, self.attn.num_heads)
+
+    def mlp_macs(self, rows: int, count: int) -> int:
+        fc1 = self.mlp.fc1
+        return formulas.mlp_macs(rows, fc1.in_features, fc1.out_features, count, self.attn.num_heads)
+
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map to p·p·C_out values per token."""
@@ -80,7 +173,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer. ``forward(x, t, y)``: x (B, C, H, W), t (B,), y (B,) -> (B, C_out, H, W)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, on_block: Callable[[nn.Module], None] | None = None):
+        """``on_block`` is called on each new block before the next is built (DyDiT adds its routers)."""
         super().__init__()
         self.config = config
         c = config
@@ -94,14 +188,17 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         # Frozen sin-cos table; a Parameter (not a buffer) so that the official key ``pos_embed`` exists.
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(self.make_block(i) for i in range(c.depth))
+        self.blocks = nn.ModuleList(self.make_block(i, on_block) for i in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
         self.initialize_weights()
 
-    def make_block(self, index: int) -> nn.Module:
-        """The block at depth ``index``; DyDiT overrides this to add routers."""
+    def make_block(self, index: int, on_block: Callable[[nn.Module], None] | None = None) -> DiTBlock:
+        """The block at depth ``index``, passed to ``on_block`` first."""
         c = self.config
-        return DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
+        block = DiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.mlp_norm_eps)
+        if on_block is not None:
+            on_block(block)
+        return block
 
     def initialize_weights(self) -> None:
         """DiT initialisation (docs/METHOD.md §1.2): Xavier linears, frozen sin-cos table, adaLN-Zero."""
@@ -152,6 +249,28 @@ class DiT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.head(tokens, c)
+
+    # The backbone contract (models/backbone.py) ---------------------------------------------------
+    def width_embedding(self, t: Tensor) -> Tensor:
+        """What the width routers read, from t (T,) alone: E_t (T, D) (docs/METHOD.md §3.1)."""
+        return self.t_embedder(t)
+
+    @property
+    def width_dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def routed_tokens(self) -> int:
+        return self.config.num_tokens
+
+    def macs_table(self) -> dict[str, int]:
+        """Per-sample MACs of the complete forward by component (docs/METHOD.md §1.1)."""
+        return formulas.config_macs_table(self.config)
+
+    def layer_costs(self) -> tuple[int, int]:
+        """Per-layer (A, M): attention and MLP MACs of the complete layer (docs/METHOD.md §5.3)."""
+        c = self.config
+        return formulas.layer_costs(c.num_tokens, c.hidden_size, c.mlp_ratio)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(B, N, p·p·C) -> (B, C, H, W)."""

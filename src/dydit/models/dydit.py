@@ -1,10 +1,10 @@
 """DyDiT: DiT with timestep-wise dynamic width and spatial-wise dynamic tokens (arXiv 2410.03456).
 
-docs/METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The block and its dynamic
-computation live in models/block.py; this module holds the model: routing statistics, width plans
-and the execution modes. ``model.execution`` is one of
+docs/METHOD.md §2 (overview), §3 (TDW), §4 (SDT), §12 (checkpoint format). The routers, the masked
+dynamic layer and its loop live in models/dynamic.py; this module holds the model: width plans and
+the execution modes. ``model.execution`` is one of
 
-- ``"dense"``: the complete DiT (routers bypassed);
+- ``"dense"``: the complete backbone network (routers bypassed);
 - ``"masked"`` (default): 0/1 masks multiply full tensors, static shapes (training, reference);
 - ``"sliced"``: inference only, the engine of models/sliced.py skips the masked work.
 
@@ -16,15 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from dydit.constants import TOKEN_ROUTER_INIT_BIAS, WIDTH_ROUTER_INIT_BIAS
 from dydit.errors import DyditError
-from dydit.models.block import DyDiTBlock
-from dydit.models.dit import DiT
+from dydit.models.dit import DiT, DiTBlock
+from dydit.models.dynamic import (
+    DynamicBlock,
+    RoutingStats,
+    WidthPlan,
+    add_routers,
+    masked_layers,
+    register_dynamic_block,
+)
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import ModelConfig
@@ -32,90 +38,101 @@ from dydit.presets import ModelConfig
 EXECUTION_MODES: tuple[str, ...] = ("dense", "masked", "sliced")
 
 
-@dataclass(frozen=True)
-class RoutingStats:
-    """Router decisions of one forward pass, 0/1 values (straight-through gradients in training).
-
-    heads (B, L, H) and groups (B, L, H) include a forced index 0 as constant 1; tokens (B, L, N).
-    """
-
-    heads: Tensor
-    groups: Tensor
-    tokens: Tensor
-
-    def detach(self) -> RoutingStats:
-        return RoutingStats(self.heads.detach(), self.groups.detach(), self.tokens.detach())
+class DyDiTBlock(DynamicBlock, DiTBlock):
+    """A DiT block with its three routers: the class :func:`add_routers` gives a DyDiT's blocks."""
 
 
-@dataclass(frozen=True)
-class WidthPlan:
-    """Evaluation width masks for the time values a sampler uses (docs/METHOD.md §3.5 step 1).
-
-    The plan the sliced engine turns into per-step weight packs, and the demo plots. timesteps (T,)
-    holds the time values as the model receives them (long DDPM timesteps, or floats); heads
-    (T, L, H) and groups (T, L, H) are bool.
-    """
-
-    timesteps: Tensor
-    heads: Tensor
-    groups: Tensor
-
-    def __len__(self) -> int:
-        return self.timesteps.numel()
-
-    def steps(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """(t, heads (L, H), groups (L, H)) for each planned time value, in plan order."""
-        for i, t in enumerate(self.timesteps.tolist()):
-            yield float(t), self.heads[i], self.groups[i]
-
-    def lookup(self, t: float) -> tuple[Tensor, Tensor]:
-        """(heads (L, H), groups (L, H)) for the time value ``t``."""
-        hits = (self.timesteps == t).nonzero()
-        if hits.numel() == 0:
-            shown = [f"{v:g}" for v in self.timesteps.tolist()]
-            shown = shown if len(shown) <= 8 else [*shown[:4], "...", *shown[-4:]]
-            raise DyditError(f"timestep {float(t):g} is not in this width plan (planned: {shown})")
-        i = int(hits[0, 0])
-        return self.heads[i], self.groups[i]
+register_dynamic_block(DiTBlock, DyDiTBlock)
 
 
-class DyDiT(DiT):
-    """Dynamic DiT; same official DiT key names plus router keys (docs/METHOD.md §12).
+class DyDiT(nn.Module):
+    """Dynamic DiT: a backbone network that it holds, with routers in its blocks (docs/METHOD.md §2).
 
-    ``forward(x, t, y) -> Tensor`` in the mode ``self.execution``; build with
-    ``create_model("DyDiT-S/2")`` or :meth:`from_dit`.
+    ``DyDiT(config)`` builds a DiT (or SiT) backbone from a ModelConfig (``create_model("DyDiT-S/2")``,
+    :meth:`from_dit`); ``DyDiT(backbone=net, router_layout=...)`` makes any network that implements
+    the backbone contract (models/backbone.py, docs/ARCHITECTURE.md §7) dynamic. The state dict is
+    the backbone's, with the official names, plus the router keys inside each block
+    (``blocks.i.attn_rate.router.*``, ``blocks.i.mlp_rate.router.*``, ``blocks.i.token_selection.*``;
+    docs/METHOD.md §12). Attributes the DyDiT lacks are read from its backbone (``config``,
+    ``t_embedder``, ``unpatchify``, ...).
 
-    The ``"sliced"`` mode keeps an engine with weight packs sliced from the parameters. It is
-    dropped by :meth:`clear_cache`, which ``load_state_dict``, ``train()``/``eval()``, ``.to()``
-    and setting ``execution`` call; after editing weights in place by hand (``p.data.copy_``, an
-    optimiser or EMA step in eval mode), call ``model.clear_cache()`` yourself.
+    ``forward(x, t, y) -> Tensor`` in the mode ``self.execution``. The ``"sliced"`` mode keeps an
+    engine with weight packs sliced from the parameters. It is dropped by :meth:`clear_cache`,
+    which ``load_state_dict``, ``train()``/``eval()``, ``.to()`` and setting ``execution`` call;
+    after editing weights in place by hand (``p.data.copy_``, an optimiser or EMA step in eval
+    mode), call ``model.clear_cache()`` yourself.
     """
 
     blocks: nn.ModuleList
 
-    def __init__(self, config: ModelConfig):
-        if not config.dynamic:
-            config = config.replace(dynamic=True)
-        super().__init__(config)
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        *,
+        backbone: nn.Module | None = None,
+        router_layout: str | None = None,
+    ):
+        super().__init__()
+        if (config is None) == (backbone is None):
+            raise DyditError("DyDiT takes a model config or a backbone, not both and not neither")
+        if backbone is None:
+            config = config.replace(dynamic=True, router_layout=router_layout or config.router_layout)
+            layout, width = config.router_layout, config.hidden_size
+            # Routers join each block as it is built, so DiT's initialisation covers them (Xavier) and
+            # a seeded DyDiT draws its initial weights in the same order as ever.
+            backbone = DiT(config, on_block=lambda block: add_routers(block, width, layout))
+        else:
+            for block in backbone.blocks:
+                add_routers(block, backbone.width_dim, router_layout or "forced_first")
+            for lin in self._router_linears(backbone.blocks):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        # Held, not registered: the DyDiT's parameters, buffers and submodules are its backbone's
+        # (the same dictionaries), so the state-dict keys are the backbone's own names.
+        self.__dict__["backbone"] = backbone
+        for registry in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[registry] = backbone.__dict__[registry]
+        self._init_router_biases()
         self._execution = "masked"
-        self.clear_cache()
+        self.train(backbone.training)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            backbone = self.__dict__.get("backbone")
+            if backbone is None:
+                raise
+            return getattr(backbone, name)
+
+    @property
+    def config(self):
+        return self.backbone.config
 
     @property
     def router_layout(self) -> str:
-        return self.config.router_layout
+        return self.blocks[0].attn_rate.layout
 
-    def make_block(self, index: int) -> nn.Module:
-        c = self.config
-        return DyDiTBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.router_layout, c.mlp_norm_eps)
+    @staticmethod
+    def _router_linears(blocks: nn.ModuleList) -> list[nn.Linear]:
+        out = []
+        for block in blocks:
+            out += [block.attn_rate.router, block.mlp_rate.router]
+            out += [m for m in block.token_selection.modules() if isinstance(m, nn.Linear)]
+        return out
 
-    def initialize_weights(self) -> None:
-        """DiT init (Xavier router weights included), then router biases that keep everything on:
-        sigmoid(15) and sigmoid(35) are 1 to float precision, so a fresh DyDiT computes its DiT."""
-        super().initialize_weights()
+    def _init_router_biases(self) -> None:
+        """Router biases that keep everything on: sigmoid(15) and sigmoid(35) are 1 to float
+        precision, so a fresh DyDiT computes its backbone."""
         for block in self.blocks:
             nn.init.constant_(block.attn_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
             nn.init.constant_(block.mlp_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
             nn.init.constant_(block.token_selection.output_layer.bias, TOKEN_ROUTER_INIT_BIAS)
+
+    def initialize_weights(self) -> None:
+        """The backbone's initialisation (Xavier router weights included), then the router biases."""
+        self.backbone.initialize_weights()
+        self._init_router_biases()
 
     @classmethod
     def from_dit(cls, dit: DiT, router_layout: str | None = None) -> DyDiT:
@@ -126,6 +143,17 @@ class DyDiT(DiT):
         model.to(device=ref.device, dtype=ref.dtype)
         fit_state_dict(model, dit.state_dict(), allow_missing=ROUTER_KEY_MARKERS)
         return model.train(dit.training)
+
+    # The backbone's ends ---------------------------------------------------------------------
+    def embed(self, x: Tensor, t: Tensor, y):
+        """The backbone's (state, c, width-router input)."""
+        return self.backbone.embed(x, t, y)
+
+    def head(self, state, c: Tensor) -> Tensor:
+        return self.backbone.head(state, c)
+
+    def width_embedding(self, t: Tensor) -> Tensor:
+        return self.backbone.width_embedding(t)
 
     # Execution modes -----------------------------------------------------------------------
     @property
@@ -142,7 +170,7 @@ class DyDiT(DiT):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) time values, y (B,) labels -> (B, C_out, H, W)."""
         if self._execution == "dense":
-            return super().forward(x, t, y)  # DyDiTBlock.forward is the complete DiT block
+            return self.backbone(x, t, y)  # the blocks' own forward: the complete network
         if self._execution == "masked":
             return self.forward_with_routing(x, t, y)[0]
         return self.sliced_engine()(x, t, y)
@@ -162,6 +190,7 @@ class DyDiT(DiT):
 
     def train(self, mode: bool = True) -> DyDiT:
         self.clear_cache()
+        self.backbone.training = mode  # its submodules are ours: super().train sets them
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the packs must follow the weights
@@ -174,24 +203,18 @@ class DyDiT(DiT):
 
     def forward_with_routing(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, RoutingStats]:
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
-        tokens, c, t_emb = self.embed(x, t, y)  # (B, N, D), (B, D), (B, D)
-        heads, groups, keep = [], [], []
-        for block in self.blocks:
-            h, g = block.width_masks(t_emb)  # (B, H) each: width depends on E_t only
-            tokens, k = block.forward_masked(tokens, c, h, g)  # (B, N, D), (B, N)
-            heads.append(h)
-            groups.append(g)
-            keep.append(k)
-        out = self.head(tokens, c)
-        return out, RoutingStats(torch.stack(heads, 1), torch.stack(groups, 1), torch.stack(keep, 1))
+        state, c, e = self.embed(x, t, y)  # DiT: tokens (B, N, D), c (B, D), e = E_t (B, D)
+        # Width depends on e only (t alone); each layer's masks are drawn just before it runs.
+        state, stats = masked_layers(self.blocks, state, c, lambda _, block: block.width_masks(e))
+        return self.head(state, c), stats
 
     # Per-timestep width decisions (inference) ------------------------------------------------
     @torch.no_grad()
     def width_masks(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Evaluation head and group masks, each bool (T, L, H), for time values t (T,)."""
-        t = torch.as_tensor(t, device=self.pos_embed.device).reshape(-1)
-        t_emb = self.t_embedder(t)  # (T, D)
-        masks = [block.hard_width_masks(t_emb) for block in self.blocks]
+        """Evaluation head and group masks, bool (T, L, H) and (T, L, G), for time values t (T,)."""
+        t = torch.as_tensor(t, device=next(self.parameters()).device).reshape(-1)
+        e = self.width_embedding(t)  # (T, D_w)
+        masks = [block.hard_width_masks(e) for block in self.blocks]
         return torch.stack([h for h, _ in masks], 1), torch.stack([g for _, g in masks], 1)
 
     def width_plan(self, timesteps: Sequence[float] | Tensor) -> WidthPlan:
@@ -199,7 +222,7 @@ class DyDiT(DiT):
         ts = torch.as_tensor(timesteps).reshape(-1).cpu()
         if ts.numel() == 0:
             raise DyditError("a width plan needs at least one timestep")
-        heads, groups = self.width_masks(ts.to(self.pos_embed.device))
+        heads, groups = self.width_masks(ts.to(next(self.parameters()).device))
         return WidthPlan(ts, heads.cpu(), groups.cpu())
 
 

@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from dydit.errors import CheckpointError
+from dydit.models.dit import KEYS
 from dydit.presets import DIT_NAMES, MODEL_PRESETS, ModelConfig, dydit_name
 
 # Sub-module names that exist in DyDiT but not in DiT (docs/METHOD.md §12).
 ROUTER_KEY_MARKERS: tuple[str, ...] = (".attn_rate.", ".mlp_rate.", ".token_selection.")
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(re.escape(KEYS["block"]) + r"(\d+)\.")
 
 
 def has_routers(sd: Mapping[str, Tensor]) -> bool:
@@ -30,9 +31,9 @@ def guess_preset(sd: Mapping[str, Tensor]) -> str | None:
     Shapes cannot tell a SiT from the DiT of the same size; the DiT name is returned.
     """
     try:
-        width = sd["pos_embed"].shape[-1]
-        patch = sd["x_embedder.proj.weight"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        width = sd[KEYS["positions"]].shape[-1]
+        patch = sd[KEYS["patch"]].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(KEYS["block"]))
     except (KeyError, ValueError, IndexError):
         return None
     for name in DIT_NAMES:
@@ -65,8 +66,8 @@ def size_mismatches(
     depth = 1 + max(blocks, default=-1)
     if depth != cfg.depth:
         out.append(phrase("depth", str(cfg.depth), f"{depth} blocks"))
-    proj = _shape(sd, "x_embedder.proj.weight", 4)
-    pos = _shape(sd, "pos_embed", 3)
+    proj = _shape(sd, KEYS["patch"], 4)
+    pos = _shape(sd, KEYS["positions"], 3)
     width = proj[0] if proj else pos[2] if pos else None
     wide = width is not None and width != cfg.hidden_size
     if wide:
@@ -79,17 +80,17 @@ def size_mismatches(
         out.append(phrase("in_channels", str(cfg.in_channels), str(proj[1])))
     if pos and pos[1] != cfg.num_tokens:
         out.append(phrase("input_size", f"{cfg.input_size} ({cfg.num_tokens} tokens)", f"{pos[1]} tokens"))
-    rows = _shape(sd, "y_embedder.embedding_table.weight", 2)
+    rows = _shape(sd, KEYS["labels"], 2)
     want = cfg.num_classes + (cfg.class_dropout_prob > 0)
     if rows and rows[0] != want:
         ours = f"{cfg.num_classes} ({want} label rows)"
         out.append(phrase("num_classes", ours, f"{rows[0]} label rows"))
-    final = _shape(sd, "final_layer.linear.weight", 2)
+    final = _shape(sd, KEYS["output"], 2)
     pp = cfg.patch_size**2
     if final and not (channels or patch) and final[0] != pp * cfg.out_channels:
         ours = f"{str(cfg.learn_sigma).lower()} ({cfg.out_channels} output channels)"
         out.append(phrase("learn_sigma", ours, f"{final[0] / pp:g} output channels"))
-    fc1 = _shape(sd, "blocks.0.mlp.fc1.weight", 2)
+    fc1 = _shape(sd, KEYS["mlp_in"], 2)
     if fc1 and not wide and fc1[0] != cfg.mlp_hidden:
         ours = f"{cfg.mlp_ratio:g} (MLP width {cfg.mlp_hidden})"
         out.append(phrase("mlp_ratio", ours, f"MLP width {fc1[0]}"))

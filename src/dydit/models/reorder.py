@@ -5,11 +5,11 @@ each block's heads and MLP channel groups can be sorted by a weight-norm importa
 descending order, so that the always-on index 0 of the ``"forced_first"`` router layout is the
 most important head/group.
 
-- Head h: rows h·d..(h+1)·d-1 of each of the q, k, v blocks of ``qkv`` (weights and bias) and
-  columns h·d..(h+1)·d-1 of ``proj``. Attention heads are independent, so permuting them in both
-  places leaves the block's output unchanged.
-- MLP group j (H groups of g = hidden/H channels): rows j·g..(j+1)·g-1 of ``fc1`` (and bias) and
-  the same columns of ``fc2``; the elementwise GELU commutes with the permutation.
+- Which rows and columns are a head's or a group's is what the block declares as its units
+  (models/backbone.py; for DiT: head h is rows h·d..(h+1)·d-1 of each of the q, k, v blocks of
+  ``qkv`` and columns h·d..(h+1)·d-1 of ``proj``; MLP group j of H is rows j·g..(j+1)·g-1 of ``fc1``
+  and the same columns of ``fc2``). Heads are independent and GELU is elementwise, so permuting a
+  unit's rows and columns together leaves the block's output unchanged.
 - Importance: the 2-norm of all weights and biases that belong to the head or group.
 
 Width routers of a DyDiT are permuted with their units. With ``"forced_first"`` routers, the unit
@@ -24,27 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from dydit.constants import WIDTH_ROUTER_INIT_BIAS
+from dydit.models.backbone import permute_units, unit_importance
 
 
 def head_importance(block: nn.Module) -> Tensor:
-    """2-norm of each head's q/k/v rows (with bias) and ``proj`` columns, (H,)."""
-    attn = block.attn
-    h, d = attn.num_heads, attn.head_dim
-    width = attn.qkv.in_features
-    qkv_w = attn.qkv.weight.detach().reshape(3, h, d, width)
-    qkv_b = attn.qkv.bias.detach().reshape(3, h, d)
-    proj_w = attn.proj.weight.detach().reshape(width, h, d)
-    return (qkv_w.pow(2).sum((0, 2, 3)) + qkv_b.pow(2).sum((0, 2)) + proj_w.pow(2).sum((0, 2))).sqrt()
+    """2-norm of each head's rows and columns as the block declares them (DiT: q/k/v rows with
+    bias and ``proj`` columns), (H,)."""
+    return unit_importance(block, block.head_units)
 
 
-def group_importance(block: nn.Module, num_groups: int) -> Tensor:
-    """2-norm of each MLP group's ``fc1`` rows (with bias) and ``fc2`` columns, (G,)."""
-    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-    width = fc1.in_features
-    w1 = fc1.weight.detach().reshape(num_groups, -1, width)
-    b1 = fc1.bias.detach().reshape(num_groups, -1)
-    w2 = fc2.weight.detach().reshape(width, num_groups, -1)
-    return (w1.pow(2).sum((1, 2)) + b1.pow(2).sum(1) + w2.pow(2).sum((0, 2))).sqrt()
+def group_importance(block: nn.Module, num_groups: int | None = None) -> Tensor:
+    """2-norm of each MLP group's rows and columns (DiT: ``fc1`` rows with bias, ``fc2`` columns), (G,)."""
+    units = block.group_units
+    if num_groups is not None and num_groups != units.count:
+        raise ValueError(f"the block declares {units.count} MLP groups, not {num_groups}")
+    return unit_importance(block, units)
 
 
 def _permute_router(rate: nn.Module, order: Tensor) -> None:
@@ -64,29 +58,17 @@ def _permute_router(rate: nn.Module, order: Tensor) -> None:
 @torch.no_grad()
 def permute_heads(block: nn.Module, order: Tensor) -> None:
     """New head i is old head ``order[i]``; edits ``block`` in place."""
-    attn = block.attn
-    h, d = attn.num_heads, attn.head_dim
-    width = attn.qkv.in_features
-    order = order.to(attn.qkv.weight.device)
-    attn.qkv.weight.copy_(attn.qkv.weight.reshape(3, h, d, width)[:, order].reshape(3 * h * d, width))
-    attn.qkv.bias.copy_(attn.qkv.bias.reshape(3, h, d)[:, order].reshape(-1))
-    attn.proj.weight.copy_(attn.proj.weight.reshape(width, h, d)[:, order].reshape(width, h * d))
+    permute_units(block, block.head_units, order)
     if hasattr(block, "attn_rate"):
-        _permute_router(block.attn_rate, order)
+        _permute_router(block.attn_rate, order.to(block.attn_rate.router.weight.device))
 
 
 @torch.no_grad()
 def permute_groups(block: nn.Module, order: Tensor) -> None:
     """New MLP group j is old group ``order[j]``; edits ``block`` in place."""
-    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-    g = len(order)
-    width = fc1.in_features
-    order = order.to(fc1.weight.device)
-    fc1.weight.copy_(fc1.weight.reshape(g, -1, width)[order].reshape(-1, width))
-    fc1.bias.copy_(fc1.bias.reshape(g, -1)[order].reshape(-1))
-    fc2.weight.copy_(fc2.weight.reshape(width, g, -1)[:, order].reshape(width, -1))
+    permute_units(block, block.group_units, order)
     if hasattr(block, "mlp_rate"):
-        _permute_router(block.mlp_rate, order)
+        _permute_router(block.mlp_rate, order.to(block.mlp_rate.router.weight.device))
 
 
 def _descending(scores: Tensor) -> Tensor:
@@ -98,15 +80,16 @@ def reorder_by_importance(
 ) -> list[tuple[Tensor, Tensor]]:
     """Sort every block's heads and MLP groups by descending importance, in place.
 
-    Works on a DiT or a DyDiT (H heads, H MLP groups per block). Returns per block the applied
-    (head order, group order): new index i holds old index ``order[i]``.
+    Works on a DiT or a DyDiT, or any backbone whose blocks declare their units
+    (models/backbone.py). Returns per block the applied (head order, group order): new index i
+    holds old index ``order[i]``.
     """
     orders = []
     for block in model.blocks:
-        num = block.attn.num_heads
-        identity = torch.arange(num)
-        head_order = _descending(head_importance(block)) if heads else identity
-        group_order = _descending(group_importance(block, num)) if groups else identity
+        head_order = _descending(head_importance(block)) if heads else torch.arange(block.head_units.count)
+        group_order = (
+            _descending(group_importance(block)) if groups else torch.arange(block.group_units.count)
+        )
         permute_heads(block, head_order)
         permute_groups(block, group_order)
         orders.append((head_order, group_order))

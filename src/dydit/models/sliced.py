@@ -3,19 +3,21 @@
 docs/METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
 the flattened batch) and §8 (what makes it fast). The released DyDiT code multiplies full tensors
 by 0/1 masks and is slower than DiT; this engine computes exactly the masked model's output while
-running attention on the active heads only (their q/k/v rows and ``proj`` columns; full
+running attention on the active heads only (for DiT: their q/k/v rows and ``proj`` columns; full
 ``proj.bias``, which is the whole branch when no head is active) and the MLP on the active groups
 only (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on the tokens the SDT router
 keeps: their rows of the flattened (B·N, D) activations are gathered and scattered back with
 ``index_add_``; skipped tokens get no update at all (§4.2).
 
-The block is not re-derived here: each layer runs :func:`dydit.models.block.attention_half`, as
-the masked block does, with sliced weights, then :func:`gathered_mlp_update`, the block's token
-skip on the gathered rows. Width masks depend only on t (§3.1): each step of the model's
-:meth:`~dydit.models.dydit.DyDiT.width_plan` becomes :class:`StepPacks` (per layer, contiguous
-pre-sliced weights), built once per distinct t value from packs cached per (layer, mask). A call
-costs one host sync to read t, one dict lookup and a loop over layers (on CUDA one more sync per
-layer for the kept-token count). CFG halves share a pass (same t); samples are grouped by t.
+The engine is written against the backbone contract (models/backbone.py), for any family: the rows
+and columns of each head and group are the ones its blocks declare as units, and each layer runs the
+block's own ``attention_half`` (as the masked loop does) with the active units' weights, then
+:func:`gathered_mlp_update`, the token skip on the gathered rows. Width masks depend only on t
+(§3.1): each step of the model's :meth:`~dydit.models.dydit.DyDiT.width_plan` becomes
+:class:`StepPacks` (per layer, contiguous pre-sliced weights), built once per distinct t value from
+packs cached per (layer, mask). A call costs one host sync to read t, one dict lookup and a loop
+over layers (on CUDA one more sync per layer for the kept-token count). CFG halves share a pass
+(same t); samples are grouped by t.
 
 Optional ``torch.compile`` of the two per-layer regions (dynamic shapes, so head/group/token counts
 do not trigger a recompilation per value; ``token_bucket`` pads the kept-token count to a multiple
@@ -24,9 +26,8 @@ of a bucket for static-shape modes such as CUDA graphs).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,102 +35,47 @@ from torch import Tensor, nn
 
 from dydit.errors import DyditError
 from dydit.flops import formulas
-from dydit.flops.counter import record
-from dydit.models.block import AttnWeights, RouterWeights, attention_half
-from dydit.models.layers import Attention, Mlp, mlp
-
-if TYPE_CHECKING:  # models/dydit.py imports this module
-    from dydit.models.dydit import DyDiT, WidthPlan
+from dydit.flops.counter import is_counting, record
+from dydit.models.backbone import Weights, unit_weights
+from dydit.models.dynamic import WidthPlan
+from dydit.models.routers import token_router_logits
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 KeptRows = tuple[Tensor | None, Tensor | None, Tensor, int]  # idx, sample, gate, number of MLP rows
-MlpWeights = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]  # fc1 weight/bias, fc2 weight/bias
+RouterWeights = tuple[Tensor, Tensor, Tensor, Tensor]  # (w1, b1, w2, b2) of the SDT router
 
 
 # Weight packs -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class AttnPack:
-    """Attention weights of the active heads I of one layer (docs/METHOD.md §3.5 item 2)."""
+class Pack:
+    """The weights of the active units of one layer: heads (docs/METHOD.md §3.5 item 2) or MLP
+    groups (item 3), sliced by the block's declared units (:func:`~dydit.models.backbone.unit_weights`)."""
 
-    num_heads: int  # |I|
-    qkv_weight: Tensor | None  # (3·|I|·d, D): [q; k; v] rows of the heads in I, head-major
-    qkv_bias: Tensor | None  # (3·|I|·d,)
-    proj_weight: Tensor | None  # (D, |I|·d)
-    proj_bias: Tensor  # (D,), always added
-
-    @property
-    def weights(self) -> AttnWeights:
-        """The ``attn`` argument of :func:`~dydit.models.block.attention_half`."""
-        return self.qkv_weight, self.qkv_bias, self.proj_weight, self.proj_bias, self.num_heads
-
-
-@dataclass(frozen=True)
-class MlpPack:
-    """MLP weights of the active groups J of one layer (docs/METHOD.md §3.5 item 3)."""
-
-    num_groups: int  # |J|
-    fc1_weight: Tensor | None  # (|J|·g, D)
-    fc1_bias: Tensor | None  # (|J|·g,)
-    fc2_weight: Tensor | None  # (D, |J|·g)
-    fc2_bias: Tensor  # (D,), added for every kept token
-
-    @property
-    def weights(self) -> MlpWeights:
-        """The weight arguments of :func:`dydit.models.layers.mlp`."""
-        return self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
+    count: int  # active heads or groups
+    weights: Weights  # per linear: the rows/columns of the active units; biases of outputs kept whole
 
 
 @dataclass(frozen=True)
 class StepPacks:
     """One step of a :class:`~dydit.models.dydit.WidthPlan` made concrete: the per-layer packs."""
 
-    attn: tuple[AttnPack, ...]
-    mlp: tuple[MlpPack, ...]
+    attn: tuple[Pack, ...]
+    mlp: tuple[Pack, ...]
 
 
-def slice_attention(layer: Attention, heads: Tensor) -> AttnPack:
-    """Pack the q/k/v rows and proj columns of the heads where ``heads`` (H,) is true."""
-    qkv, proj = layer.qkv, layer.proj
-    width, num_heads = proj.out_features, heads.numel()
-    d = width // num_heads
-    active = heads.nonzero().flatten().to(qkv.weight.device)  # (|I|,)
-    if active.numel() == num_heads:  # full width: share the model's own tensors
-        return AttnPack(
-            num_heads, qkv.weight.detach(), qkv.bias.detach(), proj.weight.detach(), proj.bias.detach()
-        )
-    if active.numel() == 0:
-        return AttnPack(0, None, None, None, proj.bias.detach())
-    cols = (active[:, None] * d + torch.arange(d, device=active.device)).flatten()  # (|I|·d,)
-    rows = torch.cat([part * width + cols for part in range(3)])  # (3·|I|·d,) rows in the q, k, v blocks
-    return AttnPack(
-        int(active.numel()),
-        qkv.weight.detach().index_select(0, rows),
-        qkv.bias.detach().index_select(0, rows),
-        proj.weight.detach().index_select(1, cols).contiguous(),
-        proj.bias.detach(),
-    )
-
-
-def slice_mlp(layer: Mlp, groups: Tensor) -> MlpPack:
-    """Pack the fc1 rows and fc2 columns of the groups where ``groups`` (G,) is true; g = hidden / G."""
-    fc1, fc2 = layer.fc1, layer.fc2
-    num_groups = groups.numel()
-    g = fc1.out_features // num_groups
-    active = groups.nonzero().flatten().to(fc1.weight.device)  # (|J|,)
-    if active.numel() == num_groups:
-        return MlpPack(
-            num_groups, fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach()
-        )
-    if active.numel() == 0:
-        return MlpPack(0, None, None, None, fc2.bias.detach())
-    rows = (active[:, None] * g + torch.arange(g, device=active.device)).flatten()  # (|J|·g,)
-    return MlpPack(
-        int(active.numel()),
-        fc1.weight.detach().index_select(0, rows),
-        fc1.bias.detach().index_select(0, rows),
-        fc2.weight.detach().index_select(1, rows).contiguous(),
-        fc2.bias.detach(),
-    )
+def attention_region(
+    attention_half: Callable,
+    state,
+    mod: Sequence[Tensor],
+    weights: Weights,
+    count: int,
+    static: tuple,
+    router: RouterWeights | None,
+) -> tuple:
+    """The block's attention half with sliced weights, then the token router's logits on x (one
+    region for ``torch.compile``). Returns (state, x, h, logits or None)."""
+    state, x, h = attention_half(state, mod, weights, count, static, None)
+    return state, x, h, None if router is None else token_router_logits(x, *router)
 
 
 def gathered_mlp_update(
@@ -137,17 +83,15 @@ def gathered_mlp_update(
     h: Tensor,  # (B, N, D) modulated MLP input
     idx: Tensor | None,  # (M,) kept rows of the flattened (B·N) axis; None = all tokens
     sample: Tensor | None,  # (M,) sample index of each kept row (rows into gate)
-    gate: Tensor,  # (B, D) gate_mlp, or (B+1, D) with a zero last row when idx is padded
-    fc1_weight: Tensor | None,
-    fc1_bias: Tensor | None,
-    fc2_weight: Tensor | None,
-    fc2_bias: Tensor,
+    gate: Tensor,  # (B, D) gate, or (B+1, D) with a zero last row when idx is padded
+    mlp_half: Callable[[Tensor, Weights], Tensor],
+    weights: Weights,
 ) -> Tensor:
-    """The block's token skip (``x + keep ⊙ gate_mlp·MLP_J(h)``) computed on the kept rows only:
-    gather -> :func:`~dydit.models.layers.mlp` -> gate -> scatter-add (docs/METHOD.md §4.3)."""
+    """The token skip (``x + keep ⊙ gate·MLP_J(h)``, models/loop.py) computed on the kept rows only:
+    gather -> the block's MLP half -> gate -> scatter-add (docs/METHOD.md §4.3)."""
     b, n, d = x.shape
     rows = h.reshape(b * n, d) if idx is None else h.reshape(b * n, d).index_select(0, idx)  # (M, D)
-    u = mlp(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias)  # (M, D)
+    u = mlp_half(rows, weights)  # (M, D)
     if idx is None:
         return x.addcmul_(gate[:, None, :], u.view(b, n, d))
     x.view(b * n, d).index_add_(0, idx, u * gate.index_select(0, sample))
@@ -168,7 +112,7 @@ class SlicedDyDiT(nn.Module):
     """Inference-only DyDiT that skips masked work; ``engine(x, t, y) -> Tensor`` like every model.
 
     Args:
-        model: a DyDiT; put in eval mode.
+        model: a DyDiT over any backbone (models/backbone.py); put in eval mode.
         plan_timesteps: t values whose plan steps are packed now (others are packed on first use).
         token_logits: overrides the blocks' token routers: (layer, x (B, N, D)) -> (B, N); kept iff > 0.
         compile: compile the two per-layer regions with ``torch.compile(dynamic=True)``.
@@ -180,7 +124,7 @@ class SlicedDyDiT(nn.Module):
 
     def __init__(
         self,
-        model: DyDiT,
+        model: nn.Module,
         *,
         plan_timesteps: Iterable[float] | Tensor | None = None,
         token_logits: TokenLogitsFn | None = None,
@@ -198,15 +142,14 @@ class SlicedDyDiT(nn.Module):
         self.token_bucket = token_bucket
         blocks = list(model.blocks)
         self.num_layers = len(blocks)
-        self.num_heads = model.config.num_heads
-        self.eps = float(blocks[0].norm1.eps)
-        self.mlp_eps = float(blocks[0].norm2.eps)  # differs for diffusers-convention models
-        self._attn_fn: Callable = attention_half
+        self.num_heads = blocks[0].head_units.count
+        self.num_groups = blocks[0].group_units.count
+        self._attn_fn: Callable = attention_region
         self._mlp_fn: Callable = gathered_mlp_update
         # CUDA graphs (mode "reduce-overhead") must not copy the weights into static buffers per replay.
         self._static_weights = compile and "reduce-overhead" in (compile_mode or "")
-        if compile:
-            self._attn_fn = torch.compile(attention_half, dynamic=True, mode=compile_mode)
+        if compile:  # one function for every layer: the block's halves are static methods, passed in
+            self._attn_fn = torch.compile(attention_region, dynamic=True, mode=compile_mode)
             self._mlp_fn = torch.compile(gathered_mlp_update, dynamic=True, mode=compile_mode)
         self.clear_cache()
         if plan_timesteps is not None:
@@ -216,9 +159,9 @@ class SlicedDyDiT(nn.Module):
     def clear_cache(self) -> None:
         """Forget plan steps, weight packs and fused adaLN/router weights (after changing the weights)."""
         self._steps: dict[float, StepPacks] = {}
-        self._attn_packs: dict[tuple[int, bytes], AttnPack] = {}
-        self._mlp_packs: dict[tuple[int, bytes], MlpPack] = {}
-        self._adaln: tuple[Tensor, Tensor] | None = None
+        self._attn_packs: dict[tuple[int, bytes], Pack] = {}
+        self._mlp_packs: dict[tuple[int, bytes], Pack] = {}
+        self._adaln: tuple[Tensor, Tensor, list[int]] | None = None
         self._routers: list[RouterWeights | None] | None = None
 
     def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): packs must follow the weights
@@ -237,8 +180,9 @@ class SlicedDyDiT(nn.Module):
         own = {
             w.data_ptr(): w.numel() * w.element_size()
             for pack in [*self._attn_packs.values(), *self._mlp_packs.values()]
-            for w in vars(pack).values()
-            if isinstance(w, Tensor) and w.data_ptr() not in shared
+            for pair in pack.weights.values()
+            for w in pair
+            if w is not None and w.data_ptr() not in shared
         }
         return {
             "plans": len(self._steps),
@@ -258,9 +202,12 @@ class SlicedDyDiT(nn.Module):
 
     def load_plan(self, plan: WidthPlan) -> None:
         """Pack every step of a width plan (steps already packed are kept)."""
-        shape = (self.num_layers, self.num_heads)
-        if plan.heads.shape[1:] != shape or plan.groups.shape[1:] != shape:
-            raise DyditError(f"width masks must be (T, L, H) = (T, *{shape}), got {tuple(plan.heads.shape)}")
+        shape, groups = (self.num_layers, self.num_heads), (self.num_layers, self.num_groups)
+        if plan.heads.shape[1:] != shape or plan.groups.shape[1:] != groups:
+            raise DyditError(
+                f"width masks must be (T, L, H) = (T, *{shape}) and (T, *{groups}), got "
+                f"{tuple(plan.heads.shape)} and {tuple(plan.groups.shape)}"
+            )
         for t, heads, groups in plan.steps():
             if t not in self._steps:
                 layers = range(self.num_layers)
@@ -276,33 +223,36 @@ class SlicedDyDiT(nn.Module):
             self.prepare(t.reshape(1) if isinstance(t, Tensor) else [t])
         return self._steps[key]
 
-    def _attn_pack(self, layer: int, heads: Tensor) -> AttnPack:
+    def _attn_pack(self, layer: int, heads: Tensor) -> Pack:
         key = (layer, heads.cpu().numpy().tobytes())
         if key not in self._attn_packs:
-            pack = slice_attention(self.model.blocks[layer].attn, heads)
-            self._attn_packs[key] = self._mark_static(pack)
+            block = self.model.blocks[layer]
+            self._attn_packs[key] = self._pack(block, block.head_units, heads)
         return self._attn_packs[key]
 
-    def _mlp_pack(self, layer: int, groups: Tensor) -> MlpPack:
+    def _mlp_pack(self, layer: int, groups: Tensor) -> Pack:
         key = (layer, groups.cpu().numpy().tobytes())
         if key not in self._mlp_packs:
-            self._mlp_packs[key] = self._mark_static(slice_mlp(self.model.blocks[layer].mlp, groups))
+            block = self.model.blocks[layer]
+            self._mlp_packs[key] = self._pack(block, block.group_units, groups)
         return self._mlp_packs[key]
 
-    def _mark_static(self, pack):
-        """Tell torch.compile's CUDA graphs that these weights keep their address (no copy per replay)."""
-        if self._static_weights:
-            for w in vars(pack).values():
-                if isinstance(w, Tensor):
-                    torch._dynamo.mark_static_address(w)
+    def _pack(self, block: nn.Module, units, active: Tensor) -> Pack:
+        pack = Pack(*unit_weights(block, units, active))
+        if self._static_weights:  # torch.compile's CUDA graphs: these weights keep their address
+            for pair in pack.weights.values():
+                for w in pair:
+                    if w is not None:
+                        torch._dynamo.mark_static_address(w)
         return pack
 
-    def _fused_adaln(self) -> tuple[Tensor, Tensor]:
-        """All layers' adaLN linears stacked into one (L·6D, D) matmul."""
+    def _fused_adaln(self) -> tuple[Tensor, Tensor, list[int]]:
+        """All layers' modulation linears stacked into one matmul, and each layer's output size."""
         if self._adaln is None:
             linears = [block.modulation_linear for block in self.model.blocks]
             weight = torch.cat([lin.weight.detach() for lin in linears]).contiguous()
-            self._adaln = (weight, torch.cat([lin.bias.detach() for lin in linears]))
+            sizes = [lin.out_features for lin in linears]
+            self._adaln = (weight, torch.cat([lin.bias.detach() for lin in linears]), sizes)
         return self._adaln
 
     def _router_weights(self) -> list[RouterWeights | None]:
@@ -322,12 +272,14 @@ class SlicedDyDiT(nn.Module):
     # forward ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x (B, C, H, W), t (B,) or scalar, y (B,) -> (B, C_out, H, W), equal to the masked DyDiT."""
+        """x (B, C, H, W), t (B,) or scalar, y the backbone's condition input (labels (B,), a tensor of
+        any shape with the batch first, or an object with ``len`` and ``select(rows)``) -> the
+        output (B, C_out, H, W), equal to the masked DyDiT."""
         if self.model.training:
             raise DyditError("the sliced engine is inference-only: call model.eval() first")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape[0] != x.shape[0] or y.shape[0] != x.shape[0]:
-            raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {y.shape[0]}")
+        if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
+            raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
         values = t.detach().cpu()  # the one host sync of the call
         first = values[0]
         if bool((values == first).all()):
@@ -336,7 +288,8 @@ class SlicedDyDiT(nn.Module):
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            part = self._forward_one_t(x[rows], t[rows], y[rows], value)
+            y_rows = y[rows] if isinstance(y, Tensor) else y.select(rows)
+            part = self._forward_one_t(x[rows], t[rows], y_rows, value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, rows, part)
@@ -344,30 +297,34 @@ class SlicedDyDiT(nn.Module):
 
     def _forward_one_t(self, x: Tensor, t: Tensor, y: Tensor, t_value: Tensor) -> Tensor:
         model, step = self.model, self.plan(t_value)
-        x = x.to(model.pos_embed.dtype)
-        tokens, c, _ = model.embed(x, t, y)  # (B, N, D), (B, D)
-        tokens = tokens.contiguous()  # gathered_mlp_update views it as (B·N, D) rows
-        b, n, d = tokens.shape
-        w, bias = self._fused_adaln()
-        mods = F.linear(F.silu(c), w, bias).view(b, self.num_layers, 6, d).permute(1, 2, 0, 3)  # (L, 6, B, D)
-        record("adaLN", b * self.num_layers * formulas.linear_macs(1, d, 6 * d))
+        x = x.to(next(model.parameters()).dtype)
+        state, c, _ = model.embed(x, t, y)  # the blocks' state, c (B, D)
+        w, bias, sizes = self._fused_adaln()
+        raws = F.linear(F.silu(c), w, bias).split(sizes, dim=1)  # per layer (B, M_l)
+        record("adaLN", c.shape[0] * c.shape[1] * sum(sizes))
         routers = self._router_weights()
-        hidden = model.config.mlp_hidden
-        for layer in range(self.num_layers):
-            ap, mp, mod, router = step.attn[layer], step.mlp[layer], mods[layer], routers[layer]
-            tokens, h, logits = self._attn_fn(tokens, mod, ap.weights, self.eps, self.mlp_eps, None, router)
-            record("attention", b * formulas.attention_macs(n, d, ap.num_heads, self.num_heads))
+        counting = is_counting()  # the per-layer MACs are computed only for a counter
+        for layer, block in enumerate(model.blocks):
+            ap, mp, router = step.attn[layer], step.mlp[layer], routers[layer]
+            mod = block.split_modulation(raws[layer])
+            if counting:
+                record("attention", block.attention_macs(state, ap.count))
+            state, x, h, logits = self._attn_fn(
+                block.attention_half, state, mod, ap.weights, ap.count, block.static, router
+            )
+            b, n, d = x.shape
             if logits is None:
-                logits = self._token_logits(layer, tokens)
-            else:
+                logits = self._token_logits(layer, x)
+            elif counting:
                 r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
-            idx, sample, gate, rows = self._kept_rows(logits, mod[5], n)
-            if rows == 0:
-                continue
-            tokens = self._mlp_fn(tokens, h, idx, sample, gate, *mp.weights)
-            record("mlp", formulas.mlp_macs(rows, d, hidden, mp.num_groups, self.num_heads))
-        return model.head(tokens, c)
+            idx, sample, gate, rows = self._kept_rows(logits, block.mlp_gate(mod), n)
+            if rows:
+                x = self._mlp_fn(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
+                if counting:
+                    record("mlp", block.mlp_macs(rows, mp.count))
+            state = block.finish(state, x, mod)
+        return model.head(state, c)
 
     def _kept_rows(self, logits: Tensor, gate: Tensor, n: int) -> KeptRows:
         """(idx, sample, gate, rows) for the MLP: rows of kept tokens in the flattened batch (§4.3)."""
@@ -390,6 +347,6 @@ class SlicedDyDiT(nn.Module):
         return idx, sample, gate, padded
 
 
-def sliced(model: DyDiT, **kwargs) -> SlicedDyDiT:
+def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
     """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
     return SlicedDyDiT(model, **kwargs)
