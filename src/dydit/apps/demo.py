@@ -34,7 +34,6 @@ from dydit.data.fashion_mnist import CLASS_NAMES
 from dydit.diffusion import SAMPLERS, create_diffusion
 from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
-from dydit.flops.formulas import layer_costs
 from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.io import locked_dir, save_text
 from dydit.models.dydit import DyDiT, execution
@@ -347,7 +346,7 @@ def draw_pictures(
     for tag, images in (("dit", img_dit), ("dydit", img_dyn)):
         sample_grid(images[pick], labels[pick], class_names=names, ncols=per_class * 2 if per_class < 5
                     else per_class, title=tag, path=out / f"grid_{tag}.png")  # fmt: skip
-    costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
+    costs = model.layer_costs()
     flops_profile(profile.plan, profile.tokens, costs=costs, title="DyDiT compute per sampling step",
                   path=out / "flops_profile.png")  # fmt: skip
     router_heatmap(profile.plan, title="active heads / MLP groups per layer", path=out / "router_map.png")

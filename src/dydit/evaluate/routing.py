@@ -25,7 +25,7 @@ from dydit.diffusion import create_diffusion, guided
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
-from dydit.flops.formulas import config_macs_table, layer_costs, token_router_macs
+from dydit.flops.formulas import config_macs_table, token_router_macs
 from dydit.flow import create_process
 from dydit.presets import ModelConfig
 from dydit.sample import SamplingSettings
@@ -98,7 +98,7 @@ def schedule_flops(
     fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
     with torch.no_grad():
         settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
-    attn_cost, mlp_cost = layer_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_ratio)
+    attn_cost, mlp_cost = model.layer_costs()
     rows = []
     # in the sampler's order, from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching
     # (the adaptive solver declares none: the times it chose, ascending)

@@ -30,7 +30,6 @@ from torch import nn
 from dydit import distributed
 from dydit.data import derive_seed
 from dydit.errors import DyditError
-from dydit.flops.formulas import layer_costs
 from dydit.flow import create_process
 from dydit.io import locked_dir
 from dydit.log import FILE_ONLY, RunLogger, report
@@ -121,7 +120,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     net = _distribute(TrainForward(model), device)
     teacher = load_teacher(cfg.teacher_path, mc, device) if cfg.distill_weight > 0 else None
     diffusion = create_process(mc)  # DDPM (T = 1000) or the flow-matching transport
-    costs = layer_costs(mc.num_tokens, mc.hidden_size, mc.mlp_ratio)
+    costs = model.layer_costs()  # the backbone's per-layer (A, M), whatever its family
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step = run.start
     end = max(step, cfg.steps if stop_at is None else min(cfg.steps, stop_at))
