@@ -29,8 +29,7 @@ from dydit.models import DiT, DyDiT, WidthPlan, engine
 from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config
 from dydit.sample import SamplingSettings, generate, sample_images
 from dydit.train import TrainConfig, finetune
-
-__version__ = "0.1.0"
+from dydit.version import __version__
 
 __all__ = [
     "FLOW_SAMPLERS",
