@@ -218,3 +218,16 @@ def test_dit_xl_shaped_dydit_packs_stay_within_half_its_weights():
     unlimited.load_plan(plan)
     assert mem["weight_bytes"] > 1.7e9 and mem["ratio"] <= 0.5 < unlimited.memory()["ratio"]
     assert mem["held_packs"] > 0
+
+
+def test_generate_takes_an_engine_in_place_of_the_model():
+    model = random_dydit(4, 32, "forced_first", depth=2)
+    settings = dydit.SamplingSettings(sampler="ddim", steps=4, cfg_scale=1.5)
+    process = dydit.create_process(model.config)
+    common = dict(seeds=[1, 2], shape=(4, 8, 8), num_classes=model.config.num_classes, progress=False)
+    (ref,) = [b.samples for b in dydit.generate(model, process, settings, **common)]  # masked
+    fast = dydit.engine(model, token_bucket=3, pack_budget=0.0)
+    (out,) = [b.samples for b in dydit.generate(fast, process, settings, **common)]
+    assert rel_err(out, ref) < 1e-4
+    with pytest.raises(DyditError, match="flow-matching sampler"):  # engine.config pairs the process
+        next(dydit.generate(fast, process, dydit.SamplingSettings(sampler="euler", steps=2), **common))

@@ -9,7 +9,8 @@ The workflow, in the order a user meets it::
     result = dydit.finetune("dit.safetensors", target=0.5, steps=1200, out_dir="runs/dydit")
     dy = dydit.load_model(result.export)                 # the fine-tuned DyDiT (EMA weights)
     dy.execution = "sliced"                              # really skip the switched-off work, or
-    fast = dydit.engine(dy, compile=True, token_bucket=64)  # the sliced engine with options
+    fast = dydit.engine(dy, compile=True)                # the sliced engine with options (or pass
+                                                         # fast to generate instead of dy)
     process = dydit.create_process(dy.config)            # DDPM diffusion or flow-matching transport
     settings = dydit.SamplingSettings(sampler="dpm++2m", steps=20, cfg_scale=1.5)
     for batch in dydit.generate(dy, process, settings, seeds=range(8), shape=(1, 32, 32), num_classes=10):
