@@ -348,10 +348,12 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
     model = _build_model(cfg, ckpt, plan["execution"]).to(device)
-    if plan["engine"]:  # options: an engine of its own instead of the model's default one
+    if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
         from dydit.models.sliced import engine
 
-        model = engine(model, **plan["engine"])
+        model = engine(model, **plan["engine"]) if plan["engine"] else model
+        fast = model if plan["engine"] else model.sliced_engine()
+        fast.prepare(settings.network_times(diffusion))  # the packs the run uses most are held
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(
