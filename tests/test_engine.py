@@ -231,3 +231,14 @@ def test_generate_takes_an_engine_in_place_of_the_model():
     assert rel_err(out, ref) < 1e-4
     with pytest.raises(DyditError, match="flow-matching sampler"):  # engine.config pairs the process
         next(dydit.generate(fast, process, dydit.SamplingSettings(sampler="euler", steps=2), **common))
+
+
+def test_budget_holds_when_a_sampler_plans_one_time_at_a_time():
+    """Packs made on first use (as in a sampler run) and their indices never exceed the budget."""
+    model = dydit.load_model(EMBEDDED).eval()
+    times = dydit.SamplingSettings(steps=250).network_times(dydit.create_process(model.config))
+    fast = dydit.engine(model)
+    for t in times:
+        fast.plan(t)
+        assert fast.memory()["ratio"] <= 0.5
+    assert fast.memory()["held_packs"] > 0

@@ -94,6 +94,10 @@ class Pack:
                         if w is not None:
                             torch._dynamo.mark_static_address(w)
 
+    def release(self) -> None:
+        """Drop the held copy (the pack is gathered at each use from now on)."""
+        self._held = None
+
     @property
     def held(self) -> bool:
         return self._held is not None
@@ -138,6 +142,7 @@ class PackStore:
         self.blocks, self.budget, self.static = blocks, budget, static
         self.weight_bytes = unit_weight_bytes(blocks)
         self.packs: dict[tuple[str, int, bytes], Pack] = {}
+        self.uses: Counter[Pack] = Counter()  # plan steps that use each pack
         self._copy_bytes = self._index_bytes = 0
 
     def get(self, kind: str, layer: int, active: Tensor, hold: bool = True) -> Pack:
@@ -152,20 +157,38 @@ class PackStore:
             self._index_bytes += pack.index_bytes()
             if hold:
                 self._hold(pack)
+                self._trim()
         return pack
 
     def hold_most_used(self, uses: Counter) -> None:
-        """Hold the packs a plan uses most (``uses``: pack -> number of steps), within the budget."""
-        for pack, _ in sorted(uses.items(), key=lambda kv: (-kv[1], kv[0].copy_bytes())):
+        """Count the steps of a plan that use each pack (``uses``) and hold the packs used most,
+        within the budget (releasing the least used if new indices took their room)."""
+        self.uses.update(uses)
+        for pack in sorted(uses, key=lambda p: (-self.uses[p], p.copy_bytes())):
             self._hold(pack)
+        self._trim()
+
+    def _limit(self) -> float:
+        return float("inf") if self.budget is None else self.budget * self.weight_bytes
 
     def _hold(self, pack: Pack) -> None:
         size = pack.copy_bytes()
-        if pack.held or not pack.sliced:
-            return
-        if self.budget is None or self.pack_bytes + size <= self.budget * self.weight_bytes:
+        if not pack.held and pack.sliced and self.pack_bytes + size <= self._limit():
             pack.hold(self.static)
             self._copy_bytes += size
+
+    def _trim(self) -> None:
+        """Release the least used held packs while the total is over the budget."""
+        if self.pack_bytes <= self._limit():
+            return
+        held = sorted(
+            (p for p in self.packs.values() if p.held), key=lambda p: (self.uses[p], -p.copy_bytes())
+        )
+        for pack in held:
+            pack.release()
+            self._copy_bytes -= pack.copy_bytes()
+            if self.pack_bytes <= self._limit():
+                return
 
     @property
     def pack_bytes(self) -> int:
