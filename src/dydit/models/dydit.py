@@ -195,6 +195,12 @@ class DyDiT(nn.Module):
         self.backbone.training = mode  # its submodules are ours: super().train sets them
         return super().train(mode)
 
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda()
+        # Not for correctness (the engine sees new storages itself): the default engine holds the
+        # old tensors until its next call, so drop it here to free their memory now.
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
     def forward_with_routing(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, RoutingStats]:
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
         state, c, e = self.embed(x, t, y)  # DiT: tokens (B, N, D), c (B, D), e = E_t (B, D)

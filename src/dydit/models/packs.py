@@ -16,7 +16,9 @@ attention+MLP weights (:meth:`PackStore.memory`). ``budget=None`` holds every pa
 :class:`WeightWatch` makes the engine follow its model: it records each parameter's version counter
 and storage address (holding the storage, so an address cannot be reused), and the engine drops its
 caches when any of them moved (an optimiser or EMA step, ``load_state_dict``, ``.to()``, ``copy_``).
-Edits through ``p.data`` bypass version counters: call ``clear_cache()`` after those.
+Edits through ``p.data`` bypass version counters: call ``clear_cache()`` after those. Holding the
+storages means that after ``.to()`` the old tensors live until the engine's next call (a DyDiT drops
+its default engine on ``.to()``, so this concerns engines made with :func:`dydit.engine` only).
 """
 
 from __future__ import annotations
