@@ -54,6 +54,19 @@ def test_rows_for_every_mode_batch_and_measurement():
             assert r.max_rel_err < 1e-4  # sliced output equals masked output
     sampler = [r for r in rows if r.measurement == "sampler"]
     assert all(r.s_per_image > 0 and r.steps == 2 for r in sampler)
+    packs = [r.pack_memory_ratio for r in rows if r.measurement == "sampler" and r.mode == "sliced"]
+    assert len(packs) == 2 and all(0 < p <= 0.5 for p in packs)
+    assert all(r.pack_memory_ratio is None for r in rows if r.mode != "sliced" or r.measurement != "sampler")
+
+
+def test_pack_memory_ratio_is_the_sampler_runs_packs_within_the_budget():
+    rows = run_bench(tiny_bench(batches=(2,), modes=("sliced",), sampler_steps=6, pack_budget=None))
+    unlimited = next(r.pack_memory_ratio for r in rows if r.measurement == "sampler")
+    rows = run_bench(tiny_bench(batches=(2,), modes=("sliced",), sampler_steps=6, pack_budget=0.1))
+    limited = next(r.pack_memory_ratio for r in rows if r.measurement == "sampler")
+    assert limited <= 0.1 < unlimited
+    with pytest.raises(DyditError, match="pack budget"):
+        BenchConfig(pack_budget=-0.5)
 
 
 def test_markdown_and_json(tmp_path):

@@ -5,6 +5,12 @@ and the layers below, never one above. Within a layer, :data:`FORBIDDEN` names t
 not allowed either (the network and the diffusion ignore each other, and so on). Imports are read
 in every form: ``import dydit.x``, ``from dydit.x import y``, ``from dydit import x`` and relative
 imports, at module level or inside functions.
+
+Besides the layers, no module may take part in an import circle, inside a package or across
+packages (:func:`test_no_import_circles`): module-level and function-level imports both count, since
+a function-level import that closes a circle is still a mutual dependency (it only hides the circle
+from the import machinery). ``from package import name`` counts as importing the module
+``package.name`` when there is one, else the package's ``__init__``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"train", "sample", "evaluate"},
     {"checkpoint", "factory"},
     {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
-    {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning"},
+    {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning", "version"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -134,3 +140,92 @@ def test_every_import_form_is_seen() -> None:
         "models",
         "sample",
     }
+
+
+# Import circles between modules ------------------------------------------------------------------
+def _module_names() -> dict[str, Path]:
+    """Dotted name -> file of every module of the package (a package is its ``__init__``)."""
+    out = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported_modules(source: str, package: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``source`` (a module of ``package``) imports, at any depth
+    of the file: ``import a.b``, ``from a.b import c`` (``a.b.c`` if it is a module, else ``a.b``)
+    and relative imports."""
+
+    def known(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {known(a.name) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out |= {
+                f"{module}.{a.name}" if f"{module}.{a.name}" in modules else known(module) for a in node.names
+            }
+    return out - {""}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of a module graph: each strongly connected set of more than one module, sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:  # Tarjan; the graph is a few hundred modules deep at most
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(circles)
+
+
+def test_no_import_circles() -> None:
+    modules = _module_names()
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = imported_modules(path.read_text(), package, set(modules)) - {name}
+    circles = import_circles(graph)
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_circles_are_found_at_module_and_function_level() -> None:
+    modules = {"p", "p.a", "p.b", "p.c", "p.d"}
+    graph = {
+        "p": imported_modules("from p import a\n", "p", modules),  # a package importing its module
+        "p.a": imported_modules("from .b import x\n", "p", modules),
+        "p.b": imported_modules("def f():\n    import p.a\n", "p", modules),  # closes p.a <-> p.b
+        "p.c": imported_modules("from p import d\n", "p", modules),
+        "p.d": imported_modules("from p import c\n", "p", modules),  # module-level p.c <-> p.d
+    }
+    assert graph["p"] == {"p.a"} and graph["p.b"] == {"p.a"}
+    assert import_circles(graph) == [["p.a", "p.b"], ["p.c", "p.d"]]
+    assert import_circles({"p": {"p.a"}, "p.a": set()}) == []

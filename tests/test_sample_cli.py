@@ -307,3 +307,52 @@ def test_two_process_torchrun_matches_one_process(ckpt: Path, tmp_path: Path) ->
     # In-memory path: each rank samples its share and the shares are gathered for the grid.
     run2("--grid", str(tmp_path / "g3.png"))
     assert (tmp_path / "g3.png").read_bytes() == (tmp_path / "g1.png").read_bytes()
+
+
+def test_engine_options_reach_the_sliced_engine(tmp_path: Path, capsys, monkeypatch) -> None:
+    import dydit.models.sliced as sliced
+
+    ck = _dydit_ckpt(tmp_path)
+    args = ["sample", "--checkpoint", str(ck), *FAST, "--num-samples", "2"]
+    assert main([*args, "--token-bucket", "3", "--compile", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine"] == {"compile": True, "token_bucket": 3}
+    seen = []
+    real = sliced.engine
+
+    def engine(model, **options):  # records the options; compiles nothing (slow on a CPU)
+        seen.append(options)
+        return real(model, **{k: v for k, v in options.items() if not k.startswith("compile")})
+
+    monkeypatch.setattr(sliced, "engine", engine)
+    extra = ["--compile", "--compile-mode", "max-autotune-no-cudagraphs", "--token-bucket", "3"]
+    assert main([*args, *extra, "--pack-budget", "0", "--grid", str(tmp_path / "a.png")]) == 0
+    assert seen == [
+        {"compile": True, "compile_mode": "max-autotune-no-cudagraphs", "token_bucket": 3, "pack_budget": 0.0}
+    ]
+    assert main([*args, "--grid", str(tmp_path / "b.png")]) == 0  # the model's default engine
+    assert len(seen) == 1
+    a, b = (np.asarray(__import__("PIL.Image").Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert np.array_equal(a, b)  # bucket padding and gathered packs change no image
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--execution", "masked", "--compile"], "--compile: options of the sliced engine; this run's "),
+        (["--execution", "dense", "--token-bucket", "8"], "--token-bucket: options of the sliced engine"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode applies only with --compile"),
+    ],
+)
+def test_engine_options_outside_sliced_execution_are_one_line_errors(extra, needle, tmp_path, capsys) -> None:
+    ck = _dydit_ckpt(tmp_path)
+    assert main(["sample", "--checkpoint", str(ck), *FAST, *extra, "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_engine_options_on_a_dit_are_one_line_errors(ckpt: Path, capsys) -> None:
+    assert main(["sample", "--checkpoint", str(ckpt), *FAST, "--pack-budget", "0.2", "--dry-run"]) == 1
+    assert (
+        "--pack-budget: options of the sliced engine; this run's execution is dense"
+        in capsys.readouterr().err
+    )

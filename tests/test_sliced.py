@@ -308,7 +308,7 @@ def test_cuda_sliced_equals_masked(compiled, dtype):
         assert rel_err(fast.float().cpu(), ref) <= 2 * rel_err(masked.float().cpu(), ref) + 1e-3
 
 
-def test_engine_cache_is_dropped_by_load_to_and_train_and_stays_out_of_the_state_dict():
+def test_engine_cache_follows_load_and_to_survives_train_and_stays_out_of_the_state_dict():
     model = random_dydit(2, 32, "forced_first")
     keys = set(model.state_dict())
     x, y = inputs(model, 2)
@@ -326,9 +326,13 @@ def test_engine_cache_is_dropped_by_load_to_and_train_and_stays_out_of_the_state
     model.to(torch.float64)
     assert model.sliced_engine().cache_info()["plans"] == 0
     assert model(x.double(), t, y).dtype == torch.float64
+    model(x.double(), t, y)
     model.train()
-    model.eval()
-    assert model.sliced_engine().cache_info()["plans"] == 0
+    model.eval()  # the weights did not change: the plans stay, and are right
+    assert model.sliced_engine().cache_info()["plans"] == 1
+    with execution(model, "masked"):
+        ref = model(x.double(), t, y)
+    assert rel_err(model(x.double(), t, y), ref) < 1e-12
 
 
 def test_float_time_values_are_planned_by_their_exact_value():

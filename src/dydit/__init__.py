@@ -8,7 +8,9 @@ The workflow, in the order a user meets it::
     dy = dydit.DyDiT.from_dit(dit)                       # + routers; computes exactly the DiT
     result = dydit.finetune("dit.safetensors", target=0.5, steps=1200, out_dir="runs/dydit")
     dy = dydit.load_model(result.export)                 # the fine-tuned DyDiT (EMA weights)
-    dy.execution = "sliced"                              # really skip the switched-off work
+    dy.execution = "sliced"                              # really skip the switched-off work, or
+    fast = dydit.engine(dy, compile=True)                # the sliced engine with options (or pass
+                                                         # fast to generate instead of dy)
     process = dydit.create_process(dy.config)            # DDPM diffusion or flow-matching transport
     settings = dydit.SamplingSettings(sampler="dpm++2m", steps=20, cfg_scale=1.5)
     for batch in dydit.generate(dy, process, settings, seeds=range(8), shape=(1, 32, 32), num_classes=10):
@@ -24,12 +26,11 @@ from dydit.diffusion import SAMPLERS, create_diffusion, guided
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model, create_model
 from dydit.flow import FLOW_SAMPLERS, Transport, create_process
-from dydit.models import DiT, DyDiT, WidthPlan
+from dydit.models import DiT, DyDiT, WidthPlan, engine
 from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config
 from dydit.sample import SamplingSettings, generate, sample_images
 from dydit.train import TrainConfig, finetune
-
-__version__ = "0.1.0"
+from dydit.version import __version__
 
 __all__ = [
     "FLOW_SAMPLERS",
@@ -50,6 +51,7 @@ __all__ = [
     "create_diffusion",
     "create_model",
     "create_process",
+    "engine",
     "finetune",
     "fit_state_dict",
     "generate",

@@ -220,7 +220,9 @@ def generate(
         indices: which images to produce (default: this rank's share, :func:`rank_share`).
 
     A DyDiT runs in its own ``model.execution``, ``"masked"`` unless set: set ``"sliced"`` (eval
-    mode) to really skip the switched-off work, as ``dydit sample`` does by default.
+    mode) to really skip the switched-off work, as ``dydit sample`` does by default, or pass
+    ``dydit.engine(model, compile=..., token_bucket=..., pack_budget=...)`` as ``model_fn`` for the
+    sliced engine with options.
     """
     if batch_size < 1:
         raise DyditError(f"batch size must be positive, got {batch_size}")

@@ -6,7 +6,10 @@ Each measurement is a :class:`BenchRow`: milliseconds per network forward (the m
 timesteps, whose width plans differ) and, optionally, full-sampler seconds per image (DDIM with
 classifier-free guidance, both halves in one pass). ρ is the realised attention+MLP FLOPs ratio
 (§5.3) counted on the sliced path; speed-up is against the dense DiT with the same compile setting,
-and efficiency = speed-up ÷ (1/ρ) = speed-up·ρ (1.0 would be the ideal of §8).
+and efficiency = speed-up ÷ (1/ρ) = speed-up·ρ (1.0 would be the ideal of §8). The sliced modes are
+:func:`dydit.models.sliced.engine` with the configured options (compile, token bucket, pack budget);
+their sampler rows give ``pack_memory_ratio``, the bytes of the weight packs that sampler run built
+over the bytes of the blocks' attention+MLP weights (``engine.memory()``).
 
 Routers come from a DyDiT checkpoint or, for models without trained routers (a DiT checkpoint or
 random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a target ρ.
@@ -32,7 +35,7 @@ from dydit.log import device_name
 from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
-from dydit.models.sliced import SlicedDyDiT
+from dydit.models.sliced import DEFAULT_PACK_BUDGET, SlicedDyDiT, engine
 from dydit.presets import ModelConfig, dit_name, preset_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +64,7 @@ class BenchConfig:
     seed: int = 0
     compile_mode: str | None = None
     token_bucket: int | None = None
+    pack_budget: float | None = DEFAULT_PACK_BUDGET  # held packs <= this x attention+MLP weight bytes
     input_size: int | None = None  # latent size override (default: the preset's)
     overrides: dict = field(default_factory=dict)  # other ModelConfig fields (tiny models in tests)
     stat: str = "median"  # statistic of the repeats behind ms_per_forward: "median" or "min"
@@ -77,6 +81,8 @@ class BenchConfig:
             raise DyditError("bench timesteps must lie in [0, 1000)")
         if self.stat not in ("median", "min"):
             raise DyditError(f"stat must be 'median' or 'min', got {self.stat!r}")
+        if self.pack_budget is not None and not self.pack_budget >= 0:
+            raise DyditError(f"pack budget must be >= 0, got {self.pack_budget}")
         if self.repeats < 1 or self.warmup < 0 or self.sampler_steps < 0:
             raise DyditError("repeats must be >= 1, warmup and sampler steps >= 0")
 
@@ -102,6 +108,7 @@ class BenchRow:
     speedup_vs_eager_dense: float | None = None
     efficiency: float | None = None  # speedup·ρ
     max_rel_err: float | None = None  # sliced vs masked output (sanity check), when both ran
+    pack_memory_ratio: float | None = None  # sliced sampler rows: pack bytes / attention+MLP weight bytes
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -173,17 +180,14 @@ def make_runners(
     def masked(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return dy(x, t, y)
 
+    options = dict(token_bucket=cfg.token_bucket, pack_budget=cfg.pack_budget)
     factories: dict[str, Callable[[], Callable]] = {
         "dense": lambda: dit,
         "dense-compiled": lambda: torch.compile(dit, mode=cfg.compile_mode),
         "masked": lambda: masked,
-        "sliced": lambda: SlicedDyDiT(dy, plan_timesteps=cfg.timesteps, token_bucket=cfg.token_bucket),
-        "sliced-compiled": lambda: SlicedDyDiT(
-            dy,
-            plan_timesteps=cfg.timesteps,
-            compile=True,
-            compile_mode=cfg.compile_mode,
-            token_bucket=cfg.token_bucket,
+        "sliced": lambda: engine(dy, plan_timesteps=cfg.timesteps, **options),
+        "sliced-compiled": lambda: engine(
+            dy, plan_timesteps=cfg.timesteps, compile=True, compile_mode=cfg.compile_mode, **options
         ),
     }
     return {m: factories[m]() for m in cfg.modes}
@@ -277,8 +281,7 @@ class Bench:
         self._log_calibration(calibration)
         for fn in self.runners.values():
             if isinstance(fn, SlicedDyDiT):
-                fn.clear_cache()
-                fn.prepare(self.cfg.timesteps)
+                fn.prepare(self.cfg.timesteps)  # the engine sees the new router weights itself
         return calibration
 
     def run(
@@ -300,7 +303,7 @@ class Bench:
         cfg, dit, dy = self.cfg, self.dit, self.dy
         x, y, noise = _inputs(cfg, dit, batch)
         dense_macs = _attn_mlp_macs(dit, x[:1], cfg.timesteps, y[:1]) * x.shape[0]
-        rho = _attn_mlp_macs(SlicedDyDiT(dy), x, cfg.timesteps, y) / dense_macs
+        rho = _attn_mlp_macs(engine(dy, pack_budget=cfg.pack_budget), x, cfg.timesteps, y) / dense_macs
         err = None
         sliced_mode = next((m for m in runners if m.startswith("sliced")), None)
         if sliced_mode is not None:  # the sliced output must be the masked output
@@ -338,9 +341,13 @@ class Bench:
         if steps:
             sampler_rho = rho
             for mode, fn in runners.items():
+                packs = None
+                if isinstance(fn, SlicedDyDiT):
+                    fn.clear_cache()  # count the packs this sampler run builds
                 with count_flops() as fc:  # the sliced path records the work it really does
                     seconds, _ = time_sampler(cfg, fn, noise, y[:batch], dit.config.num_classes, steps)
-                if mode.startswith("sliced"):
+                if isinstance(fn, SlicedDyDiT):
+                    packs = fn.memory()["ratio"]
                     done = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
                     sampler_rho = done / (dense_macs / len(cfg.timesteps) * steps)
                 self.log(f"  sampler {mode}: {seconds:.2f} s")
@@ -352,6 +359,7 @@ class Bench:
                         flops_ratio=1.0,
                         s_per_image=seconds / batch,
                         steps=steps,
+                        pack_memory_ratio=packs,
                         extra=dict(extra),
                         **meta,
                     )

@@ -21,7 +21,8 @@ def _fmt(v: float | None, spec: str) -> str:
 PER_EVALUATION_NOTE = (
     "Speed-ups are per network evaluation, at the same number of sampler steps. A DyDiT sampling N "
     "steps at ratio rho costs about what the dense DiT costs at round(rho*N) steps; whether it is worth "
-    "it depends on the quality at that equal compute (benchmarks/frontier.py measures it)."
+    "it depends on the quality at that equal compute (benchmarks/frontier.py measures it). packs: the "
+    "weight packs the sliced sampler run built, over the blocks' attention+MLP weight bytes."
 )
 
 
@@ -29,15 +30,16 @@ def markdown_table(rows: list[BenchRow]) -> str:
     """The rows as a Markdown table (forward rows first, then sampler rows)."""
     lines = [
         "| measurement | mode | batch | rows | dtype | ms/forward | s/image | ρ | speed-up "
-        "| vs eager dense | efficiency |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| vs eager dense | efficiency | packs |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r.measurement != "forward", r.batch, MODES.index(r.mode))):
         label = r.measurement if r.steps is None else f"sampler ({r.steps} steps)"
         lines.append(
             f"| {label} | {r.mode} | {r.batch} | {r.rows} | {r.dtype} | {r.ms_per_forward:.1f} | "
             f"{_fmt(r.s_per_image, '.3f')} | {r.flops_ratio:.3f} | {_fmt(r.speedup, '.2f')}x | "
-            f"{_fmt(r.speedup_vs_eager_dense, '.2f')}x | {_fmt(r.efficiency, '.2f')} |"
+            f"{_fmt(r.speedup_vs_eager_dense, '.2f')}x | {_fmt(r.efficiency, '.2f')} | "
+            f"{_fmt(r.pack_memory_ratio, '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ def _subcommand_modules() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dydit import __version__
+    from dydit.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="dydit",

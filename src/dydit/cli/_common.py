@@ -120,3 +120,46 @@ def model_config_from_args(args: argparse.Namespace, default_model: str | None =
 
     name = args.model or default_model
     return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))
+
+
+ENGINE_FLAGS = {"compile": "--compile", "compile_mode": "--compile-mode", "token_bucket": "--token-bucket",
+                "pack_budget": "--pack-budget"}  # fmt: skip
+
+
+def add_engine_options(g) -> None:
+    """The sliced engine's options (:func:`dydit.models.sliced.engine`) as flags."""
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="sliced execution: torch.compile the engine's two per-layer regions (dynamic shapes)",
+    )
+    g.add_argument(
+        "--compile-mode",
+        default=None,
+        help="with --compile: the torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead",
+    )
+    g.add_argument(
+        "--token-bucket",
+        type=positive_int,
+        default=None,
+        help="sliced execution: pad kept-token counts to a multiple of this (bounded shapes for static "
+        "compile modes; the images do not change)",
+    )
+    g.add_argument(
+        "--pack-budget",
+        type=non_negative_float,
+        default=None,
+        help="sliced execution: hold weight packs up to this fraction of the blocks' attention+MLP "
+        "weight bytes and gather the rest at each use (default 0.5)",
+    )
+
+
+def engine_options(args: argparse.Namespace, execution: str) -> dict:
+    """The engine options the flags set (only those given); one-line errors for another execution."""
+    given = {k: v for k in ENGINE_FLAGS if (v := getattr(args, k)) is not None and v is not False}
+    if given and execution != "sliced":
+        flags = ", ".join(ENGINE_FLAGS[k] for k in given)
+        raise DyditError(f"{flags}: options of the sliced engine; this run's execution is {execution}")
+    if "compile_mode" in given and "compile" not in given:
+        raise DyditError("--compile-mode applies only with --compile")
+    return given

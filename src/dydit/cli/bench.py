@@ -77,6 +77,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_mode_options(p: argparse.ArgumentParser) -> None:
     """Which execution modes are timed, and how they are compiled."""
     from dydit.apps.bench import DEFAULT_MODES, MODES
+    from dydit.models.sliced import DEFAULT_PACK_BUDGET
 
     p.add_argument(
         "--modes",
@@ -97,6 +98,13 @@ def _add_mode_options(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help="pad kept-token counts to a multiple of this (bounded shapes for static compile modes)",
+    )
+    p.add_argument(
+        "--pack-budget",
+        type=non_negative_float,
+        default=DEFAULT_PACK_BUDGET,
+        help="sliced engine: hold weight packs up to this fraction of the blocks' attention+MLP weight "
+        "bytes, gather the rest at each use (default: %(default)s)",
     )
 
 
@@ -198,6 +206,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         compile_mode=args.compile_mode,
         token_bucket=args.token_bucket,
+        pack_budget=args.pack_budget,
         stat=args.stat,
         input_size=input_size,
     )

@@ -3,8 +3,9 @@
 A thin layer over :mod:`dydit.sample`. Writes a class-labelled grid PNG; with ``--out-dir`` also one
 file per image (resumable: rerun the command) and, with ``--npz``, an ADM-format ``.npz`` for FID.
 A DyDiT runs the sliced engine unless ``--execution`` says otherwise (the execution is printed and
-recorded in the sample directory). Without ``--checkpoint`` the weights would be random: that needs
-``--random-weights``.
+recorded in the sample directory); ``--compile``, ``--token-bucket`` and ``--pack-budget`` are the
+engine's options (:func:`dydit.models.sliced.engine`). Without ``--checkpoint`` the weights would
+be random: that needs ``--random-weights``.
 Image i has seed ``--seed + i``, so results do not depend on ``--batch-size`` or on the number of
 processes; the same command runs under ``torchrun --nproc_per_node=N`` (gloo on CPU).
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from dydit.cli._common import (
+    add_engine_options,
     add_model_options,
+    engine_options,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -88,6 +91,7 @@ def _add_model_group(p: argparse.ArgumentParser) -> None:
         "tokens), masked (the training computation: the same images, no faster than dense) or "
         "dense (the full DiT inside, routers ignored: other images). Printed on stderr and recorded",
     )
+    add_engine_options(g)
     g.add_argument(
         "--vae",
         default=None,
@@ -236,6 +240,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg, ckpt, source = _model_config(args)
     execution = _execution(args.execution, cfg)
+    options = engine_options(args, execution)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
     settings = SamplingSettings(
         sampler=args.sampler or default_sampler,
@@ -284,6 +289,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "labels": labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
         "codec": codec,
         "execution": execution,
+        "engine": options if execution == "sliced" else None,
         "batch_size": args.batch_size,
         "device": args.device,
         "world_size": distributed.world_size(),
@@ -342,6 +348,12 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
     model = _build_model(cfg, ckpt, plan["execution"]).to(device)
+    if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
+        from dydit.models.sliced import engine
+
+        model = engine(model, **plan["engine"]) if plan["engine"] else model
+        fast = model if plan["engine"] else model.sliced_engine()
+        fast.prepare(settings.network_times(diffusion))  # the packs the run uses most are held
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(

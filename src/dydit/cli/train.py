@@ -302,7 +302,7 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
 def cache_latents(args: argparse.Namespace) -> None:
     """Encode ``--data`` into ``--cache-latents`` with ``--vae`` unless a complete cache is there."""
     from dydit.cli._common import resolve_device
-    from dydit.data.latents import build_latent_cache
+    from dydit.data.cache import build_latent_cache
 
     build_latent_cache(
         args.data,

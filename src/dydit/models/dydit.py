@@ -6,7 +6,8 @@ the execution modes. ``model.execution`` is one of
 
 - ``"dense"``: the complete backbone network (routers bypassed);
 - ``"masked"`` (default): 0/1 masks multiply full tensors, static shapes (training, reference);
-- ``"sliced"``: inference only, the engine of models/sliced.py skips the masked work.
+- ``"sliced"``: inference only, the engine of models/sliced.py skips the masked work (a default
+  engine the model holds; ``dydit.engine(model, ...)`` makes one with other options).
 
 ``forward`` always returns a Tensor; the routing statistics the FLOPs loss needs come from
 :meth:`DyDiT.forward_with_routing`.
@@ -56,11 +57,12 @@ class DyDiT(nn.Module):
     docs/METHOD.md §12). Attributes the DyDiT lacks are read from its backbone (``config``,
     ``t_embedder``, ``unpatchify``, ...).
 
-    ``forward(x, t, y) -> Tensor`` in the mode ``self.execution``. The ``"sliced"`` mode keeps an
-    engine with weight packs sliced from the parameters. It is dropped by :meth:`clear_cache`,
-    which ``load_state_dict``, ``train()``/``eval()``, ``.to()`` and setting ``execution`` call;
-    after editing weights in place by hand (``p.data.copy_``, an optimiser or EMA step in eval
-    mode), call ``model.clear_cache()`` yourself.
+    ``forward(x, t, y) -> Tensor`` in the mode ``self.execution``. The ``"sliced"`` mode runs a
+    default engine (:meth:`sliced_engine`, models/sliced.py) that follows the weights by itself: an
+    optimiser or EMA step, ``load_state_dict``, ``.to()`` or an in-place edit is seen at the next
+    call. Only edits through ``p.data`` bypass the version counters it reads; :meth:`clear_cache`
+    drops the engine (harmless at any time). For engine options (``torch.compile``, token buckets,
+    the pack memory budget) make one: ``dydit.engine(model, compile=True)``.
     """
 
     blocks: nn.ModuleList
@@ -94,6 +96,7 @@ class DyDiT(nn.Module):
             self.__dict__[registry] = backbone.__dict__[registry]
         self._init_router_biases()
         self._execution = "masked"
+        self.__dict__["_engine"] = None  # in __dict__, not a submodule: keys, .to() and train() skip it
         self.train(backbone.training)
 
     def __getattr__(self, name: str):
@@ -165,7 +168,6 @@ class DyDiT(nn.Module):
         if mode not in EXECUTION_MODES:
             raise DyditError(f"unknown execution mode {mode!r}; valid modes: {', '.join(EXECUTION_MODES)}")
         self._execution = mode
-        self.clear_cache()
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W), t (B,) time values, y (B,) labels -> (B, C_out, H, W)."""
@@ -176,7 +178,7 @@ class DyDiT(nn.Module):
         return self.sliced_engine()(x, t, y)
 
     def sliced_engine(self) -> SlicedDyDiT:
-        """The engine behind ``execution = "sliced"``, built on first use (inference only)."""
+        """The engine behind ``execution = "sliced"`` (default options), made on first use, for inference."""
         if self.training:
             raise DyditError("execution 'sliced' is inference-only: call model.eval() first")
         if self._engine is None:
@@ -185,21 +187,19 @@ class DyDiT(nn.Module):
         return self._engine
 
     def clear_cache(self) -> None:
-        """Drop the sliced engine with its plans and weight packs (rebuilt on next use)."""
+        """Drop the default sliced engine with its plans and weight packs (rebuilt on next use).
+        Needed only after editing weights through ``p.data``; the engine sees every other change."""
         self.__dict__["_engine"] = None
 
     def train(self, mode: bool = True) -> DyDiT:
-        self.clear_cache()
         self.backbone.training = mode  # its submodules are ours: super().train sets them
         return super().train(mode)
 
-    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the packs must follow the weights
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda()
+        # Not for correctness (the engine sees new storages itself): the default engine holds the
+        # old tensors until its next call, so drop it here to free their memory now.
         self.clear_cache()
         return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # load_state_dict, also as a submodule
-        self.clear_cache()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward_with_routing(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, RoutingStats]:
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""

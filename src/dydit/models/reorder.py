@@ -93,6 +93,4 @@ def reorder_by_importance(
         permute_heads(block, head_order)
         permute_groups(block, group_order)
         orders.append((head_order, group_order))
-    if hasattr(model, "clear_cache"):
-        model.clear_cache()  # weights changed in place: a DyDiT's sliced packs are stale
     return orders

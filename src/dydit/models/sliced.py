@@ -1,33 +1,35 @@
-"""Sliced inference engine for DyDiT: the work of masked heads, groups and tokens is really skipped.
+"""The sliced inference engine of DyDiT: the work of masked heads, groups and tokens is really skipped.
 
 docs/METHOD.md §3.5 (per-timestep width plans, sliced weights), §4.3 (gather/scatter of kept tokens over
-the flattened batch) and §8 (what makes it fast). The released DyDiT code multiplies full tensors
-by 0/1 masks and is slower than DiT; this engine computes exactly the masked model's output while
-running attention on the active heads only (for DiT: their q/k/v rows and ``proj`` columns; full
-``proj.bias``, which is the whole branch when no head is active) and the MLP on the active groups
-only (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on the tokens the SDT router
-keeps: their rows of the flattened (B·N, D) activations are gathered and scattered back with
-``index_add_``; skipped tokens get no update at all (§4.2).
+the flattened batch) and §8 (what makes it fast); docs/ARCHITECTURE.md §4. The released DyDiT code
+multiplies full tensors by 0/1 masks and is slower than DiT; this engine computes exactly the masked
+model's output while running attention on the active heads only (for DiT: their q/k/v rows and
+``proj`` columns; full ``proj.bias``, which is the whole branch when no head is active) and the MLP
+on the active groups only (``fc1`` rows, ``fc2`` columns, full ``fc2.bias``) and only on the tokens
+the SDT router keeps: their rows of the flattened (B·N, D) activations are gathered and scattered
+back with ``index_add_``; skipped tokens get no update at all (§4.2).
+
+:func:`engine` is the entry point: ``dydit.engine(model, backend="torch", compile=False,
+token_bucket=None, pack_budget=0.5)`` returns a :class:`SlicedDyDiT`, called like the model
+(``engine(x, t, y)``). The per-layer computation is the backend's kernels (models/kernels.py); the
+weights of the active units are packs (models/packs.py), held within ``pack_budget`` × the bytes of
+the blocks' attention+MLP weights and gathered at each use beyond it. Width masks depend only on t
+(§3.1): each step of the model's :meth:`~dydit.models.dydit.DyDiT.width_plan` becomes
+:class:`~dydit.models.packs.StepPacks` once per distinct t value. A call costs one host sync to read
+t, a check of the parameters' version counters (so edited weights are never served stale), one dict
+lookup and a loop over layers (on CUDA one more sync per layer for the kept-token count). CFG halves
+share a pass (same t); samples are grouped by t.
 
 The engine is written against the backbone contract (models/backbone.py), for any family: the rows
 and columns of each head and group are the ones its blocks declare as units, and each layer runs the
-block's own ``attention_half`` (as the masked loop does) with the active units' weights, then
-:func:`gathered_mlp_update`, the token skip on the gathered rows. Width masks depend only on t
-(§3.1): each step of the model's :meth:`~dydit.models.dydit.DyDiT.width_plan` becomes
-:class:`StepPacks` (per layer, contiguous pre-sliced weights), built once per distinct t value from
-packs cached per (layer, mask). A call costs one host sync to read t, one dict lookup and a loop
-over layers (on CUDA one more sync per layer for the kept-token count). CFG halves share a pass
-(same t); samples are grouped by t.
-
-Optional ``torch.compile`` of the two per-layer regions (dynamic shapes, so head/group/token counts
-do not trigger a recompilation per value; ``token_bucket`` pads the kept-token count to a multiple
-of a bucket for static-shape modes such as CUDA graphs).
+block's own ``attention_half`` (as the masked loop does) with the active units' weights, then the
+token skip on the gathered rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,66 +38,14 @@ from torch import Tensor, nn
 from dydit.errors import DyditError
 from dydit.flops import formulas
 from dydit.flops.counter import is_counting, record
-from dydit.models.backbone import Weights, unit_weights
 from dydit.models.dynamic import WidthPlan
-from dydit.models.routers import token_router_logits
+from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
+from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
+
+__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine", "sliced"]
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
-KeptRows = tuple[Tensor | None, Tensor | None, Tensor, int]  # idx, sample, gate, number of MLP rows
-RouterWeights = tuple[Tensor, Tensor, Tensor, Tensor]  # (w1, b1, w2, b2) of the SDT router
-
-
-# Weight packs -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Pack:
-    """The weights of the active units of one layer: heads (docs/METHOD.md §3.5 item 2) or MLP
-    groups (item 3), sliced by the block's declared units (:func:`~dydit.models.backbone.unit_weights`)."""
-
-    count: int  # active heads or groups
-    weights: Weights  # per linear: the rows/columns of the active units; biases of outputs kept whole
-
-
-@dataclass(frozen=True)
-class StepPacks:
-    """One step of a :class:`~dydit.models.dydit.WidthPlan` made concrete: the per-layer packs."""
-
-    attn: tuple[Pack, ...]
-    mlp: tuple[Pack, ...]
-
-
-def attention_region(
-    attention_half: Callable,
-    state,
-    mod: Sequence[Tensor],
-    weights: Weights,
-    count: int,
-    static: tuple,
-    router: RouterWeights | None,
-) -> tuple:
-    """The block's attention half with sliced weights, then the token router's logits on x (one
-    region for ``torch.compile``). Returns (state, x, h, logits or None)."""
-    state, x, h = attention_half(state, mod, weights, count, static, None)
-    return state, x, h, None if router is None else token_router_logits(x, *router)
-
-
-def gathered_mlp_update(
-    x: Tensor,  # (B, N, D), updated in place
-    h: Tensor,  # (B, N, D) modulated MLP input
-    idx: Tensor | None,  # (M,) kept rows of the flattened (B·N) axis; None = all tokens
-    sample: Tensor | None,  # (M,) sample index of each kept row (rows into gate)
-    gate: Tensor,  # (B, D) gate, or (B+1, D) with a zero last row when idx is padded
-    mlp_half: Callable[[Tensor, Weights], Tensor],
-    weights: Weights,
-) -> Tensor:
-    """The token skip (``x + keep ⊙ gate·MLP_J(h)``, models/loop.py) computed on the kept rows only:
-    gather -> the block's MLP half -> gate -> scatter-add (docs/METHOD.md §4.3)."""
-    b, n, d = x.shape
-    rows = h.reshape(b * n, d) if idx is None else h.reshape(b * n, d).index_select(0, idx)  # (M, D)
-    u = mlp_half(rows, weights)  # (M, D)
-    if idx is None:
-        return x.addcmul_(gate[:, None, :], u.view(b, n, d))
-    x.view(b * n, d).index_add_(0, idx, u * gate.index_select(0, sample))
-    return x
+DEFAULT_PACK_BUDGET = 0.5  # held packs + indices <= this x the blocks' attention+MLP weights
 
 
 def _time_values(timesteps: Iterable[float] | Tensor) -> Tensor:
@@ -113,88 +63,107 @@ class SlicedDyDiT(nn.Module):
 
     Args:
         model: a DyDiT over any backbone (models/backbone.py); put in eval mode.
-        plan_timesteps: t values whose plan steps are packed now (others are packed on first use).
-        token_logits: overrides the blocks' token routers: (layer, x (B, N, D)) -> (B, N); kept iff > 0.
+        backend: the kernels (a name of :data:`dydit.models.kernels.BACKENDS`; ``"torch"``).
         compile: compile the two per-layer regions with ``torch.compile(dynamic=True)``.
         compile_mode: passed to ``torch.compile`` (e.g. ``"max-autotune-no-cudagraphs"``).
         token_bucket: pad the kept-token count to a multiple of this (bounded shapes for static modes).
+        pack_budget: hold sliced weight copies up to this fraction of the blocks' attention+MLP
+            weight bytes (indices included); the rest are gathered at each use. None: hold all.
+        plan_timesteps: t values whose plan steps are packed now (others are packed on first use).
+        token_logits: overrides the blocks' token routers: (layer, x (B, N, D)) -> (B, N); kept iff > 0.
 
-    Packs are sliced copies of the weights: call :meth:`clear_cache` after changing them.
+    The engine follows its model: when a parameter changed (its version counter or its storage),
+    the next call drops every plan and pack. Only edits through ``p.data`` go unseen: call
+    :meth:`clear_cache` after those.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        plan_timesteps: Iterable[float] | Tensor | None = None,
-        token_logits: TokenLogitsFn | None = None,
+        backend: str = "torch",
         compile: bool = False,
         compile_mode: str | None = None,
         token_bucket: int | None = None,
+        pack_budget: float | None = DEFAULT_PACK_BUDGET,
+        plan_timesteps: Iterable[float] | Tensor | None = None,
+        token_logits: TokenLogitsFn | None = None,
     ):
         super().__init__()
         if not hasattr(model, "width_plan"):
             raise DyditError("sliced execution needs a DyDiT (a model with width_plan and routers)")
         if token_bucket is not None and token_bucket < 1:
             raise DyditError(f"token_bucket must be positive, got {token_bucket}")
+        if pack_budget is not None and not pack_budget >= 0:
+            raise DyditError(f"pack_budget must be >= 0 or None, got {pack_budget}")
         self.model = model.eval()
+        self.kernels = load_kernels(backend, compile=compile, compile_mode=compile_mode)
+        self.token_bucket, self.pack_budget = token_bucket, pack_budget
         self._token_logits = token_logits
-        self.token_bucket = token_bucket
         blocks = list(model.blocks)
         self.num_layers = len(blocks)
         self.num_heads = blocks[0].head_units.count
         self.num_groups = blocks[0].group_units.count
-        self._attn_fn: Callable = attention_region
-        self._mlp_fn: Callable = gathered_mlp_update
         # CUDA graphs (mode "reduce-overhead") must not copy the weights into static buffers per replay.
         self._static_weights = compile and "reduce-overhead" in (compile_mode or "")
-        if compile:  # one function for every layer: the block's halves are static methods, passed in
-            self._attn_fn = torch.compile(attention_region, dynamic=True, mode=compile_mode)
-            self._mlp_fn = torch.compile(gathered_mlp_update, dynamic=True, mode=compile_mode)
         self.clear_cache()
         if plan_timesteps is not None:
             self.prepare(plan_timesteps)
 
+    @property
+    def config(self):
+        """The model's config (``generate`` reads it to pair the sampler with the process)."""
+        return self.model.config
+
     # caches -----------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        """Forget plan steps, weight packs and fused adaLN/router weights (after changing the weights)."""
+        """Forget plan steps, weight packs and fused adaLN/router weights (rebuilt on next use).
+
+        Never needed after ordinary weight changes, which the engine detects itself."""
         self._steps: dict[float, StepPacks] = {}
-        self._attn_packs: dict[tuple[int, bytes], Pack] = {}
-        self._mlp_packs: dict[tuple[int, bytes], Pack] = {}
+        self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights)
         self._adaln: tuple[Tensor, Tensor, list[int]] | None = None
         self._routers: list[RouterWeights | None] | None = None
+        self._watch = WeightWatch(self.model)
 
-    def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): packs must follow the weights
-        out = super()._apply(fn, recurse)
-        self.clear_cache()
-        return out
+    def _follow_weights(self) -> None:
+        """Drop every cache if a parameter of the model changed since they were built."""
+        if self._watch.changed():
+            self.clear_cache()
 
     def train(self, mode: bool = True) -> SlicedDyDiT:
         if mode:
             raise DyditError("the sliced engine is inference-only; train the DyDiT model itself")
         return super().train(False)
 
+    def memory(self) -> dict[str, float]:
+        """Bytes the engine holds beside the model: ``pack_bytes`` (held sliced copies and gather
+        indices; views of the model's tensors cost 0), ``weight_bytes`` (the blocks' attention+MLP
+        weights), ``ratio`` of the two, ``fused_bytes`` (the stacked adaLN weights), and the numbers
+        of held and gathered packs."""
+        self._follow_weights()
+        out = self._store.memory()
+        fused = [] if self._adaln is None else self._adaln[:2]
+        out["fused_bytes"] = sum(t.numel() * t.element_size() for t in fused)
+        return out
+
     def cache_info(self) -> dict[str, int]:
-        """Numbers of cached plan steps and packs, and the bytes held by sliced (non-shared) weights."""
-        shared = {p.data_ptr() for p in self.model.parameters()}
-        own = {
-            w.data_ptr(): w.numel() * w.element_size()
-            for pack in [*self._attn_packs.values(), *self._mlp_packs.values()]
-            for pair in pack.weights.values()
-            for w in pair
-            if w is not None and w.data_ptr() not in shared
-        }
+        """Numbers of cached plan steps and packs, and the bytes held by packs (:meth:`memory`)."""
+        memory = self.memory()
+        kinds = Counter(kind for kind, _, _ in self._store.packs)
         return {
             "plans": len(self._steps),
-            "attn_packs": len(self._attn_packs),
-            "mlp_packs": len(self._mlp_packs),
-            "pack_bytes": sum(own.values()),
+            "attn_packs": kinds["attn"],
+            "mlp_packs": kinds["mlp"],
+            "pack_bytes": int(memory["pack_bytes"]),
         }
 
     # plans --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, timesteps: Iterable[float] | Tensor) -> None:
-        """Pack the plan steps of these t values (one call of ``model.width_plan`` for all of them)."""
+        """Pack the plan steps of these t values (one call of ``model.width_plan`` for all of them),
+        holding the packs they use most within the budget."""
+        self._follow_weights()
         t = _time_values(timesteps)
         new = [i for i, v in enumerate(t.tolist()) if float(v) not in self._steps]
         if new:
@@ -208,13 +177,18 @@ class SlicedDyDiT(nn.Module):
                 f"width masks must be (T, L, H) = (T, *{shape}) and (T, *{groups}), got "
                 f"{tuple(plan.heads.shape)} and {tuple(plan.groups.shape)}"
             )
+        uses: Counter[Pack] = Counter()
         for t, heads, groups in plan.steps():
             if t not in self._steps:
                 layers = range(self.num_layers)
-                self._steps[t] = StepPacks(
-                    tuple(self._attn_pack(layer, heads[layer]) for layer in layers),
-                    tuple(self._mlp_pack(layer, groups[layer]) for layer in layers),
+                get = self._store.get
+                step = StepPacks(
+                    tuple(get("attn", layer, heads[layer], hold=False) for layer in layers),
+                    tuple(get("mlp", layer, groups[layer], hold=False) for layer in layers),
                 )
+                self._steps[t] = step
+                uses.update([*step.attn, *step.mlp])
+        self._store.hold_most_used(uses)
 
     def plan(self, t: float | Tensor) -> StepPacks:
         """The packs of the plan step of one t value (packed on first use)."""
@@ -222,29 +196,6 @@ class SlicedDyDiT(nn.Module):
         if key not in self._steps:
             self.prepare(t.reshape(1) if isinstance(t, Tensor) else [t])
         return self._steps[key]
-
-    def _attn_pack(self, layer: int, heads: Tensor) -> Pack:
-        key = (layer, heads.cpu().numpy().tobytes())
-        if key not in self._attn_packs:
-            block = self.model.blocks[layer]
-            self._attn_packs[key] = self._pack(block, block.head_units, heads)
-        return self._attn_packs[key]
-
-    def _mlp_pack(self, layer: int, groups: Tensor) -> Pack:
-        key = (layer, groups.cpu().numpy().tobytes())
-        if key not in self._mlp_packs:
-            block = self.model.blocks[layer]
-            self._mlp_packs[key] = self._pack(block, block.group_units, groups)
-        return self._mlp_packs[key]
-
-    def _pack(self, block: nn.Module, units, active: Tensor) -> Pack:
-        pack = Pack(*unit_weights(block, units, active))
-        if self._static_weights:  # torch.compile's CUDA graphs: these weights keep their address
-            for pair in pack.weights.values():
-                for w in pair:
-                    if w is not None:
-                        torch._dynamo.mark_static_address(w)
-        return pack
 
     def _fused_adaln(self) -> tuple[Tensor, Tensor, list[int]]:
         """All layers' modulation linears stacked into one matmul, and each layer's output size."""
@@ -280,6 +231,7 @@ class SlicedDyDiT(nn.Module):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
             raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
+        self._follow_weights()
         values = t.detach().cpu()  # the one host sync of the call
         first = values[0]
         if bool((values == first).all()):
@@ -296,7 +248,7 @@ class SlicedDyDiT(nn.Module):
         return out
 
     def _forward_one_t(self, x: Tensor, t: Tensor, y: Tensor, t_value: Tensor) -> Tensor:
-        model, step = self.model, self.plan(t_value)
+        model, step, kernels = self.model, self.plan(t_value), self.kernels
         x = x.to(next(model.parameters()).dtype)
         state, c, _ = model.embed(x, t, y)  # the blocks' state, c (B, D)
         w, bias, sizes = self._fused_adaln()
@@ -309,7 +261,7 @@ class SlicedDyDiT(nn.Module):
             mod = block.split_modulation(raws[layer])
             if counting:
                 record("attention", block.attention_macs(state, ap.count))
-            state, x, h, logits = self._attn_fn(
+            state, x, h, logits = kernels.attention(
                 block.attention_half, state, mod, ap.weights, ap.count, block.static, router
             )
             b, n, d = x.shape
@@ -318,33 +270,40 @@ class SlicedDyDiT(nn.Module):
             elif counting:
                 r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
-            idx, sample, gate, rows = self._kept_rows(logits, block.mlp_gate(mod), n)
+            idx, sample, gate, rows = kept_rows(logits, block.mlp_gate(mod), n, self.token_bucket)
             if rows:
-                x = self._mlp_fn(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
+                x = kernels.mlp(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
                 if counting:
                     record("mlp", block.mlp_macs(rows, mp.count))
             state = block.finish(state, x, mod)
         return model.head(state, c)
 
-    def _kept_rows(self, logits: Tensor, gate: Tensor, n: int) -> KeptRows:
-        """(idx, sample, gate, rows) for the MLP: rows of kept tokens in the flattened batch (§4.3)."""
-        keep = (logits > 0).flatten()  # (B·N,)
-        idx = keep.nonzero().flatten()  # (M,), host sync on CUDA
-        m = idx.numel()
-        if m == keep.numel():
-            return None, None, gate, m
-        if m == 0:
-            return idx, idx, gate, 0
-        sample = torch.div(idx, n, rounding_mode="floor")
-        if self.token_bucket is None:
-            return idx, sample, gate, m
-        padded = min(-(-m // self.token_bucket) * self.token_bucket, keep.numel())
-        pad = padded - m  # extra rows point at row 0 with a zero gate: they add nothing
-        if pad:
-            idx = torch.cat([idx, idx.new_zeros(pad)])
-            sample = torch.cat([sample, sample.new_full((pad,), gate.shape[0])])
-            gate = torch.cat([gate, gate.new_zeros(1, gate.shape[1])])
-        return idx, sample, gate, padded
+
+def engine(
+    model: nn.Module,
+    *,
+    backend: str = "torch",
+    compile: bool = False,
+    compile_mode: str | None = None,
+    token_bucket: int | None = None,
+    pack_budget: float | None = DEFAULT_PACK_BUDGET,
+    plan_timesteps: Iterable[float] | Tensor | None = None,
+) -> SlicedDyDiT:
+    """The sliced inference engine of a DyDiT, called like the model: ``dydit.engine(dy)(x, t, y)``.
+
+    Pass it wherever a model goes at inference (``dydit.generate(dydit.engine(dy, compile=True),
+    ...)``); ``model.execution = "sliced"`` uses one with the default options. See
+    :class:`SlicedDyDiT` for the options.
+    """
+    return SlicedDyDiT(
+        model,
+        backend=backend,
+        compile=compile,
+        compile_mode=compile_mode,
+        token_bucket=token_bucket,
+        pack_budget=pack_budget,
+        plan_timesteps=plan_timesteps,
+    )
 
 
 def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:

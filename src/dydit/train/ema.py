@@ -45,5 +45,3 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         )
     for (_, b_ema), (_, b) in zip(ema.named_buffers(), model.named_buffers()):
         b_ema.copy_(b)
-    if hasattr(ema, "clear_cache"):
-        ema.clear_cache()  # in-place update: a DyDiT EMA's sliced packs (if any were built) are stale

@@ -120,7 +120,7 @@ def make_state(
 
     ``init_sha256`` pins the ``init_from`` file a fine-tune started from (checked on resume).
     """
-    from dydit import __version__
+    from dydit.version import __version__
 
     return {
         "format": STATE_FORMAT,
