@@ -42,7 +42,7 @@ from dydit.models.dynamic import WidthPlan
 from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
 from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
 
-__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine", "sliced"]
+__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 DEFAULT_PACK_BUDGET = 0.5  # held packs + indices <= this x the blocks' attention+MLP weights
@@ -304,8 +304,3 @@ def engine(
         pack_budget=pack_budget,
         plan_timesteps=plan_timesteps,
     )
-
-
-def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
-    """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
-    return SlicedDyDiT(model, **kwargs)
