@@ -6,11 +6,19 @@ from typing import Any
 
 from torch import nn
 
-from dydit.presets import ModelConfig, get_model_config
+from dydit.presets import FluxConfig, ModelConfig, get_model_config
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """A DiT, or a DyDiT when ``config.dynamic`` is set."""
+def build_model(config: ModelConfig | FluxConfig) -> nn.Module:
+    """A DiT, or a DyDiT when ``config.dynamic`` is set; a FLUX (or DyFLUX) for a FluxConfig."""
+    if isinstance(config, FluxConfig):  # FLUX family (issue 24)
+        if config.dynamic:
+            from dydit.models.dydit import DyDiT
+
+            return DyDiT(config)
+        from dydit.models.flux import Flux
+
+        return Flux(config)
     if config.dynamic:
         from dydit.models.dydit import DyDiT
 
