@@ -116,6 +116,21 @@ class _NoModulation(NamedTuple):
     out_features: int = 0
 
 
+class LabelDropout:
+    """Class dropout in training (the official scripts draw it in the dataset, with ``p_uncond``):
+    labels become the null class ``num_classes`` with probability ``dropout_prob``. A plain object,
+    not a module (no state-dict keys), with the attributes the training loop reads (``y_embedder``)."""
+
+    def __init__(self, num_classes: int, dropout_prob: float):
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def __call__(self, labels: Tensor, train: bool) -> Tensor:
+        if not (train and self.dropout_prob > 0):
+            return labels
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+
 class UViTBlock(nn.Module):
     """Pre-norm block; an out-block first merges its long skip: x <- skip_linear([x; skip])."""
 
@@ -265,7 +280,8 @@ class PatchEmbed(nn.Module):
 
 class UViT(nn.Module):
     """``forward(x, timesteps, y=None)``: x (B, C, H, W), timesteps (B,) as the process hands them
-    (999·t or 1..1000), y (B,) labels or None -> ε̂ (B, C, H, W). An unconditional model ignores y."""
+    (999·t or 1..1000), y (B,) labels or None -> ε̂ (B, C, H, W). An unconditional model ignores y;
+    in training mode a conditional one drops labels to the null class with ``class_dropout_prob``."""
 
     def __init__(self, config: UViTConfig, on_block: Callable[[nn.Module], None] | None = None):
         super().__init__()
@@ -280,6 +296,7 @@ class UViT(nn.Module):
             self.time_embed = nn.Identity()
         if c.label_rows:
             self.label_emb = nn.Embedding(c.label_rows, d)
+        self.__dict__["y_embedder"] = LabelDropout(c.num_classes, c.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.extras + c.num_tokens, d))
         half = c.depth // 2
         self.in_blocks = nn.ModuleList(self._block(False, on_block) for _ in range(half))
@@ -344,7 +361,7 @@ class UViT(nn.Module):
         if self.config.label_rows:
             if y is None:
                 raise DyditError("this U-ViT is class-conditional: give labels y")
-            tokens.insert(0, self.label_emb(y).unsqueeze(1))
+            tokens.insert(0, self.label_emb(self.y_embedder(y, self.training)).unsqueeze(1))
         stream = torch.cat(tokens, dim=1) + self.pos_embed
         return UViTState(stream, (), self.extras), e, e
 
