@@ -86,7 +86,9 @@ def flux_config(source: str | os.PathLike | Mapping[str, Any] | FluxConfig) -> F
             raise CheckpointError(f"{name} holds a JSON {type(source).__name__}, not a model config")
     kind = source.get("_class_name", CLASS_NAME)
     if kind != CLASS_NAME:
-        raise CheckpointError(f"{name} is the config of a {shown(kind)}, not of a FLUX transformer ({CLASS_NAME})")
+        raise CheckpointError(
+            f"{name} is the config of a {shown(kind)}, not of a FLUX transformer ({CLASS_NAME})"
+        )
     try:
         return FluxConfig.from_diffusers(dict(source))
     except (DyditError, TypeError, ValueError) as e:

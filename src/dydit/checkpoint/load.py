@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import uvit as _uvit
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
 from dydit.errors import CheckpointError, DyditError
@@ -34,7 +35,7 @@ from dydit.models.fitting import (
     mismatch_message,
     size_mismatches,
 )
-from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config, is_sit_name, preset_name
+from dydit.presets import MODEL_NAMES, ModelConfig, UViTConfig, get_model_config, is_sit_name, preset_name
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def model_config(
         overrides: ModelConfig fields; ``router_layout`` must agree with the router shapes.
     """
     ckpt = _as_checkpoint(source)
+    if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §13): checkpoint/uvit.py
+        return _uvit.uvit_model_config(ckpt, model, **overrides)
     sd = ckpt.state_dict
     if isinstance(model, ModelConfig):
         cfg = model
@@ -170,6 +173,8 @@ def fit_problem(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> str | None:
     contradict; only a config that passes is built, on the meta device (no memory for weights), to
     check every key. A DyDiT may lack exactly its router keys (it then starts with fresh routers).
     """
+    if isinstance(cfg, UViTConfig):
+        return _uvit.uvit_fit_problem(cfg, sd)
     sizes = size_mismatches(cfg, sd)
     if sizes:
         guess = guess_preset(sd)
@@ -186,6 +191,8 @@ def build_loaded(ckpt: Checkpoint, cfg: ModelConfig) -> nn.Module:
 
     A DyDiT may come from a plain DiT's weights: its routers keep their initialisation (logged).
     """
+    if isinstance(cfg, UViTConfig):
+        return _uvit.load_uvit(ckpt, cfg)
     problem = fit_problem(cfg, ckpt.state_dict)
     if problem:
         raise CheckpointError(problem)
@@ -212,7 +219,8 @@ def load_model(
         source: a checkpoint file, a diffusers folder or an in-memory state dict (every format
             of :func:`dydit.load_checkpoint`), or a :class:`Checkpoint` already opened.
         model: a preset name where the file cannot say (``"SiT-XL/2"`` for a raw SiT state dict:
-            shapes cannot tell SiT from DiT), or a full ModelConfig.
+            shapes cannot tell SiT from DiT; ``"U-ViT-H/2"`` for an official U-ViT ``.pth``), or a
+            full ModelConfig (or UViTConfig).
         weights: ``"ema"`` (default) or ``"model"`` entry of a training dict.
         overrides: ModelConfig fields, e.g. ``router_layout="all"`` (must agree with the file).
     Returns:

@@ -229,7 +229,7 @@ class SlicedDyDiT(nn.Module):
         if self.model.training:
             raise DyditError("the sliced engine is inference-only: call model.eval() first")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
+        if t.shape[0] != x.shape[0] or (y is not None and len(y) != x.shape[0]):  # None: unconditional
             raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
         self._follow_weights()
         values = t.detach().cpu()  # the one host sync of the call
@@ -240,7 +240,7 @@ class SlicedDyDiT(nn.Module):
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            y_rows = y[rows] if isinstance(y, Tensor) else y.select(rows)
+            y_rows = y[rows] if isinstance(y, Tensor) else None if y is None else y.select(rows)
             part = self._forward_one_t(x[rows], t[rows], y_rows, value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))

@@ -1,0 +1,103 @@
+"""Loading U-ViT checkpoints (docs/METHOD.md §13): the official raw state dicts (``nnet.pth``,
+``imagenet256_uvit_huge.pth``, ...) given the preset name, and dydit's exports of a U-ViT or a DyDiT
+on one (the config is stored). :func:`dydit.load_model` comes here for a ``U-ViT-*`` /
+``DyDiT-U-ViT-*`` name, a :class:`~dydit.presets.UViTConfig` or a file that stores one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dydit.checkpoint.formats import Checkpoint
+from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.errors import CheckpointError
+from dydit.factory import build_model
+from dydit.models.dydit import DyDiT
+from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict, has_routers, mismatch_message
+from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
+from dydit.presets import UVIT_NAMES, UViTConfig, get_uvit_config, is_uvit_name
+
+
+def wants_uvit(ckpt: Checkpoint, model: object) -> bool:
+    """Whether :func:`dydit.load_model` builds a U-ViT for ``ckpt`` and ``model`` (a name or config)."""
+    if isinstance(model, UViTConfig) or is_uvit_name(model):
+        return True
+    return model is None and (isinstance(ckpt.config, UViTConfig) or looks_like_uvit(ckpt.state_dict))
+
+
+def guess_uvit_preset(sd: Mapping[str, Tensor]) -> str | None:
+    """The U-ViT preset whose sizes the shapes of ``sd`` match exactly, if one does."""
+    for name in UVIT_NAMES:
+        if not uvit_size_mismatches(get_uvit_config(name), sd):
+            return name
+    return None
+
+
+def uvit_model_config(
+    ckpt: Checkpoint, model: str | UViTConfig | None = None, **overrides: Any
+) -> UViTConfig:
+    """The U-ViT config to build for ``ckpt``: the one given, the one the file stores (checked against
+    a name given), or the named preset; router weights make it a DyDiT; overrides last."""
+    sd = ckpt.state_dict
+    if isinstance(model, UViTConfig):
+        cfg = model
+    elif isinstance(ckpt.config, UViTConfig):
+        cfg = ckpt.config
+        if model is not None:
+            want = get_uvit_config(model)
+            if want.replace(dynamic=cfg.dynamic, router_layout=cfg.router_layout) != cfg:
+                raise CheckpointError(f"{ckpt.source} stores the config of another U-ViT than {model}")
+            cfg = cfg.replace(dynamic=cfg.dynamic or want.dynamic)
+    elif model is not None or (model := guess_uvit_preset(sd)) is not None:
+        cfg = get_uvit_config(model)
+    else:
+        raise CheckpointError(
+            f"{ckpt.source} is a U-ViT of no preset's size and stores no config: name it "
+            f"(--model, or model= of dydit.load_model; presets {', '.join(UVIT_NAMES)})"
+        )
+    requested = overrides.pop("router_layout", None)
+    if has_routers(sd):
+        if overrides.get("dynamic") is False:
+            raise CheckpointError(f"{ckpt.source} holds DyDiT router weights; it loads as a DyDiT only")
+        try:
+            detected = detect_router_layout(sd, cfg.num_heads)
+        except CheckpointError:
+            detected = None  # strict loading reports the mismatch in full
+        check_layout(requested, detected)
+        cfg = cfg.replace(dynamic=True, router_layout=detected or requested or cfg.router_layout)
+    elif requested is not None:
+        cfg = cfg.replace(router_layout=requested)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def uvit_fit_problem(cfg: UViTConfig, sd: Mapping[str, Tensor]) -> str | None:
+    """Why ``sd`` does not load strictly into ``cfg``'s model, in one line (None when it does): the
+    sizes its shapes contradict, else every missing, unexpected or mis-shaped key (built on meta)."""
+    if not looks_like_uvit(sd):
+        return (
+            "checkpoint does not fit the model: it does not have the U-ViT layout (no patch_embed/mid_block)"
+        )
+    sizes = uvit_size_mismatches(cfg, sd)
+    if sizes:
+        return "checkpoint does not fit the model: " + "; ".join(sizes)
+    with torch.device("meta"):
+        probe = build_model(cfg)
+    fresh_ok = ROUTER_KEY_MARKERS if cfg.dynamic and not has_routers(sd) else ()
+    return mismatch_message(probe, sd, fresh_ok)
+
+
+def load_uvit(ckpt: Checkpoint, cfg: UViTConfig) -> nn.Module:
+    """Build ``cfg``'s U-ViT (or DyDiT on one) and load ``ckpt`` strictly; eval mode, on the CPU."""
+    problem = uvit_fit_problem(cfg, ckpt.state_dict)
+    if problem:
+        raise CheckpointError(problem)
+    model = build_model(cfg)
+    if isinstance(model, DyDiT):
+        load_dydit_state_dict(model, ckpt.state_dict)
+    else:
+        fit_state_dict(model, ckpt.state_dict)
+    return model.eval()
