@@ -44,6 +44,14 @@ ROUTER_MARKERS = ("token_selection.", "attn_rate.", "mlp_rate.")
 DIFFUSERS_VERSION = "0.42.1"
 
 
+def looks_like_flux(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict has FLUX's keys (a double block's text-stream projections)."""
+    return (
+        "transformer_blocks.0.attn.add_q_proj.weight" in sd
+        or "single_transformer_blocks.0.proj_out.weight" in sd
+    )
+
+
 def is_router_key(key: str) -> bool:
     return any(m in key for m in ROUTER_MARKERS)
 
