@@ -185,11 +185,14 @@ def masked_forward(
     def width(layer: int, block: nn.Module) -> tuple[Tensor, Tensor]:
         return head_masks[:, layer].to(c.dtype), group_masks[:, layer].to(c.dtype)
 
-    def select(layer: int, z: Tensor) -> Tensor:
-        logits = model.blocks[layer].token_logits(z) if token_logits is None else token_logits(layer, z)
-        return logits if token_hook is None else token_hook(layer, logits)
+    if token_logits is not None and token_hook is not None:
+        override = token_logits
 
-    state, _ = masked_layers(model.blocks, state, c, width, select)
+        def token_logits(layer: int, z: Tensor) -> Tensor:
+            return token_hook(layer, override(layer, z))
+
+        token_hook = None
+    state, _ = masked_layers(model.blocks, state, c, width, token_logits, token_hook)
     return model.head(state, c)
 
 
