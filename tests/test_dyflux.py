@@ -290,3 +290,29 @@ def test_fine_tuning_with_the_flops_loss_moves_rho_toward_lambda():
         opt.step()
     after = mean_rho()
     assert before > 0.65 and abs(after - 0.5) < abs(before - 0.5) - 0.05, (before, after)
+
+
+def test_dydit_flops_prints_the_flux_tables(capsys):
+    from dydit.cli import build_parser
+
+    for argv, total in ((["--model", "FLUX.1-lite-8B"], "30015.80"), (["--model", "FLUX.1-dev"], "37192.33")):
+        args = build_parser().parse_args(["flops", *argv])
+        assert args.func(args) == 0
+        out = capsys.readouterr().out
+        assert f"**{total}**" in out and "4096 image tokens + 512 text tokens" in out
+    args = build_parser().parse_args(
+        ["flops", "--model", "FLUX-tiny", "--image-size", "256", "--text-length", "8"]
+    )
+    args.func(args)
+    assert "256 image tokens + 8 text tokens" in capsys.readouterr().out
+
+
+def test_bench_times_a_flux_preset_with_calibrated_routers():
+    from dydit.apps.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model="FLUX-tiny", batches=(2,), repeats=1, warmup=0, timesteps=(999, 500), cfg_scale=1.0
+    )
+    rows = {r.mode: r for r in run_bench(cfg)}
+    assert set(rows) == {"dense", "masked", "sliced"}
+    assert 0.3 < rows["sliced"].flops_ratio < 0.8 and rows["sliced"].max_rel_err < 1e-5
