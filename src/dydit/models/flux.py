@@ -54,6 +54,23 @@ from dydit.presets_flux import FluxConfig
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
 
+def flux_macs_table(c: FluxConfig) -> dict[str, int]:
+    """:func:`dydit.flops.formulas.flux_macs_table` of a config, at ``sample_size`` with
+    ``max_text_length`` text tokens."""
+    return formulas.flux_macs_table(
+        num_layers=c.num_layers,
+        num_single_layers=c.num_single_layers,
+        width=c.inner_dim,
+        image_tokens=c.num_tokens,
+        text_tokens=c.max_text_length,
+        in_channels=c.in_channels,
+        out_features=c.patch_size**2 * c.output_channels,
+        text_dim=c.joint_attention_dim,
+        pooled_dim=c.pooled_projection_dim,
+        guidance=c.guidance_embeds,
+    )
+
+
 @dataclass
 class FluxOutput:
     """diffusers' ``Transformer2DModelOutput`` shape: the prediction as ``.sample``."""
@@ -257,28 +274,12 @@ class Flux(nn.Module):
         """Per-layer (A, M) at ``sample_size`` with ``max_text_length`` text tokens: attention over
         the joint sequence and the image-token MLP; the same for both block types (docs/METHOD.md §15.4)."""
         c = self.config
-        n, s = c.num_tokens, c.num_tokens + c.max_text_length
-        return formulas.attention_macs(s, c.inner_dim), formulas.mlp_macs(n, c.inner_dim, c.mlp_hidden)
+        return formulas.flux_layer_costs(c.num_tokens, c.max_text_length, c.inner_dim)
 
     def macs_table(self) -> dict[str, int]:
         """Per-sample MACs of the complete forward by component, at ``sample_size`` with
         ``max_text_length`` text tokens (1 MAC = 1 FLOP; FLUX.1-lite-8B at 1024 px: 30.0 T)."""
-        c = self.config
-        d, n, length = c.inner_dim, c.num_tokens, c.max_text_length
-        a, m = self.layer_costs()
-        embed = formulas.linear_macs(1, 256, d) + d * d
-        embed *= 2 if c.guidance_embeds else 1
-        return {
-            "x_embedder": formulas.linear_macs(n, c.in_channels, d),
-            "time_text_embed": embed + formulas.linear_macs(1, c.pooled_projection_dim, d) + d * d,
-            "context_embedder": formulas.linear_macs(length, c.joint_attention_dim, d),
-            "adaLN": c.num_layers * 12 * d * d + c.num_single_layers * 3 * d * d,
-            "attention": c.depth * a,
-            "mlp": c.depth * m,
-            "mlp_text": c.depth * formulas.mlp_macs(length, d, c.mlp_hidden),
-            "final_layer": formulas.linear_macs(1, d, 2 * d)
-            + formulas.linear_macs(n, d, self.proj_out.out_features),
-        }
+        return flux_macs_table(self.config)
 
     def example_inputs(self, batch: int, generator: torch.Generator, text_length: int | None = None):
         """(x, y): standard-normal latents at ``sample_size`` and a random text condition, for
