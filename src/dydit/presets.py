@@ -24,7 +24,8 @@ ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 Objective = Literal["ddpm", "flow"]
 OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
 # A flow model's interpolant path and what its network predicts (dydit.flow.transport).
-FLOW_PATHS: tuple[str, ...] = ("linear", "gvp")
+# "vp": the variance-preserving SDE with linear beta 0.1 -> 20 (SiT's VP path; U-ViT's VP-SDE).
+FLOW_PATHS: tuple[str, ...] = ("linear", "gvp", "vp")
 FLOW_PREDICTIONS: tuple[str, ...] = ("velocity", "noise", "score")
 # Sinusoidal timestep features f_k = exp(-ln(10000) k / (128 - shift)): 0 is the official DiT's,
 # 1 is diffusers' DiTTransformer2DModel's (``downscale_freq_shift=1``).
