@@ -440,6 +440,16 @@ class UViTConfig:
         return (self.input_size // self.patch_size) ** 2
 
     @property
+    def num_layers(self) -> int:
+        """Blocks the method routes: depth // 2 in-blocks, the mid-block, depth // 2 out-blocks."""
+        return 2 * (self.depth // 2) + 1
+
+    @property
+    def default_sampler(self) -> str:
+        """U-ViT's own: DPM-Solver(++) on either process (its pixel configs use Euler–Maruyama)."""
+        return "dpm++" if self.process == "vpsde" else "dpm++2m"
+
+    @property
     def label_rows(self) -> int:
         """Rows of the label table: the official ``num_classes`` (0 without one)."""
         return self.num_classes + (self.class_dropout_prob > 0) if self.num_classes else 0
