@@ -258,7 +258,10 @@ def is_sit_name(name: str) -> bool:
 
 
 def dit_name(name: str) -> str:
-    """``DyDiT-S/2`` -> ``DiT-S/2``: the DiT preset a DyDiT name routes; other names unchanged."""
+    """``DyDiT-S/2`` -> ``DiT-S/2``: the DiT preset a DyDiT name routes (``DyDiT-U-ViT-S/2`` ->
+    ``U-ViT-S/2``); other names unchanged."""
+    if name.startswith(DYDIT_UVIT_PREFIX):
+        return UVIT_PREFIX + name.removeprefix(DYDIT_UVIT_PREFIX)
     return DIT_PREFIX + name.removeprefix(DYDIT_PREFIX) if is_dynamic_name(name) else name
 
 
@@ -312,8 +315,11 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
 def preset_name(cfg: ModelConfig) -> str | None:
     """The preset whose architecture (depth, width, heads, patch) and objective match ``cfg``, if any.
 
-    A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name.
+    A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name. A U-ViT
+    config gets its U-ViT preset's name (:func:`uvit_preset_name`).
     """
+    if isinstance(cfg, UViTConfig):
+        return uvit_preset_name(cfg)
     if cfg.dynamic and cfg.objective != "ddpm":
         return None
     for name, p in MODEL_PRESETS.items():
@@ -421,7 +427,8 @@ class UViTConfig:
 
     flow_path = "vp"
     flow_prediction = "noise"
-    timestep_freq_shift = 0
+    timestep_freq_shift = 0  # the sinusoidal time features of the official DiT code (width D here)
+    mlp_norm_eps = 1e-5  # nn.LayerNorm's default, before attention and the MLP alike
 
     @property
     def out_channels(self) -> int:

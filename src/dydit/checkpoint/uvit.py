@@ -19,7 +19,7 @@ from dydit.factory import build_model
 from dydit.models.dydit import DyDiT
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict, has_routers, mismatch_message
 from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
-from dydit.presets import UVIT_NAMES, UViTConfig, get_uvit_config, is_uvit_name
+from dydit.presets import UVIT_NAMES, UViTConfig, get_uvit_config, is_uvit_name, uvit_preset_name
 
 
 def wants_uvit(ckpt: Checkpoint, model: object) -> bool:
@@ -101,3 +101,36 @@ def load_uvit(ckpt: Checkpoint, cfg: UViTConfig) -> nn.Module:
     else:
         fit_state_dict(model, ckpt.state_dict)
     return model.eval()
+
+
+def uvit_architecture(cfg: UViTConfig) -> str:
+    """What ``dydit inspect`` says of a U-ViT's architecture, in one line."""
+    classes = (
+        f"{cfg.num_classes} classes" + (" + null" if cfg.class_dropout_prob else "")
+        if cfg.num_classes
+        else "unconditional"
+    )
+    extras = [
+        n
+        for n, on in (("qkv bias", cfg.qkv_bias), ("time MLP", cfg.mlp_time_embed), ("3x3 conv", cfg.conv))
+        if on
+    ]
+    return (
+        f"{uvit_preset_name(cfg) or 'no preset (custom U-ViT)'}: {'DyDiT on ' if cfg.dynamic else ''}U-ViT, "
+        f"{cfg.num_layers} blocks ({cfg.depth // 2} in, mid, {cfg.depth // 2} out, long skips), width "
+        f"{cfg.hidden_size}, {cfg.num_heads} heads, patch {cfg.patch_size}, input {cfg.in_channels}x"
+        f"{cfg.input_size}x{cfg.input_size}, {classes}{', ' + ', '.join(extras) if extras else ''}"
+    )
+
+
+def uvit_process_text(cfg: UViTConfig) -> str:
+    """The process a U-ViT was trained with, as ``dydit inspect`` says it (docs/METHOD.md §13.2)."""
+    if cfg.process == "sd":
+        return (
+            "Stable Diffusion's discrete scaled-linear betas, t = 1..1000, noise prediction (the "
+            "ddpm, ddim and dpm++2m samplers apply; U-ViT samples it with DPM-Solver++, 50 steps)"
+        )
+    return (
+        "continuous VP-SDE (linear beta 0.1 -> 20), the network sees 999 t, noise prediction (the "
+        "sde (Euler-Maruyama), dpm++, euler, heun and adaptive samplers apply)"
+    )

@@ -254,7 +254,7 @@ def calibrate_routers(
     grid = torch.as_tensor(range(NUM_TIMESTEPS) if timesteps is None else timesteps).flatten()
     t = grid[torch.linspace(0, grid.numel() - 1, batch).round().long()].to(device)
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
-    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=gen).to(device)  # U-ViT uncond: 0
     k_frac = calibrate_token_routers(model, tokens, x, t, y)
     a, m = model.layer_costs()
     return Calibration(h_frac, g_frac, k_frac, (h_frac * a + g_frac * k_frac * m) / (a + m))
