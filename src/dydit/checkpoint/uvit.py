@@ -6,16 +6,21 @@ on one (the config is stored). :func:`dydit.load_model` comes here for a ``U-ViT
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint.formats import Checkpoint
+from dydit.checkpoint.files import check_finite
+from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
-from dydit.errors import CheckpointError
+from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
+from dydit.io import atomic_write
 from dydit.models.dydit import DyDiT
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict, has_routers, mismatch_message
 from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
@@ -134,3 +139,41 @@ def uvit_process_text(cfg: UViTConfig) -> str:
         "continuous VP-SDE (linear beta 0.1 -> 20), the network sees 999 t, noise prediction (the "
         "sde (Euler-Maruyama), dpm++, euler, heun and adaptive samplers apply)"
     )
+
+
+def is_uvit_source(path: str | os.PathLike, model: str | None) -> bool:
+    """Whether ``dydit export`` meets a U-ViT: ``model`` names one, or the file holds one."""
+    if is_uvit_name(model):
+        return True
+    if model is not None or not Path(path).is_file():
+        return False
+    return wants_uvit(open_checkpoint(path), None)
+
+
+def export_uvit(
+    source: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    model: str | None = None,
+    weights: str = "ema",
+) -> Path:
+    """Write a U-ViT checkpoint (an official ``.pth`` given its preset, or any file dydit loads as a
+    U-ViT) as a dydit ``.safetensors`` export that stores its config: it then loads without ``--model``.
+
+    ``out`` defaults to the source's name with the suffix ``.safetensors``. Weights holding NaN or
+    inf are refused (nothing written).
+    """
+    from safetensors.torch import save_file
+
+    src = Path(source)
+    target = Path(out) if out else src.with_suffix(".safetensors")
+    if target.suffix != ".safetensors":
+        raise DyditError(f"the export must be a .safetensors file, got {target}")
+    if target.resolve() == src.resolve():
+        raise DyditError(f"the export would overwrite its source {src}; give --out")
+    ckpt = open_checkpoint(src, weights)
+    net = load_uvit(ckpt, uvit_model_config(ckpt, model))
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    check_finite(tensors, src)
+    config = {"model": net.config.to_dict(), "source": str(src), "weights": ckpt.entry or "state_dict"}
+    metadata = {"config": json.dumps(config), "format": "pt"}
+    return atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
