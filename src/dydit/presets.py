@@ -35,7 +35,8 @@ ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 Objective = Literal["ddpm", "flow"]
 OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
 # A flow model's interpolant path and what its network predicts (dydit.flow.transport).
-FLOW_PATHS: tuple[str, ...] = ("linear", "gvp")
+# "vp": the variance-preserving SDE with linear beta 0.1 -> 20 (SiT's VP path; U-ViT's VP-SDE).
+FLOW_PATHS: tuple[str, ...] = ("linear", "gvp", "vp")
 FLOW_PREDICTIONS: tuple[str, ...] = ("velocity", "noise", "score")
 # Sinusoidal timestep features f_k = exp(-ln(10000) k / (128 - shift)): 0 is the official DiT's,
 # 1 is diffusers' DiTTransformer2DModel's (``downscale_freq_shift=1``).
@@ -268,7 +269,10 @@ def is_sit_name(name: str) -> bool:
 
 
 def dit_name(name: str) -> str:
-    """``DyDiT-S/2`` -> ``DiT-S/2``: the DiT preset a DyDiT name routes; other names unchanged."""
+    """``DyDiT-S/2`` -> ``DiT-S/2``: the DiT preset a DyDiT name routes (``DyDiT-U-ViT-S/2`` ->
+    ``U-ViT-S/2``); other names unchanged."""
+    if name.startswith(DYDIT_UVIT_PREFIX):
+        return UVIT_PREFIX + name.removeprefix(DYDIT_UVIT_PREFIX)
     return DIT_PREFIX + name.removeprefix(DYDIT_PREFIX) if is_dynamic_name(name) else name
 
 
@@ -324,8 +328,11 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig | FluxConfig:
 def preset_name(cfg: ModelConfig) -> str | None:
     """The preset whose architecture (depth, width, heads, patch) and objective match ``cfg``, if any.
 
-    A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name.
+    A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name. A U-ViT
+    config gets its U-ViT preset's name (:func:`uvit_preset_name`).
     """
+    if isinstance(cfg, UViTConfig):
+        return uvit_preset_name(cfg)
     if cfg.dynamic and cfg.objective != "ddpm":
         return None
     for name, p in MODEL_PRESETS.items():
@@ -433,7 +440,8 @@ class UViTConfig:
 
     flow_path = "vp"
     flow_prediction = "noise"
-    timestep_freq_shift = 0
+    timestep_freq_shift = 0  # the sinusoidal time features of the official DiT code (width D here)
+    mlp_norm_eps = 1e-5  # nn.LayerNorm's default, before attention and the MLP alike
 
     @property
     def out_channels(self) -> int:
@@ -450,6 +458,16 @@ class UViTConfig:
     @property
     def num_tokens(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks the method routes: depth // 2 in-blocks, the mid-block, depth // 2 out-blocks."""
+        return 2 * (self.depth // 2) + 1
+
+    @property
+    def default_sampler(self) -> str:
+        """U-ViT's own: DPM-Solver(++) on either process (its pixel configs use Euler–Maruyama)."""
+        return "dpm++" if self.process == "vpsde" else "dpm++2m"
 
     @property
     def label_rows(self) -> int:

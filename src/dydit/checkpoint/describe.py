@@ -13,9 +13,10 @@ import torch
 from dydit.checkpoint.flux_load import describe_flux
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.load import fit_problem, model_config
+from dydit.checkpoint.uvit import uvit_architecture, uvit_process_text
 from dydit.errors import CheckpointError
 from dydit.models.fitting import ROUTER_KEY_MARKERS, has_routers
-from dydit.presets import FluxConfig, ModelConfig, preset_name
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, preset_name
 
 _WIDTH = 100
 _SHIFT_NAMES = {0: "official DiT", 1: "diffusers"}
@@ -39,13 +40,26 @@ def _config_origin(ckpt: Checkpoint, model: str | None) -> str:
     return "the preset the shapes match, sizes from the shapes"
 
 
-def _architecture(cfg: ModelConfig) -> str:
+def _architecture(cfg: ModelConfig | UViTConfig) -> str:
+    if isinstance(cfg, UViTConfig):  # docs/METHOD.md §13
+        return uvit_architecture(cfg)
     sigma = ", learn_sigma" if cfg.learn_sigma else ""
     return (
         f"{preset_name(cfg) or 'no preset (custom architecture)'}: "
         f"{'DyDiT' if cfg.dynamic else 'DiT'}, {cfg.depth} blocks, width {cfg.hidden_size}, "
         f"{cfg.num_heads} heads, patch {cfg.patch_size}, input {cfg.in_channels}x{cfg.input_size}x"
         f"{cfg.input_size}, {cfg.num_classes} classes, {cfg.out_channels} output channels{sigma}"
+    )
+
+
+def _objective(cfg: ModelConfig | UViTConfig) -> str:
+    if isinstance(cfg, UViTConfig):
+        return uvit_process_text(cfg)
+    if cfg.objective == "ddpm":
+        return "ddpm (epsilon prediction; the DDPM/DDIM/DPM-Solver samplers apply)"
+    return (
+        f"flow (SiT flow matching, {cfg.flow_path} path, {cfg.flow_prediction} prediction; "
+        "the euler/heun/sde/adaptive samplers apply)"
     )
 
 
@@ -129,13 +143,7 @@ def inspect_checkpoint(
             _row("model", _architecture(cfg)),
             _row("config", _config_origin(ckpt, model)),
             _row("routers", _routers(cfg, sd)),
-            _row(
-                "objective",
-                "ddpm (epsilon prediction; the DDPM/DDIM/DPM-Solver samplers apply)"
-                if cfg.objective == "ddpm"
-                else f"flow (SiT flow matching, {cfg.flow_path} path, {cfg.flow_prediction} prediction; "
-                "the euler/heun/sde/adaptive samplers apply)",
-            ),
+            _row("objective", _objective(cfg)),
             _row(
                 "numerics",
                 f"timestep features of the {_SHIFT_NAMES[shift]} code (frequency shift {shift}); "

@@ -6,20 +6,25 @@ on one (the config is stored). :func:`dydit.load_model` comes here for a ``U-ViT
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dydit.checkpoint.formats import Checkpoint
+from dydit.checkpoint.files import check_finite
+from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
-from dydit.errors import CheckpointError
+from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
+from dydit.io import atomic_write
 from dydit.models.dydit import DyDiT
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict, has_routers, mismatch_message
 from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
-from dydit.presets import UVIT_NAMES, UViTConfig, get_uvit_config, is_uvit_name
+from dydit.presets import UVIT_NAMES, UViTConfig, get_uvit_config, is_uvit_name, uvit_preset_name
 
 
 def wants_uvit(ckpt: Checkpoint, model: object) -> bool:
@@ -101,3 +106,74 @@ def load_uvit(ckpt: Checkpoint, cfg: UViTConfig) -> nn.Module:
     else:
         fit_state_dict(model, ckpt.state_dict)
     return model.eval()
+
+
+def uvit_architecture(cfg: UViTConfig) -> str:
+    """What ``dydit inspect`` says of a U-ViT's architecture, in one line."""
+    classes = (
+        f"{cfg.num_classes} classes" + (" + null" if cfg.class_dropout_prob else "")
+        if cfg.num_classes
+        else "unconditional"
+    )
+    extras = [
+        n
+        for n, on in (("qkv bias", cfg.qkv_bias), ("time MLP", cfg.mlp_time_embed), ("3x3 conv", cfg.conv))
+        if on
+    ]
+    return (
+        f"{uvit_preset_name(cfg) or 'no preset (custom U-ViT)'}: {'DyDiT on ' if cfg.dynamic else ''}U-ViT, "
+        f"{cfg.num_layers} blocks ({cfg.depth // 2} in, mid, {cfg.depth // 2} out, long skips), width "
+        f"{cfg.hidden_size}, {cfg.num_heads} heads, patch {cfg.patch_size}, input {cfg.in_channels}x"
+        f"{cfg.input_size}x{cfg.input_size}, {classes}{', ' + ', '.join(extras) if extras else ''}"
+    )
+
+
+def uvit_process_text(cfg: UViTConfig) -> str:
+    """The process a U-ViT was trained with, as ``dydit inspect`` says it (docs/METHOD.md §13.2)."""
+    if cfg.process == "sd":
+        return (
+            "Stable Diffusion's discrete scaled-linear betas, t = 1..1000, noise prediction (the "
+            "ddpm, ddim and dpm++2m samplers apply; U-ViT samples it with DPM-Solver++, 50 steps)"
+        )
+    return (
+        "continuous VP-SDE (linear beta 0.1 -> 20), the network sees 999 t, noise prediction (the "
+        "sde (Euler-Maruyama), dpm++, euler, heun and adaptive samplers apply)"
+    )
+
+
+def is_uvit_source(path: str | os.PathLike, model: str | None) -> bool:
+    """Whether ``dydit export`` meets a U-ViT: ``model`` names one, or the file holds one."""
+    if is_uvit_name(model):
+        return True
+    if model is not None or not Path(path).is_file():
+        return False
+    return wants_uvit(open_checkpoint(path), None)
+
+
+def export_uvit(
+    source: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    model: str | None = None,
+    weights: str = "ema",
+) -> Path:
+    """Write a U-ViT checkpoint (an official ``.pth`` given its preset, or any file dydit loads as a
+    U-ViT) as a dydit ``.safetensors`` export that stores its config: it then loads without ``--model``.
+
+    ``out`` defaults to the source's name with the suffix ``.safetensors``. Weights holding NaN or
+    inf are refused (nothing written).
+    """
+    from safetensors.torch import save_file
+
+    src = Path(source)
+    target = Path(out) if out else src.with_suffix(".safetensors")
+    if target.suffix != ".safetensors":
+        raise DyditError(f"the export must be a .safetensors file, got {target}")
+    if target.resolve() == src.resolve():
+        raise DyditError(f"the export would overwrite its source {src}; give --out")
+    ckpt = open_checkpoint(src, weights)
+    net = load_uvit(ckpt, uvit_model_config(ckpt, model))
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    check_finite(tensors, src)
+    config = {"model": net.config.to_dict(), "source": str(src), "weights": ckpt.entry or "state_dict"}
+    metadata = {"config": json.dumps(config), "format": "pt"}
+    return atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="--to diffusers: the preset of a file that stores no config and no training args",
+        help="--to diffusers: the preset of a file that stores no config and no training args; a U-ViT "
+        "preset (U-ViT-H/2, ...) exports an official U-ViT .pth as a .safetensors with its config",
     )
     p.add_argument(
         "--config",
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from dydit.train.state import export_run, state_path
 
     src = Path(args.state)
+    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §13): an official .pth or a U-ViT file
+        return 0
     if args.to == "diffusers":
         from dydit.checkpoint.export import export_diffusers
 
@@ -76,3 +79,18 @@ def run(args: argparse.Namespace) -> int:
         raise DyditError("--model and --config apply to --to diffusers; a training state stores its config")
     print(export_run(src, args.out, which=args.weights))
     return 0
+
+
+def _uvit_export(args: argparse.Namespace, src: Path) -> bool:
+    """Export a U-ViT checkpoint as a dydit .safetensors with its config; False for other models."""
+    from dydit.checkpoint.uvit import export_uvit, is_uvit_source
+    from dydit.errors import DyditError
+
+    if not is_uvit_source(src, args.model):
+        return False
+    if args.to == "diffusers":
+        raise DyditError(
+            "diffusers has no U-ViT transformer class: export U-ViT models with --to safetensors"
+        )
+    print(export_uvit(src, args.out, model=args.model, weights=args.weights))
+    return True

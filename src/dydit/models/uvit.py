@@ -418,25 +418,7 @@ class UViT(nn.Module):
 
     def macs_table(self) -> dict[str, int]:
         """Per-sample MACs of the complete forward by component (docs/METHOD.md §13.3)."""
-        return uvit_macs_table(self.config)
+        return formulas.uvit_macs_table(self.config)
 
 
-def uvit_macs_table(c: UViTConfig) -> dict[str, int]:
-    """Per-sample MACs of a U-ViT forward by component (each recorded by the module doing it)."""
-    d, n, e, pp = c.hidden_size, c.num_tokens, c.extras, c.patch_size**2
-    blocks, half = c.depth + 1, c.depth // 2
-    table = {"patch_embed": formulas.linear_macs(n, c.in_channels * pp, d)}
-    if c.mlp_time_embed:
-        table["time_embed"] = formulas.linear_macs(1, d, 4 * d) + formulas.linear_macs(1, 4 * d, d)
-    if c.skip:
-        table["skip_linear"] = half * formulas.linear_macs(e + n, 2 * d, d)
-    table["attention"] = blocks * formulas.attention_macs(e + n, d)
-    table["mlp"] = blocks * formulas.mlp_macs(n, d, c.mlp_hidden)
-    table["mlp_extras"] = blocks * formulas.mlp_macs(e, d, c.mlp_hidden)
-    table["decoder_pred"] = formulas.linear_macs(e + n, d, pp * c.in_channels)
-    if c.conv:
-        table["final_layer"] = formulas.linear_macs(c.input_size**2, 9 * c.in_channels, c.in_channels)
-    return table
-
-
-__all__ = ["UVIT_KEYS", "UViT", "UViTBlock", "UViTMod", "UViTState", "uvit_macs_table", "uvit_mlp"]
+__all__ = ["UVIT_KEYS", "UViT", "UViTBlock", "UViTMod", "UViTState", "uvit_mlp"]
