@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dydit.cli import main
 from dydit.data import compose as C
@@ -118,11 +117,10 @@ def test_noise_scores_zero_with_the_oracle(pool) -> None:
 
 def _sample_folder(tmp_path: Path, pool, prompts: list[G.Prompt]) -> Path:
     images, _ = C.real_compositions(prompts, *pool, seed=2)
-    folder = tmp_path / "samples"
-    folder.mkdir()
-    for k, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{k:06d}.png")
-    (folder / GE.PROMPTS_FILE).write_text("".join(p.text + "\n" for p in prompts))
+    folder = GE.write_prompted_folder(tmp_path / "samples", images, prompts)
+    assert sorted(p.name for p in folder.iterdir())[:2] == ["000000.png", "000001.png"]
+    again, texts = GE.load_prompted_images(folder)
+    assert np.array_equal(again, images) and texts == [p.text for p in prompts]
     return folder
 
 

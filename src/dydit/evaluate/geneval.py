@@ -232,6 +232,23 @@ def load_prompted_images(
     return images, prompts
 
 
+def write_prompted_folder(folder: str | Path, images: np.ndarray, prompts: Sequence[Prompt | str]) -> Path:
+    """Write uint8 (N, 64, 64, 3) ``images`` as ``000000.png`` ... and their prompts as ``prompts.txt``:
+    the layout :func:`load_prompted_images` reads (a text-to-image sample folder, or real compositions
+    as a reference folder for ``dydit evaluate SAMPLES --ref FOLDER``)."""
+    from dydit.sample_io import image_name, save_png
+
+    if len(images) != len(prompts):
+        raise DyditError(f"{len(images)} images but {len(prompts)} prompts")
+    texts = [p.text if isinstance(p, Prompt) else parse_caption(p).text for p in prompts]
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        save_png(out / image_name(k, ".png"), image)
+    save_text(out / PROMPTS_FILE, "".join(t + "\n" for t in texts))
+    return out
+
+
 def evaluate_geneval(
     samples: str | Path,
     prompts_file: str | Path | None = None,
