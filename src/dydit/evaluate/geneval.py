@@ -37,7 +37,7 @@ import torch
 from dydit.data.compose import CANVAS, CELL, GRID, NUM_CELLS, relation_holds
 from dydit.data.compose_grammar import CATEGORIES, COLOUR_RGB, Prompt, parse_caption, read_prompts
 from dydit.errors import DyditError
-from dydit.evaluate.classifier import ClassifierFeatures
+from dydit.evaluate.classifier import FEATURE_DIM, NUM_CLASSES, ClassifierFeatures
 from dydit.evaluate.features import softmax_np
 from dydit.evaluate.fid import GaussianStats, frechet_distance
 from dydit.io import save_text
@@ -85,19 +85,22 @@ def read_cells(images: np.ndarray, classifier: ClassifierFeatures, batch_size: i
     grey = cells.max(axis=-1)  # (M, 32, 32): the item's grey level under any of the six colours
     bright = grey > NEAR_BLACK
     occupied = bright.sum(axis=(1, 2)) > EMPTY_MAX_BRIGHT
-    logits, features = [], []
-    for i in range(0, len(grey), batch_size):
-        out = classifier(torch.from_numpy(np.ascontiguousarray(grey[i : i + batch_size, :, :, None])))
+    shown = grey[occupied]  # only occupied cells are classified; empty ones show nothing
+    logits, features = [np.zeros((0, NUM_CLASSES))], [np.zeros((0, FEATURE_DIM))]
+    for i in range(0, len(shown), batch_size):
+        out = classifier(torch.from_numpy(np.ascontiguousarray(shown[i : i + batch_size, :, :, None])))
         logits.append(out["logits"].cpu().numpy())
         features.append(out["pool"].cpu().numpy())
-    probs = softmax_np(np.concatenate(logits)) if logits else np.zeros((0, 10))
+    probs = np.zeros((len(grey), NUM_CLASSES))
+    if len(shown):
+        probs[occupied] = softmax_np(np.concatenate(logits))
     weight = bright[..., None].astype(np.float64)
     rgb_sum = (cells.astype(np.float64) * weight).sum(axis=(1, 2))  # (M, 3) over bright pixels
     grey_sum = (grey.astype(np.float64) * bright).sum(axis=(1, 2))[:, None]
     tint = rgb_sum / np.maximum(grey_sum, 1.0)  # about the colour's RGB for a tinted item
     colour = ((tint[:, None, :] - _COLOURS[None]) ** 2).sum(axis=-1).argmin(axis=1)
     n = len(images)
-    feats = np.concatenate(features)[occupied] if features else np.zeros((0, 128))
+    feats = np.concatenate(features)
     return CellReadout(
         occupied.reshape(n, NUM_CELLS), probs.reshape(n, NUM_CELLS, -1), colour.reshape(n, NUM_CELLS), feats
     )
