@@ -119,6 +119,13 @@ def test_read_prompts(tmp_path) -> None:
         G.read_prompts(path)
     with pytest.raises(DyditError, match="cannot read"):
         G.read_prompts(tmp_path / "missing.txt")
+    path.write_text("bag a sneaker\n")  # words of the vocabulary, not a caption of the grammar
+    with pytest.raises(DyditError, match="line 1: .*does not follow the caption grammar"):
+        G.read_prompts(path)
+    assert G.read_prompts(path, G.tokenizer()) == ["bag a sneaker"]
+    path.write_text("# nothing\n")
+    with pytest.raises(DyditError, match="holds no prompt"):
+        G.read_prompts(path)
 
 
 def test_render_places_tinted_items_in_their_cells() -> None:
@@ -171,8 +178,11 @@ def test_dataset_is_deterministic_per_seed_and_index(pool) -> None:
     assert any(a.sample(i)[1] != other.sample(i)[1] for i in range(10))
     assert a.sample(5)[1] == C.ComposeDataset(*pool, seed=3, length=10).sample(5)[1]  # not on the length
     x, ids = a.get(7)
-    image, text, _ = a.sample(7)
+    image, text, layout = a.sample(7)
     assert x.shape == (3, 64, 64) and torch.equal(x, C.to_model_space(image[None])[0])
+    assert torch.equal(x, (torch.from_numpy(image).permute(2, 0, 1).float() / 255) * 2 - 1)
+    example = a.composition(7)
+    assert torch.equal(example.image, x) and example.caption == text and example.layout == layout
     assert a.tokenizer.decode_one(ids) == text
     xb, cond = a.get_batch(torch.tensor([7, 8]), torch.zeros(2, dtype=torch.bool))
     assert isinstance(cond, TokenIds) and torch.equal(xb[0], x) and torch.equal(cond.ids[0], ids)

@@ -110,6 +110,16 @@ def render(layout: Layout, images: np.ndarray) -> np.ndarray:
     return canvas
 
 
+@dataclass(frozen=True)
+class Composition:
+    """One sample: ``image`` (3, 64, 64) in the model's pixel space [-1, 1], its ``caption`` and the
+    ``layout`` it was made from."""
+
+    image: Tensor
+    caption: str
+    layout: Layout
+
+
 class ComposeDataset(ImageDataset):
     """``length`` captioned compositions from Fashion-MNIST ``images`` (N, 28, 28) uint8 and ``labels``.
 
@@ -157,6 +167,11 @@ class ComposeDataset(ImageDataset):
         prompt = sample_prompt(rng, self.split)
         layout = place(prompt, rng, self.by_class)
         return render(layout, self.images), prompt.text, layout
+
+    def composition(self, index: int) -> Composition:
+        """Composition ``index`` in model space, with its caption and layout."""
+        image, text, layout = self.sample(index)
+        return Composition(to_model_space(image[None])[0], text, layout)
 
     def get(self, index: int, flip: bool = False) -> tuple[Tensor, Tensor]:
         """Image (3, 64, 64) in [-1, 1] and the caption's token ids (MAX_TOKENS,); ``flip`` is ignored."""

@@ -275,9 +275,12 @@ def evaluation_prompts(split: str = "held-out", per_category: int = 20, seed: in
     return out
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a text file, one a line (blank lines and lines starting with ``#`` skipped),
-    each checked against the grammar (:func:`parse_caption`): a one-line error names the first bad line."""
+def read_prompts(path: str | os.PathLike, tokenizer: WordTokenizer | None = None) -> list[str]:
+    """The prompts of a text file, one a line (blank lines and lines starting with ``#`` skipped).
+
+    Each is checked against the caption grammar (:func:`parse_caption`), or, given a ``tokenizer``
+    (e.g. a model's own text encoder's), only against its vocabulary and length: a one-line error
+    names the first bad line and its unknown words."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -288,7 +291,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         if not text or text.startswith("#"):
             continue
         try:
-            parse_caption(text)
+            parse_caption(text) if tokenizer is None else tokenizer.check(text)
         except DyditError as e:
             raise DyditError(f"{path}, line {number}: {e}") from None
         prompts.append(text)
