@@ -146,6 +146,9 @@ def test_cli_scores_a_folder_with_its_prompts(tmp_path, pool, monkeypatch, capsy
     assert "line 2: unknown word(s) 'pink'" in capsys.readouterr().err
     assert main(["evaluate", str(folder)]) == 1
     assert "--ref" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "prompts.txt" in capsys.readouterr().out
 
 
 def test_wrong_image_size_is_refused() -> None:
