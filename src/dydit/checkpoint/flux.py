@@ -2,7 +2,7 @@
 
 dydit's FLUX network (``models.flux``) has diffusers' key names, so a folder's weights load as
 they are; only the config changes type (:class:`~dydit.presets.FluxConfig`, from and to
-``config.json``). What this module reads (docs/METHOD.md §16):
+``config.json``). What this module reads (docs/METHOD.md §15):
 
 - a **diffusers folder**: ``config.json`` (``_class_name`` ``FluxTransformer2DModel``) with
   ``diffusion_pytorch_model.safetensors`` or its shards (``...safetensors.index.json``, as the real
