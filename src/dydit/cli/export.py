@@ -44,6 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="--to diffusers: the preset of a file that stores no config and no training args",
     )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="the source is a TD-LoRA file (or a run directory holding lora.safetensors): write plain "
+        "DyDiT weights with the adapters merged (refused when the adapters' gates depend on t)",
+    )
+    p.add_argument(
+        "--base", default=None, help="--merge-lora: the base weights (default: the base the file names)"
+    )
     p.set_defaults(func=run)
 
 
@@ -53,6 +62,17 @@ def run(args: argparse.Namespace) -> int:
     from dydit.train.state import export_run, state_path
 
     src = Path(args.state)
+    if args.merge_lora:
+        from dydit.checkpoint.lora import LORA_FILE, merged_export
+
+        if args.to != "safetensors" or args.model is not None:
+            raise DyditError("--merge-lora writes a .safetensors export; drop --to and --model")
+        lora = src / LORA_FILE if src.is_dir() else src
+        out = Path(args.out) if args.out else lora.with_name("merged.safetensors")
+        print(merged_export(lora, out, args.base))
+        return 0
+    if args.base is not None:
+        raise DyditError("--base applies to --merge-lora")
     if args.to == "diffusers":
         from dydit.checkpoint.export import export_diffusers
 
