@@ -80,7 +80,7 @@ def test_cli_finetune_sample_and_export_with_lora(tmp_path, base, capsys):
     samples = tmp_path / "samples"
     code = main([
         "sample", "--lora", str(out / LORA_FILE), "--num-samples", "2", "--steps", "2",
-        "--sampler", "ddim", "--out", str(samples), "--no-progress",
+        "--sampler", "ddim", "--out-dir", str(samples), "--no-progress",
     ])  # fmt: skip
     assert code == 0
     # export --merge-lora: plain weights when the gates are the same at every t, else refused.

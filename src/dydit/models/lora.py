@@ -184,6 +184,7 @@ class _Adapted(TorchFunctionMode):
         self.model, self.e = model, e
         self.gates: dict[int, Tensor] = {}  # per layer, drawn at the layer's first adapted linear
         self.owners: dict[int, tuple[Tensor, BlockAdapters, str, int]] = {}
+        self.others: dict[int, Tensor] = {}  # weights of linears without adapters (alive: held here)
         self.hits: set[tuple[int, str]] = set()
 
     def copy(self) -> _Adapted:
@@ -208,9 +209,12 @@ class _Adapted(TorchFunctionMode):
     def _owner(self, weight) -> tuple[BlockAdapters, str, int] | None:
         entry = self.owners.get(id(weight))
         if entry is None or entry[0] is not weight:
-            self._index()  # the weights moved (FSDP unsharding, .to()): look them up again
+            if self.others.get(id(weight)) is weight:
+                return None  # a linear without adapter (adaLN, embedders, routers), seen before
+            self._index()  # the weights moved (FSDP gathers a block's per pass): look them up again
             entry = self.owners.get(id(weight))
             if entry is None or entry[0] is not weight:
+                self.others[id(weight)] = weight
                 return None
         return entry[1:]
 
