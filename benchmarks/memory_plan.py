@@ -3,7 +3,7 @@
 Computed from the shapes of diffusers' ``FluxTransformer2DModel`` config (inner width
 heads × head_dim, joint_attention_dim, pooled_projection_dim, in_channels, guidance embedding),
 with no model built, for FLUX.1 (19 double + 38 single blocks) and FLUX-lite (8 double + 38
-single), full DyDiT fine-tuning and TD-LoRA (docs/METHOD.md §15), over 1, 8 and 64 GPUs.
+single), full DyDiT fine-tuning and TD-LoRA (docs/METHOD.md §18), over 1, 8 and 64 GPUs.
 
 What dydit's FSDP run holds per GPU (train/fsdp.py; docs/TRAINING.md, "FSDP"):
 

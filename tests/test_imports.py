@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
     {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning", "version"},
 ]
+LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 # Edges inside one layer that are forbidden as well (package -> packages it must never import).
@@ -43,6 +44,7 @@ FORBIDDEN = {
     "flops": {"models", "diffusion", "flow", "data"},
     "data": {"models", "diffusion", "flow", "flops"},
     "presets": {"io", "log", "distributed"},
+    "presets_flux": {"presets", "io", "log", "distributed"},
     "io": {"presets", "log", "seeds"},
     "seeds": {"presets", "io", "log", "distributed", "constants"},
     "sample_io": {"models", "diffusion", "flow", "flops", "data", "viz"},

@@ -1,5 +1,5 @@
-"""TD-LoRA on the backbone seam (docs/METHOD.md §15): adapters off = base, the timestep router gates
-only the adapters, merged = unmerged (masked and sliced), on DiT and on the second family."""
+"""TD-LoRA on the backbone seam (docs/METHOD.md §18): adapters off = base, the timestep router gates
+only the adapters, merged = unmerged (masked and sliced), on DiT, the second family and DyFLUX."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from test_dyflux import inputs as flux_inputs
+from test_dyflux import mixed_dyflux
 from test_second_family import inputs as family_inputs
 from test_second_family import random_family, random_routers
 from test_sliced import inputs, random_dydit
@@ -58,13 +60,24 @@ def family_model(rank=4, groups=2):
     return add_lora(model, LoraConfig(rank, groups)).eval(), base
 
 
-MODELS = {"dit": (dit_model, lambda m: inputs(m, 3)), "family": (family_model, lambda m: family_inputs(3))}
+def flux_model(rank=4, groups=2):
+    _, model = mixed_dyflux()
+    base = copy.deepcopy(model)
+    return add_lora(model, LoraConfig(rank, groups)).eval(), base
+
+
+FLUX_T = torch.tensor([0.05, 0.4, 0.95])
+MODELS = {  # build, inputs, time values
+    "dit": (dit_model, lambda m: inputs(m, 3), T),
+    "family": (family_model, lambda m: family_inputs(3), T),
+    "flux": (flux_model, lambda m: flux_inputs(m.config, 3), FLUX_T),
+}
 
 
 @pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("mode", ["masked", "dense", "sliced"])
 def test_zero_or_switched_off_adapters_are_the_base_exactly(family, mode):
-    build, make_inputs = MODELS[family]
+    build, make_inputs, T = MODELS[family]
     model, base = build()
     x, y = make_inputs(model)
     with torch.no_grad(), execution(model, mode), execution(base, mode):
@@ -110,10 +123,11 @@ def test_the_timestep_router_gates_only_the_adapters():
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_merged_equals_unmerged_masked_and_sliced(family):
-    build, make_inputs = MODELS[family]
+    build, make_inputs, T = MODELS[family]
     model, _ = build()
     randomise_adapters(model)
     x, y = make_inputs(model)
+    times = torch.linspace(0, 1, 101) if family == "flux" else torch.arange(1000)
     with torch.no_grad():
         masked = model(x, T, y)
         with execution(model, "sliced"):
@@ -124,14 +138,14 @@ def test_merged_equals_unmerged_masked_and_sliced(family):
         randomise_adapters(model, gate_logits=4.0)
         model.clear_cache()
         adapted = model(x, T, y)
-        merged = merge_lora(copy.deepcopy(model), torch.arange(1000))
+        merged = merge_lora(copy.deepcopy(model), times)
         assert not any(".lora." in k for k in merged.state_dict())
         torch.testing.assert_close(merged(x, T, y), adapted, atol=2e-5, rtol=1e-5)
         with execution(merged, "sliced"):
             torch.testing.assert_close(merged(x, T, y), adapted, atol=2e-5, rtol=1e-5)
     randomise_adapters(model)
     with pytest.raises(DyditError, match="change with t"):
-        merge_lora(copy.deepcopy(model), torch.arange(1000))
+        merge_lora(copy.deepcopy(model), times)
 
 
 def test_training_gates_are_per_sample_and_straight_through():

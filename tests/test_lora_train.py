@@ -1,4 +1,4 @@
-"""A TD-LoRA fine-tune (docs/METHOD.md §15): no base tensor changes, only adapters and routers train,
+"""A TD-LoRA fine-tune (docs/METHOD.md §18): no base tensor changes, only adapters and routers train,
 the adapters are saved apart from the base and load back onto it, resume is exact, and the CLI
 flags (finetune --lora, sample --lora, export --merge-lora) reach the library."""
 

@@ -44,6 +44,14 @@ ROUTER_MARKERS = ("token_selection.", "attn_rate.", "mlp_rate.")
 DIFFUSERS_VERSION = "0.42.1"
 
 
+def looks_like_flux(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict has FLUX's keys (a double block's text-stream projections)."""
+    return (
+        "transformer_blocks.0.attn.add_q_proj.weight" in sd
+        or "single_transformer_blocks.0.proj_out.weight" in sd
+    )
+
+
 def is_router_key(key: str) -> bool:
     return any(m in key for m in ROUTER_MARKERS)
 
@@ -86,7 +94,9 @@ def flux_config(source: str | os.PathLike | Mapping[str, Any] | FluxConfig) -> F
             raise CheckpointError(f"{name} holds a JSON {type(source).__name__}, not a model config")
     kind = source.get("_class_name", CLASS_NAME)
     if kind != CLASS_NAME:
-        raise CheckpointError(f"{name} is the config of a {shown(kind)}, not of a FLUX transformer ({CLASS_NAME})")
+        raise CheckpointError(
+            f"{name} is the config of a {shown(kind)}, not of a FLUX transformer ({CLASS_NAME})"
+        )
     try:
         return FluxConfig.from_diffusers(dict(source))
     except (DyditError, TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""TD-LoRA files: the adapters and routers of a fine-tune, apart from its base (docs/METHOD.md §15).
+"""TD-LoRA files: the adapters and routers of a fine-tune, apart from its base (docs/METHOD.md §18).
 
 A TD-LoRA file is a ``.safetensors`` file holding only what a TD-LoRA fine-tune trained: the
 adapters and their timestep routers (``blocks.i.lora.*``) and the DyDiT routers (``attn_rate``,

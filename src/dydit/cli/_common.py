@@ -103,6 +103,14 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "D
 def size_overrides(base, image_size: int | None, num_classes: int | None) -> dict[str, int]:
     """ModelConfig overrides for ``--image-size`` and ``--num-classes`` on top of ``base``."""
     overrides = {}
+    if hasattr(base, "max_text_length"):  # a FluxConfig (FLUX family): latents 8x smaller, no classes
+        if num_classes is not None:
+            raise DyditError("FLUX models are conditioned on text: --num-classes does not apply")
+        if image_size is not None:
+            if image_size % 16:
+                raise DyditError(f"image size {image_size} must be divisible by 16 for a FLUX model")
+            overrides["sample_size"] = image_size // 8
+        return overrides
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if image_size is not None:
@@ -116,10 +124,11 @@ def size_overrides(base, image_size: int | None, num_classes: int | None) -> dic
 
 def model_config_from_args(args: argparse.Namespace, default_model: str | None = None):
     """The preset ``--model`` (else ``default_model``) with the options of :func:`add_model_options`."""
-    from dydit.presets import get_model_config
+    from dydit.presets import get_model_config, get_uvit_config, is_uvit_name
 
     name = args.model or default_model
-    return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))
+    get = get_uvit_config if is_uvit_name(name) else get_model_config  # U-ViT: docs/METHOD.md §13
+    return get(name, **size_overrides(get(name), args.image_size, args.num_classes))
 
 
 ENGINE_FLAGS = {"compile": "--compile", "compile_mode": "--compile-mode", "token_bucket": "--token-bucket",

@@ -97,7 +97,7 @@ def _add_model_group(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="a TD-LoRA file (lora.safetensors of dydit finetune --lora) applied onto the base "
-        "weights: --checkpoint, else the base the file names (docs/METHOD.md §15)",
+        "weights: --checkpoint, else the base the file names (docs/METHOD.md §18)",
     )
     g.add_argument(
         "--vae",
@@ -267,6 +267,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     execution = _execution(args.execution, cfg)
     options = engine_options(args, execution)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
+    default_sampler = getattr(cfg, "default_sampler", default_sampler)  # a U-ViT names its own
     settings = SamplingSettings(
         sampler=args.sampler or default_sampler,
         steps=args.steps,
@@ -282,7 +283,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise DyditError(f"--num-samples {n} is more than {MAX_NUM_SAMPLES:,} images; split the run")
     seeds = list(range(args.seed, args.seed + n))
     labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
-    labels = resolve_labels(seeds, labels, cfg.num_classes)
+    labels = resolve_labels(seeds, labels, _label_classes(cfg))
     diffusion = create_process(cfg)  # the process the checkpoint's config names: DDPM or flow
     timesteps = settings.network_times(diffusion)  # the sampler must fit the process
     if args.vae is not None:
@@ -323,6 +324,11 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "npz": npz,
         "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
     }
+
+
+def _label_classes(cfg: Any) -> int:
+    """Classes to draw labels from: an unconditional U-ViT (``num_classes`` 0) ignores them (all 0)."""
+    return max(cfg.num_classes, 1)
 
 
 def _beside(directory: str, suffix: str) -> str:
@@ -373,7 +379,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
     model = _build_model(cfg, ckpt, plan["execution"])
-    if getattr(args, "lora", None):  # adapters and routers onto the base (docs/METHOD.md §15)
+    if getattr(args, "lora", None):  # adapters and routers onto the base (docs/METHOD.md §18)
         from dydit.checkpoint.lora import apply_lora
 
         execution = model.execution
@@ -390,7 +396,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
         seeds=seeds,
         labels=labels,
         shape=shape,
-        num_classes=cfg.num_classes,
+        num_classes=_label_classes(cfg),
         batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress,

@@ -214,7 +214,7 @@ def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     )  # fmt: skip
     g.add_argument(
         "--lora", type=_non_negative_int, default=d.lora_rank, metavar="RANK",
-        help="TD-LoRA (docs/METHOD.md §15): freeze the base, train rank-RANK adapters on the attention "
+        help="TD-LoRA (docs/METHOD.md §18): freeze the base, train rank-RANK adapters on the attention "
         "and MLP linears with the routers; writes lora.safetensors (default 0 = full fine-tuning)",
     )  # fmt: skip
     g.add_argument(

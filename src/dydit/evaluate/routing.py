@@ -27,7 +27,7 @@ from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
 from dydit.flops.formulas import config_macs_table, token_router_macs
 from dydit.flow import create_process
-from dydit.presets import ModelConfig
+from dydit.presets import FluxConfig, ModelConfig
 from dydit.sample import SamplingSettings
 
 
@@ -94,7 +94,8 @@ def schedule_flops(
     gens = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
-    y = torch.randint(cfg.num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
+    # (an unconditional U-ViT, num_classes 0, ignores its labels)
+    y = torch.randint(max(cfg.num_classes, 1), (samples,), generator=torch.Generator().manual_seed(seed))
     fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
     with torch.no_grad():
         settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
@@ -157,12 +158,23 @@ def routing_profile(
     return RoutingProfile(model.width_plan(torch.tensor(ts)), tokens, ts, n)
 
 
-def static_flops_markdown(title: str, cfg: ModelConfig) -> str:
+def static_flops_markdown(title: str, cfg: ModelConfig | FluxConfig) -> str:
     """Per-component GFLOPs of one complete forward for one image, as a Markdown table."""
-    table = config_macs_table(cfg)
+    if isinstance(cfg, FluxConfig):  # FLUX family (docs/METHOD.md §15.4)
+        from dydit.models.flux import flux_macs_table
+
+        table = flux_macs_table(cfg)
+        side = cfg.sample_size
+        head = (
+            f"{title}: latents {cfg.latent_channels}x{side}x{side} ({8 * side} px), {cfg.num_tokens} image "
+            f"tokens + {cfg.max_text_length} text tokens"
+        )
+    else:
+        table = config_macs_table(cfg)
+        head = f"{title}: input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens"
     total = sum(table.values())
     lines = [
-        f"{title}: input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens",
+        head,
         "| component | GFLOPs | share |",
         "|---|---:|---:|",
     ]
@@ -187,7 +199,8 @@ def schedule_flops_markdown(
     dense = sum(table.values())
     other = dense - table["attention"] - table["mlp"]
     # Token routers run on every token of every layer; width routers are precomputed per t (§7.3).
-    router = cfg.depth * token_router_macs(cfg.num_tokens, cfg.hidden_size)
+    layers = getattr(cfg, "num_layers", cfg.depth)  # a U-ViT routes depth + 1 blocks
+    router = layers * token_router_macs(cfg.num_tokens, cfg.hidden_size)
     static_core = table["attention"] + table["mlp"]
     lines = [
         f"{title}: router layout {cfg.router_layout}, "

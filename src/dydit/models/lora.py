@@ -1,6 +1,6 @@
 """TD-LoRA: timestep-dependent low-rank adapters on the units' linears of any backbone (ours).
 
-docs/METHOD.md §15 (the definition, and where it is ours: the DyDiT++ paper names TD-LoRA but
+docs/METHOD.md §18 (the definition, and where it is ours: the DyDiT++ paper names TD-LoRA but
 publishes neither its form nor code); docs/ARCHITECTURE.md §7 (written against the backbone
 contract only). Per block of a DyDiT:
 
@@ -18,7 +18,8 @@ Where it runs:
 
 - masked and dense passes (training): :func:`applied` is a context around the layer loop in which
   every ``F.linear(x, W, b)`` whose W is an adapted linear's weight (looked up by identity at call
-  time, so FSDP's unsharded parameters are found too) gains s · ((x Aᵀ) ⊙ m_b) Bᵀ, m_b the
+  time, so FSDP's unsharded parameters are found too), or a 2-D view of one (a fused linear applied
+  in parts), gains s · ((x Aᵀ) ⊙ m_b) Bᵀ (A's columns and B's rows of the view), m_b the
   sample's gate per rank channel: the base weights are never modified and gradients reach A, B and
   the router. The halves need no change: they call ``F.linear`` with their weights.
 - the sliced engine merges: for each planned t the block's weights become W + s · B_g A_g
@@ -206,17 +207,32 @@ class _Adapted(TorchFunctionMode):
                 w = block.get_submodule(path).weight
                 self.owners[id(w)] = (w, adapters, path, i)
 
-    def _owner(self, weight) -> tuple[BlockAdapters, str, int] | None:
+    def _lookup(self, weight) -> tuple[BlockAdapters, str, int] | None:
         entry = self.owners.get(id(weight))
         if entry is None or entry[0] is not weight:
-            if self.others.get(id(weight)) is weight:
-                return None  # a linear without adapter (adaLN, embedders, routers), seen before
             self._index()  # the weights moved (FSDP gathers a block's per pass): look them up again
             entry = self.owners.get(id(weight))
             if entry is None or entry[0] is not weight:
-                self.others[id(weight)] = weight
                 return None
         return entry[1:]
+
+    def _owner(self, weight) -> tuple[BlockAdapters, str, int, slice, slice] | None:
+        """(adapters, path, layer, rows, columns) of an adapted weight or of a 2-D view into one
+        (a fused linear a half applies in parts, e.g. FLUX's single-block ``proj_out``)."""
+        if self.others.get(id(weight)) is weight:
+            return None  # a linear without adapter (adaLN, embedders, routers), seen before
+        owner = self._lookup(weight)
+        if owner is not None:
+            return (*owner, slice(None), slice(None))
+        base = weight._base
+        if base is not None and base.ndim == 2 and weight.ndim == 2 and weight.stride() == base.stride():
+            owner = self._lookup(base)
+            if owner is not None:
+                r0, c0 = divmod(weight.storage_offset() - base.storage_offset(), base.stride(0))
+                rows, cols = slice(r0, r0 + weight.shape[0]), slice(c0, c0 + weight.shape[1])
+                return (*owner, rows, cols)
+        self.others[id(weight)] = weight
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -228,7 +244,7 @@ class _Adapted(TorchFunctionMode):
         owner = self._owner(weight)
         if owner is None:
             return out
-        adapters, path, layer = owner
+        adapters, path, layer, rows, cols = owner
         self.hits.add((layer, path))
         gates = self._gates(layer, adapters)  # (B, G)
         m = adapters.rank_mask(gates)  # (B, r)
@@ -241,9 +257,10 @@ class _Adapted(TorchFunctionMode):
                 f"TD-LoRA: block {layer}'s {path} got rows {tuple(x.shape)} whose batch is not the "
                 f"gates' ({gates.shape[0]}); its half must keep the batch first"
             )
+        # The low-rank term is linear in x: a view's part uses A's columns and B's rows of the view.
         a = adapters.adapter(path)
-        low = F.linear(x, a.down)
-        update = F.linear(low * m.to(low.dtype), a.up)
+        low = F.linear(x, a.down[:, cols])
+        update = F.linear(low * m.to(low.dtype), a.up[rows])
         return out + (adapters.config.scale * update).to(out.dtype)
 
 

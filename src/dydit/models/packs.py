@@ -46,7 +46,7 @@ class Pack:
     __slots__ = ("count", "_held", "_parts")
 
     def __init__(self, block: nn.Module, units: Units, active: Tensor, source: Weights | None = None):
-        """``source``: the block's weights to slice instead of its own (TD-LoRA merged, §15)."""
+        """``source``: the block's weights to slice instead of its own (TD-LoRA merged, §18)."""
         linears = units.linears()
         device = block.get_submodule(units.parts[0].linear).weight.device
         on = active.nonzero().flatten().to(device)  # (k,)
@@ -151,7 +151,7 @@ class PackStore:
         merged: Callable[[nn.Module, Tensor], Weights] | None = None,
     ):
         """``merged(block, gates)``: the block's weights with its TD-LoRA adapter of one gate
-        pattern merged (docs/METHOD.md §15); packs of a pattern slice those. Merged weights are kept
+        pattern merged (docs/METHOD.md §18); packs of a pattern slice those. Merged weights are kept
         once per (layer, pattern), outside the budget (``merged_bytes`` of :meth:`memory`)."""
         self.blocks, self.budget, self.static = blocks, budget, static
         self.weight_bytes = unit_weight_bytes(blocks)

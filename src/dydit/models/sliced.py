@@ -122,7 +122,7 @@ class SlicedDyDiT(nn.Module):
 
         Never needed after ordinary weight changes, which the engine detects itself."""
         self._steps: dict[float, StepPacks] = {}
-        merged = merged_weights if has_lora(self.model) else None  # TD-LoRA: merged per step (§15)
+        merged = merged_weights if has_lora(self.model) else None  # TD-LoRA: merged per step (§18)
         self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights, merged)
         self._adaln: tuple[Tensor, Tensor, list[int]] | None = None
         self._routers: list[RouterWeights | None] | None = None
@@ -180,7 +180,7 @@ class SlicedDyDiT(nn.Module):
                 f"{tuple(plan.heads.shape)} and {tuple(plan.groups.shape)}"
             )
         uses: Counter[Pack] = Counter()
-        # TD-LoRA: the adapters' gates of each step, merged into its packs (docs/METHOD.md §15).
+        # TD-LoRA: the adapters' gates of each step, merged into its packs (docs/METHOD.md §18).
         lora = gate_plan(self.model, plan.timesteps) if has_lora(self.model) else None
         for i, (t, heads, groups) in enumerate(plan.steps()):
             if t not in self._steps:
@@ -217,7 +217,8 @@ class SlicedDyDiT(nn.Module):
             self._routers = []
             for block in self.model.blocks:
                 router = None
-                if self._token_logits is None:
+                # A router that reads the block's state runs outside the kernel region (FLUX, §7.2).
+                if self._token_logits is None and not getattr(block.token_selection, "reads_state", False):
                     router = tuple(w.detach() for w in block.token_selection.weights())
                     if self._static_weights:
                         for w in router:
@@ -234,7 +235,7 @@ class SlicedDyDiT(nn.Module):
         if self.model.training:
             raise DyditError("the sliced engine is inference-only: call model.eval() first")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
+        if t.shape[0] != x.shape[0] or (y is not None and len(y) != x.shape[0]):  # None: unconditional
             raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
         self._follow_weights()
         values = t.detach().cpu()  # the one host sync of the call
@@ -245,7 +246,7 @@ class SlicedDyDiT(nn.Module):
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            y_rows = y[rows] if isinstance(y, Tensor) else y.select(rows)
+            y_rows = y[rows] if isinstance(y, Tensor) else None if y is None else y.select(rows)
             part = self._forward_one_t(x[rows], t[rows], y_rows, value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
@@ -271,7 +272,11 @@ class SlicedDyDiT(nn.Module):
             )
             b, n, d = x.shape
             if logits is None:
-                logits = self._token_logits(layer, x)
+                logits = (
+                    block.token_logits(x, state, c)
+                    if self._token_logits is None
+                    else self._token_logits(layer, x)
+                )
             elif counting:
                 r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
@@ -280,7 +285,10 @@ class SlicedDyDiT(nn.Module):
                 x = kernels.mlp(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
                 if counting:
                     record("mlp", block.mlp_macs(rows, mp.count))
-            state = block.finish(state, x, mod)
+            if getattr(block, "finish_uses_groups", False):
+                state = block.finish(state, x, mod, mp.weights, None)
+            else:
+                state = block.finish(state, x, mod)
         return model.head(state, c)
 
 

@@ -74,7 +74,7 @@ class TrainConfig:
         ``distill_from`` (None: ``init_from``, the dense base a fine-tune starts from); 0: off.
     Checkpoints: every ``ckpt_every`` steps; ``keep_checkpoints`` numbered copies are kept (0: all).
     Runtime: ``bf16`` autocast, ``grad_checkpointing``, ``device``, ``num_workers``, ``progress``.
-    TD-LoRA (docs/METHOD.md §15, ours): ``lora_rank`` r > 0 freezes the base weights and trains
+    TD-LoRA (docs/METHOD.md §18, ours): ``lora_rank`` r > 0 freezes the base weights and trains
         low-rank adapters (rank split into ``lora_groups`` gated by a timestep router) with the
         DyDiT routers; the run exports ``lora.safetensors`` (adapters and routers) beside the base.
     Sharding (docs/TRAINING.md, "FSDP"): ``fsdp`` shards parameters, gradients and optimizer state

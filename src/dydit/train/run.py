@@ -85,7 +85,7 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
         from dydit.models.reorder import reorder_by_importance
 
         reorder_by_importance(model)  # before the EMA copy; a resumed state is already reordered
-    if cfg.lora_rank:  # TD-LoRA (docs/METHOD.md §15): adapters added, the base frozen
+    if cfg.lora_rank:  # TD-LoRA (docs/METHOD.md §18): adapters added, the base frozen
         add_lora(model, LoraConfig(cfg.lora_rank, cfg.lora_groups))
         freeze_base(model, ROUTER_KEY_MARKERS)
 
