@@ -18,9 +18,11 @@ What dydit's FSDP run holds per GPU (train/fsdp.py; docs/TRAINING.md, "FSDP"):
 - activations are not counted (they scale with batch and resolution; ``--grad-checkpointing``
   keeps one block's inside its pass).
 
-TD-LoRA adapters (rank r on every attention and MLP linear of both streams: an upper bound on the
-units' linears a FLUX family declares) and routers (DyDiT's width and token routers, TD-LoRA's
-group router) are counted as trainable; the DyDiT routers also in full fine-tuning.
+TD-LoRA adapters (rank r on every attention and MLP linear of both streams: the linears the FLUX
+family's head and group units name, models/flux_blocks.py) and routers (DyDiT's width and token
+routers, counted with DiT's shapes: DyFLUX's token router differs slightly, a few M parameters
+either way; TD-LoRA's group router) are counted as trainable; the DyDiT routers also in full
+fine-tuning.
 
 Usage::
 
