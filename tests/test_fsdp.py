@@ -4,7 +4,8 @@ FSDP over 2 processes gives the losses and final weights of DDP over 2 processes
 batch, split the same way: per-rank seeds make a run's numbers depend on its process count,
 docs/ARCHITECTURE.md §6.2), for a DiT and for a TD-LoRA DyDiT fine-tune; a run killed after a
 checkpoint resumes to the same bits as an uninterrupted one; the distributed checkpoint exports
-unsharded in one process.
+unsharded in one process. The TD-LoRA comparison runs by default (about 20 s); the DiT comparison
+(with bf16 mixed precision, export and pruning) and the kill are marked slow.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import textwrap
 
 import pytest
 import torch
-from faultkit import HANG_GUARD_S, TORCHRUN
+from faultkit import HANG_GUARD_S, TORCHRUN, save_tiny
 
 from dydit.checkpoint import load_checkpoint
 from dydit.checkpoint.lora import read_lora
+from dydit.factory import build_model
+from dydit.presets import get_model_config
 from dydit.train.state import export_run, load_state
 
 pytestmark = pytest.mark.distributed
+TINY = dict(depth=2, hidden_size=32, num_heads=2)
 
 WORKER = textwrap.dedent(
     """
@@ -59,20 +63,17 @@ WORKER = textwrap.dedent(
                        complete_steps=1, grad_checkpointing=True)
         return loop.train(TrainConfig(out_dir=f"{out}/{name}", **{**common, **options, **kw}))
 
-    if mode == "compare":
+    if mode in ("compare", "lora"):
         results = {}
-        for name, fn in [("ddp", lambda: dit("ddp")), ("fsdp", lambda: dit("fsdp", fsdp=True))]:
+        runs = [("ddp", lambda: dit("ddp")), ("fsdp", lambda: dit("fsdp", fsdp=True)),
+                ("fsdp-bf16", lambda: dit("fsdp-bf16", fsdp=True, fsdp_mixed_precision="bf16", steps=2))]
+        if mode == "lora":
+            runs = [(name, lambda name=name, kw=kw: lora(name, sys.argv[3], steps=2, **kw))
+                    for name, kw in [("lora-ddp", {}), ("lora-fsdp", dict(fsdp=True))]]
+        for name, fn in runs:
             rank_losses.clear()
             res = fn()
             results[name] = (list(rank_losses), res)
-        base = str(results["ddp"][1].export)
-        for name, kw in [("lora-ddp", {}), ("lora-fsdp", dict(fsdp=True))]:
-            rank_losses.clear()
-            res = lora(name, base, **kw)
-            results[name] = (list(rank_losses), res)
-        rank_losses.clear()
-        bf16 = dit("fsdp-bf16", fsdp=True, fsdp_mixed_precision="bf16", steps=2)
-        results["fsdp-bf16"] = (list(rank_losses), bf16)
         rank = distributed.rank()
         for name, (losses, res) in results.items():
             torch.save(weights(res), f"{out}/{name}_rank{rank}.pt")
@@ -99,11 +100,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _torchrun(tmp_path, mode):
+def _torchrun(tmp_path, mode, *extra):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [*TORCHRUN, str(script), str(tmp_path), mode]
+    cmd = [*TORCHRUN, str(script), str(tmp_path), mode, *extra]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -113,24 +114,47 @@ def _close(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
 
 
+def _results(tmp_path):
+    load = lambda name, r: torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True)  # noqa: E731
+    losses = lambda name, r: json.loads((tmp_path / f"{name}_losses_rank{r}.json").read_text())  # noqa: E731
+    return load, losses
+
+
+def _same_as_ddp(tmp_path, ref: str, sharded: str, steps: int) -> None:
+    load, losses = _results(tmp_path)
+    for r in (0, 1):
+        assert len(losses(sharded, r)) == steps
+        assert losses(sharded, r) == pytest.approx(losses(ref, r), rel=1e-5, abs=1e-6)
+        _close(load(sharded, r), load(ref, r))
+    _close(load(sharded, 0), load(sharded, 1), atol=0)  # every rank gathers the same weights
+
+
+def test_fsdp_td_lora_gives_the_losses_and_weights_of_ddp(tmp_path):
+    """The TD-LoRA fine-tune of a random DiT, DDP and FSDP over the same 2 processes."""
+    torch.manual_seed(0)
+    cfg = get_model_config("DiT-Ti/2", input_size=8, in_channels=1, num_classes=10, **TINY)
+    dit = build_model(cfg)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.1)
+    base_file = save_tiny(tmp_path / "base.safetensors", dit)
+    proc = _torchrun(tmp_path, "lora", str(base_file))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _same_as_ddp(tmp_path, "lora-ddp", "lora-fsdp", steps=2)
+    load, _ = _results(tmp_path)
+    trained, base = load("lora-fsdp", 0), load_checkpoint(base_file)
+    assert all(torch.equal(trained[k], base[k]) for k in base)  # no base tensor changed
+    assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith(".up"))  # adapters did
+    tensors, _, _ = read_lora(tmp_path / "lora-fsdp" / "lora.safetensors")
+    assert tensors and all(".lora." in k or "_rate." in k or "token_selection" in k for k in tensors)
+
+
 @pytest.mark.slow
 def test_fsdp_gives_the_losses_and_weights_of_ddp(tmp_path):
     proc = _torchrun(tmp_path, "compare")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    load = lambda name, r: torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True)  # noqa: E731
-    losses = lambda name, r: json.loads((tmp_path / f"{name}_losses_rank{r}.json").read_text())  # noqa: E731
-    for ref, sharded in (("ddp", "fsdp"), ("lora-ddp", "lora-fsdp")):
-        for r in (0, 1):
-            assert len(losses(sharded, r)) == 3
-            assert losses(sharded, r) == pytest.approx(losses(ref, r), rel=1e-5, abs=1e-6)
-            _close(load(sharded, r), load(ref, r))
-        _close(load(sharded, 0), load(sharded, 1), atol=0)  # every rank gathers the same weights
-    # The TD-LoRA run under FSDP changed no base tensor and wrote the small file.
-    base = load_checkpoint(tmp_path / "ddp" / "ema.safetensors")
-    lora = load("lora-fsdp", 0)
-    assert all(torch.equal(lora[k], base[k]) for k in base)
-    tensors, _, _ = read_lora(tmp_path / "lora-fsdp" / "lora.safetensors")
-    assert tensors and all(".lora." in k or "_rate." in k or "token_selection" in k for k in tensors)
+    _same_as_ddp(tmp_path, "ddp", "fsdp", steps=3)
+    load, losses = _results(tmp_path)
     # bf16 mixed precision runs (float32 master weights) and stays near the float32 losses.
     bf16 = losses("fsdp-bf16", 0)
     assert len(bf16) == 2 and bf16 == pytest.approx(losses("fsdp", 0)[:2], rel=0.05)
