@@ -235,6 +235,12 @@ class UViTBlock(nn.Module):
         return UViTState(torch.cat([x[:, :e], h[:, :e]], 1), skips, e), x[:, e:], h[:, e:]
 
     @staticmethod
+    def modulated_input(state: UViTState, mod: UViTMod, static: tuple[float]) -> Tensor:
+        """The normalised input of an in-block's attention (B, E + N, D): TeaCache's indicator
+        (docs/METHOD.md §19; read from the first block, which merges no skip)."""
+        return F.layer_norm(state.tokens, (state.tokens.shape[-1],), *mod.norm1, static[0])
+
+    @staticmethod
     def mlp_half(h: Tensor, weights: Weights, group_mask: Tensor | None = None) -> Tensor:
         return uvit_mlp(h, *weights["mlp.fc1"], *weights["mlp.fc2"], group_mask)
 
