@@ -300,7 +300,8 @@ class StepCache:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor, y: Any = None) -> Tensor:
-        if self.model.training:
+        inner = self.model.model if isinstance(self.model, SlicedDyDiT) else self.model
+        if inner.training:
             raise DyditError("step caching is for inference: call model.eval() first")
         run = self._run
         if run.rows is not None and run.rows != x.shape[0]:
@@ -431,8 +432,7 @@ def save_coefficients(path: str | Path, coefficients: Sequence[float], **meta: A
     from dydit.io import atomic_write
 
     text = json.dumps({"method": "teacache", "coefficients": list(coefficients), **meta}, indent=2)
-    with atomic_write(path, "w") as f:
-        f.write(text + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def load_coefficients(path: str | Path) -> tuple[float, ...]:
