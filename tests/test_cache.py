@@ -306,3 +306,28 @@ def test_calibration_fit_follows_its_pairs(tmp_path):
     path.write_text("{}")
     with pytest.raises(DyditError, match="coefficients"):
         load_coefficients(path)
+
+
+def test_cli_calibrates_and_samples_with_a_cache(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from dydit.cli import main
+
+    model = dydit.DyDiT.from_dit(random_dit(depth=3))
+    meta = {"config": json.dumps({"model": model.config.to_dict()})}
+    ckpt = tmp_path / "dy.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt), metadata=meta)
+    fast = ["--checkpoint", str(ckpt), "--sampler", "dpm++2m", "--steps", "6", "--device", "cpu"]
+    coeffs = tmp_path / "tc.json"
+    assert main(["cache-calibrate", *fast, "--num-samples", "2", "--degree", "2", "--out", str(coeffs)]) == 0
+    assert len(load_coefficients(coeffs)) == 3
+    out = tmp_path / "s"
+    args = [*fast, "--num-samples", "2", "--no-progress", "--out-dir", str(out), "--save-raw"]
+    assert main(["sample", *args, "--cache", "teacache:100", "--cache-coefficients", str(coeffs)]) == 0
+    err = capsys.readouterr().err
+    assert "cache: teacache:100" in err and "2 of 6 network evaluations computed, 4 reused" in err
+    assert json.loads((out / "sampling.json").read_text())["cache"]["spec"] == "teacache:100"
+    assert main(["sample", *args, "--cache", "fbcache"]) == 1
+    assert "METHOD:THRESHOLD" in capsys.readouterr().err
+    assert main(["sample", *args, "--cache-coefficients", str(coeffs)]) == 1
+    assert main(["sample", *args, "--cache", "fbcache:0.1", "--cache-coefficients", str(coeffs)]) == 1

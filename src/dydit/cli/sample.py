@@ -156,8 +156,42 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         help=f"number of images (default: the number of --classes, else {DEFAULT_NUM_SAMPLES})",
     )
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
+    add_cache_options(g)
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+
+
+def add_cache_options(g: Any) -> None:
+    """``--cache METHOD:THRESHOLD`` and ``--cache-coefficients FILE`` (docs/METHOD.md §19)."""
+    g.add_argument(
+        "--cache",
+        default=None,
+        metavar="METHOD:THRESHOLD",
+        help="step caching: teacache:T (reuse the blocks' residual while the first block's modulated "
+        "input changes little) or fbcache:T (while the first block's residual does); e.g. "
+        "teacache:0.15. Computed and reused evaluations are printed on stderr",
+    )
+    g.add_argument(
+        "--cache-coefficients",
+        default=None,
+        metavar="FILE",
+        help="TeaCache's rescaling polynomial, the JSON of `dydit cache-calibrate` (default: identity)",
+    )
+
+
+def cache_settings(args: argparse.Namespace) -> Any:
+    """The CacheSettings of ``--cache`` (None without it); one-line errors for bad values."""
+    from dydit.models.cache import CacheSettings, load_coefficients
+
+    if args.cache is None:
+        if args.cache_coefficients is not None:
+            raise DyditError("--cache-coefficients goes with --cache teacache:THRESHOLD")
+        return None
+    coeffs = None if args.cache_coefficients is None else load_coefficients(args.cache_coefficients)
+    settings = CacheSettings.parse(args.cache, coeffs)
+    if coeffs is not None and settings.method != "teacache":
+        raise DyditError("--cache-coefficients is TeaCache's polynomial: use it with --cache teacache:T")
+    return settings
 
 
 def _add_output_group(p: argparse.ArgumentParser) -> None:
@@ -304,6 +338,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.npz is not None and (args.out_dir is None or codec is None):
         raise DyditError("--npz packs the PNGs of --out-dir; give --out-dir (and --vae for a latent model)")
     npz = (args.npz or str(Path(args.out_dir).with_suffix(".npz"))) if args.npz is not None else None
+    cache = cache_settings(args)
     grid = args.grid or (_beside(args.out_dir, ".png") if args.out_dir is not None else DEFAULT_GRID)
     return {
         "weights": source,
@@ -316,13 +351,14 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "codec": codec,
         "execution": execution,
         "engine": options if execution == "sliced" else None,
+        "cache": None if cache is None else {"spec": cache.spec, "coefficients": list(cache.coefficients)},
         "batch_size": args.batch_size,
         "device": args.device,
         "world_size": distributed.world_size(),
         "grid": grid if codec is not None else None,
         "out_dir": args.out_dir,
         "npz": npz,
-        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
+        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, cache),
     }
 
 
@@ -356,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # a clear error for cuda without CUDA
     plan = _resolve(args)
-    cfg, ckpt, settings, seeds, labels, diffusion = plan.pop("_objects")
+    cfg, ckpt, settings, seeds, labels, diffusion, cache = plan.pop("_objects")
     for path in (plan["grid"], plan["npz"]):  # a device, a folder, a missing folder: refused up front
         if path is not None:
             output_target(path, tree=args.out_dir)
@@ -364,11 +400,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     device = distributed.init(args.device)
-    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device)
+    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache)
     return 0
 
 
-def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -> None:
+def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache=None) -> None:
     import numpy as np
 
     from dydit import distributed
@@ -403,10 +439,17 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     )
     say = print if distributed.is_main() else (lambda *a, **k: None)
     say(_execution_line(cfg, plan["execution"]), file=sys.stderr)
+    if cache is not None:  # step caching around the network (docs/METHOD.md §19)
+        from dydit.models.cache import StepCache
+
+        model = StepCache(model, cache)
+        say(f"cache: {cache.spec} (one decision per batch of <= {args.batch_size} images)", file=sys.stderr)
     if args.out_dir is not None:
         meta = {"weights": plan["weights"], "model": plan["model"]}
         if cfg.dynamic:  # dense computes other images than masked/sliced: never mix them in one directory
             meta["execution"] = plan["execution"]
+        if cache is not None:  # cached images differ too, and depend on the batch size
+            meta["cache"] = {**plan["cache"], "batch_size": args.batch_size}
         res = sample_to_dir(
             model,
             diffusion,
@@ -419,6 +462,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
             **common,
         )
         say(f"{args.out_dir}: {len(seeds)} images ({res.skipped} already there)", file=sys.stderr)
+        _cache_line(model, say)
         if res.npz is not None:
             say(f"wrote {res.npz}", file=sys.stderr)
         if codec is None or not distributed.is_main():
@@ -429,6 +473,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     else:
         common.update(seeds=seeds[:GRID_MAX], labels=labels[:GRID_MAX])
         images, grid_labels = sample_images(model, diffusion, settings, codec, **common)
+        _cache_line(model, say)
     if distributed.is_main():
         save_grid(plan["grid"], images, grid_labels)
         say(f"wrote {plan['grid']}", file=sys.stderr)
@@ -440,3 +485,9 @@ def _execution_line(cfg: Any, execution: str) -> str:
     note = {"sliced": "switched-off work skipped", "masked": "masks, no faster than dense",
             "dense": "the full network, routers ignored"}[execution]  # fmt: skip
     return f"execution: {execution} (DyDiT: {note}; --execution sliced|masked|dense)"
+
+
+def _cache_line(model: Any, say: Any) -> None:
+    stats = getattr(model, "stats", None)
+    if stats is not None:
+        say(f"cache: {stats.summary()}", file=sys.stderr)
