@@ -331,3 +331,13 @@ def test_cli_calibrates_and_samples_with_a_cache(tmp_path, capsys):
     assert "METHOD:THRESHOLD" in capsys.readouterr().err
     assert main(["sample", *args, "--cache-coefficients", str(coeffs)]) == 1
     assert main(["sample", *args, "--cache", "fbcache:0.1", "--cache-coefficients", str(coeffs)]) == 1
+
+
+def test_a_wrapped_cache_told_its_times_restarts_after_each_run():
+    """A caller that hides the cache from generate (a counting wrapper) gives the run's times."""
+    model = random_dit()
+    times = DPM.function.times(dydit.create_process(model.config), DPM.steps)
+    want = sample(cached(model, "teacache", 0.3), model, DPM, seeds=range(4))
+    cache = cached(model, "teacache", 0.3, times=times)
+    assert torch.equal(sample(lambda x, t, y: cache(x, t, y), model, DPM, seeds=range(4)), want)
+    assert cache.stats.runs == 1 and cache.last_run[0] and cache.last_run[-1]  # one auto-restart

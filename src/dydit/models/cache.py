@@ -268,11 +268,13 @@ class StepCache:
 
     ``generate`` calls :meth:`start_run` before each batch with the evaluation times of its sampler,
     so nothing is carried across batches, prompts or runs; a call with another batch size also
-    starts a new run. ``stats`` counts computed and reused evaluations; ``last_run`` holds the
-    decisions of the current (or last) run.
+    starts a new run, and so does the call after a run's last evaluation (a caller that does not
+    tell, e.g. a wrapper around the cache, gives ``times`` here: the evaluation times of every run).
+    ``stats`` counts computed and reused evaluations; ``last_run`` holds the decisions of the
+    current (or last) run.
     """
 
-    def __init__(self, model: nn.Module, settings: CacheSettings):
+    def __init__(self, model: nn.Module, settings: CacheSettings, times: Sequence[float] | None = None):
         self.blocks = network_blocks(model)
         if settings.method == "teacache" and not hasattr(self.blocks[0], "modulated_input"):
             raise DyditError(
@@ -282,7 +284,8 @@ class StepCache:
         self.model = model
         self.settings = settings
         self.stats = CacheStats()
-        self._run = _Run()
+        self._times = None if times is None else list(times)
+        self._run = _Run(evaluations=len(self._times) if self._times else None)
 
     @property
     def config(self):
@@ -294,8 +297,10 @@ class StepCache:
         return list(self._run.decisions)
 
     def start_run(self, times: Sequence[float] | None = None) -> None:
-        """Forget everything: a new batch starts (``times``: the network times it will evaluate)."""
-        self._run = _Run(evaluations=len(times) if times else None)
+        """Forget everything: a new batch starts (``times``: the network times it will evaluate;
+        default: the ones given before)."""
+        self._times = self._times if times is None else list(times)
+        self._run = _Run(evaluations=len(self._times) if self._times else None)
         self.stats.runs += 1
 
     @torch.no_grad()
@@ -304,8 +309,9 @@ class StepCache:
         if inner.training:
             raise DyditError("step caching is for inference: call model.eval() first")
         run = self._run
-        if run.rows is not None and run.rows != x.shape[0]:
-            self.start_run()  # another batch: never reuse across it
+        ended = run.evaluations is not None and run.step >= run.evaluations
+        if ended or (run.rows is not None and run.rows != x.shape[0]):
+            self.start_run()  # the run is over, or another batch: never reuse across it
             run = self._run
         run.rows = x.shape[0]
         with contextlib.ExitStack() as stack:
@@ -364,19 +370,21 @@ def cached(
     method: str,
     threshold: float,
     coefficients: Sequence[float] | str | Path | None = None,
+    times: Sequence[float] | None = None,
 ) -> StepCache:
     """``model`` with step caching, to pass to ``dydit.generate`` (docs/METHOD.md §19).
 
     ``method`` is ``"teacache"`` or ``"fbcache"``; ``coefficients`` is TeaCache's rescaling
     polynomial (highest power first) or the JSON file ``dydit cache-calibrate`` wrote (default: the
     identity). ``model`` is any network with the backbone seam in any execution, or a sliced engine.
+    ``times``: the evaluation times of one run, for callers other than ``generate`` (which says them).
     """
     if isinstance(coefficients, str | Path):
         coefficients = load_coefficients(coefficients)
     settings = CacheSettings(
         method, float(threshold), IDENTITY if coefficients is None else tuple(coefficients)
     )
-    return StepCache(model, settings)
+    return StepCache(model, settings, times)
 
 
 # Calibration: fitting TeaCache's polynomial on the model's own trajectories -----------------------------
