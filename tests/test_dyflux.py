@@ -227,6 +227,14 @@ def test_the_diffusers_call_of_a_dyflux_follows_its_guidance():
                 sliced = model(**kw)[0]
         assert model.backbone.guidance == g
         assert rel_err(sliced, masked) < 1e-5
+    # Rows with their own guidance scales: temb reads them, the width routers read model.guidance.
+    from dydit.models.flux_layers import FluxInputs
+
+    text, pooled, guidance = kw["encoder_hidden_states"], kw["pooled_projections"], torch.tensor([1.0, 6.0])
+    rows = FluxInputs(text, pooled, kw["img_ids"], kw["txt_ids"], guidance)
+    with torch.no_grad():
+        masked = model(kw["hidden_states"], kw["timestep"], rows)
+        assert rel_err(SlicedDyDiT(model)(kw["hidden_states"], kw["timestep"], rows), masked) < 1e-5
 
 
 def test_analytic_flops_equal_counted_flops():
@@ -333,3 +341,21 @@ def test_reordering_units_preserves_the_function():
         after = model(x, t, y)
     assert any(not torch.equal(o, torch.arange(len(o))) for pair in orders for o in pair)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["FLUX-tiny", "FLUX-tiny-schnell"])
+def test_from_dit_conversion_preserves_the_function(name):
+    cfg, ref = random_flux(name)
+    flux = create_model(name).eval()
+    flux.load_state_dict(ref.state_dict())
+    model = DyDiT.from_dit(flux)
+    assert model.width_routing and model.config.dynamic and not flux.config.dynamic
+    x, y = inputs(cfg, batch=3)
+    t = torch.tensor([0.05, 0.5, 1.0])
+    with torch.no_grad():
+        expected = flux(x, t, y)
+        masked, stats = model.forward_with_routing(x, t, y)
+        with execution(model, "sliced"):
+            sliced = model(x, t, y)
+    assert bool(stats.heads.all() and stats.groups.all() and stats.tokens.all())
+    assert rel_err(masked, expected) < 1e-6 and rel_err(sliced, expected) < 1e-5

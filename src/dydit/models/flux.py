@@ -124,7 +124,9 @@ class Flux(nn.Module):
         raise DyditError(f"FLUX is conditioned on text: pass a TextCondition as y, got {type(y).__name__}")
 
     def embed(self, x: Tensor, t: Tensor, y) -> tuple[FluxState, Tensor, Tensor]:
-        """(state, temb (B, D), e (B, D)): e is the time (+ guidance) embedding the width routers read."""
+        """(state, temb (B, D), e (B, D)): e is the time (+ guidance) embedding the width routers read,
+        with the guidance scale ``self.guidance`` (a call's own guidance enters temb only; a diffusers
+        call with one guidance value makes it ``self.guidance`` first)."""
         c, inputs = self.config, self.condition(y)
         text = inputs.embeddings
         b, length = text.shape[0], text.shape[1]
@@ -174,6 +176,8 @@ class Flux(nn.Module):
             grid,
         )
         temb, e = self.time_text_embed(t, guidance, inputs.pooled.to(dtype))
+        if inputs.guidance is not None and c.guidance_embeds and not bool((guidance == self.guidance).all()):
+            e = self.width_embedding(t)  # the width routers read model.guidance (docs/METHOD.md §15.3)
         return state, temb, e
 
     def head(self, state: FluxState, c: Tensor) -> Tensor:
