@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from dydit import create_model
 from dydit.conditioning import TextCondition
 from dydit.flops import count_flops
-from dydit.flops.analytic import flops_loss, flops_ratio, per_sample_macs
+from dydit.flops.analytic import flops_ratio, per_sample_macs
+from dydit.flow.transport import Transport
 from dydit.models.dydit import DyDiT, execution
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import get_model_config
+from dydit.train.step import TrainForward, compute_loss
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -276,7 +278,7 @@ def test_fine_tuning_with_the_flops_loss_moves_rho_toward_lambda():
                 lin.bias.fill_(2.0)
     a, m = model.layer_costs()
     x, y = inputs(cfg)
-    goal = torch.randn_like(x)
+    noise = torch.randn_like(x)
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])
 
     def mean_rho() -> float:
@@ -289,10 +291,13 @@ def test_fine_tuning_with_the_flops_loss_moves_rho_toward_lambda():
             )
 
     before = mean_rho()
+    # The training step's loss (dydit.train.step.compute_loss): a flow-matching loss on the
+    # project's linear path (a stand-in for FLUX's own, whose t runs the other way) + the FLOPs loss.
+    net, transport = TrainForward(model), Transport("linear", "velocity")
     opt = torch.optim.Adam(model.parameters(), lr=0.04)
     for _ in range(8):
-        out, stats = model.forward_with_routing(x, t, y)
-        loss = F.mse_loss(out, goal) + flops_loss(flops_ratio(stats, a, m), 0.5)
+        loss, parts, stats = compute_loss(net, transport, x, y, t, noise, lambda_t=0.5, layer_costs=(a, m))
+        assert stats is not None and torch.isfinite(loss) and "loss_flops" in parts
         opt.zero_grad()
         loss.backward()
         opt.step()
