@@ -364,3 +364,17 @@ def test_from_dit_conversion_preserves_the_function(name):
             sliced = model(x, t, y)
     assert bool(stats.heads.all() and stats.groups.all() and stats.tokens.all())
     assert rel_err(masked, expected) < 1e-6 and rel_err(sliced, expected) < 1e-5
+
+
+def test_initialize_weights_keeps_a_dyflux_equal_to_its_flux():
+    cfg = get_model_config("FLUX-tiny")
+    model = create_model("DyFLUX-tiny").eval()
+    model.initialize_weights()
+    x, y = inputs(cfg, batch=2)
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        out, stats = model.forward_with_routing(x, t, y)
+        with execution(model, "dense"):
+            dense = model(x, t, y)
+    assert bool(stats.tokens.all() and stats.heads.all()) and rel_err(out, dense) < 1e-6
+    assert all(bool((b.attn.norm_q.weight == 1).all()) for b in model.blocks)

@@ -77,6 +77,9 @@ class FluxOutput:
 
     sample: Tensor
 
+    def __getitem__(self, index: int) -> Tensor:  # ``out[0]``, as diffusers' BaseOutput allows
+        return (self.sample,)[index]
+
 
 class Flux(nn.Module):
     """The FLUX transformer: ``model(x, t, y)`` or diffusers' keyword call (module docstring)."""
@@ -98,6 +101,19 @@ class Flux(nn.Module):
         self.proj_out = nn.Linear(d, c.patch_size**2 * c.output_channels)
         # Every block in order, for the method; held outside the registries (no duplicate keys).
         self.__dict__["blocks"] = nn.ModuleList([*self.transformer_blocks, *self.single_transformer_blocks])
+
+    def initialize_weights(self) -> None:
+        """diffusers' initialisation: PyTorch's default for every Linear and LayerNorm, RMSNorm
+        weights one (DyDiT.initialize_weights then resets its routers to keep everything)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()
+            elif (
+                hasattr(module, "weight")
+                and isinstance(module.weight, nn.Parameter)
+                and module.weight.ndim == 1
+            ):
+                nn.init.ones_(module.weight)  # the q/k RMSNorms
 
     # What diffusers' pipelines read from a transformer ------------------------------------------
     @property
