@@ -27,7 +27,18 @@ LAYERS: list[set[str]] = [
     {"train", "sample", "evaluate"},
     {"checkpoint", "factory"},
     {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
-    {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning", "version"},
+    {
+        "presets",
+        "constants",
+        "log",
+        "distributed",
+        "io",
+        "errors",
+        "seeds",
+        "conditioning",
+        "text",
+        "version",
+    },
 ]
 LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
@@ -52,6 +63,7 @@ FORBIDDEN = {
     "constants": {"presets", "io", "log", "distributed"},
     "errors": {"presets", "constants", "io", "log", "distributed"},
     "conditioning": {"presets", "constants", "io", "log", "distributed", "seeds"},
+    "text": {"presets", "constants", "io", "log", "distributed", "seeds"},
 }
 
 TOP_LEVEL = {p.stem for p in SRC.glob("*.py")} | {

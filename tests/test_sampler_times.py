@@ -29,11 +29,12 @@ DDPM = create_diffusion()
 RESPACED = respace(DDPM, 100)  # a process already respaced: the network still sees original timesteps
 VELOCITY = Transport("linear", "velocity")
 NOISE = Transport("gvp", "noise")  # interval [eps, 1 - eps]
+VP = Transport("vp", "noise", clock="sde999")  # U-ViT's VP-SDE: the network sees 999 (1 - t)
 
 # Every registered sampler with the processes, step specs and options it is checked with.
 _DDPM_CASES = [(DDPM, 7, {}), (DDPM, "ddim10", {"clip_denoised": True}), (DDPM, [999, 0, 500], {}),
                (DDPM, "3,4", {}), (RESPACED, 6, {})]  # fmt: skip
-_ODE_CASES = [(VELOCITY, 1, {}), (VELOCITY, 5, {}), (NOISE, 4, {})]
+_ODE_CASES = [(VELOCITY, 1, {}), (VELOCITY, 5, {}), (NOISE, 4, {}), (VP, 3, {})]
 CASES: dict[str, list[tuple]] = {
     "ddpm": _DDPM_CASES,
     "ddim": [*_DDPM_CASES, (DDPM, 5, {"eta": 0.7})],
@@ -45,7 +46,9 @@ CASES: dict[str, list[tuple]] = {
         (VELOCITY, 5, {"last_step": 0.3, "diffusion_norm": 0.5}),
         (NOISE, 4, {"last_step": 0.1}),
         (NOISE, 6, {"diffusion_norm": 0.0}),
+        (VP, 5, {}),
     ],  # fmt: skip
+    "dpm++": [(VELOCITY, 2, {}), (NOISE, 4, {}), (VP, 5, {})],
     "adaptive": [(VELOCITY, 0, {}), (NOISE, 3, {"rtol": 1e-2})],
 }
 ALL = [*SAMPLERS, *FLOW_SAMPLERS]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from dydit.checkpoint import has_routers, load_model, open_checkpoint
 from dydit.diffusion import create_diffusion, guided, sample_ddim
 from dydit.errors import DyditError
-from dydit.factory import create_model
+from dydit.factory import build_model, create_model
 from dydit.flops.counter import count_flops
 from dydit.log import device_name
 from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for_rho
@@ -149,7 +149,7 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
         if cfg.checkpoint:
             ckpt = open_checkpoint(cfg.checkpoint)
             dy, trained = load_model(ckpt, cfg.model, dynamic=True), has_routers(ckpt.state_dict)
-            dit = DiT(dy.config.replace(dynamic=False))
+            dit = build_model(dy.config.replace(dynamic=False))  # a DiT, or a U-ViT
             own = dit.state_dict()
             dit.load_state_dict({k: v for k, v in dy.state_dict().items() if k in own})
         else:
@@ -206,7 +206,7 @@ def _inputs(cfg: BenchConfig, model: DiT, batch: int) -> tuple[Tensor, Tensor, T
         x, y = model.example_inputs(batch, gen)
         return x.to(dev, dtype), y.to(dev), x.to(dev, dtype)
     x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=gen)
-    y = torch.randint(0, c.num_classes, (batch,), generator=gen)
+    y = torch.randint(0, max(c.num_classes, 1), (batch,), generator=gen)  # an unconditional U-ViT: 0
     noise = x.to(dev, dtype)
     if cfg.cfg_scale != 1.0:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, c.num_classes)])
@@ -241,10 +241,11 @@ def time_forwards(cfg: BenchConfig, runners: dict, x: Tensor, y: Tensor) -> dict
 
 
 def time_sampler(
-    cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int, steps: int
+    cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int, steps: int, learn_sigma: bool = True
 ) -> tuple[float, Tensor]:
-    """Seconds for one DDIM run of ``steps`` steps with CFG; returns (seconds, x_0)."""
-    diffusion = create_diffusion()
+    """Seconds for one DDIM run of ``steps`` steps with CFG; returns (seconds, x_0). (Every family is
+    timed on DDIM steps: one network evaluation each, whatever process the model was trained with.)"""
+    diffusion = create_diffusion(learn_sigma=learn_sigma)
     model_fn = guided(fn, cfg.cfg_scale, null)
     _sync(cfg.device)
     start = time.perf_counter()
@@ -358,7 +359,9 @@ class Bench:
                 if isinstance(fn, SlicedDyDiT):
                     fn.clear_cache()  # count the packs this sampler run builds
                 with count_flops() as fc:  # the sliced path records the work it really does
-                    seconds, _ = time_sampler(cfg, fn, noise, y[:batch], dit.config.num_classes, steps)
+                    seconds, _ = time_sampler(
+                        cfg, fn, noise, y[:batch], dit.config.num_classes, steps, dit.config.learn_sigma
+                    )
                 if isinstance(fn, SlicedDyDiT):
                     packs = fn.memory()["ratio"]
                     done = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)

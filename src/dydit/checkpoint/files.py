@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dydit.errors import CheckpointError, DyditError
-from dydit.presets import ModelConfig
+from dydit.presets import ModelConfig, UViTConfig, config_from_dict
 
 _PREFIXES = ("module.", "_orig_mod.")
 # The globals official training dicts need beyond what weights_only loading allows by default.
@@ -155,7 +155,7 @@ def stored_run_config(
 
 def config_from_object(
     obj: Mapping[str, Any], meta: Mapping[str, str], source: str = "the checkpoint"
-) -> ModelConfig | None:
+) -> ModelConfig | UViTConfig | None:
     """The model config stored in safetensors metadata ``config`` or a training dict's ``config``."""
     raw: Any = stored_run_config(obj, meta, source)
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
@@ -163,7 +163,7 @@ def config_from_object(
     if not isinstance(raw, dict):
         return None
     try:
-        return ModelConfig.from_dict(raw)
+        return config_from_dict(raw)  # a DiT's, or a U-ViT's (``"family": "U-ViT"``)
     except DyditError as e:
         raise CheckpointError(f"the model config stored in {source} is invalid: {e}") from None
 

@@ -27,18 +27,22 @@ from dydit.checkpoint.files import (
     stored_run_config,
     weights_entry,
 )
+from dydit.checkpoint.flux import find_flux_dir, flux_folder_problem, read_flux_folder
 from dydit.errors import CheckpointError
 from dydit.models.fitting import size_mismatches
-from dydit.presets import ModelConfig
+from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig
 
 # Format name -> what ``dydit inspect`` calls it.
 FORMATS: dict[str, str] = {
     "state_dict": "raw state dict (torch.save of model.state_dict(); official DiT/SiT releases)",
+    "uvit_state_dict": "raw U-ViT state dict (torch.save of nnet.state_dict(); official U-ViT releases)",
     "training_dict": "training dict with 'model'/'ema' entries (official DiT, DyDiT and SiT train.py)",
     "dydit_state": "dydit training state (checkpoints/state.pt)",
     "dydit_export": "dydit .safetensors export with its config",
     "safetensors": ".safetensors state dict without a config",
     "diffusers": "diffusers DiTTransformer2DModel folder",
+    "flux_diffusers": "diffusers FluxTransformer2DModel folder (a DyFLUX adds dydit_routers.safetensors)",
     "memory": "state dict in memory",
 }
 DYDIT_STATE_FORMAT = "dydit-train-state"  # the ``format`` entry of dydit's training states
@@ -62,7 +66,7 @@ class Checkpoint:
     source: str
     format: str
     state_dict: dict[str, Tensor] = field(repr=False)
-    config: ModelConfig | None = None
+    config: ModelConfig | UViTConfig | FluxConfig | None = None
     args: dict[str, Any] | None = None
     step: int | None = None
     entry: str | None = None
@@ -91,9 +95,13 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
         return Checkpoint("state dict", "memory", state_dict_from_object(source, "state dict", weights))
     path = Path(source)
     if path.is_dir():
+        flux = find_flux_dir(path)
+        if flux is not None:
+            sd, flux_cfg = read_flux_folder(flux)
+            return Checkpoint(str(path), "flux_diffusers", sd, flux_cfg)
         folder = find_diffusers_dir(path)
         if folder is None:
-            problem = folder_problem(path)
+            problem = flux_folder_problem(path) or folder_problem(path)
             raise CheckpointError(
                 f"{path} is a directory, not a checkpoint file nor a diffusers DiT folder: {problem}"
             )
@@ -103,7 +111,7 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
     sd = state_dict_from_object(obj, str(path), weights)
     cfg = config_from_object(obj, meta, str(path))
     run = stored_run_config(obj, meta, str(path))
-    wrong = size_mismatches(cfg, sd) if cfg is not None else []
+    wrong = _stored_size_mismatches(cfg, sd) if cfg is not None else []
     if wrong:
         raise CheckpointError(f"the config stored in {path} does not fit its weights: {'; '.join(wrong)}")
     if path.suffix == ".safetensors":
@@ -123,7 +131,13 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
         # DiT, DyDiT and SiT name their training checkpoints by step: 0400000.pt.
         step = int(path.stem) if re.fullmatch(r"\d{7}", path.stem) else None
         return Checkpoint(str(path), "training_dict", sd, cfg, args, step, entry, run)
-    return Checkpoint(str(path), "state_dict", sd, cfg, run_config=run)
+    raw = "uvit_state_dict" if looks_like_uvit(sd) else "state_dict"
+    return Checkpoint(str(path), raw, sd, cfg, run_config=run)
+
+
+def _stored_size_mismatches(cfg: ModelConfig | UViTConfig, sd: dict[str, Tensor]) -> list[str]:
+    """:func:`size_mismatches` of a stored config, U-ViT's (docs/METHOD.md §13) included."""
+    return uvit_size_mismatches(cfg, sd) if isinstance(cfg, UViTConfig) else size_mismatches(cfg, sd)
 
 
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> dict[str, Tensor]:

@@ -124,10 +124,11 @@ def size_overrides(base, image_size: int | None, num_classes: int | None) -> dic
 
 def model_config_from_args(args: argparse.Namespace, default_model: str | None = None):
     """The preset ``--model`` (else ``default_model``) with the options of :func:`add_model_options`."""
-    from dydit.presets import get_model_config
+    from dydit.presets import get_model_config, get_uvit_config, is_uvit_name
 
     name = args.model or default_model
-    return get_model_config(name, **size_overrides(get_model_config(name), args.image_size, args.num_classes))
+    get = get_uvit_config if is_uvit_name(name) else get_model_config  # U-ViT: docs/METHOD.md §13
+    return get(name, **size_overrides(get(name), args.image_size, args.num_classes))
 
 
 ENGINE_FLAGS = {"compile": "--compile", "compile_mode": "--compile-mode", "token_bucket": "--token-bucket",

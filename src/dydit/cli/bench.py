@@ -180,14 +180,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from dydit.apps.bench import DEFAULT_MODEL, BenchConfig
-    from dydit.presets import get_model_config, is_flux_name
+    from dydit.presets import get_model_config, get_uvit_config, is_flux_name, is_uvit_name
 
     modes = tuple(args.modes)
     if args.compile:
         modes += tuple(m for m in ("dense-compiled", "sliced-compiled") if m not in modes)
     input_size = None
     if args.image_size is not None:
-        base = get_model_config(args.model or DEFAULT_MODEL)
+        name = args.model or DEFAULT_MODEL
+        base = (get_uvit_config if is_uvit_name(name) else get_model_config)(name)
         latent = base.in_channels == 4 or hasattr(base, "max_text_length")  # a VAE's latents (DiT, FLUX)
         input_size = args.image_size // 8 if latent else args.image_size
     return BenchConfig(

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a training state's EMA weights as .safetensors, or any checkpoint as a diffusers folder",
         description="Export the EMA (or raw model) weights of a training state, with the run's "
         "configuration as JSON under the safetensors metadata key 'config'. With --to diffusers, write "
-        "any checkpoint dydit loads as a DiTTransformer2DModel folder (config.json + "
-        "diffusion_pytorch_model.safetensors); a DyDiT's routers go beside it in dydit_routers.safetensors.",
+        "any checkpoint dydit loads as a DiTTransformer2DModel (or FluxTransformer2DModel) folder "
+        "(config.json + diffusion_pytorch_model.safetensors); a DyDiT's routers go beside it in "
+        "dydit_routers.safetensors.",
     )
     p.add_argument(
         "state",
@@ -42,7 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="--to diffusers: the preset of a file that stores no config and no training args",
+        help="--to diffusers: the preset of a file that stores no config and no training args; a U-ViT "
+        "preset (U-ViT-H/2, ...) exports an official U-ViT .pth as a .safetensors with its config",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="--to diffusers: the diffusers config.json (FluxTransformer2DModel) of a FLUX file that "
+        "stores none, e.g. the released DyFLUX checkpoint",
     )
     p.set_defaults(func=run)
 
@@ -53,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from dydit.train.state import export_run, state_path
 
     src = Path(args.state)
+    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §13): an official .pth or a U-ViT file
+        return 0
     if args.to == "diffusers":
         from dydit.checkpoint.export import export_diffusers
 
@@ -60,12 +70,27 @@ def run(args: argparse.Namespace) -> int:
             src = state_path(src)  # a run directory
 
         out = Path(args.out) if args.out else src.parent / f"{args.weights}-diffusers"
-        path, notes = export_diffusers(src, out, model=args.model, weights=args.weights)
+        path, notes = export_diffusers(src, out, model=args.model, weights=args.weights, config=args.config)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(path)
         return 0
-    if args.model is not None:
-        raise DyditError("--model applies to --to diffusers; a training state stores its config")
+    if args.model is not None or args.config is not None:
+        raise DyditError("--model and --config apply to --to diffusers; a training state stores its config")
     print(export_run(src, args.out, which=args.weights))
     return 0
+
+
+def _uvit_export(args: argparse.Namespace, src: Path) -> bool:
+    """Export a U-ViT checkpoint as a dydit .safetensors with its config; False for other models."""
+    from dydit.checkpoint.uvit import export_uvit, is_uvit_source
+    from dydit.errors import DyditError
+
+    if not is_uvit_source(src, args.model):
+        return False
+    if args.to == "diffusers":
+        raise DyditError(
+            "diffusers has no U-ViT transformer class: export U-ViT models with --to safetensors"
+        )
+    print(export_uvit(src, args.out, model=args.model, weights=args.weights))
+    return True

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         print(static_flops_markdown(preset_name(cfg.replace(dynamic=False)) or str(args.checkpoint), cfg))
         return 0
     model = load_model(ckpt, cfg)
-    sampler = args.sampler or ("euler" if cfg.objective == "flow" else "ddpm")
+    default = "euler" if cfg.objective == "flow" else "ddpm"
+    sampler = args.sampler or getattr(cfg, "default_sampler", default)  # a U-ViT names its own
     settings = dict(sampler=sampler, samples=args.samples, cfg_scale=args.cfg_scale, seed=args.seed)
     rows = schedule_flops(model, steps=args.steps, device=resolve_device(args.device), **settings)
     name = args.model or preset_name(cfg) or "DyDiT"

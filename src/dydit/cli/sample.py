@@ -242,6 +242,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     execution = _execution(args.execution, cfg)
     options = engine_options(args, execution)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
+    default_sampler = getattr(cfg, "default_sampler", default_sampler)  # a U-ViT names its own
     settings = SamplingSettings(
         sampler=args.sampler or default_sampler,
         steps=args.steps,
@@ -257,7 +258,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         raise DyditError(f"--num-samples {n} is more than {MAX_NUM_SAMPLES:,} images; split the run")
     seeds = list(range(args.seed, args.seed + n))
     labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
-    labels = resolve_labels(seeds, labels, cfg.num_classes)
+    labels = resolve_labels(seeds, labels, _label_classes(cfg))
     diffusion = create_process(cfg)  # the process the checkpoint's config names: DDPM or flow
     timesteps = settings.network_times(diffusion)  # the sampler must fit the process
     if args.vae is not None:
@@ -298,6 +299,11 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "npz": npz,
         "_objects": (cfg, ckpt, settings, seeds, labels, diffusion),
     }
+
+
+def _label_classes(cfg: Any) -> int:
+    """Classes to draw labels from: an unconditional U-ViT (``num_classes`` 0) ignores them (all 0)."""
+    return max(cfg.num_classes, 1)
 
 
 def _beside(directory: str, suffix: str) -> str:
@@ -351,16 +357,14 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
         from dydit.models.sliced import engine
 
-        model = engine(model, **plan["engine"]) if plan["engine"] else model
-        fast = model if plan["engine"] else model.sliced_engine()
-        fast.prepare(settings.network_times(diffusion))  # the packs the run uses most are held
+        model = engine(model, **plan["engine"]) if plan["engine"] else model  # generate plans its times
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(
         seeds=seeds,
         labels=labels,
         shape=shape,
-        num_classes=cfg.num_classes,
+        num_classes=_label_classes(cfg),
         batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress,

@@ -21,7 +21,7 @@ from dydit.diffusion.samplers import (
     sample_ddpm,
     sample_dpmpp_2m,
 )
-from dydit.diffusion.schedules import linear_betas, space_timesteps
+from dydit.diffusion.schedules import linear_betas, scaled_linear_betas, space_timesteps
 
 __all__ = [
     "GUIDANCE_CHANNELS",
@@ -38,5 +38,6 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "scaled_linear_betas",
     "space_timesteps",
 ]

@@ -12,7 +12,8 @@ import numpy as np
 
 from dydit.constants import NUM_TIMESTEPS
 from dydit.diffusion.gaussian import GaussianDiffusion
-from dydit.diffusion.schedules import Steps, linear_betas, respaced_betas, space_timesteps
+from dydit.diffusion.schedules import BETA_SCHEDULES, Steps, respaced_betas, space_timesteps
+from dydit.errors import DyditError
 
 
 def respace(diffusion: GaussianDiffusion, steps: Steps) -> GaussianDiffusion:
@@ -34,6 +35,8 @@ def create_diffusion(
     *,
     learn_sigma: bool = True,
     num_timesteps: int = NUM_TIMESTEPS,
+    schedule: str = "linear",
+    first_timestep: int = 0,
 ) -> GaussianDiffusion:
     """DiT's diffusion: linear betas, T = 1000, ε-prediction, learned-range variance, hybrid loss.
 
@@ -42,8 +45,16 @@ def create_diffusion(
             ``"10,20"`` or an explicit list of original timesteps for sampling.
         learn_sigma: whether the network predicts the variance interpolation (2C output channels).
         num_timesteps: T of the original process.
+        schedule: ``"linear"`` (DiT) or ``"scaled_linear"`` (Stable Diffusion's, U-ViT's H models).
+        first_timestep: what the network sees at step 0: 0 (DiT: t = 0..T-1) or 1 (U-ViT's discrete
+            models: t = 1..T, step i with ᾱ of the i+1-th beta; docs/METHOD.md §13.2).
     """
-    base = GaussianDiffusion(linear_betas(num_timesteps), learn_sigma=learn_sigma)
+    if schedule not in BETA_SCHEDULES:
+        raise DyditError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    tmap = None if first_timestep == 0 else np.arange(num_timesteps) + first_timestep
+    base = GaussianDiffusion(
+        BETA_SCHEDULES[schedule](num_timesteps), learn_sigma=learn_sigma, timestep_map=tmap
+    )
     if timestep_respacing is None or timestep_respacing == "":
         return base
     return respace(base, timestep_respacing)

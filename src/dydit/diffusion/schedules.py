@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dydit.constants import BETA_END, BETA_START, NUM_TIMESTEPS
+from dydit.constants import BETA_END, BETA_START, NUM_TIMESTEPS, SD_BETA_END, SD_BETA_START
 from dydit.errors import DyditError
 
 # The linear schedule's endpoints are defined for this reference length (docs/METHOD.md §1.4).
@@ -28,6 +28,17 @@ def linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
         raise DyditError(f"the diffusion needs at least one timestep, got {num_timesteps}")
     scale = _REFERENCE_LENGTH / num_timesteps
     return np.linspace(scale * BETA_START, scale * BETA_END, num_timesteps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """Stable Diffusion's "scaled linear" β_1..β_T: √β linear from √SD_BETA_START to √SD_BETA_END,
+    squared (docs/METHOD.md §13.2; U-ViT's H models). Shape (T,), float64."""
+    if num_timesteps < 1:
+        raise DyditError(f"the diffusion needs at least one timestep, got {num_timesteps}")
+    return np.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+BETA_SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas}
 
 
 def _evenly_spaced(size: int, count: int) -> list[int]:

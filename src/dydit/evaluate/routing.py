@@ -94,7 +94,8 @@ def schedule_flops(
     gens = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
-    y = torch.randint(cfg.num_classes, (samples,), generator=torch.Generator().manual_seed(seed))
+    # (an unconditional U-ViT, num_classes 0, ignores its labels)
+    y = torch.randint(max(cfg.num_classes, 1), (samples,), generator=torch.Generator().manual_seed(seed))
     fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
     with torch.no_grad():
         settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
@@ -198,7 +199,8 @@ def schedule_flops_markdown(
     dense = sum(table.values())
     other = dense - table["attention"] - table["mlp"]
     # Token routers run on every token of every layer; width routers are precomputed per t (§7.3).
-    router = cfg.depth * token_router_macs(cfg.num_tokens, cfg.hidden_size)
+    layers = getattr(cfg, "num_layers", cfg.depth)  # a U-ViT routes depth + 1 blocks
+    router = layers * token_router_macs(cfg.num_tokens, cfg.hidden_size)
     static_core = table["attention"] + table["mlp"]
     lines = [
         f"{title}: router layout {cfg.router_layout}, "

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from dydit.constants import TIMESTEP_FREQ_DIM, TOKEN_ROUTER_REDUCTION
 
 if TYPE_CHECKING:
-    from dydit.presets import ModelConfig
+    from dydit.presets import ModelConfig, UViTConfig
 
 
 def linear_macs(tokens: int, d_in: int, d_out: int) -> int:
@@ -84,8 +84,11 @@ def dit_macs_table(
     }
 
 
-def config_macs_table(cfg: ModelConfig) -> dict[str, int]:
-    """:func:`dit_macs_table` of a model config: the static cost of its complete (dense) forward."""
+def config_macs_table(cfg: ModelConfig | UViTConfig) -> dict[str, int]:
+    """:func:`dit_macs_table` of a model config: the static cost of its complete (dense) forward
+    (:func:`uvit_macs_table` for a U-ViT's)."""
+    if getattr(cfg, "family", None) == "U-ViT":
+        return uvit_macs_table(cfg)
     return dit_macs_table(
         depth=cfg.depth,
         width=cfg.hidden_size,
@@ -134,3 +137,24 @@ def flux_macs_table(
         "mlp_text": depth * mlp_macs(text_tokens, d, 4 * d),
         "final_layer": linear_macs(1, d, 2 * d) + linear_macs(image_tokens, d, out_features),
     }
+
+
+def uvit_macs_table(c: UViTConfig) -> dict[str, int]:
+    """Per-sample MACs of a U-ViT forward by component, in forward order (docs/METHOD.md §13.3): the
+    patch convolution, the time MLP (if any), the long-skip linears, attention over the E + N tokens
+    of the depth + 1 blocks, the MLP of the N image tokens (routed) and of the E time/class tokens
+    (never routed), ``decoder_pred`` on every token and the 3×3 convolution (if any)."""
+    d, n, e, pp = c.hidden_size, c.num_tokens, c.extras, c.patch_size**2
+    blocks, half = c.depth + 1, c.depth // 2
+    table = {"patch_embed": linear_macs(n, c.in_channels * pp, d)}
+    if c.mlp_time_embed:
+        table["time_embed"] = linear_macs(1, d, 4 * d) + linear_macs(1, 4 * d, d)
+    if c.skip:
+        table["skip_linear"] = half * linear_macs(e + n, 2 * d, d)
+    table["attention"] = blocks * attention_macs(e + n, d)
+    table["mlp"] = blocks * mlp_macs(n, d, c.mlp_hidden)
+    table["mlp_extras"] = blocks * mlp_macs(e, d, c.mlp_hidden)
+    table["decoder_pred"] = linear_macs(e + n, d, pp * c.in_channels)
+    if c.conv:
+        table["final_layer"] = linear_macs(c.input_size**2, 9 * c.in_channels, c.in_channels)
+    return table

@@ -51,9 +51,17 @@ __all__ = [
 
 
 def create_process(config: Any) -> GaussianDiffusion | Transport:
-    """The generative process of a model config: DDPM (T = 1000) or its flow-matching transport."""
+    """The generative process of a model config: DDPM (T = 1000) or its flow-matching transport.
+
+    A U-ViT config (docs/METHOD.md §13.2) names its own: ``process="sd"``, Stable Diffusion's
+    scaled-linear betas with t = 1..1000; ``"vpsde"``, the VP path with the network seeing 999·(1 − t).
+    """
+    process = getattr(config, "process", None)  # a U-ViT's; DiT/SiT configs have none
     if config.objective == "ddpm":
+        if process == "sd":
+            return create_diffusion(learn_sigma=False, schedule="scaled_linear", first_timestep=1)
         return create_diffusion(learn_sigma=config.learn_sigma)
     if config.objective == "flow":
-        return Transport(config.flow_path, config.flow_prediction)
+        clock = "sde999" if process == "vpsde" else "flow"
+        return Transport(config.flow_path, config.flow_prediction, clock=clock)
     raise DyditError(f"unknown objective {config.objective!r}")

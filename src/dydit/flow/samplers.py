@@ -45,6 +45,7 @@ what a DyDiT's width plan is keyed by (tests/test_sampler_times.py checks each a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ from dydit.errors import DyditError
 from dydit.flow.transport import Transport
 
 DEFAULT_LAST_STEP = 0.04  # δ, the deterministic last step of the SDE sampler (SiT's default)
+VP_LAST_STEP = 1e-3  # ... and on the VP path (U-ViT's euler_maruyama: eps = 1e-3)
 
 
 class FlowSampler(Protocol):
@@ -109,9 +111,9 @@ def _uniform(t0: float, t1: float, n: int) -> list[float]:
 
 
 def ode_grid(transport: Transport, steps: int) -> list[float]:
-    """The N + 1 points Euler and Heun step through: N uniform steps on ``transport.interval``."""
+    """The N + 1 points Euler and Heun step through: N uniform steps on ``transport.ode_interval``."""
     n = _check(transport, steps)
-    return _uniform(*transport.interval, n)
+    return _uniform(*transport.ode_interval, n)
 
 
 def sde_grid(transport: Transport, steps: int, last_step: float = DEFAULT_LAST_STEP) -> list[float]:
@@ -129,27 +131,33 @@ def _pairs(grid: list[float], progress: bool, name: str) -> Iterator[tuple[float
         yield grid[i], grid[i + 1]
 
 
-def _network_times(times: list[float]) -> list[float]:
-    """The times as the network receives them: the samplers hand it float32 (:func:`_velocity`)."""
-    return torch.tensor(times, dtype=torch.float32).tolist()
+def _network_times(times: list[float], transport: Transport) -> list[float]:
+    """The times as the network receives them: the samplers hand it float32 (:func:`_velocity`),
+    through the transport's clock (t itself, or U-ViT's 999·(1 − t))."""
+    return transport.original_timesteps(torch.tensor(times, dtype=torch.float32)).tolist()
 
 
 def euler_times(transport: Transport, steps: int, **_options: Any) -> list[float]:
     """Euler evaluates at each grid point but the last: N times."""
-    return _network_times(ode_grid(transport, steps)[:-1])
+    return _network_times(ode_grid(transport, steps)[:-1], transport)
 
 
 def heun_times(transport: Transport, steps: int, **_options: Any) -> list[float]:
     """Heun evaluates at both ends of each step: 2N times (inner points twice)."""
     grid = ode_grid(transport, steps)
-    return _network_times([t for pair in zip(grid[:-1], grid[1:]) for t in pair])
+    return _network_times([t for pair in zip(grid[:-1], grid[1:]) for t in pair], transport)
 
 
 def sde_times(
-    transport: Transport, steps: int, *, last_step: float = DEFAULT_LAST_STEP, **_options: Any
+    transport: Transport, steps: int, *, last_step: float | None = None, **_options: Any
 ) -> list[float]:
     """Euler–Maruyama evaluates at each point of its grid, the last (t1 − δ) for the final step: N times."""
-    return _network_times(sde_grid(transport, steps, last_step))
+    return _network_times(sde_grid(transport, steps, _last_step(transport, last_step)), transport)
+
+
+def dpm_times(transport: Transport, steps: int, **_options: Any) -> list[float]:
+    """DPM-Solver++(2M) evaluates at each of its N grid points."""
+    return _network_times(dpm_grid(transport, steps), transport)
 
 
 def adaptive_times(transport: Transport, steps: int = 0, **_options: Any) -> list[float]:
@@ -185,11 +193,18 @@ def sample_heun(
     return x
 
 
+def _last_step(transport: Transport, last_step: float | None) -> float:
+    """δ of the SDE's last step: SiT's 0.04, or for the VP path the 10⁻³ of U-ViT's sampler."""
+    if last_step is not None:
+        return last_step
+    return VP_LAST_STEP if transport.path == "vp" else DEFAULT_LAST_STEP
+
+
 @torch.no_grad()
 def sample_sde(
     model_fn, noise: Tensor, transport: Transport, steps: int = 250, *, model_kwargs=None,
     generators: Sequence[torch.Generator] | None = None, progress: bool = False,
-    diffusion_norm: float = 1.0, last_step: float = DEFAULT_LAST_STEP,
+    diffusion_norm: float = 1.0, last_step: float | None = None,
 ) -> Tensor:  # fmt: skip
     """Euler–Maruyama on dx = [v + w_t ∇log p_t] dt + √(2 w_t) dW with w_t = norm·σ_t (SiT's default
     ``sigma`` diffusion form) on [t0, t1 − δ], then a last deterministic Euler step of length
@@ -197,20 +212,82 @@ def sample_sde(
     ``last_step="Euler"``; SiT's default ``"Mean"`` would add δ·w_t ∇log p_t). [t0, t1] is
     ``transport.interval``: noise and score models end at 1 − eps where SiT ends at 1 (module docstring).
 
+    The VP path takes w_t = norm·½β(s) (:meth:`~dydit.flow.Transport.sde_weight`), which with norm 1
+    is the reverse-time VP SDE that U-ViT's ``euler_maruyama`` integrates, with U-ViT's grid (N = 1000:
+    s = 1, ..., 10⁻³ evenly, δ = 10⁻³) and its last step, the SDE drift without noise (SiT's "Mean").
+
     The SDE has the marginals of the probability-flow ODE dx = v dt; N ≥ 2 evaluations.
     """
+    last_step = _last_step(transport, last_step)
     grid = sde_grid(transport, steps, last_step)
     if not diffusion_norm >= 0:
         raise DyditError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
     x = noise
-    for t, t_next in _pairs(grid, progress, "sde"):
-        h = t_next - t
+
+    def drift_and_weight(x: Tensor, t: float) -> tuple[Tensor, float]:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         v = _velocity(model_fn, transport, x, t, model_kwargs)
-        drift = v + diffusion_norm * transport.sigma_score(v, x, tt)  # w_t ∇log p = norm · σ_t ∇log p
-        w = diffusion_norm * float(transport.coefficients(tt[:1])[1])
+        w = diffusion_norm * float(transport.sde_weight(tt[:1]))
+        if transport.path != "vp":  # w_t ∇log p = norm · σ_t ∇log p
+            return v + diffusion_norm * transport.sigma_score(v, x, tt), w
+        sigma = float(transport.coefficients(tt[:1])[1])
+        return v + (w / sigma) * transport.sigma_score(v, x, tt), w
+
+    for t, t_next in _pairs(grid, progress, "sde"):
+        h = t_next - t
+        drift, w = drift_and_weight(x, t)
         x = x + h * drift + (2 * w * h) ** 0.5 * randn_per_image(x, generators)
+    if transport.path == "vp":
+        return x + last_step * drift_and_weight(x, grid[-1])[0]
     return x + last_step * _velocity(model_fn, transport, x, grid[-1], model_kwargs)
+
+
+def dpm_grid(transport: Transport, steps: int) -> list[float]:
+    """The N points DPM-Solver++(2M) evaluates: N − 1 uniform steps in t on ``transport.ode_interval``,
+    within [eps, 1 − eps] where the path is pure noise or pure data at an end (α or σ = 0 there)."""
+    n = _check(transport, steps, minimum=2)
+    t0, t1 = transport.ode_interval
+    alpha0 = transport.coefficients(torch.tensor([t0], dtype=torch.float64))[0]
+    sigma1 = transport.coefficients(torch.tensor([t1], dtype=torch.float64))[1]
+    t0 = max(t0, transport.eps) if float(alpha0) <= 0 else t0
+    t1 = min(t1, 1 - transport.eps) if float(sigma1) <= 0 else t1
+    return _uniform(t0, t1, n - 1)
+
+
+@torch.no_grad()
+def sample_dpm(
+    model_fn, noise: Tensor, transport: Transport, steps: int = 50, *, model_kwargs=None,
+    generators=None, progress: bool = False,
+) -> Tensor:  # fmt: skip
+    """DPM-Solver++(2M) (Lu et al. 2022) on the path's half log-SNR λ_t = log(α_t / σ_t), with the
+    data prediction x̂ = (x − σ_t ε̂) / α_t; first order on the first and the last update, and the last
+    evaluation returns its x̂ (as :func:`dydit.diffusion.sample_dpmpp_2m` on the discrete process).
+    N evaluations; deterministic. What U-ViT samples its VP models with (there DPM-Solver, 50 steps)."""
+    grid = dpm_grid(transport, steps)
+    coeffs = [transport.coefficients(torch.tensor([t], dtype=torch.float64)) for t in grid]
+    alpha, sigma = [float(c[0]) for c in coeffs], [float(c[1]) for c in coeffs]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    x, prev_x0, prev_h = noise, None, 0.0
+    for i in tqdm(range(len(grid)), desc="dpm++", disable=not progress, leave=False):
+        v = _velocity(model_fn, transport, x, grid[i], model_kwargs)
+        x0 = (x - sigma[i] * _noise_from_velocity(transport, v, x, grid[i])) / alpha[i]
+        if i == len(grid) - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        if prev_x0 is None or i == len(grid) - 2:
+            denoised = x0
+        else:
+            r = prev_h / h
+            denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * denoised
+        prev_x0, prev_h = x0, h
+    return x
+
+
+def _noise_from_velocity(transport: Transport, v: Tensor, x: Tensor, t: float) -> Tensor:
+    """E[ε | x] from the velocity: −σ_t ∇log p_t (:meth:`~dydit.flow.Transport.sigma_score`)."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+    return -transport.sigma_score(v, x, tt)
 
 
 @torch.no_grad()
@@ -231,7 +308,7 @@ def sample_adaptive(
         from torchdiffeq import odeint
     except ImportError:
         raise DyditError("the adaptive sampler needs torchdiffeq: pip install 'dydit[flow]'") from None
-    t0, t1 = transport.interval
+    t0, t1 = transport.ode_interval
     model_dtype = noise.dtype
 
     def f(t: Tensor, x: Tensor) -> Tensor:  # x: the solver's float64 state; the network: model_dtype
@@ -246,6 +323,7 @@ FLOW_SAMPLERS: dict[str, RegisteredSampler] = {
     "heun": RegisteredSampler(sample_heun, heun_times, "2 network evaluations per step"),
     "sde": RegisteredSampler(sample_sde, sde_times, "Euler-Maruyama"),
     "adaptive": RegisteredSampler(sample_adaptive, adaptive_times, "dopri5, needs torchdiffeq"),
+    "dpm++": RegisteredSampler(sample_dpm, dpm_times, "DPM-Solver++(2M) on log-SNR"),
 }
 
 
@@ -258,7 +336,7 @@ def evaluations(sampler: str, steps: int) -> int | None:
 
 
 def flow_times(
-    sampler: str, steps: int, transport: Transport, *, last_step: float = DEFAULT_LAST_STEP
+    sampler: str, steps: int, transport: Transport, *, last_step: float | None = None
 ) -> list[float]:
     """The distinct times (ascending t, from the noise end) a fixed-step sampler evaluates the network
     at: its declared ``times`` without repeats.

@@ -7,6 +7,9 @@ and the training loss.
 
 - ``linear`` (rectified flow, SiT's default): α_t = t, σ_t = 1 − t.
 - ``gvp`` (generalised variance preserving): α_t = sin(πt/2), σ_t = cos(πt/2), so α² + σ² = 1.
+- ``vp``: the variance-preserving SDE of score-based models with a linear β(s) from β_0 = 0.1 to
+  β_1 = 20 in the diffusion time s = 1 − t: α_t = exp(−¼ s² (β_1 − β_0) − ½ s β_0), σ_t = √(1 − α_t²)
+  (SiT's VP path, and the continuous process of U-ViT's pixel and L models, docs/METHOD.md §13.2).
 
 The velocity of the path is u_t = α'_t x_data + σ'_t ε; the network predicts (``prediction``):
 
@@ -19,11 +22,13 @@ Each is turned into a velocity for sampling by :meth:`Transport.velocity`. Noise
 cannot give the velocity at t = 0 (α_0 = 0) nor the noise at t = 1 (σ_1 = 0), so they train and
 sample on [eps, 1 − eps] (``Transport.interval``); velocity uses the whole [0, 1].
 
-**What the network sees.** The model receives t itself, a float in [0, 1], through DiT's sinusoidal
-timestep embedder (built for integer steps 0…999). This is what SiT does, and it is what the released
-SiT checkpoints were trained with, so it is what loads them faithfully; the MLP after the sinusoidal
-features learns the scale. The routers of a DyDiT on a flow model therefore see the flow-time
-embedding, and its width plans are keyed by the float times of the sampler's grid.
+**What the network sees** (``clock``). ``"flow"``: the model receives t itself, a float in [0, 1],
+through DiT's sinusoidal timestep embedder (built for integer steps 0…999). This is what SiT does,
+and it is what the released SiT checkpoints were trained with, so it is what loads them faithfully;
+the MLP after the sinusoidal features learns the scale. The routers of a DyDiT on a flow model
+therefore see the flow-time embedding, and its width plans are keyed by the float times of the
+sampler's grid. ``"sde999"``: it receives 999·s = 999·(1 − t), as U-ViT's score model hands its
+network the diffusion time (width plans are then keyed by those values).
 
 Only the first C output channels are used (C = channels of x): the released SiT-XL/2 keeps DiT's
 learned-sigma head of 2C channels and ignores the second half, and so do we.
@@ -41,11 +46,13 @@ from torch import Tensor
 from dydit.errors import DyditError
 from dydit.presets import FLOW_PATHS, FLOW_PREDICTIONS
 
-Path = Literal["linear", "gvp"]
+Path = Literal["linear", "gvp", "vp"]
 Prediction = Literal["velocity", "noise", "score"]
 PATHS: tuple[str, ...] = FLOW_PATHS  # the registry a model config is checked against (dydit.presets)
 PREDICTIONS: tuple[str, ...] = FLOW_PREDICTIONS
 DEFAULT_EPS = 1e-3  # the end-point margin of noise/score predictions (SiT's train/sample eps)
+VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0  # β(s) of the VP path (score SDEs, SiT, U-ViT)
+CLOCKS: tuple[str, ...] = ("flow", "sde999")
 
 
 def _expand(c: Tensor, like: Tensor) -> Tensor:
@@ -65,8 +72,11 @@ class Transport:
     path: Path = "linear"
     prediction: Prediction = "velocity"
     eps: float = DEFAULT_EPS
+    clock: str = "flow"
 
     def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise DyditError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
         if self.path not in PATHS:
             raise DyditError(f"flow path must be one of {PATHS}, got {self.path!r}")
         if self.prediction not in PREDICTIONS:
@@ -80,6 +90,12 @@ class Transport:
         if self.path == "linear":
             one = torch.ones_like(t)
             return t, 1 - t, one, -one
+        if self.path == "vp":
+            s = 1 - t
+            half_integral = 0.25 * s**2 * (VP_BETA_MAX - VP_BETA_MIN) + 0.5 * s * VP_BETA_MIN  # ½∫β
+            alpha, sigma = torch.exp(-half_integral), torch.sqrt(-torch.expm1(-2 * half_integral))
+            d_alpha = 0.5 * self.beta(t) * alpha  # d/dt = −d/ds
+            return alpha, sigma, d_alpha, -alpha * d_alpha / sigma
         half_pi = math.pi / 2
         return (
             torch.sin(half_pi * t),
@@ -88,10 +104,31 @@ class Transport:
             -half_pi * torch.sin(half_pi * t),
         )
 
+    @staticmethod
+    def beta(t: Tensor) -> Tensor:
+        """β(s) of the VP path at s = 1 − t: linear from β_0 (data) to β_1 (noise)."""
+        return VP_BETA_MIN + (1 - t) * (VP_BETA_MAX - VP_BETA_MIN)
+
     @property
     def interval(self) -> tuple[float, float]:
-        """The times [t0, t1] the network is trained on and sampled between."""
-        return (0.0, 1.0) if self.prediction == "velocity" else (self.eps, 1.0 - self.eps)
+        """The times [t0, t1] the network is trained on and the SDE sampler runs between. The VP path
+        keeps α_t > 0 everywhere, so it uses all of [0, 1], as U-ViT trains and samples (its last,
+        deterministic step reaches the data end, where σ = 0, without evaluating the network there)."""
+        if self.prediction == "velocity" or self.path == "vp":
+            return (0.0, 1.0)
+        return (self.eps, 1.0 - self.eps)
+
+    @property
+    def ode_interval(self) -> tuple[float, float]:
+        """Where the ODE samplers evaluate the network: :attr:`interval`, stopping at 1 − eps for a
+        noise or score prediction (their velocity is infinite where σ = 0)."""
+        t0, t1 = self.interval
+        return (t0, t1) if self.prediction == "velocity" else (t0, min(t1, 1.0 - self.eps))
+
+    def sde_weight(self, t: Tensor) -> Tensor:
+        """w_t of the SDE sampler (drift v + w_t ∇log p, noise √(2 w_t) dW): SiT's σ_t, or for the VP
+        path ½β(s), which makes it the reverse-time VP SDE (dx = [f − g² ∇log p] ds + g dW̄, g² = β)."""
+        return 0.5 * self.beta(t) if self.path == "vp" else self.coefficients(t)[1]
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = α_t x0 + σ_t ε; ``x0`` is the data (the DDPM name), t (B,) in [0, 1]."""
@@ -99,8 +136,8 @@ class Transport:
         return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
 
     def original_timesteps(self, t: Tensor) -> Tensor:
-        """The time the network receives: t itself (see the module docstring)."""
-        return t
+        """The time the network receives: t itself, or 999·(1 − t) (``clock``, module docstring)."""
+        return t if self.clock == "flow" else 999 * (1 - t)
 
     def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """What the network is regressed on at (x0, t, ε) for this ``prediction``."""

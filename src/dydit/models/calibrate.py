@@ -178,7 +178,7 @@ def _calibration_inputs(model: nn.Module, batch: int, gen: torch.Generator):
         return make(batch, gen)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
-    return x, torch.randint(0, cfg.num_classes, (batch,), generator=gen)
+    return x, torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=gen)  # U-ViT uncond: 0
 
 
 def _token_router_bias(block: nn.Module) -> Tensor:

@@ -15,6 +15,7 @@ the execution modes. ``model.execution`` is one of
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -166,16 +167,30 @@ class DyDiT(nn.Module):
         self._init_router_biases()
 
     @classmethod
-    def from_dit(cls, dit: DiT, router_layout: str | None = None) -> DyDiT:
-        """A DyDiT with ``dit``'s weights and freshly initialised routers (same device/dtype/mode)."""
+    def from_dit(cls, dit: nn.Module, router_layout: str | None = None) -> DyDiT:
+        """A DyDiT with ``dit``'s weights and freshly initialised routers (same device/dtype/mode).
+
+        ``dit`` is a DiT/SiT, or a network of another family (a U-ViT): a copy of it becomes the
+        backbone, so its function is kept exactly and only router tensors are added.
+        """
+        if not isinstance(dit, DiT):
+            return cls._from_backbone(dit, router_layout)
         cfg = dit.config.replace(dynamic=True, router_layout=router_layout or dit.config.router_layout)
         model = cls(cfg)
         ref = next(dit.parameters())
         model.to(device=ref.device, dtype=ref.dtype)
         fit_state_dict(model, dit.state_dict(), allow_missing=ROUTER_KEY_MARKERS)
-        if hasattr(dit, "guidance"):  # FLUX: the guidance scale its width routers read (§15.3)
-            model.backbone.guidance = dit.guidance
         return model.train(dit.training)
+
+    @classmethod
+    def _from_backbone(cls, net: nn.Module, router_layout: str | None) -> DyDiT:
+        layout = router_layout or getattr(net.config, "router_layout", None) or "forced_first"
+        backbone = copy.deepcopy(net)
+        if hasattr(backbone.config, "replace"):
+            backbone.config = backbone.config.replace(dynamic=True, router_layout=layout)
+        ref = next(net.parameters())
+        model = cls(backbone=backbone, router_layout=layout)
+        return model.to(device=ref.device, dtype=ref.dtype).train(net.training)
 
     @classmethod
     def with_width_routers(cls, model: DyDiT, router_layout: str | None = None) -> DyDiT:

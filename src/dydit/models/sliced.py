@@ -42,7 +42,7 @@ from dydit.models.dynamic import WidthPlan
 from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
 from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
 
-__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine", "sliced"]
+__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 DEFAULT_PACK_BUDGET = 0.5  # held packs + indices <= this x the blocks' attention+MLP weights
@@ -230,7 +230,7 @@ class SlicedDyDiT(nn.Module):
         if self.model.training:
             raise DyditError("the sliced engine is inference-only: call model.eval() first")
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        if t.shape[0] != x.shape[0] or len(y) != x.shape[0]:
+        if t.shape[0] != x.shape[0] or (y is not None and len(y) != x.shape[0]):  # None: unconditional
             raise DyditError(f"batch sizes differ: x {x.shape[0]}, t {t.shape[0]}, y {len(y)}")
         self._follow_weights()
         values = t.detach().cpu()  # the one host sync of the call
@@ -241,7 +241,7 @@ class SlicedDyDiT(nn.Module):
         out = None
         for value in torch.unique(values):
             rows = (values == value).nonzero().flatten().to(x.device)
-            y_rows = y[rows] if isinstance(y, Tensor) else y.select(rows)
+            y_rows = y[rows] if isinstance(y, Tensor) else None if y is None else y.select(rows)
             part = self._forward_one_t(x[rows], t[rows], y_rows, value)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
@@ -312,8 +312,3 @@ def engine(
         pack_budget=pack_budget,
         plan_timesteps=plan_timesteps,
     )
-
-
-def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
-    """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
-    return SlicedDyDiT(model, **kwargs)
