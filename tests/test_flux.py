@@ -133,6 +133,10 @@ def test_bad_inputs_get_one_line_errors():
     long = cfg.max_text_length + 1
     with pytest.raises(DyditError, match=f"{long} tokens; this model supports at most {cfg.max_text_length}"):
         model(**call(cfg, length=long))
+    with pytest.raises(DyditError, match=r"pooled text must be \(2, 24\)"):
+        model(**{**kwargs, "pooled_projections": kwargs["pooled_projections"][:1]})
+    with pytest.raises(DyditError, match="one time value per sample"):
+        model(**{**kwargs, "timestep": torch.zeros(3)})
     with pytest.raises(DyditError, match="TextCondition"):
         model(torch.zeros(1, 4, 4, 4), torch.zeros(1), torch.zeros(1))
 

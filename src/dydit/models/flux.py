@@ -171,10 +171,21 @@ class Flux(nn.Module):
             raise DyditError(
                 f"expected tokens ({b}, N, {c.in_channels}) for {b} texts, got {tuple(tokens.shape)}"
             )
+        pooled = inputs.pooled
+        if pooled.ndim != 2 or pooled.shape != (b, c.pooled_projection_dim):
+            raise DyditError(
+                f"pooled text must be ({b}, {c.pooled_projection_dim}), got {tuple(pooled.shape)}"
+            )
+        if text.shape[2] != c.joint_attention_dim:
+            raise DyditError(
+                f"text embeddings must be (B, L, {c.joint_attention_dim}), got {tuple(text.shape)}"
+            )
+        t = t.expand(b) if t.ndim == 0 else t
+        if t.shape != (b,):
+            raise DyditError(f"expected one time value per sample ({b},), got {tuple(t.shape)}")
         txt = torch.zeros(length, 3, device=x.device) if inputs.txt_ids is None else inputs.txt_ids
         txt = check_ids(txt, length, "txt_ids")
         rope = rope_table(torch.cat([txt.to(img.device), img]), c.axes_dims_rope)
-        t = t.expand(b) if t.ndim == 0 else t
         guidance = inputs.guidance
         if c.guidance_embeds and guidance is None:
             guidance = torch.full((b,), float(self.guidance), device=x.device)
