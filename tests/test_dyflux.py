@@ -209,7 +209,7 @@ def inputs(cfg, batch: int = 4, length: int = 6, seed: int = 4):
 def test_sliced_equals_masked_with_width_and_token_routing(name):
     cfg, model = mixed_dyflux(name)
     x, y = inputs(cfg)
-    engine = SlicedDyDiT(model)
+    engine = SlicedDyDiT(model, token_bucket=5)  # padded kept-row counts add nothing
     for t in (torch.full((4,), 0.3), torch.tensor([0.9, 0.1, 0.5, 0.1])):
         with torch.no_grad():
             masked, stats = model.forward_with_routing(x, t, y)
@@ -324,11 +324,12 @@ def test_bench_times_a_flux_preset_with_calibrated_routers():
     from dydit.apps.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        model="FLUX-tiny", batches=(2,), repeats=1, warmup=0, timesteps=(999, 500), cfg_scale=1.0
+        model="DyFLUX-tiny", batches=(2,), repeats=1, warmup=0, timesteps=(999, 500), cfg_scale=1.0
     )
     rows = {r.mode: r for r in run_bench(cfg)}
     assert set(rows) == {"dense", "masked", "sliced"}
     assert 0.3 < rows["sliced"].flops_ratio < 0.8 and rows["sliced"].max_rel_err < 1e-5
+    assert rows["dense"].flops_ratio == 1.0 and rows["masked"].flops_ratio == rows["sliced"].flops_ratio
 
 
 def test_reordering_units_preserves_the_function():
