@@ -125,6 +125,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ref-limit", type=int, default=None,
+                   help="reference images of the metrics (default: all; few: a path check)")  # fmt: skip
+    p.add_argument("--no-inception", action="store_true",
+                   help="no Inception FID, the classifier distance only (path checks)")  # fmt: skip
     p.add_argument(
         "--retime",
         action="store_true",
@@ -145,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.base)
-    cfg = DemoConfig(num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False)
+    cfg = DemoConfig(
+        num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False,
+        ref_limit=args.ref_limit, inception=not args.no_inception,
+    )  # fmt: skip
     recipe = replace(cfg, **args.recipe)
     tag = "-".join(f"{k}{v}" for k, v in sorted(args.recipe.items()))
 
