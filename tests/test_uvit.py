@@ -1,4 +1,4 @@
-"""U-ViT (docs/METHOD.md §13): official configs and parameter counts, the forward against a hand-written
+"""U-ViT (docs/METHOD.md §16): official configs and parameter counts, the forward against a hand-written
 reference of the official ``libs/uvit.py`` forward, strict loading of official raw state dicts, and
 the DyDiT method on it (all kept == dense, masked == sliced, analytic == counted FLOPs, fine-tuning).
 """
@@ -55,7 +55,7 @@ def test_presets_are_the_official_configs(name):
 
 
 def _documented_counts() -> dict[str, int]:
-    """The parameter table of docs/METHOD.md §13.1: ``| U-ViT-S/2 | ... | 44,255,328 |``."""
+    """The parameter table of docs/METHOD.md §16.1: ``| U-ViT-S/2 | ... | 44,255,328 |``."""
     rows = re.findall(r"^\| `(U-ViT-[^`]+)` \|.*\| ([\d,]+) \|$", DOCS.read_text(), re.M)
     return {name: int(count.replace(",", "")) for name, count in rows}
 

@@ -1,4 +1,4 @@
-"""``dydit sample/flops/bench/inspect/export`` take U-ViT models (docs/METHOD.md §13): by preset name,
+"""``dydit sample/flops/bench/inspect/export`` take U-ViT models (docs/METHOD.md §16): by preset name,
 and an official raw state dict (``nnet.pth``) with or without ``--model``. Tiny models, one test each.
 """
 

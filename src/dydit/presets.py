@@ -334,7 +334,7 @@ def preset_name(cfg: ModelConfig) -> str | None:
     return None
 
 
-# U-ViT (Bao et al., CVPR 2023; docs/METHOD.md §13) -------------------------------------------------
+# U-ViT (Bao et al., CVPR 2023; docs/METHOD.md §16) -------------------------------------------------
 # A second family of presets, kept in this one block: its own config type, names and lookup. The
 # official configs (configs/*.py of baofff/U-ViT) name the same sizes img_size, in_chans, embed_dim,
 # ...; :meth:`UViTConfig.nnet_kwargs` gives them back under those names.
@@ -348,7 +348,7 @@ _UVIT_BOOLS = ("qkv_bias", "mlp_time_embed", "conv", "skip", "use_checkpoint", "
 
 @dataclass(frozen=True)
 class UViTConfig:
-    """Architecture of a U-ViT (docs/METHOD.md §13), with the field names of :class:`ModelConfig`
+    """Architecture of a U-ViT (docs/METHOD.md §16), with the field names of :class:`ModelConfig`
     where they mean the same (the workflows read both alike).
 
     ``depth`` is the official one: ``depth // 2`` in-blocks, a mid-block and ``depth // 2`` out-blocks
@@ -532,7 +532,7 @@ def _uvit(depth: int, width: int, heads: int, patch: int, size: int, **kw: Any) 
 
 
 _IMAGENET_LATENT = {"in_channels": 4, "num_classes": 1000, "use_checkpoint": True}
-# The official releases (README of baofff/U-ViT), one per config file; docs/METHOD.md §13.1.
+# The official releases (README of baofff/U-ViT), one per config file; docs/METHOD.md §16.1.
 UVIT_PRESETS: dict[str, UViTConfig] = {
     f"{UVIT_PREFIX}S/2": _uvit(12, 512, 8, 2, 32),  # CIFAR-10, cifar10_uvit_small.py
     f"{UVIT_PREFIX}S/4": _uvit(12, 512, 8, 4, 64),  # CelebA 64, celeba64_uvit_small.py

@@ -40,7 +40,7 @@ def _config_origin(ckpt: Checkpoint, model: str | None) -> str:
 
 
 def _architecture(cfg: ModelConfig | UViTConfig) -> str:
-    if isinstance(cfg, UViTConfig):  # docs/METHOD.md §13
+    if isinstance(cfg, UViTConfig):  # docs/METHOD.md §16
         return uvit_architecture(cfg)
     sigma = ", learn_sigma" if cfg.learn_sigma else ""
     return (

@@ -112,7 +112,7 @@ def model_config(
         overrides: ModelConfig fields; ``router_layout`` must agree with the router shapes.
     """
     ckpt = _as_checkpoint(source)
-    if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §13): checkpoint/uvit.py
+    if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §16): checkpoint/uvit.py
         return _uvit.uvit_model_config(ckpt, model, **overrides)
     sd = ckpt.state_dict
     if isinstance(model, ModelConfig):

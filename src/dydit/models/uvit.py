@@ -1,4 +1,4 @@
-"""U-ViT (Bao et al., CVPR 2023, "All are Worth Words"; docs/METHOD.md §13), on the backbone seam.
+"""U-ViT (Bao et al., CVPR 2023, "All are Worth Words"; docs/METHOD.md §16), on the backbone seam.
 
 Time and class enter as tokens: the stream is [class token,] time token, image tokens (official
 order), plus a learned position table over all of them. Blocks are pre-norm (affine LayerNorms, no
@@ -417,7 +417,7 @@ class UViT(nn.Module):
         )
 
     def macs_table(self) -> dict[str, int]:
-        """Per-sample MACs of the complete forward by component (docs/METHOD.md §13.3)."""
+        """Per-sample MACs of the complete forward by component (docs/METHOD.md §16.3)."""
         return formulas.uvit_macs_table(self.config)
 
 
