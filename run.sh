@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 TORCH_VERSION="${DYDIT_TORCH_VERSION:-2.13.0}"
-EXTRAS="test,latent"  # pyproject.toml: `test` for ./run.sh test, `latent` (diffusers) for VAE tests
+EXTRAS="test,latent,flux"  # pyproject.toml: `test` for ./run.sh test, `latent` (diffusers) for VAE tests, `flux` for FluxPipeline tests
 VENV=.venv
 PY="$VENV/bin/python"
 

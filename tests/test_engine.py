@@ -242,3 +242,27 @@ def test_budget_holds_when_a_sampler_plans_one_time_at_a_time():
         fast.plan(t)
         assert fast.memory()["ratio"] <= 0.5
     assert fast.memory()["held_packs"] > 0
+
+
+@pytest.mark.parametrize("how", ["engine", "execution"])
+def test_generate_plans_every_time_of_the_run_before_sampling(how, monkeypatch):
+    """``generate`` plans the sampler's times at once (as ``dydit sample`` did), so the packs the
+    run uses most are the ones held: one width_plan call covering every network time."""
+    model = random_dydit(4, 32, "forced_first", depth=2).eval()
+    settings = dydit.SamplingSettings(sampler="ddim", steps=5, cfg_scale=1.0)
+    process = dydit.create_process(model.config)
+    calls: list[list[float]] = []
+    real = DyDiT.width_plan
+
+    def recording(self, t):
+        calls.append([float(v) for v in t])
+        return real(self, t)
+
+    monkeypatch.setattr(DyDiT, "width_plan", recording)
+    if how == "engine":
+        fn = dydit.engine(model)
+    else:
+        model.execution, fn = "sliced", model
+    common = dict(seeds=[1, 2], shape=(4, 8, 8), num_classes=model.config.num_classes, progress=False)
+    list(dydit.generate(fn, process, settings, **common))
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(map(float, settings.network_times(process)))

@@ -27,8 +27,20 @@ LAYERS: list[set[str]] = [
     {"train", "sample", "evaluate"},
     {"checkpoint", "factory"},
     {"models", "diffusion", "flow", "flops", "data", "viz", "sample_io"},
-    {"presets", "constants", "log", "distributed", "io", "errors", "seeds", "conditioning", "version"},
+    {
+        "presets",
+        "constants",
+        "log",
+        "distributed",
+        "io",
+        "errors",
+        "seeds",
+        "conditioning",
+        "text",
+        "version",
+    },
 ]
+LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 # Edges inside one layer that are forbidden as well (package -> packages it must never import).
@@ -43,6 +55,7 @@ FORBIDDEN = {
     "flops": {"models", "diffusion", "flow", "data"},
     "data": {"models", "diffusion", "flow", "flops"},
     "presets": {"io", "log", "distributed"},
+    "presets_flux": {"presets", "io", "log", "distributed"},
     "io": {"presets", "log", "seeds"},
     "seeds": {"presets", "io", "log", "distributed", "constants"},
     "sample_io": {"models", "diffusion", "flow", "flops", "data", "viz"},
@@ -50,6 +63,7 @@ FORBIDDEN = {
     "constants": {"presets", "io", "log", "distributed"},
     "errors": {"presets", "constants", "io", "log", "distributed"},
     "conditioning": {"presets", "constants", "io", "log", "distributed", "seeds"},
+    "text": {"presets", "constants", "io", "log", "distributed", "seeds"},
 }
 
 TOP_LEVEL = {p.stem for p in SRC.glob("*.py")} | {

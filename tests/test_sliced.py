@@ -16,7 +16,7 @@ from dydit.models.calibrate import (
     segment_counts,
 )
 from dydit.models.dydit import DyDiT, execution
-from dydit.models.sliced import SlicedDyDiT, sliced
+from dydit.models.sliced import SlicedDyDiT, engine
 
 HEADS_AND_WIDTH = [(2, 32), (3, 48), (4, 32)]  # (heads, width): width divisible by heads and by 16
 LAYOUTS = ["forced_first", "all"]
@@ -76,7 +76,7 @@ def test_mixed_timesteps_are_grouped(layout):
     model = random_dydit(4, 32, layout)
     x, y = inputs(model, 5)
     t = torch.tensor([999, 10, 500, 10, 999])
-    assert rel_err(sliced(model)(x, t, y), model(x, t, y)) < 1e-5
+    assert rel_err(engine(model)(x, t, y), model(x, t, y)) < 1e-5
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -6,13 +6,28 @@ from typing import Any
 
 from torch import nn
 
-from dydit.presets import ModelConfig, UViTConfig, get_model_config, get_uvit_config, is_uvit_name
+from dydit.presets import (
+    FluxConfig,
+    ModelConfig,
+    UViTConfig,
+    get_model_config,
+    get_uvit_config,
+    is_uvit_name,
+)
 
 
-def build_model(config: ModelConfig | UViTConfig) -> nn.Module:
-    """A DiT (or U-ViT), or a DyDiT on it when ``config.dynamic`` is set."""
+def build_model(config: ModelConfig | UViTConfig | FluxConfig) -> nn.Module:
+    """A DiT (or U-ViT, or FLUX), or a DyDiT on it when ``config.dynamic`` is set."""
     if isinstance(config, UViTConfig):
         return build_uvit(config)
+    if isinstance(config, FluxConfig):  # FLUX family (issue 24)
+        if config.dynamic:
+            from dydit.models.dydit import DyDiT
+
+            return DyDiT(config)
+        from dydit.models.flux import Flux
+
+        return Flux(config)
     if config.dynamic:
         from dydit.models.dydit import DyDiT
 

@@ -18,6 +18,17 @@ from typing import Any, Literal
 from dydit.constants import LAYERNORM_EPS, TIMESTEP_FREQ_DIM
 from dydit.errors import DyditError
 
+# The FLUX family (issue 24): its config type and presets live in presets_flux, re-exported here.
+from dydit.presets_flux import (  # noqa: F401
+    DYFLUX_NAMES,
+    FLUX_NAMES,
+    FLUX_PRESETS,
+    FluxConfig,
+    flux_preset_name,
+    get_flux_config,
+    is_flux_name,
+)
+
 RouterLayout = Literal["forced_first", "all"]
 ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 # What the network was trained for: DDPM epsilon prediction (DiT, DyDiT) or flow matching (SiT).
@@ -298,8 +309,10 @@ MODEL_NAMES: tuple[str, ...] = (
 )
 
 
-def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+def get_model_config(name: str, **overrides: Any) -> ModelConfig | FluxConfig:
     """Resolve a preset name (``DiT-XL/2``, ``DyDiT-S/2``, ``SiT-XL/2``, ...) and apply overrides."""
+    if is_flux_name(name):  # FLUX family (issue 24): FLUX.1-dev, DyFLUX-lite-8B, FLUX-tiny, ...
+        return get_flux_config(name, **overrides)
     dynamic = is_dynamic_name(name)
     base = dit_name(name)
     if base not in MODEL_PRESETS:

@@ -37,6 +37,8 @@ from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
 from dydit.flow import FLOW_SAMPLERS, Transport
 from dydit.io import locked_dir
+from dydit.models.dydit import DyDiT
+from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import ModelConfig
 from dydit.sample_io import (  # noqa: F401  (MANIFEST, load_png, save_grid: public here too)
     MANIFEST,
@@ -229,7 +231,8 @@ def generate(
     config = getattr(model_fn, "config", None)
     if isinstance(config, ModelConfig):  # a flow-matching model must not meet a DDPM sampler
         check_process(settings.sampler, diffusion, config)
-    settings.network_times(diffusion)  # fail early on a bad step spec or sampler/process pairing
+    # Fails early on a bad step spec or sampler/process pairing; a sliced engine plans these times.
+    plan_engine(model_fn, settings.network_times(diffusion))
     cond = resolve_condition(seeds, labels, condition, num_classes)
     todo = rank_share(len(seeds)) if indices is None else list(indices)
     # The sampler carries the condition as y; guidance doubles it; the network gets its network input.
@@ -261,6 +264,17 @@ def generate(
         labels_cpu = c.labels.cpu() if isinstance(c, ClassLabels) else None
         yield SampleBatch(chunk, [int(seeds[i]) for i in chunk], labels_cpu, x, c)
     bar.close()
+
+
+def plan_engine(model_fn: ModelFn, times: Sequence[float]) -> None:
+    """Plan the times of a sampling run in the sliced engine that ``model_fn`` runs, if any: the
+    engine itself, or a DyDiT in eval mode with ``execution = "sliced"`` (its default engine). The
+    width plans of all steps are made at once, and the packs the run uses most are the ones held
+    within the pack budget (docs/ARCHITECTURE.md §4)."""
+    if isinstance(model_fn, SlicedDyDiT):
+        model_fn.prepare(times)
+    elif isinstance(model_fn, DyDiT) and model_fn.execution == "sliced" and not model_fn.training:
+        model_fn.sliced_engine().prepare(times)
 
 
 def check_process(sampler: str, process: Any, config: ModelConfig | None = None) -> None:

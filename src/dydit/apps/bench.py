@@ -13,6 +13,11 @@ over the bytes of the blocks' attention+MLP weights (``engine.memory()``).
 
 Routers come from a DyDiT checkpoint or, for models without trained routers (a DiT checkpoint or
 random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a target ρ.
+
+A FLUX preset (``--model FLUX-bench``; docs/METHOD.md §15.5) is timed the same way with random
+weights: the dense FLUX against its DyFLUX (width + token routers), on the backbone's example
+inputs (latents at ``sample_size``, ``max_text_length`` text tokens), at the flow times t/1000 of
+the configured timesteps, without CFG (FLUX embeds its guidance scale) and without sampler rows.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import DEFAULT_PACK_BUDGET, SlicedDyDiT, engine
-from dydit.presets import ModelConfig, dit_name, preset_name
+from dydit.presets import ModelConfig, dit_name, is_flux_name, preset_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
@@ -137,6 +142,8 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     if cfg.input_size is not None:
         overrides["input_size"] = cfg.input_size
     base = dit_name(cfg.model or DEFAULT_MODEL)
+    if is_flux_name(base) and "input_size" in overrides:  # FLUX: the latent side is sample_size
+        overrides["sample_size"] = overrides.pop("input_size")
     dev = torch.device(cfg.device)
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:
@@ -153,10 +160,7 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     dit, dy = dit.to(dev, dtype).eval(), dy.to(dev, dtype).eval()
     calibration = None
     if not trained:
-        c = dy.config
-        heads, groups, tokens = fractions_for_rho(
-            cfg.rho, c.num_tokens, c.hidden_size, c.mlp_ratio, cfg.token_keep
-        )
+        heads, groups, tokens = fractions_for_rho(cfg.rho, keep=cfg.token_keep, costs=dy.layer_costs())
         calibration = calibrate_routers(dy, heads=heads, groups=groups, tokens=tokens, seed=cfg.seed)
     return dit, dy, calibration
 
@@ -197,9 +201,12 @@ def _inputs(cfg: BenchConfig, model: DiT, batch: int) -> tuple[Tensor, Tensor, T
     """(x rows, y rows, noise of the images): CFG doubles the rows as [x; x] with labels [y; null]."""
     c = model.config
     gen = torch.Generator().manual_seed(cfg.seed + batch)
+    dev, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    if hasattr(model, "example_inputs"):  # a text family (FLUX): its own inputs, no CFG rows
+        x, y = model.example_inputs(batch, gen)
+        return x.to(dev, dtype), y.to(dev), x.to(dev, dtype)
     x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=gen)
     y = torch.randint(0, max(c.num_classes, 1), (batch,), generator=gen)  # an unconditional U-ViT: 0
-    dev, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     noise = x.to(dev, dtype)
     if cfg.cfg_scale != 1.0:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, c.num_classes)])
@@ -260,6 +267,12 @@ class Bench:
     """
 
     def __init__(self, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None):
+        if is_flux_name(cfg.model or ""):  # FLUX: flow times in [0, 1], one row per image
+            if cfg.sampler_steps or cfg.checkpoint:
+                raise DyditError(
+                    "dydit bench times FLUX forwards of random weights: no --sampler-steps/--checkpoint"
+                )
+            cfg = dataclasses.replace(cfg, timesteps=tuple(t / 1000 for t in cfg.timesteps), cfg_scale=1.0)
         self.cfg, self.log = cfg, log
         self.dit, self.dy, calibration = build_models(cfg)
         self.model = model_label(cfg, self.dy.config, trained=calibration is None)
@@ -276,8 +289,7 @@ class Bench:
     def recalibrate(self, rho: float, token_keep: float) -> Calibration:
         """Calibrate the routers to another target ρ; sliced engines drop their plans and packs."""
         self.cfg = dataclasses.replace(self.cfg, rho=rho, token_keep=token_keep)
-        c = self.dy.config
-        h, g, k = fractions_for_rho(rho, c.num_tokens, c.hidden_size, c.mlp_ratio, token_keep)
+        h, g, k = fractions_for_rho(rho, keep=token_keep, costs=self.dy.layer_costs())
         calibration = calibrate_routers(self.dy, heads=h, groups=g, tokens=k, seed=self.cfg.seed)
         self._log_calibration(calibration)
         for fn in self.runners.values():
@@ -303,7 +315,8 @@ class Bench:
     def _run_batch(self, batch: int, runners: dict, steps: int) -> list[BenchRow]:
         cfg, dit, dy = self.cfg, self.dit, self.dy
         x, y, noise = _inputs(cfg, dit, batch)
-        dense_macs = _attn_mlp_macs(dit, x[:1], cfg.timesteps, y[:1]) * x.shape[0]
+        first = y[:1] if isinstance(y, Tensor) else y.select(slice(0, 1))
+        dense_macs = _attn_mlp_macs(dit, x[:1], cfg.timesteps, first) * x.shape[0]
         rho = _attn_mlp_macs(engine(dy, pack_budget=cfg.pack_budget), x, cfg.timesteps, y) / dense_macs
         err = None
         sliced_mode = next((m for m in runners if m.startswith("sliced")), None)

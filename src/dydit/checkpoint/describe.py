@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from dydit.checkpoint.flux_load import describe_flux
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.load import fit_problem, model_config
 from dydit.checkpoint.uvit import uvit_architecture, uvit_process_text
 from dydit.errors import CheckpointError
 from dydit.models.fitting import ROUTER_KEY_MARKERS, has_routers
-from dydit.presets import ModelConfig, UViTConfig, preset_name
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, preset_name
 
 _WIDTH = 100
 _SHIFT_NAMES = {0: "official DiT", 1: "diffusers"}
@@ -86,8 +87,37 @@ def describe_checkpoint(path: str | os.PathLike, model: str | None = None, weigh
     return inspect_checkpoint(path, model, weights)[0]
 
 
+def _flux_rows(ckpt: Checkpoint, cfg: FluxConfig, config: object) -> list[str]:
+    """The model rows of a FLUX (docs/METHOD.md §15)."""
+    sd = ckpt.state_dict
+    origin = (
+        "the config.json given"
+        if config is not None
+        else "read from diffusers' config.json"
+        if ckpt.format == "flux_diffusers"
+        else "stored in the file by dydit"
+        if ckpt.config is not None
+        else "the preset named"
+    )
+    token = any("token_selection." in k for k in sd)
+    if not cfg.dynamic:
+        routers = "none (a plain FLUX)"
+    elif not (token or any(".attn_rate." in k for k in sd)):
+        routers = "none in the file: a DyFLUX built from these weights starts with routers keeping everything"
+    else:
+        routers = "token routers (the released DyFLUX's) in every double and single block" + (
+            "; width routers over heads and MLP groups" if cfg.width_routing else "; no width routers"
+        )
+    return [
+        _row("model", describe_flux(cfg)),
+        _row("config", origin),
+        _row("routers", routers),
+        _row("objective", "flow matching (FLUX: rectified flow, velocity prediction, t in [0, 1])"),
+    ]
+
+
 def inspect_checkpoint(
-    path: str | os.PathLike, model: str | None = None, weights: str = "ema"
+    path: str | os.PathLike, model: str | None = None, weights: str = "ema", config: object = None
 ) -> tuple[list[str], str | None]:
     """(the lines of :func:`describe_checkpoint`, why the weights do not load, or None if they load
     strictly into the model dydit builds for them)."""
@@ -98,12 +128,16 @@ def inspect_checkpoint(
         lines.append(_row("weights", f"the '{ckpt.entry}' entry"))
     problem: str | None = None
     try:
-        cfg: ModelConfig | None = model_config(ckpt, model)
+        cfg: ModelConfig | FluxConfig | None = model_config(ckpt, model, config=config)
     except CheckpointError as e:
         cfg = None
         problem = f"no model found for it: {e}"
         lines.append(_row("model", f"unknown: {e}"))
-    if cfg is not None:
+    if isinstance(cfg, FluxConfig):
+        lines += _flux_rows(ckpt, cfg, config)
+        problem = fit_problem(cfg, sd)
+        lines.append(_row("loads", "strictly, every key and shape" if problem is None else f"NO: {problem}"))
+    elif cfg is not None:
         shift = cfg.timestep_freq_shift
         lines += [
             _row("model", _architecture(cfg)),
@@ -129,7 +163,7 @@ def inspect_checkpoint(
     if ckpt.step is not None:
         named = ckpt.format == "training_dict"
         lines.append(_row("step", f"{ckpt.step:,}" + (" (from the file name)" if named else "")))
-    if ckpt.config is not None and ckpt.format != "diffusers":
+    if ckpt.config is not None and ckpt.format not in ("diffusers", "flux_diffusers"):
         run = ckpt.run_config or {}
         stored = run["model"] if isinstance(run.get("model"), dict) else run
         lines.append(_row("stored", " ".join(f"{k}={json.dumps(v)}" for k, v in stored.items())))

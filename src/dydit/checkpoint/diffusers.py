@@ -295,7 +295,8 @@ def to_diffusers(sd: dict[str, Tensor], depth: int) -> tuple[dict[str, Tensor], 
 
 
 # Reading ----------------------------------------------------------------------------------------
-def _read_weights(folder: Path) -> dict[str, Tensor]:
+def read_weights(folder: Path, kind: str = "DiT") -> dict[str, Tensor]:
+    """The weights of a diffusers model folder: one file, an index of shards, or ``.bin``."""
     if (folder / WEIGHTS_FILE).is_file():
         return read_file(folder / WEIGHTS_FILE)[0]
     if (folder / WEIGHTS_INDEX).is_file():
@@ -310,7 +311,7 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
         return out
     if (folder / WEIGHTS_BIN).is_file():
         return read_file(folder / WEIGHTS_BIN)[0]
-    raise CheckpointError(f"{folder} has a DiT config.json but no {WEIGHTS_FILE} (or shards, or .bin)")
+    raise CheckpointError(f"{folder} has a {kind} config.json but no {WEIGHTS_FILE} (or shards, or .bin)")
 
 
 def read_diffusers(folder: str | os.PathLike) -> tuple[dict[str, Tensor], ModelConfig]:
@@ -320,7 +321,7 @@ def read_diffusers(folder: str | os.PathLike) -> tuple[dict[str, Tensor], ModelC
     if not isinstance(dc, dict):
         raise CheckpointError(_config_problem(folder / CONFIG_FILE))
     cfg = config_from_diffusers(dc, str(folder / CONFIG_FILE))
-    sd = from_diffusers(_read_weights(folder), str(folder))
+    sd = from_diffusers(read_weights(folder), str(folder))
     # The config must describe these weights before its position table is computed.
     wrong = size_mismatches(cfg, sd, _NAMES)
     if wrong:

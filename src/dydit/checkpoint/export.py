@@ -1,4 +1,4 @@
-"""``dydit export --to diffusers``: any checkpoint dydit loads -> a diffusers DiT folder."""
+"""``dydit export --to diffusers``: any checkpoint dydit loads -> a diffusers DiT (or FLUX) folder."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from torch import nn
 
 from dydit.checkpoint.diffusers import DIFFUSERS_FREQ_SHIFT, ROUTERS_FILE, write_diffusers
 from dydit.checkpoint.files import check_finite
+from dydit.checkpoint.flux import write_flux_folder
 from dydit.checkpoint.formats import open_checkpoint
 from dydit.checkpoint.load import load_model, model_config
-from dydit.presets import ModelConfig
+from dydit.presets import FluxConfig, ModelConfig
 
 
 @torch.no_grad()
@@ -52,8 +53,10 @@ def export_diffusers(
     *,
     model: str | ModelConfig | None = None,
     weights: str = "ema",
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> tuple[Path, list[str]]:
-    """Write a ``DiTTransformer2DModel`` folder for any checkpoint dydit loads.
+    """Write a ``DiTTransformer2DModel`` (or, for a FLUX, ``FluxTransformer2DModel``) folder for any
+    checkpoint dydit loads (``config``: a FLUX file's diffusers config.json, when it stores none).
 
     The checkpoint is first loaded strictly into its dydit model (:func:`~dydit.load_model`), so
     only weights that fit a DiT or DyDiT are exported; weights holding NaN or inf are refused
@@ -64,8 +67,17 @@ def export_diffusers(
     """
     ckpt = open_checkpoint(source, weights)
     check_finite(ckpt.state_dict, ckpt.source)
-    cfg = model_config(ckpt, model)
+    cfg = model_config(ckpt, model, config=config)
     loaded = load_model(ckpt, cfg)
+    if isinstance(cfg, FluxConfig):  # FLUX: a FluxTransformer2DModel folder (docs/METHOD.md §15)
+        path = write_flux_folder(out, loaded.state_dict(), cfg)
+        notes = []
+        if cfg.dynamic:
+            notes.append(
+                "DyFLUX: diffusers loads the complete (dense) FLUX; the routers are in "
+                f"{path / ROUTERS_FILE}, which dydit.load_model reads back as the DyFLUX"
+            )
+        return path, notes
     path = write_diffusers(out, loaded.state_dict(), cfg)
     notes = []
     if cfg.dynamic:

@@ -27,10 +27,11 @@ from dydit.checkpoint.files import (
     stored_run_config,
     weights_entry,
 )
+from dydit.checkpoint.flux import find_flux_dir, flux_folder_problem, read_flux_folder
 from dydit.errors import CheckpointError
 from dydit.models.fitting import size_mismatches
 from dydit.models.uvit_fit import looks_like_uvit, uvit_size_mismatches
-from dydit.presets import ModelConfig, UViTConfig
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig
 
 # Format name -> what ``dydit inspect`` calls it.
 FORMATS: dict[str, str] = {
@@ -41,6 +42,7 @@ FORMATS: dict[str, str] = {
     "dydit_export": "dydit .safetensors export with its config",
     "safetensors": ".safetensors state dict without a config",
     "diffusers": "diffusers DiTTransformer2DModel folder",
+    "flux_diffusers": "diffusers FluxTransformer2DModel folder (a DyFLUX adds dydit_routers.safetensors)",
     "memory": "state dict in memory",
 }
 DYDIT_STATE_FORMAT = "dydit-train-state"  # the ``format`` entry of dydit's training states
@@ -64,7 +66,7 @@ class Checkpoint:
     source: str
     format: str
     state_dict: dict[str, Tensor] = field(repr=False)
-    config: ModelConfig | UViTConfig | None = None
+    config: ModelConfig | UViTConfig | FluxConfig | None = None
     args: dict[str, Any] | None = None
     step: int | None = None
     entry: str | None = None
@@ -93,9 +95,13 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
         return Checkpoint("state dict", "memory", state_dict_from_object(source, "state dict", weights))
     path = Path(source)
     if path.is_dir():
+        flux = find_flux_dir(path)
+        if flux is not None:
+            sd, flux_cfg = read_flux_folder(flux)
+            return Checkpoint(str(path), "flux_diffusers", sd, flux_cfg)
         folder = find_diffusers_dir(path)
         if folder is None:
-            problem = folder_problem(path)
+            problem = flux_folder_problem(path) or folder_problem(path)
             raise CheckpointError(
                 f"{path} is a directory, not a checkpoint file nor a diffusers DiT folder: {problem}"
             )

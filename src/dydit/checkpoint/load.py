@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from dydit.checkpoint import flux_load as _flux
 from dydit.checkpoint import uvit as _uvit
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
@@ -35,7 +36,15 @@ from dydit.models.fitting import (
     mismatch_message,
     size_mismatches,
 )
-from dydit.presets import MODEL_NAMES, ModelConfig, UViTConfig, get_model_config, is_sit_name, preset_name
+from dydit.presets import (
+    MODEL_NAMES,
+    FluxConfig,
+    ModelConfig,
+    UViTConfig,
+    get_model_config,
+    is_sit_name,
+    preset_name,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -102,16 +111,24 @@ def _agree(name: str, stored: ModelConfig, source: str) -> ModelConfig:
 
 
 def model_config(
-    source: CheckpointSource, model: str | ModelConfig | None = None, **overrides: Any
+    source: CheckpointSource,
+    model: str | ModelConfig | None = None,
+    *,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> ModelConfig:
     """The :class:`ModelConfig` :func:`load_model` builds for a checkpoint (see the module docstring).
 
     Args:
         source: a path, an in-memory state dict, or a :class:`Checkpoint` already opened.
         model: a preset name (``"SiT-XL/2"``, ``"DyDiT-S/2"``) or a full ModelConfig.
+        config: a diffusers ``config.json`` (path, folder or dict) describing a FLUX file that
+            stores none, as the released DyFLUX checkpoint (docs/METHOD.md §15).
         overrides: ModelConfig fields; ``router_layout`` must agree with the router shapes.
     """
     ckpt = _as_checkpoint(source)
+    if _flux.wants_flux(ckpt, model, config):  # FLUX (docs/METHOD.md §15): checkpoint/flux_load.py
+        return _flux.flux_model_config(ckpt, model, config, **overrides)
     if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §16): checkpoint/uvit.py
         return _uvit.uvit_model_config(ckpt, model, **overrides)
     sd = ckpt.state_dict
@@ -175,6 +192,8 @@ def fit_problem(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> str | None:
     """
     if isinstance(cfg, UViTConfig):
         return _uvit.uvit_fit_problem(cfg, sd)
+    if isinstance(cfg, FluxConfig):
+        return _flux.flux_fit_problem(cfg, sd)
     sizes = size_mismatches(cfg, sd)
     if sizes:
         guess = guess_preset(sd)
@@ -193,6 +212,8 @@ def build_loaded(ckpt: Checkpoint, cfg: ModelConfig) -> nn.Module:
     """
     if isinstance(cfg, UViTConfig):
         return _uvit.load_uvit(ckpt, cfg)
+    if isinstance(cfg, FluxConfig):
+        return _flux.load_flux(ckpt, cfg)
     problem = fit_problem(cfg, ckpt.state_dict)
     if problem:
         raise CheckpointError(problem)
@@ -211,6 +232,7 @@ def load_model(
     model: str | ModelConfig | None = None,
     *,
     weights: str = "ema",
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build the right DiT or DyDiT for any accepted checkpoint and load it strictly, in eval mode.
@@ -220,14 +242,16 @@ def load_model(
             of :func:`dydit.load_checkpoint`), or a :class:`Checkpoint` already opened.
         model: a preset name where the file cannot say (``"SiT-XL/2"`` for a raw SiT state dict:
             shapes cannot tell SiT from DiT; ``"U-ViT-H/2"`` for an official U-ViT ``.pth``), or a
-            full ModelConfig (or UViTConfig).
+            full ModelConfig (or UViTConfig, FluxConfig); ``"FLUX.1-dev"``-style names for FLUX files.
         weights: ``"ema"`` (default) or ``"model"`` entry of a training dict.
+        config: for a FLUX file that stores no config (the released DyFLUX ``{"module", "step"}``
+            checkpoint), the diffusers ``config.json`` of its architecture (path, folder or dict).
         overrides: ModelConfig fields, e.g. ``router_layout="all"`` (must agree with the file).
     Returns:
         A :class:`~dydit.models.dit.DiT` or :class:`~dydit.models.dydit.DyDiT` on the CPU.
     """
     ckpt = _as_checkpoint(source, weights)
-    return build_loaded(ckpt, model_config(ckpt, model, **overrides))
+    return build_loaded(ckpt, model_config(ckpt, model, config=config, **overrides))
 
 
 def load_dydit_checkpoint(

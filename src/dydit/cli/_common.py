@@ -103,6 +103,14 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str | None = "D
 def size_overrides(base, image_size: int | None, num_classes: int | None) -> dict[str, int]:
     """ModelConfig overrides for ``--image-size`` and ``--num-classes`` on top of ``base``."""
     overrides = {}
+    if hasattr(base, "max_text_length"):  # a FluxConfig (FLUX family): latents 8x smaller, no classes
+        if num_classes is not None:
+            raise DyditError("FLUX models are conditioned on text: --num-classes does not apply")
+        if image_size is not None:
+            if image_size % 16:
+                raise DyditError(f"image size {image_size} must be divisible by 16 for a FLUX model")
+            overrides["sample_size"] = image_size // 8
+        return overrides
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if image_size is not None:

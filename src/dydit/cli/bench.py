@@ -180,7 +180,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from dydit.apps.bench import DEFAULT_MODEL, BenchConfig
-    from dydit.presets import get_model_config, get_uvit_config, is_uvit_name
+    from dydit.presets import get_model_config, get_uvit_config, is_flux_name, is_uvit_name
 
     modes = tuple(args.modes)
     if args.compile:
@@ -189,7 +189,8 @@ def config_from_args(args: argparse.Namespace):
     if args.image_size is not None:
         name = args.model or DEFAULT_MODEL
         base = (get_uvit_config if is_uvit_name(name) else get_model_config)(name)
-        input_size = args.image_size // 8 if base.in_channels == 4 else args.image_size
+        latent = base.in_channels == 4 or hasattr(base, "max_text_length")  # a VAE's latents (DiT, FLUX)
+        input_size = args.image_size // 8 if latent else args.image_size
     return BenchConfig(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -203,7 +204,7 @@ def config_from_args(args: argparse.Namespace):
         repeats=args.repeats,
         warmup=args.warmup,
         sampler_steps=args.sampler_steps,
-        cfg_scale=args.cfg_scale,
+        cfg_scale=1.0 if is_flux_name(args.model or "") else args.cfg_scale,  # FLUX embeds its guidance
         seed=args.seed,
         compile_mode=args.compile_mode,
         token_bucket=args.token_bucket,

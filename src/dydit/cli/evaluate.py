@@ -1,4 +1,5 @@
-"""``dydit evaluate``: FID, sFID, IS, precision/recall and Fashion-MNIST classifier metrics of samples."""
+"""``dydit evaluate``: FID, sFID, IS, precision/recall and Fashion-MNIST classifier metrics of samples;
+``--geneval``: the GenEval-style score of text-to-image samples of the captioned compositions."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ FD-FMNIST-classifier, a Fréchet distance in its feature space; it is not an FID
 SAMPLES is an ADM .npz (arr_0 uint8 N,H,W,C; arr_1 labels optional) or a folder of images.
 --ref is an ADM reference .npz (its mu/sigma and mu_s/sigma_s are used as they are), a folder
 of images, or a dataset name: fashion-mnist-train, fashion-mnist-test. Reference features are
-cached under the cache directory, keyed by a hash of the images and of the feature network."""
+cached under the cache directory, keyed by a hash of the images and of the feature network.
+
+--geneval scores text-to-image samples of the captioned Fashion-MNIST compositions
+(--data fmnist-compose) GenEval-style instead: SAMPLES is a folder of 64x64 PNGs (sorted by
+file name) with prompts.txt inside, one prompt per line in the same order (or --prompts FILE;
+an .npz needs it). Each image's 2x2 cells are read (empty, item by the Fashion-MNIST
+classifier, colour from the mean tint) and checked against its prompt; the report gives the
+accuracy per category (single_object, two_object, counting, colors, position, color_attr), the
+overall score (their mean, as GenEval) and FD-cells, a Fréchet distance of the classifier's
+features of the occupied cells against real compositions of the same prompts. --ref is not used."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("samples", help="sample set: an ADM .npz (arr_0 uint8 NHWC) or a folder of images")
     p.add_argument(
         "--ref",
-        required=True,
-        help=f"reference: an ADM .npz, a folder of images, or one of {', '.join(DATASETS)}",
+        default=None,
+        help=f"reference: an ADM .npz, a folder of images, or one of {', '.join(DATASETS)} "
+        "(required unless --geneval)",
+    )
+    p.add_argument(
+        "--geneval",
+        action="store_true",
+        help="GenEval-style score of text-to-image samples of the captioned compositions (see above)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="with --geneval: the samples' prompts, one per line (default: SAMPLES/prompts.txt)",
     )
     p.add_argument(
         "--metrics",
@@ -94,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dydit.errors import DyditError
     from dydit.evaluate.run import evaluate
 
     if args.threads is not None:
@@ -104,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
         from dydit.io import output_target
 
         output_target(args.json)  # a device, a folder or a missing folder: refused before the work
+    if args.geneval:
+        return _run_geneval(args)
+    if args.ref is None:
+        raise DyditError("give --ref REFERENCE (or --geneval for text-to-image samples)")
+    if args.prompts is not None:
+        raise DyditError("--prompts goes with --geneval")
     metrics = [m.strip().lower() for m in args.metrics.split(",") if m.strip()]
     report = evaluate(
         args.samples,
@@ -118,6 +147,22 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         cache_dir=args.cache_dir,
         cache_refs=not args.no_cache,
+        progress=not args.quiet,
+    )
+    print(report.format())
+    if args.json:
+        report.save_json(args.json)
+    return 0
+
+
+def _run_geneval(args: argparse.Namespace) -> int:
+    from dydit.evaluate.geneval import evaluate_geneval
+
+    report = evaluate_geneval(
+        args.samples,
+        args.prompts,
+        cache_dir=args.cache_dir,
+        device=resolve_device(args.device),
         progress=not args.quiet,
     )
     print(report.format())

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a training state's EMA weights as .safetensors, or any checkpoint as a diffusers folder",
         description="Export the EMA (or raw model) weights of a training state, with the run's "
         "configuration as JSON under the safetensors metadata key 'config'. With --to diffusers, write "
-        "any checkpoint dydit loads as a DiTTransformer2DModel folder (config.json + "
-        "diffusion_pytorch_model.safetensors); a DyDiT's routers go beside it in dydit_routers.safetensors.",
+        "any checkpoint dydit loads as a DiTTransformer2DModel (or FluxTransformer2DModel) folder "
+        "(config.json + diffusion_pytorch_model.safetensors); a DyDiT's routers go beside it in "
+        "dydit_routers.safetensors.",
     )
     p.add_argument(
         "state",
@@ -45,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--to diffusers: the preset of a file that stores no config and no training args; a U-ViT "
         "preset (U-ViT-H/2, ...) exports an official U-ViT .pth as a .safetensors with its config",
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="--to diffusers: the diffusers config.json (FluxTransformer2DModel) of a FLUX file that "
+        "stores none, e.g. the released DyFLUX checkpoint",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
             src = state_path(src)  # a run directory
 
         out = Path(args.out) if args.out else src.parent / f"{args.weights}-diffusers"
-        path, notes = export_diffusers(src, out, model=args.model, weights=args.weights)
+        path, notes = export_diffusers(src, out, model=args.model, weights=args.weights, config=args.config)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(path)
         return 0
-    if args.model is not None:
-        raise DyditError("--model applies to --to diffusers; a training state stores its config")
+    if args.model is not None or args.config is not None:
+        raise DyditError("--model and --config apply to --to diffusers; a training state stores its config")
     print(export_run(src, args.out, which=args.weights))
     return 0
 

@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.5,
         help="classifier-free guidance scale of the measured trajectory (default 1.5; 1 = none)",
     )
+    p.add_argument(
+        "--text-length",
+        type=positive_int,
+        default=None,
+        help="FLUX models: text tokens of the table (default: the preset's max_text_length)",
+    )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampled images and labels")
     p.add_argument("--device", default="auto", help="device for the measured forward passes: auto, cpu, cuda")
     p.add_argument(
@@ -89,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
             raise DyditError(f"{', '.join(dynamic_opts)} describe a DyDiT checkpoint; pass --checkpoint")
         from dydit.evaluate.routing import static_flops_markdown
 
-        print(static_flops_markdown(args.model or DEFAULT_MODEL, model_config_from_args(args, DEFAULT_MODEL)))
+        cfg = model_config_from_args(args, DEFAULT_MODEL)
+        if args.text_length is not None:
+            if not hasattr(cfg, "max_text_length"):
+                raise DyditError("--text-length applies to FLUX models")
+            cfg = cfg.replace(max_text_length=args.text_length)
+        print(static_flops_markdown(args.model or DEFAULT_MODEL, cfg))
         return 0
     if args.image_size is not None or args.num_classes is not None:
         raise DyditError(

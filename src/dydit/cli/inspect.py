@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Describe a checkpoint file or diffusers folder on one screen, and check that it "
         "loads strictly into the model dydit would build for it.",
     )
-    p.add_argument("path", help="a .pt/.pth/.bin/.safetensors checkpoint or a diffusers DiT folder")
+    p.add_argument("path", help="a .pt/.pth/.bin/.safetensors checkpoint or a diffusers DiT or FLUX folder")
     p.add_argument(
         "--model",
         default=None,
@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="ema",
         help="which entry of a training dict to describe",
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the diffusers config.json (FluxTransformer2DModel) of a FLUX file that stores none, "
+        "e.g. the released DyFLUX checkpoint",
+    )
     p.set_defaults(func=run)
 
 
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from dydit.checkpoint.describe import inspect_checkpoint
     from dydit.errors import DyditError
 
-    lines, problem = inspect_checkpoint(args.path, args.model, args.weights)
+    lines, problem = inspect_checkpoint(args.path, args.model, args.weights, args.config)
     print("\n".join(lines), flush=True)
     if problem is not None:  # described, but it does not load: a failure for scripts (exit 1)
         raise DyditError(f"{args.path} does not load: {problem}")

@@ -357,9 +357,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
     if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
         from dydit.models.sliced import engine
 
-        model = engine(model, **plan["engine"]) if plan["engine"] else model
-        fast = model if plan["engine"] else model.sliced_engine()
-        fast.prepare(settings.network_times(diffusion))  # the packs the run uses most are held
+        model = engine(model, **plan["engine"]) if plan["engine"] else model  # generate plans its times
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     common = dict(

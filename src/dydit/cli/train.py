@@ -98,7 +98,8 @@ def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data", default=d.data,
-        help="dataset: fashion-mnist[:DIR], fashion-mnist-test, digits, folder:PATH, latents:PATH "
+        help="dataset: fashion-mnist[:DIR], fashion-mnist-test, fmnist-compose[:DIR] (captioned "
+        "compositions, text-to-image), digits, folder:PATH, latents:PATH "
         "(default %(default)s)",
     )  # fmt: skip
     g.add_argument(

@@ -4,6 +4,8 @@
 
 - ``"fashion-mnist"`` or ``"fashion-mnist:/dir"`` -- the Debian package's idx files (default data),
 - ``"fashion-mnist-test"`` -- its 10 000-image test split,
+- ``"fmnist-compose"`` or ``"fmnist-compose:/dir"`` -- captioned 64x64 compositions of its items,
+  made on the fly (:mod:`dydit.data.compose`; batches carry caption token ids),
 - ``"digits"`` -- scikit-learn's 8x8 digits (tiny tests),
 - ``"folder:/path"`` -- an ImageFolder-style directory, ADM centre crop (every file checked once),
 - ``"latents:/path"`` -- a latent cache written by :func:`~dydit.data.latents.encode_dataset`.
@@ -18,7 +20,9 @@ from dydit.data.base import ArrayDataset, DataInfo, ImageDataset
 from dydit.data.loader import DataStream, derive_seed
 from dydit.errors import DyditError
 
-DATASET_KINDS: tuple[str, ...] = ("fashion-mnist", "fashion-mnist-test", "digits", "folder:", "latents:")
+DATASET_KINDS: tuple[str, ...] = (
+    "fashion-mnist", "fashion-mnist-test", "fmnist-compose", "digits", "folder:", "latents:",
+)  # fmt: skip
 # DiT trains at 256 or 512 pixels; a far larger --image-size is a typo that would exhaust memory.
 MAX_IMAGE_SIZE = 4096
 
@@ -48,6 +52,12 @@ def make_dataset(
 
         split = "test" if kind.endswith("-test") else "train"
         return load_fashion_mnist(arg or None, split=split, image_size=image_size, fit=fit)
+    if kind == "fmnist-compose":
+        from dydit.data.compose import CANVAS, make_compose_dataset
+
+        if image_size not in (None, CANVAS):
+            raise DyditError(f"fmnist-compose images are {CANVAS}x{CANVAS}, not {image_size}x{image_size}")
+        return make_compose_dataset(arg or None)
     if kind == "digits" and not arg:
         from dydit.data.digits import load_digits
 
@@ -67,8 +77,8 @@ def make_dataset(
             )
         return ds
     raise DyditError(
-        f"unknown dataset spec {spec!r}; use one of: fashion-mnist[:DIR], fashion-mnist-test, digits, "
-        "folder:PATH, latents:PATH"
+        f"unknown dataset spec {spec!r}; use one of: fashion-mnist[:DIR], fashion-mnist-test, "
+        "fmnist-compose[:DIR], digits, folder:PATH, latents:PATH"
     )
 
 
@@ -91,6 +101,10 @@ def dataset_image_size(spec: str, image_size: int | None = None, progress: bool 
         from dydit.data.fashion_mnist import DEFAULT_SIZE
 
         return DEFAULT_SIZE
+    if kind == "fmnist-compose":
+        from dydit.data.compose import CANVAS
+
+        return CANVAS
     if kind == "digits" and not arg:
         from dydit.data.digits import NATIVE_SIZE
 

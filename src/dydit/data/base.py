@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dydit.conditioning import Condition
 from dydit.errors import DyditError
 
 # uint8 pixels map to [-1, 1] as x / 127.5 - 1 (the DiT / ADM normalisation).
@@ -65,6 +66,11 @@ class ImageDataset(Dataset):
         :class:`~dydit.conditioning.Condition` here instead."""
         items = [self.get(int(i), bool(f)) for i, f in zip(indices.tolist(), flips.tolist())]
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+    def batch_condition(self, y: Tensor) -> Tensor | Condition:
+        """The condition of a batch whose ``get`` results DataLoader workers collated (``y`` stacks the
+        second items): the labels as they are here; a dataset of another condition wraps them."""
+        return y
 
     @property
     def in_memory(self) -> bool:

@@ -116,7 +116,8 @@ class DataStream:
         keys = [list(zip(i.tolist(), f.tolist())) for i, f in zip(indices, flips)]
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, pin_memory=False)
         try:
-            yield from loader
+            for x, y in loader:
+                yield x, self.dataset.batch_condition(y)
         except DyditError as e:
             # A worker's error comes back as "Caught DyditError in DataLoader worker ..." followed by
             # the worker's traceback; keep the original message (its last line) for the one-line report.

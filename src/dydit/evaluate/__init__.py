@@ -9,12 +9,15 @@ Typical use::
 
 Modules: ``images`` (sample/reference sets), ``features`` (offline Inception), ``fid`` (streaming
 Gaussian statistics, Fréchet distance), ``metrics`` (IS, precision/recall), ``classifier``
-(Fashion-MNIST CNN), ``extract`` (feature pass and reference cache), ``run`` (``evaluate``).
+(Fashion-MNIST CNN), ``extract`` (feature pass and reference cache), ``run`` (``evaluate``),
+``geneval`` (``evaluate_geneval``: the GenEval-style score of text-to-image samples of the
+captioned compositions).
 """
 
 from dydit.evaluate.extract import default_cache_dir, extract, reference_features
 from dydit.evaluate.features import FeatureNet, InceptionFeatures, default_inception_path, load_inception
 from dydit.evaluate.fid import GaussianStats, RunningGaussian, frechet_distance, save_stats
+from dydit.evaluate.geneval import GenevalReport, evaluate_geneval, write_prompted_folder
 from dydit.evaluate.images import ArraySource, ImageSource, open_image_set, write_npz
 from dydit.evaluate.metrics import inception_score, precision_recall
 from dydit.evaluate.run import METRICS, EvalReport, evaluate
@@ -25,12 +28,14 @@ __all__ = [
     "EvalReport",
     "FeatureNet",
     "GaussianStats",
+    "GenevalReport",
     "ImageSource",
     "InceptionFeatures",
     "RunningGaussian",
     "default_cache_dir",
     "default_inception_path",
     "evaluate",
+    "evaluate_geneval",
     "extract",
     "frechet_distance",
     "inception_score",
@@ -40,4 +45,5 @@ __all__ = [
     "reference_features",
     "save_stats",
     "write_npz",
+    "write_prompted_folder",
 ]

@@ -27,7 +27,7 @@ from dydit.errors import DyditError
 from dydit.flops.analytic import per_sample_macs
 from dydit.flops.formulas import config_macs_table, token_router_macs
 from dydit.flow import create_process
-from dydit.presets import ModelConfig
+from dydit.presets import FluxConfig, ModelConfig
 from dydit.sample import SamplingSettings
 
 
@@ -158,12 +158,23 @@ def routing_profile(
     return RoutingProfile(model.width_plan(torch.tensor(ts)), tokens, ts, n)
 
 
-def static_flops_markdown(title: str, cfg: ModelConfig) -> str:
+def static_flops_markdown(title: str, cfg: ModelConfig | FluxConfig) -> str:
     """Per-component GFLOPs of one complete forward for one image, as a Markdown table."""
-    table = config_macs_table(cfg)
+    if isinstance(cfg, FluxConfig):  # FLUX family (docs/METHOD.md §15.4)
+        from dydit.models.flux import flux_macs_table
+
+        table = flux_macs_table(cfg)
+        side = cfg.sample_size
+        head = (
+            f"{title}: latents {cfg.latent_channels}x{side}x{side} ({8 * side} px), {cfg.num_tokens} image "
+            f"tokens + {cfg.max_text_length} text tokens"
+        )
+    else:
+        table = config_macs_table(cfg)
+        head = f"{title}: input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens"
     total = sum(table.values())
     lines = [
-        f"{title}: input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens",
+        head,
         "| component | GFLOPs | share |",
         "|---|---:|---:|",
     ]

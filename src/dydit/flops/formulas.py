@@ -101,6 +101,44 @@ def config_macs_table(cfg: ModelConfig | UViTConfig) -> dict[str, int]:
     )
 
 
+# The FLUX family (docs/METHOD.md §15.4) -------------------------------------------------------------
+def flux_layer_costs(image_tokens: int, text_tokens: int, width: int) -> tuple[int, int]:
+    """Per-block (A, M) of FLUX, the same for double- and single-stream blocks: attention over the
+    joint sequence (q/k/v, QKᵀ, AV and the output projections of both streams; the single block's
+    attention columns of proj_out) and the MLP of the image tokens (D -> 4D -> D)."""
+    return attention_macs(image_tokens + text_tokens, width), mlp_macs(image_tokens, width, 4 * width)
+
+
+def flux_macs_table(
+    *,
+    num_layers: int,
+    num_single_layers: int,
+    width: int,
+    image_tokens: int,
+    text_tokens: int,
+    in_channels: int,
+    out_features: int,
+    text_dim: int,
+    pooled_dim: int,
+    guidance: bool,
+) -> dict[str, int]:
+    """Per-component MACs of one FLUX forward for one sample (1 MAC = 1 FLOP): FLUX.1-lite-8B at
+    1024 px (4096 image tokens) with 512 text tokens is 30.0 T, the figure DyFLUX reports."""
+    d, depth = width, num_layers + num_single_layers
+    attn, mlp = flux_layer_costs(image_tokens, text_tokens, width)
+    time = (linear_macs(1, TIMESTEP_FREQ_DIM, d) + d * d) * (2 if guidance else 1)
+    return {
+        "x_embedder": linear_macs(image_tokens, in_channels, d),
+        "time_text_embed": time + linear_macs(1, pooled_dim, d) + d * d,
+        "context_embedder": linear_macs(text_tokens, text_dim, d),
+        "adaLN": num_layers * 12 * d * d + num_single_layers * 3 * d * d,
+        "attention": depth * attn,
+        "mlp": depth * mlp,
+        "mlp_text": depth * mlp_macs(text_tokens, d, 4 * d),
+        "final_layer": linear_macs(1, d, 2 * d) + linear_macs(image_tokens, d, out_features),
+    }
+
+
 def uvit_macs_table(c: UViTConfig) -> dict[str, int]:
     """Per-sample MACs of a U-ViT forward by component, in forward order (docs/METHOD.md §16.3): the
     patch convolution, the time MLP (if any), the long-skip linears, attention over the E + N tokens

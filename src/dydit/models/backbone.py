@@ -33,6 +33,14 @@ A *block* declares
 - ``attention_macs(state, count)`` and ``mlp_macs(rows, count)``: MACs with ``count`` active units.
 
 The token skip itself (x + keep ⊙ gate·MLP(h)) belongs to the method, not to the backbone.
+
+Optional, for families whose routing reads more than x or whose un-routed work shares the width
+units (FLUX, docs/ARCHITECTURE.md §7.2): a block may give ``make_token_router()`` (its own token
+router; one with ``reads_state`` also receives ``token_context(state, c)``), and a block with
+``finish_uses_groups`` gets ``finish(state, x, mod, weights, group_mask)`` with the group units'
+weights (all of them with 0/1 masks in the masked layer, the active ones in the sliced engine). A
+backbone may also make the calibration inputs: ``example_inputs(batch, generator) -> (x, y)`` and
+``time_grid()`` (models/calibrate.py).
 """
 
 from __future__ import annotations

@@ -47,16 +47,22 @@ class Calibration:
 
 
 def fractions_for_rho(
-    rho: float, tokens: int, width: int, mlp_ratio: float = 4.0, keep: float = 0.75
+    rho: float,
+    tokens: int | None = None,
+    width: int | None = None,
+    mlp_ratio: float = 4.0,
+    keep: float = 0.75,
+    costs: tuple[float, float] | None = None,
 ) -> tuple[float, float, float]:
     """(heads, groups, tokens) fractions reaching ρ with equal head and group fractions w.
 
-    ρ = (w·A + w·keep·M) / (A + M) with A, M the per-layer attention and MLP MACs (§5.3), so
+    ρ = (w·A + w·keep·M) / (A + M) with A, M the per-layer attention and MLP MACs (§5.3): DiT's
+    from ``tokens`` and ``width``, or any backbone's ``costs`` (``model.layer_costs()``), so
     w = ρ(A + M) / (A + keep·M). The token fraction is raised when w would exceed 1.
     """
     if not 0 < rho <= 1:
         raise DyditError(f"target rho must be in (0, 1], got {rho}")
-    a, m = layer_costs(tokens, width, mlp_ratio)
+    a, m = layer_costs(tokens, width, mlp_ratio) if costs is None else costs
     w = rho * (a + m) / (a + keep * m)
     if w > 1:
         w, keep = 1.0, (rho * (a + m) - a) / m
@@ -136,8 +142,10 @@ def calibrate_width_routers(
     for name, value in (("heads", heads), ("groups", groups)):
         if not 0 <= value <= 1:
             raise DyditError(f"{name} fraction must be in [0, 1], got {value}")
+    if not getattr(model, "width_routing", True):  # token routing only (the released DyFLUX)
+        return 1.0, 1.0
     device = next(model.parameters()).device
-    t = torch.as_tensor(range(NUM_TIMESTEPS) if timesteps is None else timesteps).flatten().to(device)
+    t = torch.as_tensor(_time_grid(model) if timesteps is None else timesteps).flatten().to(device)
     t_emb = model.width_embedding(t).float().cpu()  # (T, D): what the width routers read (§3.1)
     u, u0 = _time_direction(t_emb, t.float().cpu() / NUM_TIMESTEPS)
     s = t_emb.double() @ u + u0  # (T,)
@@ -153,6 +161,24 @@ def calibrate_width_routers(
             router.bias.copy_((threshold + sign * direction * u0).to(router.bias.dtype))
     head_masks, group_masks = model.width_masks(t)
     return float(head_masks.float().mean()), float(group_masks.float().mean())
+
+
+def _time_grid(model: nn.Module):
+    """The time values to calibrate over: the backbone's ``time_grid()`` (FLUX: flow times in
+    [0, 1]), else the DDPM timesteps 0..999."""
+    grid = getattr(model, "time_grid", None)
+    return range(NUM_TIMESTEPS) if grid is None else grid()
+
+
+def _calibration_inputs(model: nn.Module, batch: int, gen: torch.Generator):
+    """(x, y) for the token calibration: the backbone's ``example_inputs`` when it has them (a text
+    family), else standard-normal latents and random labels from the DiT config."""
+    make = getattr(model, "example_inputs", None)
+    if make is not None:
+        return make(batch, gen)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    return x, torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=gen)  # U-ViT uncond: 0
 
 
 def _token_router_bias(block: nn.Module) -> Tensor:
@@ -185,11 +211,14 @@ def masked_forward(
     def width(layer: int, block: nn.Module) -> tuple[Tensor, Tensor]:
         return head_masks[:, layer].to(c.dtype), group_masks[:, layer].to(c.dtype)
 
-    def select(layer: int, z: Tensor) -> Tensor:
-        logits = model.blocks[layer].token_logits(z) if token_logits is None else token_logits(layer, z)
-        return logits if token_hook is None else token_hook(layer, logits)
+    if token_logits is not None and token_hook is not None:
+        override = token_logits
 
-    state, _ = masked_layers(model.blocks, state, c, width, select)
+        def token_logits(layer: int, z: Tensor) -> Tensor:
+            return token_hook(layer, override(layer, z))
+
+        token_hook = None
+    state, _ = masked_layers(model.blocks, state, c, width, token_logits, token_hook)
     return model.head(state, c)
 
 
@@ -246,15 +275,14 @@ def calibrate_routers(
     if not hasattr(model, "width_masks"):
         raise DyditError("router calibration needs a DyDiT model (with width and token routers)")
     model.eval()
-    cfg = model.config
     h_frac, g_frac = calibrate_width_routers(model, heads, groups, timesteps, segments, spread, seed)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed + 1)
-    grid = torch.as_tensor(range(NUM_TIMESTEPS) if timesteps is None else timesteps).flatten()
+    grid = torch.as_tensor(_time_grid(model) if timesteps is None else timesteps).flatten()
     t = grid[torch.linspace(0, grid.numel() - 1, batch).round().long()].to(device)
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
-    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), generator=gen).to(device)  # U-ViT uncond: 0
+    x, y = _calibration_inputs(model, batch, gen)
+    x, y = x.to(device, dtype), y.to(device)
     k_frac = calibrate_token_routers(model, tokens, x, t, y)
     a, m = model.layer_costs()
     return Calibration(h_frac, g_frac, k_frac, (h_frac * a + g_frac * k_frac * m) / (a + m))

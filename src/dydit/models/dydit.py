@@ -35,7 +35,7 @@ from dydit.models.dynamic import (
 )
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.sliced import SlicedDyDiT
-from dydit.presets import ModelConfig
+from dydit.presets import FluxConfig, ModelConfig
 
 EXECUTION_MODES: tuple[str, ...] = ("dense", "masked", "sliced")
 
@@ -70,14 +70,19 @@ class DyDiT(nn.Module):
 
     def __init__(
         self,
-        config: ModelConfig | None = None,
+        config: ModelConfig | FluxConfig | None = None,
         *,
         backbone: nn.Module | None = None,
         router_layout: str | None = None,
+        width_routing: bool | None = None,
     ):
         super().__init__()
         if (config is None) == (backbone is None):
             raise DyditError("DyDiT takes a model config or a backbone, not both and not neither")
+        if isinstance(config, FluxConfig):  # FLUX family (docs/METHOD.md §15): a Flux backbone
+            from dydit.models.flux import Flux
+
+            backbone, config = Flux(config), None
         if backbone is None:
             config = config.replace(dynamic=True, router_layout=router_layout or config.router_layout)
             layout, width = config.router_layout, config.hidden_size
@@ -85,8 +90,16 @@ class DyDiT(nn.Module):
             # a seeded DyDiT draws its initial weights in the same order as ever.
             backbone = DiT(config, on_block=lambda block: add_routers(block, width, layout))
         else:
+            bcfg = getattr(backbone, "config", None)
+            if width_routing is None:
+                width_routing = getattr(bcfg, "width_routing", True)
+            layout = router_layout or getattr(bcfg, "router_layout", "forced_first")
+            if hasattr(bcfg, "width_routing"):  # a config that records the routers (FluxConfig)
+                backbone.config = bcfg.replace(
+                    dynamic=True, width_routing=width_routing, router_layout=layout
+                )
             for block in backbone.blocks:
-                add_routers(block, backbone.width_dim, router_layout or "forced_first")
+                add_routers(block, backbone.width_dim, layout, width=width_routing)
             for lin in self._router_linears(backbone.blocks):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
@@ -115,23 +128,38 @@ class DyDiT(nn.Module):
 
     @property
     def router_layout(self) -> str:
-        return self.blocks[0].attn_rate.layout
+        block = self.blocks[0]
+        if block.has_width_routers:
+            return block.attn_rate.layout
+        return getattr(self.config, "router_layout", "forced_first")
+
+    @property
+    def width_routing(self) -> bool:
+        """Whether the blocks have width routers (False: token routing only, the released DyFLUX)."""
+        return self.blocks[0].has_width_routers
 
     @staticmethod
     def _router_linears(blocks: nn.ModuleList) -> list[nn.Linear]:
         out = []
         for block in blocks:
-            out += [block.attn_rate.router, block.mlp_rate.router]
+            if block.has_width_routers:
+                out += [block.attn_rate.router, block.mlp_rate.router]
             out += [m for m in block.token_selection.modules() if isinstance(m, nn.Linear)]
         return out
 
     def _init_router_biases(self) -> None:
         """Router biases that keep everything on: sigmoid(15) and sigmoid(35) are 1 to float
-        precision, so a fresh DyDiT computes its backbone."""
+        precision, so a fresh DyDiT computes its backbone. A token router with ``reset_keep_all``
+        (DyFLUX's) initialises itself so."""
         for block in self.blocks:
-            nn.init.constant_(block.attn_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
-            nn.init.constant_(block.mlp_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
-            nn.init.constant_(block.token_selection.output_layer.bias, TOKEN_ROUTER_INIT_BIAS)
+            if block.has_width_routers:
+                nn.init.constant_(block.attn_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
+                nn.init.constant_(block.mlp_rate.router.bias, WIDTH_ROUTER_INIT_BIAS)
+            reset = getattr(block.token_selection, "reset_keep_all", None)
+            if reset is not None:
+                reset(TOKEN_ROUTER_INIT_BIAS)
+            else:
+                nn.init.constant_(block.token_selection.output_layer.bias, TOKEN_ROUTER_INIT_BIAS)
 
     def initialize_weights(self) -> None:
         """The backbone's initialisation (Xavier router weights included), then the router biases."""
@@ -164,6 +192,21 @@ class DyDiT(nn.Module):
         model = cls(backbone=backbone, router_layout=layout)
         return model.to(device=ref.device, dtype=ref.dtype).train(net.training)
 
+    @classmethod
+    def with_width_routers(cls, model: DyDiT, router_layout: str | None = None) -> DyDiT:
+        """A copy of a token-only DyDiT (the released DyFLUX) with width routers added, initialised
+        to keep every head and group, so it computes ``model`` exactly (docs/METHOD.md §15.3)."""
+        if model.width_routing:
+            raise DyditError("this DyDiT has width routers already")
+        cfg = model.config.replace(width_routing=True, router_layout=router_layout or model.router_layout)
+        new = cls(cfg)
+        ref = next(model.parameters())
+        new.to(device=ref.device, dtype=ref.dtype)
+        fit_state_dict(new, model.state_dict(), allow_missing=(".attn_rate.", ".mlp_rate."))
+        if hasattr(model.backbone, "guidance"):
+            new.backbone.guidance = model.backbone.guidance
+        return new.train(model.training)
+
     # The backbone's ends ---------------------------------------------------------------------
     def embed(self, x: Tensor, t: Tensor, y):
         """The backbone's (state, c, width-router input)."""
@@ -186,8 +229,22 @@ class DyDiT(nn.Module):
             raise DyditError(f"unknown execution mode {mode!r}; valid modes: {', '.join(EXECUTION_MODES)}")
         self._execution = mode
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x (B, C, H, W), t (B,) time values, y (B,) labels -> (B, C_out, H, W)."""
+    def forward(self, x: Tensor | None = None, t: Tensor | None = None, y=None, **diffusers_kwargs):
+        """x (B, C, H, W), t (B,) time values, y (B,) labels -> (B, C_out, H, W).
+
+        A backbone with ``call_diffusers`` (FLUX) also takes diffusers' keyword call; it runs in the
+        model's execution mode and a new guidance scale drops the width plans (docs/METHOD.md §15.3).
+        """
+        if diffusers_kwargs or x is None:
+            call = getattr(self.backbone, "call_diffusers", None)
+            if call is None:
+                raise DyditError("this model takes model(x, t, y); keyword calls are for FLUX backbones")
+            if x is not None:
+                diffusers_kwargs["hidden_states"] = x
+            return call(self._forward, on_guidance=self.clear_cache, **diffusers_kwargs)
+        return self._forward(x, t, y)
+
+    def _forward(self, x: Tensor, t: Tensor, y) -> Tensor:
         if self._execution == "dense":
             return self.backbone(x, t, y)  # the blocks' own forward: the complete network
         if self._execution == "masked":

@@ -99,18 +99,43 @@ class DynamicBlock:
     mlp_rate: WidthRouter  # TDW MLP groups
     token_selection: TokenRouter  # SDT
 
+    @property
+    def has_width_routers(self) -> bool:
+        """False for a block made dynamic with token routing only (the released DyFLUX)."""
+        return "attn_rate" in self._modules
+
+    def _all_units(self, e: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        b = e.shape[0]
+        ones = (b, self.head_units.count), (b, self.group_units.count)
+        return torch.ones(ones[0], dtype=dtype, device=e.device), torch.ones(
+            ones[1], dtype=dtype, device=e.device
+        )
+
     def width_masks(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """0/1 head and group masks, (B, H) and (B, G), for the width routers' input e (B, D_w);
-        Gumbel + STE in training mode."""
+        Gumbel + STE in training mode; all ones without width routers."""
+        if not self.has_width_routers:
+            return self._all_units(e, e.dtype)
         return self.attn_rate(e), self.mlp_rate(e)
 
     def hard_width_masks(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """Evaluation head and group masks, bool (B, H) and (B, G), whatever the module's mode."""
+        if not self.has_width_routers:
+            return self._all_units(e, torch.bool)
         return self.attn_rate.hard_mask(e), self.mlp_rate.hard_mask(e)
 
-    def token_logits(self, x: Tensor) -> Tensor:
-        """Token-router logits (B, N) on the routed stream x (B, N, D) after attention."""
+    def token_logits(self, x: Tensor, state=None, c: Tensor | None = None) -> Tensor:
+        """Token-router logits (B, N) on the routed stream x (B, N, D) after attention. A router with
+        ``reads_state`` also reads the block's ``token_context(state, c)`` (docs/ARCHITECTURE.md §7.2)."""
+        if getattr(self.token_selection, "reads_state", False):
+            return self.token_selection.logits(x, *self.token_context(state, c))
         return self.token_selection.logits(x)
+
+    def finish_masked(self, state, x: Tensor, mod, groups: Tensor | None):
+        """``finish``, given the group weights and masks when the block's finish uses them."""
+        if getattr(self, "finish_uses_groups", False):
+            return self.finish(state, x, mod, full_weights(self, self.group_units), groups)
+        return self.finish(state, x, mod)
 
     def forward_masked(
         self,
@@ -120,11 +145,13 @@ class DynamicBlock:
         groups: Tensor,
         tokens: Tensor | None = None,
         token_logits: Callable[[Tensor], Tensor] | None = None,
+        token_hook: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[object, Tensor]:
         """The masked dynamic layer. c (B, D), heads (B, H) and groups (B, G) 0/1.
 
         ``tokens`` (B, N) overrides the token decisions; ``token_logits`` (x (B, N, D) -> (B, N))
-        replaces the token router's logits. Returns the new state and the token mask (B, N).
+        replaces the token router's logits and ``token_hook`` (logits -> logits) rewrites the
+        router's. Returns the new state and the token mask (B, N).
         """
         heads_u, groups_u = self.head_units, self.group_units
         mod = self.modulation(c)
@@ -134,12 +161,14 @@ class DynamicBlock:
         weights = full_weights(self, heads_u)
         state, x, h = self.attention_half(state, mod, weights, heads_u.count, self.static, heads)
         if tokens is None:
-            logits = self.token_logits(x) if token_logits is None else token_logits(x)
+            logits = self.token_logits(x, state, c) if token_logits is None else token_logits(x)
+            logits = logits if token_hook is None else token_hook(logits)
             tokens = gumbel_sigmoid(logits, self.token_selection.training)  # (B, N)
         if counting:
             record("mlp", self.mlp_macs(h.shape[0] * h.shape[1], groups_u.count))
         update = self.mlp_half(h, full_weights(self, groups_u), groups)
-        return self.finish(state, token_skip(x, tokens, self.mlp_gate(mod), update), mod), tokens
+        x = token_skip(x, tokens, self.mlp_gate(mod), update)
+        return self.finish_masked(state, x, mod, groups), tokens
 
 
 _DYNAMIC: dict[type, type] = {}
@@ -160,30 +189,40 @@ def dynamic_block_class(block_class: type) -> type:
     return _DYNAMIC[block_class]
 
 
-def add_routers(block: nn.Module, width_dim: int, layout: str) -> None:
+def add_routers(block: nn.Module, width_dim: int, layout: str, width: bool = True) -> None:
     """Give a backbone block (in place) its head, MLP-group and token routers (docs/METHOD.md §3.1,
     §4.1) and the methods of :class:`DynamicBlock`. The routers are fresh ``nn.Linear`` layers: the
-    caller initialises them (``DyDiT`` does)."""
-    block.attn_rate = WidthRouter(width_dim, block.head_units.count, layout)
-    block.mlp_rate = WidthRouter(width_dim, block.group_units.count, layout)
-    block.token_selection = TokenRouter(block.routed_dim)
+    caller initialises them (``DyDiT`` does). ``width=False`` adds the token router only; a block
+    with ``make_token_router()`` brings its own token router (FLUX: DyFLUX's, docs/METHOD.md §15.2)."""
+    if width:
+        block.attn_rate = WidthRouter(width_dim, block.head_units.count, layout)
+        block.mlp_rate = WidthRouter(width_dim, block.group_units.count, layout)
+    make = getattr(block, "make_token_router", None)
+    block.token_selection = TokenRouter(block.routed_dim) if make is None else make()
     block.__class__ = dynamic_block_class(type(block))
 
 
 def masked_layers(
-    blocks: nn.ModuleList, state, c: Tensor, width: WidthFn, token_logits: TokenLogitsFn | None = None
+    blocks: nn.ModuleList,
+    state,
+    c: Tensor,
+    width: WidthFn,
+    token_logits: TokenLogitsFn | None = None,
+    token_hook: TokenLogitsFn | None = None,
 ) -> tuple[object, RoutingStats]:
     """Run every block's masked layer: the one dynamic layer loop (docs/METHOD.md §2).
 
     ``width(layer, block)`` gives the layer's head and group masks (drawn just before the layer, so
     the Gumbel noise is drawn in one fixed order); ``token_logits(layer, x)`` replaces the token
-    routers. Returns the state after the last block and the stacked decisions.
+    routers and ``token_hook(layer, logits)`` rewrites the routers' logits. Returns the state after
+    the last block and the stacked decisions.
     """
     heads, groups, keep = [], [], []
     for layer, block in enumerate(blocks):
         h, g = width(layer, block)
         select = None if token_logits is None else (lambda x, layer=layer: token_logits(layer, x))
-        state, k = block.forward_masked(state, c, h, g, token_logits=select)
+        hook = None if token_hook is None else (lambda z, layer=layer: token_hook(layer, z))
+        state, k = block.forward_masked(state, c, h, g, token_logits=select, token_hook=hook)
         heads.append(h)
         groups.append(g)
         keep.append(k)

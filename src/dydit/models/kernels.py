@@ -57,7 +57,8 @@ def gathered_mlp_update(
     """The token skip (``x + keep ⊙ gate·MLP_J(h)``, models/dynamic.py) computed on the kept rows
     only: gather -> the block's MLP half -> gate -> scatter-add (docs/METHOD.md §4.3)."""
     b, n, d = x.shape
-    rows = h.reshape(b * n, d) if idx is None else h.reshape(b * n, d).index_select(0, idx)  # (M, D)
+    flat = h.reshape(b * n, -1)  # h may be wider than x (FLUX's single block: [MLP input, attention])
+    rows = flat if idx is None else flat.index_select(0, idx)  # (M, D_h)
     u = mlp_half(rows, weights)  # (M, D)
     if idx is None:
         return x.addcmul_(gate[:, None, :], u.view(b, n, d))

@@ -42,7 +42,7 @@ from dydit.models.dynamic import WidthPlan
 from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
 from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
 
-__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine", "sliced"]
+__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 DEFAULT_PACK_BUDGET = 0.5  # held packs + indices <= this x the blocks' attention+MLP weights
@@ -212,7 +212,8 @@ class SlicedDyDiT(nn.Module):
             self._routers = []
             for block in self.model.blocks:
                 router = None
-                if self._token_logits is None:
+                # A router that reads the block's state runs outside the kernel region (FLUX, §7.2).
+                if self._token_logits is None and not getattr(block.token_selection, "reads_state", False):
                     router = tuple(w.detach() for w in block.token_selection.weights())
                     if self._static_weights:
                         for w in router:
@@ -266,7 +267,11 @@ class SlicedDyDiT(nn.Module):
             )
             b, n, d = x.shape
             if logits is None:
-                logits = self._token_logits(layer, x)
+                logits = (
+                    block.token_logits(x, state, c)
+                    if self._token_logits is None
+                    else self._token_logits(layer, x)
+                )
             elif counting:
                 r = router[0].shape[0]  # D/16
                 record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
@@ -275,7 +280,10 @@ class SlicedDyDiT(nn.Module):
                 x = kernels.mlp(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
                 if counting:
                     record("mlp", block.mlp_macs(rows, mp.count))
-            state = block.finish(state, x, mod)
+            if getattr(block, "finish_uses_groups", False):
+                state = block.finish(state, x, mod, mp.weights, None)
+            else:
+                state = block.finish(state, x, mod)
         return model.head(state, c)
 
 
@@ -304,8 +312,3 @@ def engine(
         pack_budget=pack_budget,
         plan_timesteps=plan_timesteps,
     )
-
-
-def sliced(model: nn.Module, **kwargs) -> SlicedDyDiT:
-    """Wrap a DyDiT in the sliced inference engine: ``sliced(model)(x, t, y)``. See :class:`SlicedDyDiT`."""
-    return SlicedDyDiT(model, **kwargs)
