@@ -27,7 +27,6 @@ from dydit.presets import (
     get_model_config,
     get_uvit_config,
     is_sit_name,
-    is_uvit_name,
 )
 
 GradGuard = Literal["clip", "skip", "none"]
@@ -167,8 +166,7 @@ class TrainConfig:
     # Derived --------------------------------------------------------------------------------
     def model_config(self, **data_defaults: Any) -> ModelConfig:
         """The model's config: preset, then ``data_defaults`` (channels/size/classes), then overrides."""
-        get = get_uvit_config if is_uvit_name(self.model) else get_model_config  # U-ViT: docs/METHOD.md §16
-        return get(self.model, **{**data_defaults, **self.model_overrides})
+        return get_model_config(self.model, **{**data_defaults, **self.model_overrides})
 
     @property
     def dynamic(self) -> bool:
