@@ -123,3 +123,41 @@ def test_one_line_errors_for_bad_flux_inputs(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="stores no FLUX config") as e:
         dydit.load_model(pt)
     assert "config.json" in str(e.value)
+
+
+def test_the_released_dyflux_format_loads_strictly_and_follows_the_released_rule(tmp_path, capsys):
+    """``{"module": state_dict, "step"}`` with diffusers' keys + token_selection.* in every block, no
+    config: loaded with the architecture's config.json, token routing only, the released rule."""
+    from test_dyflux import official_dyflux, token_router_weights
+
+    cfg = tiny()
+    folder, ref = saved(tmp_path, cfg)
+    routers = token_router_weights(cfg)
+    pt = tmp_path / "dyflux.pt"
+    torch.save({"module": {**ref.state_dict(), **routers}, "step": 12000}, pt)
+    model = dydit.load_model(pt, config=folder / "config.json")
+    assert model.config.dynamic and not model.width_routing
+    assert set(model.state_dict()) == set(ref.state_dict()) | set(routers)
+    kw = call(cfg)
+    expected, kept = official_dyflux(ref, routers, kw)
+    assert min(kept) < 1
+    with torch.no_grad():
+        assert rel_err(model(**kw)[0], expected) < 1e-5
+    assert main(["inspect", str(pt), "--config", str(folder / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert "token routing" in out and "12,000" in out and "strictly" in out
+    # Exported for diffusers: the dense FLUX there, the routers beside it, the DyFLUX back in dydit.
+    out_dir = tmp_path / "dyflux-diffusers"
+    assert main(["export", str(pt), "--to", "diffusers", "--config", str(folder), "--out", str(out_dir)]) == 0
+    assert "routers" in capsys.readouterr().err
+    dense = diffusers.FluxTransformer2DModel.from_pretrained(out_dir).eval()
+    back = dydit.load_model(out_dir)
+    with torch.no_grad():
+        assert rel_err(dense(**kw)[0], ref(**kw)[0]) < 1e-6
+        assert rel_err(back(**kw)[0], expected) < 1e-5
+    # A DyFLUX checkpoint whose routers do not fit the config given: one line naming the keys.
+    bad = {**ref.state_dict(), **routers}
+    bad.pop(next(k for k in bad if "token_selection.router.weight" in k))
+    torch.save({"module": bad, "step": 1}, pt)
+    with pytest.raises(CheckpointError, match="missing keys: .*token_selection.router.weight"):
+        dydit.load_model(pt, config=folder)

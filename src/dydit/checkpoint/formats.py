@@ -38,6 +38,7 @@ FORMATS: dict[str, str] = {
     "state_dict": "raw state dict (torch.save of model.state_dict(); official DiT/SiT releases)",
     "uvit_state_dict": "raw U-ViT state dict (torch.save of nnet.state_dict(); official U-ViT releases)",
     "training_dict": "training dict with 'model'/'ema' entries (official DiT, DyDiT and SiT train.py)",
+    "module_dict": "dict with a 'module' entry and the step (DeepSpeed-style: the released DyFLUX)",
     "dydit_state": "dydit training state (checkpoints/state.pt)",
     "dydit_export": "dydit .safetensors export with its config",
     "safetensors": ".safetensors state dict without a config",
@@ -125,6 +126,11 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
         step = obj.get("step")
         return Checkpoint(
             str(path), "dydit_state", sd, cfg, None, step if isinstance(step, int) else None, entry, run
+        )
+    if entry == "module" and not {"model", "ema"} & set(obj):
+        step = obj.get("step")
+        return Checkpoint(
+            str(path), "module_dict", sd, cfg, None, step if isinstance(step, int) else None, entry, run
         )
     if entry is not None:
         args = _args_dict(obj.get("args"))
