@@ -313,3 +313,17 @@ def test_fine_tuning_with_the_training_loss_moves_rho_toward_lambda():
     after = mean_rho()
     assert before > 0.65 and abs(after - 0.5) < abs(before - 0.5) - 0.05, (before, after)
     assert flops_loss(torch.tensor(after), 0.5) < flops_loss(torch.tensor(before), 0.5)
+
+
+def test_reordering_units_preserves_the_function():
+    from dydit.models.reorder import reorder_by_importance
+
+    cfg = CASES["cond"]
+    model = DyDiT.from_dit(random_uvit(cfg), router_layout="all").eval()
+    x, t, y = batch(cfg, 2)
+    with torch.no_grad():
+        before = model(x, t, y)
+        orders = reorder_by_importance(model)
+        after = model(x, t, y)
+    assert any(not torch.equal(o, torch.arange(len(o))) for pair in orders for o in pair)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
