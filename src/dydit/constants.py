@@ -46,3 +46,7 @@ AUTO_HOLD_FRACTION = 0.05
 AUTO_WARMUP_FRACTION = 0.5
 # §5.3: number of timestep strata of the stratified sampler.
 TIMESTEP_STRATA = 4
+
+# §18 (ours): TD-LoRA group-router bias at initialisation; sigmoid(3) ~ 0.95, so nearly every adapter
+# group is on at first while the Gumbel noise still explores (and the gradient is not saturated).
+LORA_ROUTER_INIT_BIAS = 3.0

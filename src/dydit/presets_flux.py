@@ -87,6 +87,8 @@ class FluxConfig:
     router_layout: str = "forced_first"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.axes_dims_rope, (list, tuple)) or len(self.axes_dims_rope) != 3:
+            raise DyditError(f"axes_dims_rope must be a list of 3 integers, got {self.axes_dims_rope!r:.60}")
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         for name in FLUX_LIMITS:
             value = getattr(self, name)

@@ -1,4 +1,4 @@
-"""The U-ViT family's typed config and presets (docs/METHOD.md §16, docs/ARCHITECTURE.md §7.3).
+"""The U-ViT family's typed config and presets (docs/METHOD.md §16, docs/ARCHITECTURE.md §7.4).
 
 :class:`UViTConfig` uses the field names of :class:`~dydit.presets.ModelConfig` where they mean the
 same (the workflows read both alike); :meth:`UViTConfig.nnet_kwargs` gives the official

@@ -93,6 +93,13 @@ def _add_model_group(p: argparse.ArgumentParser) -> None:
     )
     add_engine_options(g)
     g.add_argument(
+        "--lora",
+        default=None,
+        metavar="FILE",
+        help="a TD-LoRA file (lora.safetensors of dydit finetune --lora) applied onto the base "
+        "weights: --checkpoint, else the base the file names (docs/METHOD.md §18)",
+    )
+    g.add_argument(
         "--vae",
         default=None,
         help="AutoencoderKL (diffusers directory or hub id) that decodes a latent model's samples",
@@ -188,6 +195,8 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(ModelConfig, opened Checkpoint or None, description of the weights)."""
     from dydit.cli._common import model_config_from_args, size_overrides
 
+    if getattr(args, "lora", None):
+        return _lora_model_config(args)
     if args.checkpoint is None:
         if args.model is None:
             raise DyditError("give --checkpoint or --model")
@@ -206,6 +215,22 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     cfg = model_config(ckpt, args.model)
     sizes = size_overrides(cfg, args.image_size, args.num_classes)
     return (cfg.replace(**sizes) if sizes else cfg), ckpt, str(Path(args.checkpoint).resolve())
+
+
+def _lora_model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(the DyDiT config a TD-LoRA file stores, its base opened, a description) for ``--lora``."""
+    from dydit.checkpoint import open_checkpoint
+    from dydit.checkpoint.lora import read_lora
+    from dydit.presets import ModelConfig
+
+    if args.random_weights:
+        raise DyditError("--lora applies adapters to real base weights, not to --random-weights")
+    _, _, stored = read_lora(args.lora)
+    base = args.checkpoint or stored.get("base")
+    if not base:
+        raise DyditError(f"{args.lora} names no base weights: give --checkpoint")
+    cfg = ModelConfig.from_dict(stored["model"])
+    return cfg, open_checkpoint(base), f"{Path(base).resolve()} + TD-LoRA {Path(args.lora).resolve()}"
 
 
 def _execution(requested: str | None, cfg: Any) -> str:
@@ -355,7 +380,14 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
 
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
-    model = _build_model(cfg, ckpt, plan["execution"]).to(device)
+    model = _build_model(cfg, ckpt, plan["execution"])
+    if getattr(args, "lora", None):  # adapters and routers onto the base (docs/METHOD.md §18)
+        from dydit.checkpoint.lora import apply_lora
+
+        execution = model.execution
+        model = apply_lora(model, args.lora)
+        model.execution = execution
+    model = model.to(device)
     if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
         from dydit.models.sliced import engine
 

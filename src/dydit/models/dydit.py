@@ -34,6 +34,7 @@ from dydit.models.dynamic import (
     register_dynamic_block,
 )
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
+from dydit.models.lora import applied, has_lora
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import FluxConfig, ModelConfig
 
@@ -246,7 +247,11 @@ class DyDiT(nn.Module):
 
     def _forward(self, x: Tensor, t: Tensor, y) -> Tensor:
         if self._execution == "dense":
-            return self.backbone(x, t, y)  # the blocks' own forward: the complete network
+            if not has_lora(self):
+                return self.backbone(x, t, y)  # the blocks' own forward: the complete network
+            t_in = t.expand(x.shape[0]) if t.ndim == 0 else t
+            with applied(self, self.width_embedding(t_in)):  # TD-LoRA adapters (§18)
+                return self.backbone(x, t, y)
         if self._execution == "masked":
             return self.forward_with_routing(x, t, y)[0]
         return self.sliced_engine()(x, t, y)
@@ -279,7 +284,8 @@ class DyDiT(nn.Module):
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
         state, c, e = self.embed(x, t, y)  # DiT: tokens (B, N, D), c (B, D), e = E_t (B, D)
         # Width depends on e only (t alone); each layer's masks are drawn just before it runs.
-        state, stats = masked_layers(self.blocks, state, c, lambda _, block: block.width_masks(e))
+        with applied(self, e):  # TD-LoRA adapters gated by e, if the model has them (§18)
+            state, stats = masked_layers(self.blocks, state, c, lambda _, block: block.width_masks(e))
         return self.head(state, c), stats
 
     # Per-timestep width decisions (inference) ------------------------------------------------

@@ -40,6 +40,7 @@ from dydit.flops import formulas
 from dydit.flops.counter import is_counting, record
 from dydit.models.dynamic import WidthPlan
 from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
+from dydit.models.lora import gate_plan, has_lora, merged_weights
 from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
 
 __all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
@@ -121,7 +122,8 @@ class SlicedDyDiT(nn.Module):
 
         Never needed after ordinary weight changes, which the engine detects itself."""
         self._steps: dict[float, StepPacks] = {}
-        self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights)
+        merged = merged_weights if has_lora(self.model) else None  # TD-LoRA: merged per step (§18)
+        self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights, merged)
         self._adaln: tuple[Tensor, Tensor, list[int]] | None = None
         self._routers: list[RouterWeights | None] | None = None
         self._watch = WeightWatch(self.model)
@@ -150,7 +152,7 @@ class SlicedDyDiT(nn.Module):
     def cache_info(self) -> dict[str, int]:
         """Numbers of cached plan steps and packs, and the bytes held by packs (:meth:`memory`)."""
         memory = self.memory()
-        kinds = Counter(kind for kind, _, _ in self._store.packs)
+        kinds = Counter(key[0] for key in self._store.packs)
         return {
             "plans": len(self._steps),
             "attn_packs": kinds["attn"],
@@ -178,13 +180,16 @@ class SlicedDyDiT(nn.Module):
                 f"{tuple(plan.heads.shape)} and {tuple(plan.groups.shape)}"
             )
         uses: Counter[Pack] = Counter()
-        for t, heads, groups in plan.steps():
+        # TD-LoRA: the adapters' gates of each step, merged into its packs (docs/METHOD.md §18).
+        lora = gate_plan(self.model, plan.timesteps) if has_lora(self.model) else None
+        for i, (t, heads, groups) in enumerate(plan.steps()):
             if t not in self._steps:
                 layers = range(self.num_layers)
                 get = self._store.get
+                gates = [None] * self.num_layers if lora is None else lora[i]
                 step = StepPacks(
-                    tuple(get("attn", layer, heads[layer], hold=False) for layer in layers),
-                    tuple(get("mlp", layer, groups[layer], hold=False) for layer in layers),
+                    tuple(get("attn", layer, heads[layer], False, gates[layer]) for layer in layers),
+                    tuple(get("mlp", layer, groups[layer], False, gates[layer]) for layer in layers),
                 )
                 self._steps[t] = step
                 uses.update([*step.attn, *step.mlp])
