@@ -229,6 +229,8 @@ def test_from_dit_keeps_the_function_and_adds_only_routers(case, layout):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(dense, ref, atol=0, rtol=0)
     assert isinstance(dydit.create_model("DyDiT-U-ViT-Ti/2"), DyDiT)
+    built = DyDiT(get_uvit_config("U-ViT-Ti/2"), router_layout="all")  # from a config, as for DiT
+    assert isinstance(built.backbone, UViT) and built.config.dynamic and built.router_layout == "all"
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

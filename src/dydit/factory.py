@@ -57,4 +57,4 @@ def build_uvit(config: UViTConfig) -> nn.Module:
         return UViT(config)
     from dydit.models.dydit import DyDiT
 
-    return DyDiT(backbone=UViT(config), router_layout=config.router_layout)
+    return DyDiT(config)
