@@ -438,7 +438,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device) -
 
 def _execution_line(cfg: Any, execution: str) -> str:
     if not cfg.dynamic:
-        return "execution: dense (a DiT)"
+        return f"execution: dense (a {getattr(cfg, 'family', 'DiT')})"
     note = {"sliced": "switched-off work skipped", "masked": "masks, no faster than dense",
             "dense": "the full network, routers ignored"}[execution]  # fmt: skip
     return f"execution: {execution} (DyDiT: {note}; --execution sliced|masked|dense)"
