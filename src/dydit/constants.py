@@ -21,7 +21,7 @@ DIT_COMPAT_GUIDANCE_CHANNELS = 3
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
-# §13.2: Stable Diffusion's "scaled linear" betas (linear in sqrt(beta)), which U-ViT's H models use.
+# §16.2: Stable Diffusion's "scaled linear" betas (linear in sqrt(beta)), which U-ViT's H models use.
 SD_BETA_START = 0.00085
 SD_BETA_END = 0.012
 

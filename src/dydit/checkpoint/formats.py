@@ -142,7 +142,7 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
 
 
 def _stored_size_mismatches(cfg: ModelConfig | UViTConfig, sd: dict[str, Tensor]) -> list[str]:
-    """:func:`size_mismatches` of a stored config, U-ViT's (docs/METHOD.md §13) included."""
+    """:func:`size_mismatches` of a stored config, U-ViT's (docs/METHOD.md §16) included."""
     return uvit_size_mismatches(cfg, sd) if isinstance(cfg, UViTConfig) else size_mismatches(cfg, sd)
 
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.base is not None:
         raise DyditError("--base applies to --merge-lora")
-    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §13): an official .pth or a U-ViT file
+    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §16): an official .pth or a U-ViT file
         return 0
     if args.to == "diffusers":
         from dydit.checkpoint.export import export_diffusers

@@ -382,6 +382,8 @@ def _describe_times(times: list[float], settings: Any) -> str:
     if settings.flow:
         if not times:
             return "flow times chosen by the adaptive solver"
+        if max(times) > 1:  # a U-ViT's VP-SDE: the network sees 999 (1 - t) (docs/METHOD.md §16.2)
+            return f"{len(times)} network times {times[0]:g}..{times[-1]:g} (999 s: 999 noise, 0 data)"
         return f"{len(times)} flow times {times[0]:g}..{times[-1]:g} (t = 0 noise, 1 data)"
     return f"{len(times)} original timesteps {int(times[0])}..{int(times[-1])}"
 
@@ -481,7 +483,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, c
 
 def _execution_line(cfg: Any, execution: str) -> str:
     if not cfg.dynamic:
-        return "execution: dense (a DiT)"
+        return f"execution: dense (a {getattr(cfg, 'family', 'DiT')})"
     note = {"sliced": "switched-off work skipped", "masked": "masks, no faster than dense",
             "dense": "the full network, routers ignored"}[execution]  # fmt: skip
     return f"execution: {execution} (DyDiT: {note}; --execution sliced|masked|dense)"

@@ -36,7 +36,7 @@ from dydit.models.dynamic import (
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.lora import applied, has_lora
 from dydit.models.sliced import SlicedDyDiT
-from dydit.presets import FluxConfig, ModelConfig
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig
 
 EXECUTION_MODES: tuple[str, ...] = ("dense", "masked", "sliced")
 
@@ -84,6 +84,11 @@ class DyDiT(nn.Module):
             from dydit.models.flux import Flux
 
             backbone, config = Flux(config), None
+        if isinstance(config, UViTConfig):  # U-ViT family (docs/METHOD.md §16): a U-ViT backbone
+            from dydit.models.uvit import UViT
+
+            router_layout = router_layout or config.router_layout
+            backbone, config = UViT(config.replace(dynamic=True, router_layout=router_layout)), None
         if backbone is None:
             config = config.replace(dynamic=True, router_layout=router_layout or config.router_layout)
             layout, width = config.router_layout, config.hidden_size

@@ -21,7 +21,13 @@ from dydit.constants import (
 )
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
-from dydit.presets import ModelConfig, dydit_name, get_model_config, is_sit_name
+from dydit.presets import (
+    ModelConfig,
+    dydit_name,
+    get_model_config,
+    get_uvit_config,
+    is_sit_name,
+)
 
 GradGuard = Literal["clip", "skip", "none"]
 GRAD_GUARDS: tuple[str, ...] = ("clip", "skip", "none")
@@ -273,9 +279,16 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
 
     Used to fine-tune from a checkpoint whose stored config need not match a preset exactly.
     """
-    from dydit.presets import DIT_NAMES, dydit_name, preset_name
+    from dydit.presets import DIT_NAMES, UVIT_NAMES, UViTConfig, dydit_name, preset_name
 
     dynamic = config.dynamic if dynamic is None else dynamic
+    if isinstance(config, UViTConfig):  # a U-ViT (docs/METHOD.md §16): its preset, else the first
+        name = preset_name(config.replace(dynamic=False)) or UVIT_NAMES[0]
+        base = get_uvit_config(name)
+        target = config.replace(dynamic=dynamic)
+        return (dydit_name(name) if dynamic else name), {
+            k: v for k, v in target.to_dict().items() if k != "family" and getattr(base, k) != v
+        }
     name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
     if dynamic and name in DIT_NAMES:
         name = dydit_name(name)

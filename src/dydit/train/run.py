@@ -28,7 +28,7 @@ from dydit.log import get_logger, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
 from dydit.models.fitting import size_mismatches
 from dydit.models.lora import LoraConfig, add_lora, freeze_base
-from dydit.presets import ModelConfig
+from dydit.presets import ModelConfig, UViTConfig
 from dydit.train import fsdp
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
@@ -232,7 +232,12 @@ def _init_weights(path: str, mc: ModelConfig) -> dict[str, torch.Tensor]:
     init, §12).
     """
     sd = load_checkpoint(path)
-    wrong = size_mismatches(mc, sd)
+    if isinstance(mc, UViTConfig):  # docs/METHOD.md §16
+        from dydit.models.uvit_fit import uvit_size_mismatches
+
+        wrong = uvit_size_mismatches(mc, sd)
+    else:
+        wrong = size_mismatches(mc, sd)
     if wrong:
         raise CheckpointError(f"{path} does not fit the model: {'; '.join(wrong)}")
     return sd
