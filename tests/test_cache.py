@@ -115,6 +115,24 @@ def test_threshold_zero_equals_uncached_uvit():
         assert torch.equal(sample(cached(model, method, 0.0), model, settings, num_classes=7), want)
 
 
+def test_threshold_zero_equals_uncached_dydit_on_uvit():
+    model = DyDiT.from_dit(random_uvit()).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for router in (block.attn_rate.router, block.mlp_rate.router):
+                router.weight.normal_(0, 1.0)
+                router.bias.fill_(0.0)
+            for p in block.token_selection.parameters():
+                p.normal_(0, 0.3)
+    settings = dydit.SamplingSettings(sampler="dpm++2m", steps=5, cfg_scale=1.5)
+    for execution in ("sliced", "masked"):
+        model.execution = execution
+        want = sample(model, model, settings, num_classes=7)
+        for method in METHODS:
+            got = sample(cached(model, method, 0.0), model, settings, num_classes=7)
+            assert torch.equal(got, want), (execution, method)
+
+
 def flux_inputs(cfg, batch: int = 2, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.latent_channels, 8, 8, generator=g)
