@@ -54,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_CFG_SCALE,
         help="guidance (default %(default)s)",
     )
-    g.add_argument("--guidance-channels", choices=GUIDANCE_CHANNELS, default="all")
+    g.add_argument(
+        "--guidance-channels",
+        choices=GUIDANCE_CHANNELS,
+        default="all",
+        help="guide all channels (default) or only the first 3, as in dydit sample",
+    )
     g.add_argument(
         "--num-samples", type=positive_int, default=DEFAULT_IMAGES, help="images (default %(default)s)"
     )
