@@ -351,11 +351,7 @@ def export_checks(cfg: ModelConfig, sd: dict[str, Tensor]) -> None:
 
 
 def write_diffusers(out: str | os.PathLike, sd: dict[str, Tensor], cfg: ModelConfig) -> Path:
-    """Write a diffusers DiT folder for (state dict, config); ``out`` must not exist or be empty.
-
-    The folder is assembled under a hidden temporary name and renamed into place, so ``out`` is
-    either complete or absent.
-    """
+    """Write a diffusers DiT folder for (state dict, config) (:func:`publish_folder`)."""
     check_empty_target(out)
     export_checks(cfg, sd)
     weights, routers = to_diffusers(sd, cfg.depth)
@@ -365,8 +361,7 @@ def write_diffusers(out: str | os.PathLike, sd: dict[str, Tensor], cfg: ModelCon
 
 def check_empty_target(out: str | os.PathLike) -> None:
     """A diffusers folder is written only where nothing is yet (or an empty folder)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if (out := Path(out)).exists() and (not out.is_dir() or any(out.iterdir())):
         raise DyditError(f"{out} already exists; choose another --out or remove it")
 
 
@@ -377,9 +372,8 @@ def publish_folder(
     routers: dict[str, Tensor],
     router_meta: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``config.json``, the weights and (if any) ``dydit_routers.safetensors`` as one folder:
-    assembled under a hidden temporary name, synced and renamed into place, so ``out`` is either
-    complete or absent (one-line DyditError on failure)."""
+    """Write ``config.json``, the weights and any routers as one folder, assembled under a hidden
+    name and renamed into place: ``out`` is complete or absent (one-line DyditError on failure)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
