@@ -64,6 +64,14 @@ from dydit.log import machine_description
 _log = logging.getLogger("frontier")
 
 
+def family_name(config) -> str:
+    """What a frontier row calls the dense model: its family (U-ViT, FLUX), else DiT or SiT."""
+    family = getattr(config, "family", None)
+    if isinstance(family, str):
+        return family
+    return "SiT" if getattr(config, "objective", "ddpm") == "flow" else "DiT"
+
+
 def _ints(text: str) -> list[int]:
     values = sorted({int(v) for v in text.split(",") if v.strip()})
     if not values or values[0] < 1:
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
     (out / "samples").mkdir(exist_ok=True)
-    dense_name = "SiT (dense)" if read_checkpoint(base)[1].objective == "flow" else "DiT (dense)"
+    dense_name = f"{family_name(read_checkpoint(base)[1])} (dense)"
     run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps)
     for spec in args.caches:
         run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps, cache=spec)

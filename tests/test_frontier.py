@@ -87,3 +87,10 @@ def test_a_cache_point_knows_its_sampling_run(frontier):
     model = DiT(ModelConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1))
     fn = frontier.cached_model(model.eval(), "teacache:0.2", DemoConfig(steps=7, sampler="dpm++2m"), None)
     assert isinstance(fn, StepCache) and fn._run.evaluations == 7 and fn.settings.threshold == 0.2
+
+
+def test_rows_name_the_dense_model_by_its_family(frontier):
+    from dydit.presets import get_model_config
+
+    names = {n: frontier.family_name(get_model_config(n)) for n in ("DiT-Ti/4", "SiT-Ti/4", "U-ViT-Ti/4")}
+    assert names == {"DiT-Ti/4": "DiT", "SiT-Ti/4": "SiT", "U-ViT-Ti/4": "U-ViT"}
