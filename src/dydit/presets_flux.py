@@ -330,6 +330,26 @@ FLUX_PRESETS: dict[str, FluxConfig] = {
         recipe_steps=28,
         recipe_guidance=4.0,
     ),
+    # Its tiny twin (tests, ``dydit demo t2i --fast``): the same pixel space, packing and encoder kind.
+    "FLUX-t2i-tiny": FluxConfig(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        axes_dims_rope=(4, 6, 6),
+        in_channels=48,
+        pack=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+        sample_size=64,
+        max_text_length=16,
+        text_encoder={"depth": 1, "heads": 2, "max_length": 16},
+        caption_dropout=0.1,
+        recipe_sampler="euler",
+        recipe_steps=4,
+        recipe_guidance=2.0,
+    ),
 }
 # Every dense preset has its DyFLUX twin: DyFLUX-<name without its FLUX prefix>.
 DYFLUX_NAMES: dict[str, str] = {}

@@ -1,0 +1,183 @@
+"""The text-to-image FLUX trained here (docs/METHOD.md §17.6): its own text encoder, the 4x4 pixel
+packing, FLUX's clock and time shift, ``dydit train`` on the captioned compositions, ``dydit sample
+--prompt`` (resumable, prompts.txt for ``--geneval``), and its DyDiT (sliced == masked)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dydit.checkpoint import load_model
+from dydit.cli import main
+from dydit.data import compose_grammar as G
+from dydit.errors import DyditError
+from dydit.evaluate import classifier as clf
+from dydit.factory import build_model
+from dydit.flow import FLOW_SAMPLERS, Transport, create_process
+from dydit.models.dydit import DyDiT
+from dydit.models.flux_layers import pack_latents, unpack_latents
+from dydit.models.sliced import SlicedDyDiT
+from dydit.presets import config_from_dict, get_model_config
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+
+
+def t2i_config(name: str = "FLUX-t2i-tiny", **overrides):
+    """The preset with the grammar's vocabulary, as a training run on fmnist-compose fills it in."""
+    cfg = get_model_config(name, **overrides)
+    tok = G.tokenizer()
+    return cfg.replace(
+        text_encoder={**cfg.text_encoder, "vocab": list(tok.words), "max_length": tok.max_length}
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def test_pack_4x4_round_trips_and_orders_channels_like_the_2x2_packing() -> None:
+    x = torch.randn(2, 3, 64, 64)
+    tokens = pack_latents(x, 4)
+    assert tokens.shape == (2, 256, 48)
+    torch.testing.assert_close(unpack_latents(tokens, 64, 64, 4), x, rtol=0, atol=0)
+    # token (r, c) holds the 4x4 patch at rows 4r.., columns 4c.., channel-major (as FLUX's 2x2 packing)
+    r, c = 3, 5
+    patch = x[:, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].reshape(2, 48)
+    torch.testing.assert_close(tokens[:, r * 16 + c], patch)
+    torch.testing.assert_close(pack_latents(x, 2), pack_latents(x))  # FLUX's own default
+
+
+def test_flux_clock_regresses_noise_minus_data_at_sigma_and_samples_on_the_shifted_grid() -> None:
+    cfg = t2i_config("FLUX-t2i")
+    assert cfg.num_tokens == 256 and cfg.latent_channels == 3 and math.isclose(cfg.time_shift_mu, 0.5)
+    process = create_process(cfg)
+    assert isinstance(process, Transport) and process.clock == "flux"
+    x0, noise = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    t = torch.tensor([0.1, 0.5, 0.8])  # dydit's flow time (1 = data); FLUX's sigma = 1 - t
+    sigma = process.original_timesteps(t)
+    torch.testing.assert_close(sigma, 1 - t)
+    s = sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(process.q_sample(x0, t, noise), (1 - s) * x0 + s * noise)  # FLUX's x_sigma
+    v = noise - x0  # FLUX's velocity target
+    assert float(process.loss_terms(v, x0, None, t, noise)["loss"].max()) < 1e-10
+    torch.testing.assert_close(process.velocity(v, x0, t), x0 - noise)  # d x / d t in dydit's direction
+    # FluxPipeline's sigmas: time_shift(mu, 1, s) = e^mu / (e^mu + 1/s - 1) on linspace(1, 1/N, N)
+    n, mu = 4, cfg.time_shift_mu
+    grid = FLOW_SAMPLERS["euler"].times(process, n)
+    sig = np.linspace(1.0, 1.0 / n, n)
+    want = math.exp(mu) / (math.exp(mu) + 1 / sig - 1)
+    np.testing.assert_allclose(grid, want, rtol=1e-6)
+
+
+def test_the_model_owns_its_text_encoder_and_drops_captions_only_in_training() -> None:
+    cfg = t2i_config(caption_dropout=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert any(k.startswith("text_encoder.") for k in model.state_dict())
+    ids = model.text_encoder.tokenizer(["a red sneaker left of a bag"] * 64)
+    x, t = torch.randn(64, 3, 64, 64), torch.full((64,), 0.5)
+    with torch.no_grad():
+        model.eval()
+        inputs = model.condition(ids)
+        torch.testing.assert_close(inputs.embeddings, model.text_encoder(ids.ids)[0])
+        model.train()
+        dropped = model.condition(ids).embeddings
+    null = model.text_encoder.null_text().embeddings
+    is_null = [(dropped[i] - null).abs().max() < 1e-6 for i in range(64)]
+    assert 10 < sum(is_null) < 54  # about half replaced by the empty caption
+    model.eval()
+    with torch.no_grad():
+        out = model(x, t, ids)
+    assert out.shape == x.shape
+    with pytest.raises(DyditError, match="no text encoder"):
+        build_model(get_model_config("FLUX-tiny")).condition(ids)
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # a stored config reads back
+
+
+def test_dydit_of_the_t2i_model_sliced_equals_masked() -> None:
+    torch.manual_seed(1)
+    dense = build_model(t2i_config())
+    with torch.no_grad():
+        for p in dense.parameters():  # the adaLN-zero initialisation would make every block the identity
+            p.add_(0.2 * torch.randn_like(p))
+    model = DyDiT(backbone=dense).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in model.blocks:
+            for router in (block.attn_rate.router, block.mlp_rate.router):
+                router.weight.copy_(torch.randn(router.weight.shape, generator=g))
+                router.bias.fill_(0.0)
+            token = block.token_selection
+            for lin in (token.linear_t, token.router):
+                lin.weight.copy_(0.3 * torch.randn(lin.weight.shape, generator=g))
+                lin.bias.zero_()
+    ids = dense.text_encoder.tokenizer(["two bags", "a blue shirt and a yellow trouser", "a coat", "a bag"])
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    engine = SlicedDyDiT(model)
+    for t in (torch.full((4,), 0.3), torch.tensor([0.9, 0.1, 0.5, 0.1])):
+        with torch.no_grad():
+            masked, stats = model.forward_with_routing(x, t, ids)
+            sliced = engine(x, t, ids)
+        assert 0 < stats.tokens.float().mean() < 1
+        assert rel_err(sliced, masked) < 1e-5
+
+
+@needs_fmnist
+def test_train_sample_resume_and_geneval_through_the_cli(tmp_path, capsys, monkeypatch) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--model", "FLUX-t2i-tiny", "--data", "fmnist-compose", "--batch-size", "4"]
+    argv += ["--steps", "2", "--log-every", "1", "--ckpt-every", "2", "--out-dir", str(run), "--no-progress"]
+    assert main(argv) == 0
+    export = run / "ema.safetensors"
+    model = load_model(export)
+    assert model.config.text_encoder["vocab"] == list(G.VOCAB) and model.config.pack == 4
+    assert main([a if a != "2" else "3" for a in argv]) == 0  # --steps 3, --ckpt-every 3: resumes at 2
+    assert json.loads((run / "stats.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a red sneaker left of a bag\n# a comment\ntwo bags\na blue shirt and a yellow trouser\n"
+    )
+    out = tmp_path / "samples"
+    sample = ["sample", "--checkpoint", str(export), "--prompts", str(prompts), "--num-samples", "4"]
+    sample += ["--out-dir", str(out), "--no-progress"]
+    assert main([*sample, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    recipe = model.config
+    assert plan["sampling"]["steps"] == recipe.recipe_steps and plan["sampling"]["cfg_scale"] == 2.0
+    texts = ["a red sneaker left of a bag", "two bags", "a blue shirt and a yellow trouser"]
+    assert plan["prompts"] == [*texts, texts[0]]  # cycled over the images
+    assert main(sample) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    assert (out / "prompts.txt").read_text().splitlines()[3] == "a red sneaker left of a bag"
+    assert (tmp_path / "samples.png").is_file()
+    first = (out / "000001.png").read_bytes()
+    (out / "000001.png").unlink()
+    capsys.readouterr()
+    assert main(sample) == 0  # resumes: only the missing image, with its own seed
+    assert "(3 already there)" in capsys.readouterr().err
+    assert (out / "000001.png").read_bytes() == first
+    assert main([*sample[:3], "--prompt", "a bag", *sample[5:]]) == 1  # other prompts: refused
+    assert "another run" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(export), "--prompt", "a pink bag", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown word(s) 'pink'" in err and len(err.strip().splitlines()) == 1
+
+    class Uniform:  # stands in for the classifier (trained once, slow): the scorer's wiring is tested
+        def __call__(self, x):
+            return {"logits": torch.zeros(len(x), 10), "pool": torch.randn(len(x), 128)}
+
+    monkeypatch.setattr(clf, "load_classifier", lambda *a, **k: Uniform())
+    report = tmp_path / "geneval.json"
+    assert main(["evaluate", str(out), "--geneval", "--json", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert set(result["accuracy"]) == {"position", "counting", "color_attr"}
