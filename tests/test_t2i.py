@@ -172,12 +172,42 @@ def test_train_sample_resume_and_geneval_through_the_cli(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "unknown word(s) 'pink'" in err and len(err.strip().splitlines()) == 1
 
-    class Uniform:  # stands in for the classifier (trained once, slow): the scorer's wiring is tested
-        def __call__(self, x):
-            return {"logits": torch.zeros(len(x), 10), "pool": torch.randn(len(x), 128)}
-
-    monkeypatch.setattr(clf, "load_classifier", lambda *a, **k: Uniform())
+    monkeypatch.setattr(clf, "load_classifier", lambda *a, **k: _UniformClassifier())
     report = tmp_path / "geneval.json"
     assert main(["evaluate", str(out), "--geneval", "--json", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert set(result["accuracy"]) == {"position", "counting", "color_attr"}
+
+
+@needs_fmnist
+def test_fast_t2i_demo_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(clf, "load_classifier", lambda *a, **k: _UniformClassifier())
+    out = tmp_path / "demo"
+    assert main(["demo", "t2i", "--fast", "--out-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["split"], r["role"]): r for r in results["rows"]}
+    assert set(rows) == {(s, r) for s in ("train", "held-out") for r in ("dense", "dydit", "dense_equal")}
+    for split in ("train", "held-out"):
+        dense, dy, eq = (rows[split, r] for r in ("dense", "dydit", "dense_equal"))
+        rho = dy["macs_attn_mlp"] / dense["macs_attn_mlp"]
+        assert 0 < rho < 1  # the random routers switch work off, and the sliced engine skips it
+        assert eq["steps"] == max(1, round(rho * dense["steps"]))
+        assert eq["macs_attn_mlp"] == pytest.approx(dense["macs_attn_mlp"] * eq["steps"] / dense["steps"])
+        assert set(dense["accuracy"]) == set(G.CATEGORIES) and 0 <= dense["overall"] <= 1
+    for png in ("grid_dense.png", "grid_dydit.png", "grid_dense_equal.png", "token_keep.png"):
+        assert (out / png).stat().st_size > 500, png
+    report = (out / "report.md").read_text()
+    assert "at equal compute" in report and "held-out prompts" in report
+    assert "report written to" in capsys.readouterr().out
+    assert main(["demo", "t2i", "--target", "0.3", "--fast"]) == 1  # a fine-tune flag of the other demo
+    assert (
+        main(["demo", "t2i", "--out-dir", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "none")]) == 1
+    )
+    assert "not found" in capsys.readouterr().err
+
+
+class _UniformClassifier:
+    """Stands in for the project's classifier (trained once, slow): the wiring is what is tested."""
+
+    def __call__(self, x):
+        return {"logits": torch.zeros(len(x), 10), "pool": torch.randn(len(x), 128)}
