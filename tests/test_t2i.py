@@ -211,3 +211,20 @@ class _UniformClassifier:
 
     def __call__(self, x):
         return {"logits": torch.zeros(len(x), 10), "pool": torch.randn(len(x), 128)}
+
+
+def test_diffusers_export_leaves_the_text_encoder_out_and_refuses_other_packings(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from dydit.checkpoint.flux import WEIGHTS_FILE, write_flux_folder
+
+    vocab = {"vocab": list(G.VOCAB), "depth": 1, "heads": 4}
+    cfg = get_model_config("FLUX-tiny", text_encoder=vocab)
+    model = build_model(cfg)
+    folder = write_flux_folder(tmp_path / "flux", model.state_dict(), cfg)
+    keys = set(load_file(str(folder / WEIGHTS_FILE)))
+    assert keys == {k for k in model.state_dict() if not k.startswith("text_encoder.")}
+    assert len(keys) < len(model.state_dict())
+    t2i = t2i_config()
+    with pytest.raises(DyditError, match="packs 4x4"):
+        write_flux_folder(tmp_path / "t2i", build_model(t2i).state_dict(), t2i)

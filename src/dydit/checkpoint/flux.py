@@ -126,10 +126,18 @@ def flux_folder_problem(path: str | os.PathLike) -> str | None:
 def write_flux_folder(out: str | os.PathLike, sd: Mapping[str, Tensor], cfg: FluxConfig) -> Path:
     """Write a diffusers FLUX folder: the dense network for ``FluxTransformer2DModel.from_pretrained``
     and, for a DyFLUX, its routers in ``dydit_routers.safetensors`` beside it. ``out`` must not exist
-    or be empty; it is assembled under a hidden name and renamed into place (complete or absent)."""
+    or be empty; it is assembled under a hidden name and renamed into place (complete or absent).
+    A text-to-image model's own text encoder (``text_encoder.*``, docs/METHOD.md §17.6) stays out:
+    diffusers' FLUX has no such part; a model packing other than 2x2 has no diffusers form at all."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    if cfg.pack != 2:
+        raise DyditError(
+            f"this FLUX packs {cfg.pack}x{cfg.pack} pixels per token; diffusers' FluxPipeline packs 2x2, "
+            "so it has no diffusers form: keep the dydit checkpoint"
+        )
+    sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DyditError(f"{out} already exists; choose another --out or remove it")
