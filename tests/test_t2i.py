@@ -142,6 +142,11 @@ def test_train_sample_resume_and_geneval_through_the_cli(tmp_path, capsys, monke
     assert main([a if a != "2" else "3" for a in argv]) == 0  # --steps 3, --ckpt-every 3: resumes at 2
     assert json.loads((run / "stats.jsonl").read_text().splitlines()[-1])["step"] == 3
 
+    ft = ["finetune", "--model", "DyFLUX-t2i-tiny", "--init-from", str(export), "--target", "0.5"]
+    ft += ["--data", "fmnist-compose", "--batch-size", "4", "--steps", "1", "--distill-weight", "1"]
+    assert main([*ft, "--out-dir", str(tmp_path / "ft"), "--no-progress"]) == 0  # its DyDiT, distilled
+    dy = load_model(tmp_path / "ft" / "ema.safetensors")
+    assert isinstance(dy, DyDiT) and dy.config.text_encoder == model.config.text_encoder
     capsys.readouterr()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(

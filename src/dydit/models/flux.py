@@ -99,6 +99,7 @@ class Flux(nn.Module):
         c = self.config = config
         d = c.inner_dim
         self.guidance = DEFAULT_GUIDANCE
+        self.caption_dropout = c.caption_dropout  # 0 while a caller draws the dropout itself
         self.time_text_embed = TimeTextEmbed(d, c.pooled_projection_dim, c.guidance_embeds)
         self.context_embedder = nn.Linear(c.joint_attention_dim, d)
         self.x_embedder = nn.Linear(c.in_channels, d)
@@ -160,8 +161,8 @@ class Flux(nn.Module):
             encoder = self._modules.get("text_encoder")
             if encoder is None:
                 raise DyditError("this FLUX has no text encoder: pass text embeddings (a TextCondition)")
-            if self.training and self.config.caption_dropout > 0:
-                y = y.dropout(self.config.caption_dropout)
+            if self.training and self.caption_dropout > 0:
+                y = y.dropout(self.caption_dropout)
             y = encoder.condition(y)
         if isinstance(y, TextCondition):
             if y.pooled is None:

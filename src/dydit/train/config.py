@@ -21,7 +21,7 @@ from dydit.constants import (
 )
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
-from dydit.presets import ModelConfig, dydit_name, get_model_config, is_sit_name
+from dydit.presets import ModelConfig, dydit_name, get_model_config, is_flux_name, is_sit_name
 
 GradGuard = Literal["clip", "skip", "none"]
 GRAD_GUARDS: tuple[str, ...] = ("clip", "skip", "none")
@@ -290,7 +290,7 @@ def run_model(
 
         model, stored = model_spec(model_config(str(init_from)), dynamic=True)
         overrides = {**stored, **overrides}
-    elif finetune and is_sit_name(model):
+    elif finetune and (is_sit_name(model) or is_flux_name(model)):  # FLUX: METHOD §17.6
         overrides = {"dynamic": True, **overrides}
     elif finetune:
         model = dydit_name(model)
