@@ -233,3 +233,22 @@ def test_diffusers_export_leaves_the_text_encoder_out_and_refuses_other_packings
     t2i = t2i_config()
     with pytest.raises(DyditError, match="packs 4x4"):
         write_flux_folder(tmp_path / "t2i", build_model(t2i).state_dict(), t2i)
+
+
+def test_sampling_with_precomputed_embeddings_equals_sampling_with_prompts() -> None:
+    from dydit.data.codec import PixelCodec
+    from dydit.sample import SamplingSettings, sample_images
+
+    model = build_model(t2i_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = model.text_encoder.tokenizer(["a red sneaker", "two bags", "a coat above a sandal"])
+    settings = SamplingSettings(sampler="euler", steps=2, cfg_scale=3.0)
+    kw = dict(seeds=[0, 1, 2], shape=(3, 64, 64), progress=False)
+    process = create_process(model.config)
+    with torch.no_grad():
+        embeddings = model.text_encoder.encode(ids)  # what a user with their own encoders passes
+        a, _ = sample_images(model, process, settings, PixelCodec(), condition=ids, **kw)
+        b, _ = sample_images(model, process, settings, PixelCodec(), condition=embeddings, **kw)
+    np.testing.assert_array_equal(a, b)
