@@ -252,3 +252,14 @@ def test_sampling_with_precomputed_embeddings_equals_sampling_with_prompts() -> 
         a, _ = sample_images(model, process, settings, PixelCodec(), condition=ids, **kw)
         b, _ = sample_images(model, process, settings, PixelCodec(), condition=embeddings, **kw)
     np.testing.assert_array_equal(a, b)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_fast_t2i_demo_reports_inception_fid_against_real_compositions(tmp_path, monkeypatch) -> None:
+    from dydit.apps.demo_t2i import T2IDemoConfig, run_t2i_demo
+
+    monkeypatch.setattr(clf, "load_classifier", lambda *a, **k: _UniformClassifier())
+    run_t2i_demo(T2IDemoConfig.smoke(fid=True, out_dir=str(tmp_path / "demo"), progress=False))
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
+    assert len(rows) == 6 and all(math.isfinite(r["FID"]) and r["FID"] > 0 for r in rows)

@@ -10,7 +10,8 @@
    model at the DyDiT's measured compute (fewer Euler steps), counting the multiply-accumulates
    really performed; the default recipe (sampler, steps, guidance) is the model's own (its config);
 3. scores every set with the GenEval-style scorer (:mod:`dydit.evaluate.geneval`: per category and
-   overall) and the per-cell Fréchet distance to real compositions of the same prompts;
+   overall), the per-cell Fréchet distance to real compositions of the same prompts and (``fid``)
+   the whole-canvas Inception FID against those real compositions;
 4. draws the sample grids and the DyDiT's token-skip overlay, and writes ``report.md`` and
    ``results.json`` (:mod:`dydit.apps.demo_t2i_report`).
 
@@ -59,6 +60,7 @@ class T2IDemoConfig:
     sample_batch: int = 60
     seed: int = 0
     fd_cells: bool = True
+    fid: bool = True  # Inception FID against real compositions of the same prompts
     device: str = "cpu"
     progress: bool = True
     fast: bool = False
@@ -75,7 +77,7 @@ class T2IDemoConfig:
     @classmethod
     def smoke(cls, **overrides: Any) -> T2IDemoConfig:
         """The ``--fast`` settings: one prompt per category and split, three steps."""
-        return cls(**{**dict(per_category=1, steps=3, sample_batch=12, fast=True), **overrides})
+        return cls(**{**dict(per_category=1, steps=3, sample_batch=12, fid=False, fast=True), **overrides})
 
 
 # The models ----------------------------------------------------------------------------------------
@@ -190,6 +192,19 @@ def score_images(images: np.ndarray, prompts: list[str], classifier: Any, cfg: T
     return out
 
 
+def inception_fid(images: np.ndarray, real: Path, work: Path, cfg: T2IDemoConfig) -> float:
+    """Whole-canvas Inception FID of ``images`` against the real compositions in ``real`` (.npz)."""
+    from dydit.evaluate.images import write_npz
+    from dydit.evaluate.run import evaluate
+
+    write_npz(work, images, np.zeros(len(images), dtype=np.int64))
+    report = evaluate(
+        work, real, metrics=("fid",), classifier="none", cache_refs=False, device=cfg.device,
+        progress=cfg.progress,
+    )  # fmt: skip
+    return float(report.metrics["FID"])
+
+
 def token_overlay(
     model: DyDiT, images: np.ndarray, prompts: list[str], settings: SamplingSettings, path: Path
 ):
@@ -239,6 +254,14 @@ def _run(cfg: T2IDemoConfig, dense, dydit: DyDiT, sources: dict[str, str], out: 
     n_eq = None
     for split in SPLITS:
         prompts = [p.text for p in evaluation_prompts(split, cfg.per_category, cfg.seed)]
+        real = out / f"real_{split}.npz"
+        if cfg.fid:
+            from dydit.data.compose import load_item_pool, real_compositions
+            from dydit.data.compose_grammar import parse_caption
+            from dydit.evaluate.images import write_npz
+
+            images, _ = real_compositions([parse_caption(p) for p in prompts], *load_item_pool(split="test"))
+            write_npz(real, images, np.zeros(len(images), dtype=np.int64))
         _log.info(
             "[%s] sampling %d prompts: dense, DyDiT (sliced), dense at equal compute", split, len(prompts)
         )
@@ -255,6 +278,8 @@ def _run(cfg: T2IDemoConfig, dense, dydit: DyDiT, sources: dict[str, str], out: 
         )
         for role, name, s, images, cost in runs:
             scores = score_images(images, prompts, classifier, cfg)
+            if cfg.fid:
+                scores["FID"] = inception_fid(images, real, out / f"samples_{split}_{role}.npz", cfg)
             rows.append({"split": split, "role": role, "name": name, "steps": s.steps, **cost, **scores})
             if split == SPLITS[0]:
                 save_grid(out / f"grid_{role}.png", images[:24])

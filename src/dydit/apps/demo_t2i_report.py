@@ -45,8 +45,8 @@ def report_markdown(r: dict[str, Any]) -> str:
         "",
         "| prompts | model | steps | attn+MLP GMACs / image | s | "
         + " | ".join(CATEGORIES)
-        + " | overall | FD-cells |",
-        "|---|---|---:|---:|---:|" + "---:|" * (len(CATEGORIES) + 2),
+        + " | overall | FD-cells | FID |",
+        "|---|---|---:|---:|---:|" + "---:|" * (len(CATEGORIES) + 3),
     ]
     for row in r["rows"]:
         acc = [_fmt(row["accuracy"].get(c), ".2f") for c in CATEGORIES]
@@ -54,7 +54,8 @@ def report_markdown(r: dict[str, Any]) -> str:
             f"| {_SPLIT_NAMES[row['split']]} | {row['name']} | {row['steps']} | "
             f"{row['macs_attn_mlp'] / 1e9:.3f} | {row['seconds']:.1f} | "
             + " | ".join(acc)
-            + f" | **{row['overall']:.3f}** | {_fmt(row.get('FD-cells'), '.2f')} |"
+            + f" | **{row['overall']:.3f}** | {_fmt(row.get('FD-cells'), '.2f')} "
+            + f"| {_fmt(row.get('FID'), '.1f')} |"
         )
     splits = list(dict.fromkeys(row["split"] for row in r["rows"]))
     lines += ["", *[f"- {equal_compute_verdict(r['rows'], s)}" for s in splits]]
@@ -65,7 +66,8 @@ def report_markdown(r: dict[str, Any]) -> str:
         "GenEval-style: each 32x32 cell is classified by the project's Fashion-MNIST classifier (empty when "
         "near black), its colour read from its mean tint; overall is the mean over the categories "
         "(docs/METHOD.md §17.4). FD-cells: Fréchet distance of the classifier features of the occupied "
-        "cells against real compositions of the same prompts (Fashion-MNIST test images).",
+        "cells against real compositions of the same prompts (Fashion-MNIST test images); FID: Inception "
+        "FID of the whole canvases against those real compositions (few images: a rough number).",
         "",
         "| dense | DyDiT | dense, equal compute |",
         "|---|---|---|",

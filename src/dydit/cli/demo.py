@@ -115,7 +115,7 @@ def _run_t2i(args: argparse.Namespace) -> int:
     cfg = with_overrides(
         base, out_dir=args.out_dir, checkpoint=args.checkpoint, dydit_checkpoint=args.dydit_checkpoint,
         per_category=args.num_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
-        device=resolve_device(args.device), fd_cells=False if args.no_inception else None,
+        device=resolve_device(args.device), fid=False if args.no_inception else None,
         progress=False if args.no_progress else None,
     )  # fmt: skip
     if args.dry_run:
