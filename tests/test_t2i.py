@@ -77,6 +77,17 @@ def test_flux_clock_regresses_noise_minus_data_at_sigma_and_samples_on_the_shift
     np.testing.assert_allclose(grid, want, rtol=1e-6)
 
 
+def test_euler_on_the_flux_clock_carries_noise_to_the_data_the_exact_velocity_points_at() -> None:
+    process = create_process(t2i_config("FLUX-t2i"))
+    x0, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+
+    def exact(x, sigma, y=None):  # FLUX's velocity noise - data for the one data point x0
+        s = sigma.view(-1, 1, 1, 1)
+        return (x - (1 - s) * x0) / s - x0
+
+    torch.testing.assert_close(FLOW_SAMPLERS["euler"](exact, noise, process, 7), x0, rtol=0, atol=1e-5)
+
+
 def test_the_model_owns_its_text_encoder_and_drops_captions_only_in_training() -> None:
     cfg = t2i_config(caption_dropout=0.5)
     torch.manual_seed(0)
