@@ -8,6 +8,10 @@ same seeds and labels from
   ``--lambdas`` fine-tuned here with the ``--recipe`` (the demo's settings unless changed), and any
   existing DyDiT exports given with ``--checkpoint LABEL=PATH`` (e.g. the shipped one),
 - the static control (the base fine-tuned with the same recipe, no routers) at ``--control-steps``,
+- with ``--caches`` (e.g. ``teacache:0.1,teacache:0.2,fbcache:0.1``), step caching (docs/METHOD.md
+  §19) on the dense base (kind ``dense+cache``) and on every DyDiT (kind ``dydit+cache``) at
+  ``--cache-steps``; TeaCache's polynomial comes from ``--cache-coefficients`` (``dydit
+  cache-calibrate``), else the identity. The MACs are those the cached run really performed,
 
 and records for each point the attention+MLP multiply-accumulates per image that the layers really
 performed over the whole sampling run, the sampling seconds per image, the FID (offline Inception)
@@ -25,6 +29,8 @@ Usage::
     python benchmarks/frontier.py --lambdas 0.5 \
         --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors
     python benchmarks/frontier.py --render runs/frontier/frontier.json
+    python benchmarks/frontier.py --lambdas "" --no-control --caches teacache:0.1,fbcache:0.1 \
+        --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors   # + cache points
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from dydit.apps.demo import (
     sample_timed,
 )
 from dydit.checkpoint import read_checkpoint
+from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
@@ -69,6 +76,18 @@ def _floats(text: str) -> list[float]:
     if any(not 0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"lambda values must be in (0, 1], got {text!r}")
     return values
+
+
+def _caches(text: str) -> list[str]:
+    from dydit.models.cache import CacheSettings
+
+    specs = [v.strip() for v in text.split(",") if v.strip()]
+    for spec in specs:
+        try:
+            CacheSettings.parse(spec)
+        except Exception as e:  # noqa: BLE001 - argparse reports it
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return specs
 
 
 def _labelled(text: str) -> tuple[str, str]:
@@ -96,9 +115,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DemoConfig fields of the fine-tunes (default: the shipped DyDiT's recipe, "
                    f"{json.dumps(SHIPPED_RECIPE)}; {{}}: the demo's live fine-tune)")  # fmt: skip
     p.add_argument("--no-control", action="store_true", help="skip the static fine-tune control")
+    p.add_argument("--caches", type=_caches, default=[], metavar="SPEC,...",
+                   help="step caches (METHOD:THRESHOLD, docs/METHOD.md §19) on the dense base and every "
+                   "DyDiT: points of kinds dense+cache and dydit+cache")  # fmt: skip
+    p.add_argument("--cache-steps", type=_ints, default=_ints("10,20"),
+                   help="sampler step counts of the cache points")  # fmt: skip
+    p.add_argument("--cache-coefficients", default=None, metavar="FILE",
+                   help="TeaCache's polynomial (dydit cache-calibrate); default: the identity")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ref-limit", type=int, default=None,
+                   help="reference images of the metrics (default: all; few: a path check)")  # fmt: skip
+    p.add_argument("--no-inception", action="store_true",
+                   help="no Inception FID, the classifier distance only (path checks)")  # fmt: skip
     p.add_argument(
         "--retime",
         action="store_true",
@@ -119,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.base)
-    cfg = DemoConfig(num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False)
+    cfg = DemoConfig(
+        num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False,
+        ref_limit=args.ref_limit, inception=not args.no_inception,
+    )  # fmt: skip
     recipe = replace(cfg, **args.recipe)
     tag = "-".join(f"{k}{v}" for k, v in sorted(args.recipe.items()))
 
@@ -131,8 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         render(result, out)
         return
 
-    def run(label: str, kind: str, load, steps: list[int], **extra) -> None:
+    def run(label: str, kind: str, load, steps: list[int], cache: str | None = None, **extra) -> None:
         model = None
+        if cache is not None:  # step caching around the model (docs/METHOD.md §19)
+            label, kind, steps = f"{label} + {cache}", f"{kind}+cache", args.cache_steps
+            extra = dict(extra, cache=cache, cache_coefficients=args.cache_coefficients)
         for n in steps:
             key = dict(label=label, steps=n, num_samples=cfg.num_samples, sampler=cfg.sampler)
             if any(all(p.get(k) == v for k, v in key.items()) for p in result["points"]):
@@ -140,16 +176,23 @@ def main(argv: list[str] | None = None) -> None:
             model = model or load()
             _log.info("%s at %d steps", label, n)
             point_cfg = replace(cfg, steps=n)
-            r = measure(label, model, point_cfg, out / "samples" / f"{_slug(label)}-{n}.npz")
+            fn = model if cache is None else cached_model(model, cache, point_cfg, args.cache_coefficients)
+            r = measure(label, fn, point_cfg, out / "samples" / f"{_slug(label)}-{n}.npz")
+            stats = {} if cache is None else {
+                "evaluations_computed": fn.stats.computed, "evaluations_reused": fn.stats.reused,
+            }  # warm-up batch included  # fmt: skip
             result["points"].append(dict(
                 **key, kind=kind, macs_per_image=r.macs_attn_mlp / r.images,
-                seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **r.metrics,
+                seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **stats,
+                **r.metrics,
             ))  # fmt: skip
             save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
     (out / "samples").mkdir(exist_ok=True)
     dense_name = "SiT (dense)" if read_checkpoint(base)[1].objective == "flow" else "DiT (dense)"
     run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps)
+    for spec in args.caches:
+        run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps, cache=spec)
     if not args.no_control:
         ckpt = finetune(recipe, base, out / f"static{'-' + tag if tag else ''}", dynamic=False)
         run(f"control ({recipe.finetune_steps} steps)", "control", lambda: load_dit(ckpt, args.device),
@@ -158,14 +201,30 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = finetune(replace(recipe, target=lam), base, out / f"dydit-{lam:g}{'-' + tag if tag else ''}")
         recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
         label = f"DyDiT λ={lam:g} ({recipe_name})"
-        run(label, "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device), args.dydit_steps,
-            target=lam, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
+        for spec in [None, *args.caches]:
+            run(label, "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device), args.dydit_steps,
+                cache=spec, target=lam, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
     for label, path in args.checkpoint:
-        run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
-            checkpoint=path)  # fmt: skip
+        for spec in [None, *args.caches]:
+            run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
+                cache=spec, checkpoint=path)  # fmt: skip
     result["config"] = asdict(cfg)
     save_text(store, json.dumps(result, indent=2) + "\n")
     render(result, out)
+
+
+def cached_model(model: torch.nn.Module, spec: str, cfg: DemoConfig, coefficients: str | None):
+    """``model`` with the step cache ``spec``, told the evaluation times of one sampling run (the demo's
+    sampling wraps the model in a counter, so ``generate`` cannot start the cache's runs itself)."""
+    from dydit.models.cache import CacheSettings, cached
+    from dydit.sample import SamplingSettings
+
+    settings = CacheSettings.parse(spec)
+    flow = cfg.sampler in ("euler", "heun", "sde", "adaptive")
+    sampling = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps, clip_denoised=not flow)
+    times = sampling.function.times(create_process(model.config), cfg.steps, **sampling.sampler_options())
+    coeffs = coefficients if settings.method == "teacache" else None
+    return cached(model, settings.method, settings.threshold, coeffs, times=times)
 
 
 def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
@@ -181,9 +240,13 @@ def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
     models: dict[str, torch.nn.Module] = {}
     for p in result["points"]:
         if p["label"] not in models:
-            models[p["label"]] = load(p)
+            models[p["label"]] = load({**p, "kind": p["kind"].removesuffix("+cache")})
     for p in sorted(result["points"], key=lambda p: (p["steps"], p["label"])):
         model = models[p["label"]]
+        if p.get("cache"):
+            model = cached_model(
+                model, p["cache"], replace(cfg, steps=p["steps"]), p.get("cache_coefficients")
+            )
         mc = model.config
         _log.info("re-timing %s at %d steps", p["label"], p["steps"])
         with torch.inference_mode():
@@ -202,6 +265,15 @@ def _slug(label: str) -> str:
 
 
 # Equal-compute comparison -----------------------------------------------------------------------
+WINNER = {
+    "dydit": "DyDiT",
+    "dydit+cache": "DyDiT + cache",
+    "dense+cache": "dense + cache",
+    "control": "control",
+}
+KIND_ORDER = {"dense": 0, "dense+cache": 1, "control": 2, "dydit": 3, "dydit+cache": 4}
+
+
 def dense_frontier(points: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(MACs per image, FID) of the dense DiT's step curve, sorted by compute."""
     dense = sorted(
@@ -232,7 +304,9 @@ def equal_compute(point: dict, points: list[dict]) -> dict:
     ref = out.get("frontier_fid", out.get("dense_fid"))
     if ref is not None and "FID" in point:
         out["delta_fid"] = point["FID"] - ref
-        out["verdict"] = "DyDiT wins" if point["FID"] <= ref else "fewer dense steps win"
+        out["verdict"] = (
+            f"{WINNER.get(point['kind'], 'DyDiT')} wins" if point["FID"] <= ref else "fewer dense steps win"
+        )
     return out
 
 
@@ -259,8 +333,7 @@ def _markdown(points: list[dict], result: dict) -> str:
         "steps, FID (interpolated) | ΔFID | verdict |",
         "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
-    order = {"dense": 0, "control": 1, "dydit": 2}
-    for p in sorted(points, key=lambda p: (order[p["kind"]], p["label"], p["steps"])):
+    for p in sorted(points, key=lambda p: (KIND_ORDER.get(p["kind"], 9), p["label"], p["steps"])):
         eq = "–"
         if p["kind"] != "dense":
             dense_fid, frontier = (
@@ -272,7 +345,7 @@ def _markdown(points: list[dict], result: dict) -> str:
             f"| {p['label']} | {p['steps']} | {p['macs_per_image'] / 1e9:.3f} | "
             f"{1e3 * p['seconds_per_image']:.1f} | {_fmt(p.get('FID'), '.1f')} | "
             f"{_fmt(p.get('FD-FMNIST-classifier'), '.1f')} | {eq} | {_fmt(p.get('delta_fid'), '+.1f')} | "
-            f"{p.get('verdict', '–') if p['kind'] == 'dydit' else '–'} |"
+            f"{p.get('verdict', '–') if p['kind'] not in ('dense', 'control') else '–'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from dydit import create_model
 from dydit.conditioning import TextCondition
 from dydit.flops import count_flops
-from dydit.flops.analytic import flops_loss, flops_ratio, per_sample_macs
+from dydit.flops.analytic import flops_ratio, per_sample_macs
+from dydit.flow.transport import Transport
 from dydit.models.dydit import DyDiT, execution
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import get_model_config
+from dydit.train.step import TrainForward, compute_loss
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -207,7 +209,7 @@ def inputs(cfg, batch: int = 4, length: int = 6, seed: int = 4):
 def test_sliced_equals_masked_with_width_and_token_routing(name):
     cfg, model = mixed_dyflux(name)
     x, y = inputs(cfg)
-    engine = SlicedDyDiT(model)
+    engine = SlicedDyDiT(model, token_bucket=5)  # padded kept-row counts add nothing
     for t in (torch.full((4,), 0.3), torch.tensor([0.9, 0.1, 0.5, 0.1])):
         with torch.no_grad():
             masked, stats = model.forward_with_routing(x, t, y)
@@ -227,6 +229,14 @@ def test_the_diffusers_call_of_a_dyflux_follows_its_guidance():
                 sliced = model(**kw)[0]
         assert model.backbone.guidance == g
         assert rel_err(sliced, masked) < 1e-5
+    # Rows with their own guidance scales: temb reads them, the width routers read model.guidance.
+    from dydit.models.flux_layers import FluxInputs
+
+    text, pooled, guidance = kw["encoder_hidden_states"], kw["pooled_projections"], torch.tensor([1.0, 6.0])
+    rows = FluxInputs(text, pooled, kw["img_ids"], kw["txt_ids"], guidance)
+    with torch.no_grad():
+        masked = model(kw["hidden_states"], kw["timestep"], rows)
+        assert rel_err(SlicedDyDiT(model)(kw["hidden_states"], kw["timestep"], rows), masked) < 1e-5
 
 
 def test_analytic_flops_equal_counted_flops():
@@ -268,7 +278,7 @@ def test_fine_tuning_with_the_flops_loss_moves_rho_toward_lambda():
                 lin.bias.fill_(2.0)
     a, m = model.layer_costs()
     x, y = inputs(cfg)
-    goal = torch.randn_like(x)
+    noise = torch.randn_like(x)
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])
 
     def mean_rho() -> float:
@@ -281,10 +291,13 @@ def test_fine_tuning_with_the_flops_loss_moves_rho_toward_lambda():
             )
 
     before = mean_rho()
+    # The training step's loss (dydit.train.step.compute_loss): a flow-matching loss on the
+    # project's linear path (a stand-in for FLUX's own, whose t runs the other way) + the FLOPs loss.
+    net, transport = TrainForward(model), Transport("linear", "velocity")
     opt = torch.optim.Adam(model.parameters(), lr=0.04)
     for _ in range(8):
-        out, stats = model.forward_with_routing(x, t, y)
-        loss = F.mse_loss(out, goal) + flops_loss(flops_ratio(stats, a, m), 0.5)
+        loss, parts, stats = compute_loss(net, transport, x, y, t, noise, lambda_t=0.5, layer_costs=(a, m))
+        assert stats is not None and torch.isfinite(loss) and "loss_flops" in parts
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -311,8 +324,58 @@ def test_bench_times_a_flux_preset_with_calibrated_routers():
     from dydit.apps.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        model="FLUX-tiny", batches=(2,), repeats=1, warmup=0, timesteps=(999, 500), cfg_scale=1.0
+        model="DyFLUX-tiny", batches=(2,), repeats=1, warmup=0, timesteps=(999, 500), cfg_scale=1.0
     )
     rows = {r.mode: r for r in run_bench(cfg)}
     assert set(rows) == {"dense", "masked", "sliced"}
     assert 0.3 < rows["sliced"].flops_ratio < 0.8 and rows["sliced"].max_rel_err < 1e-5
+    assert rows["dense"].flops_ratio == 1.0 and rows["masked"].flops_ratio == rows["sliced"].flops_ratio
+
+
+def test_reordering_units_preserves_the_function():
+    from dydit.models.reorder import reorder_by_importance
+
+    cfg, ref = random_flux()
+    flux = create_model("FLUX-tiny")
+    flux.load_state_dict(ref.state_dict())
+    model = DyDiT.from_dit(flux, router_layout="all").eval()
+    x, y = inputs(cfg, batch=2)
+    t = torch.tensor([0.2, 0.8])
+    with torch.no_grad():
+        before = model(x, t, y)
+        orders = reorder_by_importance(model)
+        after = model(x, t, y)
+    assert any(not torch.equal(o, torch.arange(len(o))) for pair in orders for o in pair)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["FLUX-tiny", "FLUX-tiny-schnell"])
+def test_from_dit_conversion_preserves_the_function(name):
+    cfg, ref = random_flux(name)
+    flux = create_model(name).eval()
+    flux.load_state_dict(ref.state_dict())
+    model = DyDiT.from_dit(flux)
+    assert model.width_routing and model.config.dynamic and not flux.config.dynamic
+    x, y = inputs(cfg, batch=3)
+    t = torch.tensor([0.05, 0.5, 1.0])
+    with torch.no_grad():
+        expected = flux(x, t, y)
+        masked, stats = model.forward_with_routing(x, t, y)
+        with execution(model, "sliced"):
+            sliced = model(x, t, y)
+    assert bool(stats.heads.all() and stats.groups.all() and stats.tokens.all())
+    assert rel_err(masked, expected) < 1e-6 and rel_err(sliced, expected) < 1e-5
+
+
+def test_initialize_weights_keeps_a_dyflux_equal_to_its_flux():
+    cfg = get_model_config("FLUX-tiny")
+    model = create_model("DyFLUX-tiny").eval()
+    model.initialize_weights()
+    x, y = inputs(cfg, batch=2)
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        out, stats = model.forward_with_routing(x, t, y)
+        with execution(model, "dense"):
+            dense = model(x, t, y)
+    assert bool(stats.tokens.all() and stats.heads.all()) and rel_err(out, dense) < 1e-6
+    assert all(bool((b.attn.norm_q.weight == 1).all()) for b in model.blocks)

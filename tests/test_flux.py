@@ -133,5 +133,25 @@ def test_bad_inputs_get_one_line_errors():
     long = cfg.max_text_length + 1
     with pytest.raises(DyditError, match=f"{long} tokens; this model supports at most {cfg.max_text_length}"):
         model(**call(cfg, length=long))
+    with pytest.raises(DyditError, match=r"pooled text must be \(2, 24\)"):
+        model(**{**kwargs, "pooled_projections": kwargs["pooled_projections"][:1]})
+    with pytest.raises(DyditError, match="one time value per sample"):
+        model(**{**kwargs, "timestep": torch.zeros(3)})
     with pytest.raises(DyditError, match="TextCondition"):
         model(torch.zeros(1, 4, 4, 4), torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"axes_dims_rope": 7},
+        {"num_layers": "8"},
+        {"num_attention_heads": 10**9},
+        {"guidance_embeds": "yes"},
+        {"axes_dims_rope": [16, 56, 55]},
+    ],
+)
+def test_hostile_diffusers_configs_get_one_line_errors(raw):
+    with pytest.raises(DyditError) as err:
+        FluxConfig.from_diffusers({"_class_name": "FluxTransformer2DModel", **raw})
+    assert "\n" not in str(err.value)

@@ -64,3 +64,26 @@ def test_demo_verdict_names_the_winner_at_equal_compute():
     assert equal_compute_verdict(95.0, 82.0, 20, 10).startswith("at equal compute fewer dense steps win")
     assert equal_compute_verdict(100.0, 105.0, 10, 5).startswith("at equal compute DyDiT wins")
     assert "no FID" in equal_compute_verdict(None, 82.0, 20, 10)
+
+
+def test_cache_points_are_compared_with_the_dense_frontier(frontier, tmp_path):
+    cache = dict(dense(10, 90.0), label="DiT (dense) + teacache:0.1", kind="dense+cache", macs_per_image=6e8)
+    both = dict(dydit(10, 120.0), label="DyDiT λ=0.5 + fbcache:0.1", kind="dydit+cache", macs_per_image=4.5e8)
+    assert frontier.equal_compute(cache, POINTS)["verdict"] == "dense + cache wins"  # 90 vs 100.4
+    assert frontier.equal_compute(both, POINTS)["verdict"] == "fewer dense steps win"  # 120 vs 118
+    assert frontier.equal_compute({**both, "FID": 110.0}, POINTS)["verdict"] == "DyDiT + cache wins"
+    frontier.render({"points": [*POINTS, cache, both, dydit(10, 100.0)]}, tmp_path)
+    table = (tmp_path / "frontier.md").read_text()
+    assert "| DiT (dense) + teacache:0.1 | 10 |" in table and "dense + cache wins" in table
+    assert table.index("teacache") < table.index("DyDiT λ=0.5 |") < table.index("fbcache")
+
+
+def test_a_cache_point_knows_its_sampling_run(frontier):
+    from dydit.apps.demo import DemoConfig
+    from dydit.models.cache import StepCache
+    from dydit.models.dit import DiT
+    from dydit.presets import ModelConfig
+
+    model = DiT(ModelConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1))
+    fn = frontier.cached_model(model.eval(), "teacache:0.2", DemoConfig(steps=7, sampler="dpm++2m"), None)
+    assert isinstance(fn, StepCache) and fn._run.evaluations == 7 and fn.settings.threshold == 0.2

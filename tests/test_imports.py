@@ -41,6 +41,7 @@ LAYERS: list[set[str]] = [
     },
 ]
 LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
+LAYERS[-1].add("presets_uvit")  # the U-ViT family's config and presets (issue 26), beside presets
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 # Edges inside one layer that are forbidden as well (package -> packages it must never import).
@@ -56,6 +57,7 @@ FORBIDDEN = {
     "data": {"models", "diffusion", "flow", "flops"},
     "presets": {"io", "log", "distributed"},
     "presets_flux": {"presets", "io", "log", "distributed"},
+    "presets_uvit": {"presets", "presets_flux", "io", "log", "distributed"},
     "io": {"presets", "log", "seeds"},
     "seeds": {"presets", "io", "log", "distributed", "constants"},
     "sample_io": {"models", "diffusion", "flow", "flops", "data", "viz"},

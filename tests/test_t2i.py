@@ -232,7 +232,8 @@ class _UniformClassifier:
 def test_diffusers_export_leaves_the_text_encoder_out_and_refuses_other_packings(tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from dydit.checkpoint.flux import WEIGHTS_FILE, write_flux_folder
+    from dydit.checkpoint.diffusers import WEIGHTS_FILE
+    from dydit.checkpoint.flux import write_flux_folder
 
     vocab = {"vocab": list(G.VOCAB), "depth": 1, "heads": 4}
     cfg = get_model_config("FLUX-tiny", text_encoder=vocab)

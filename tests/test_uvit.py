@@ -1,4 +1,4 @@
-"""U-ViT (docs/METHOD.md §13): official configs and parameter counts, the forward against a hand-written
+"""U-ViT (docs/METHOD.md §16): official configs and parameter counts, the forward against a hand-written
 reference of the official ``libs/uvit.py`` forward, strict loading of official raw state dicts, and
 the DyDiT method on it (all kept == dense, masked == sliced, analytic == counted FLOPs, fine-tuning).
 """
@@ -55,7 +55,7 @@ def test_presets_are_the_official_configs(name):
 
 
 def _documented_counts() -> dict[str, int]:
-    """The parameter table of docs/METHOD.md §13.1: ``| U-ViT-S/2 | ... | 44,255,328 |``."""
+    """The parameter table of docs/METHOD.md §16.1: ``| U-ViT-S/2 | ... | 44,255,328 |``."""
     rows = re.findall(r"^\| `(U-ViT-[^`]+)` \|.*\| ([\d,]+) \|$", DOCS.read_text(), re.M)
     return {name: int(count.replace(",", "")) for name, count in rows}
 
@@ -229,6 +229,8 @@ def test_from_dit_keeps_the_function_and_adds_only_routers(case, layout):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(dense, ref, atol=0, rtol=0)
     assert isinstance(dydit.create_model("DyDiT-U-ViT-Ti/2"), DyDiT)
+    built = DyDiT(get_uvit_config("U-ViT-Ti/2"), router_layout="all")  # from a config, as for DiT
+    assert isinstance(built.backbone, UViT) and built.config.dynamic and built.router_layout == "all"
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -313,3 +315,17 @@ def test_fine_tuning_with_the_training_loss_moves_rho_toward_lambda():
     after = mean_rho()
     assert before > 0.65 and abs(after - 0.5) < abs(before - 0.5) - 0.05, (before, after)
     assert flops_loss(torch.tensor(after), 0.5) < flops_loss(torch.tensor(before), 0.5)
+
+
+def test_reordering_units_preserves_the_function():
+    from dydit.models.reorder import reorder_by_importance
+
+    cfg = CASES["cond"]
+    model = DyDiT.from_dit(random_uvit(cfg), router_layout="all").eval()
+    x, t, y = batch(cfg, 2)
+    with torch.no_grad():
+        before = model(x, t, y)
+        orders = reorder_by_importance(model)
+        after = model(x, t, y)
+    assert any(not torch.equal(o, torch.arange(len(o))) for pair in orders for o in pair)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""``dydit sample/flops/bench/inspect/export`` take U-ViT models (docs/METHOD.md §13): by preset name,
+"""``dydit sample/flops/bench/inspect/export`` take U-ViT models (docs/METHOD.md §16): by preset name,
 and an official raw state dict (``nnet.pth``) with or without ``--model``. Tiny models, one test each.
 """
 
@@ -65,6 +65,10 @@ def test_sample_by_preset_and_from_an_official_file(official_file, tmp_path, cap
                  "--dry-run"]) == 0  # fmt: skip
     plan = json.loads(capsys.readouterr().out)
     assert plan["execution"] == "sliced" and plan["model"]["dynamic"] and plan["sampling"]["sampler"] == "sde"
+    assert (
+        plan["timesteps"].startswith("3 network times 999..0.99")
+        and "(999 s: 999 noise, 0 data)" in plan["timesteps"]
+    )
 
 
 def test_inspect_names_the_u_vit_and_its_process(official_file, capsys):

@@ -1,4 +1,4 @@
-"""The processes U-ViT was trained with (docs/METHOD.md §13.2): the continuous VP-SDE (linear β from
+"""The processes U-ViT was trained with (docs/METHOD.md §16.2): the continuous VP-SDE (linear β from
 0.1 to 20, the network sees 999·s) sampled with Euler–Maruyama (checked step for step against a
 hand-written reference of U-ViT's ``sde.euler_maruyama``) or DPM-Solver++, and Stable Diffusion's
 discrete scaled-linear betas with t = 1..1000; classifier-free guidance in U-ViT's convention.

@@ -11,6 +11,7 @@ The workflow, in the order a user meets it::
     dy.execution = "sliced"                              # really skip the switched-off work, or
     fast = dydit.engine(dy, compile=True)                # the sliced engine with options (or pass
                                                          # fast to generate instead of dy)
+    cheap = dydit.cached(dy, "teacache", threshold=0.15)   # step caching (pass cheap to generate)
     process = dydit.create_process(dy.config)            # DDPM diffusion or flow-matching transport
     settings = dydit.SamplingSettings(sampler="dpm++2m", steps=20, cfg_scale=1.5)
     for batch in dydit.generate(dy, process, settings, seeds=range(8), shape=(1, 32, 32), num_classes=10):
@@ -27,6 +28,7 @@ from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model, create_model
 from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.models import DiT, DyDiT, WidthPlan, engine
+from dydit.models.cache import cached
 from dydit.presets import MODEL_NAMES, ModelConfig, get_model_config
 from dydit.sample import SamplingSettings, generate, sample_images
 from dydit.train import TrainConfig, finetune
@@ -47,6 +49,7 @@ __all__ = [
     "WidthPlan",
     "__version__",
     "build_model",
+    "cached",
     "checkpoint_config",
     "create_diffusion",
     "create_model",

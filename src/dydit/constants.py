@@ -21,7 +21,7 @@ DIT_COMPAT_GUIDANCE_CHANNELS = 3
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
-# §13.2: Stable Diffusion's "scaled linear" betas (linear in sqrt(beta)), which U-ViT's H models use.
+# §16.2: Stable Diffusion's "scaled linear" betas (linear in sqrt(beta)), which U-ViT's H models use.
 SD_BETA_START = 0.00085
 SD_BETA_END = 0.012
 
@@ -46,3 +46,7 @@ AUTO_HOLD_FRACTION = 0.05
 AUTO_WARMUP_FRACTION = 0.5
 # §5.3: number of timestep strata of the stratified sampler.
 TIMESTEP_STRATA = 4
+
+# §18 (ours): TD-LoRA group-router bias at initialisation; sigmoid(3) ~ 0.95, so nearly every adapter
+# group is on at first while the Gumbel noise still explores (and the gradient is not saturated).
+LORA_ROUTER_INIT_BIAS = 3.0

@@ -48,7 +48,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return build_model(get_model_config(name, **overrides))
 
 
-# U-ViT (docs/METHOD.md §13) ------------------------------------------------------------------------
+# U-ViT (docs/METHOD.md §16) ------------------------------------------------------------------------
 def build_uvit(config: UViTConfig) -> nn.Module:
     """A U-ViT, or a DyDiT on it (routers added to every block) when ``config.dynamic`` is set."""
     from dydit.models.uvit import UViT
@@ -57,4 +57,4 @@ def build_uvit(config: UViTConfig) -> nn.Module:
         return UViT(config)
     from dydit.models.dydit import DyDiT
 
-    return DyDiT(backbone=UViT(config), router_layout=config.router_layout)
+    return DyDiT(config)

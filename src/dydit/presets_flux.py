@@ -106,6 +106,8 @@ class FluxConfig:
     family = "FLUX"  # not a field: the marker of a stored config dict
 
     def __post_init__(self) -> None:
+        if not isinstance(self.axes_dims_rope, (list, tuple)) or len(self.axes_dims_rope) != 3:
+            raise DyditError(f"axes_dims_rope must be a list of 3 integers, got {self.axes_dims_rope!r:.60}")
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         if self.text_encoder is not None:
             if not isinstance(self.text_encoder, dict):

@@ -37,6 +37,7 @@ from dydit.diffusion.schedules import Steps, space_timesteps
 from dydit.errors import DyditError
 from dydit.flow import FLOW_SAMPLERS, Transport
 from dydit.io import locked_dir
+from dydit.models.cache import ChangeRecorder, StepCache
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import ModelConfig
@@ -238,12 +239,17 @@ def generate(
     # The sampler carries the condition as y; guidance doubles it; the network gets its network input.
     fn = guided(conditioned(model_fn), settings.cfg_scale, channels=settings.guidance_channels)
     sampler = settings.function
+    # Step caching (docs/METHOD.md §19): a fresh cache run per batch, told the run's evaluation times.
+    cache = model_fn if isinstance(model_fn, StepCache | ChangeRecorder) else None
+    evaluations = sampler.times(diffusion, settings.steps, **settings.sampler_options()) if cache else None
     bar = tqdm(total=len(todo), unit="img", desc="sampling", disable=not (progress and distributed.is_main()))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)  # (B, C, H, W)
         c = cond.select(chunk).to(device, dtype)  # B rows
+        if cache is not None:
+            cache.start_run(evaluations)
         x = sampler(
             fn,
             noise,
@@ -271,6 +277,8 @@ def plan_engine(model_fn: ModelFn, times: Sequence[float]) -> None:
     engine itself, or a DyDiT in eval mode with ``execution = "sliced"`` (its default engine). The
     width plans of all steps are made at once, and the packs the run uses most are the ones held
     within the pack budget (docs/ARCHITECTURE.md §4)."""
+    if isinstance(model_fn, StepCache | ChangeRecorder):  # step caching wraps the network (§19)
+        model_fn = model_fn.model
     if isinstance(model_fn, SlicedDyDiT):
         model_fn.prepare(times)
     elif isinstance(model_fn, DyDiT) and model_fn.execution == "sliced" and not model_fn.training:

@@ -41,7 +41,7 @@ from dydit.models.calibrate import Calibration, calibrate_routers, fractions_for
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import DEFAULT_PACK_BUDGET, SlicedDyDiT, engine
-from dydit.presets import ModelConfig, dit_name, is_flux_name, preset_name
+from dydit.presets import DYFLUX_NAMES, ModelConfig, dit_name, is_flux_name, preset_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("dense", "dense-compiled", "masked", "sliced", "sliced-compiled")
@@ -142,8 +142,10 @@ def build_models(cfg: BenchConfig) -> tuple[DiT, DyDiT, Calibration | None]:
     if cfg.input_size is not None:
         overrides["input_size"] = cfg.input_size
     base = dit_name(cfg.model or DEFAULT_MODEL)
-    if is_flux_name(base) and "input_size" in overrides:  # FLUX: the latent side is sample_size
-        overrides["sample_size"] = overrides.pop("input_size")
+    if is_flux_name(base):  # FLUX: the dense preset of a DyFLUX name; the latent side is sample_size
+        base = DYFLUX_NAMES.get(base, base)
+        if "input_size" in overrides:
+            overrides["sample_size"] = overrides.pop("input_size")
     dev = torch.device(cfg.device)
     with dev:  # build (and initialise) directly on the target device
         if cfg.checkpoint:

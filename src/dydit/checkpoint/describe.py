@@ -41,7 +41,7 @@ def _config_origin(ckpt: Checkpoint, model: str | None) -> str:
 
 
 def _architecture(cfg: ModelConfig | UViTConfig) -> str:
-    if isinstance(cfg, UViTConfig):  # docs/METHOD.md §13
+    if isinstance(cfg, UViTConfig):  # docs/METHOD.md §16
         return uvit_architecture(cfg)
     sigma = ", learn_sigma" if cfg.learn_sigma else ""
     return (
@@ -65,7 +65,7 @@ def _objective(cfg: ModelConfig | UViTConfig) -> str:
 
 def _routers(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> str:
     if not cfg.dynamic:
-        return "none (a plain DiT; `dydit finetune` adds fresh routers)"
+        return f"none (a plain {getattr(cfg, 'family', 'DiT')}; `dydit finetune` adds fresh routers)"
     if not has_routers(sd):
         return "none in the file: a DyDiT built from these weights starts with fresh routers"
     h = cfg.num_heads

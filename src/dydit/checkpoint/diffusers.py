@@ -356,23 +356,43 @@ def write_diffusers(out: str | os.PathLike, sd: dict[str, Tensor], cfg: ModelCon
     The folder is assembled under a hidden temporary name and renamed into place, so ``out`` is
     either complete or absent.
     """
+    check_empty_target(out)
+    export_checks(cfg, sd)
+    weights, routers = to_diffusers(sd, cfg.depth)
+    meta = {"router_layout": cfg.router_layout}
+    return publish_folder(out, config_to_diffusers(cfg), weights, routers, meta)
+
+
+def check_empty_target(out: str | os.PathLike) -> None:
+    """A diffusers folder is written only where nothing is yet (or an empty folder)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DyditError(f"{out} already exists; choose another --out or remove it")
+
+
+def publish_folder(
+    out: str | os.PathLike,
+    config: dict[str, Any],
+    weights: dict[str, Tensor],
+    routers: dict[str, Tensor],
+    router_meta: dict[str, str] | None = None,
+) -> Path:
+    """Write ``config.json``, the weights and (if any) ``dydit_routers.safetensors`` as one folder:
+    assembled under a hidden temporary name, synced and renamed into place, so ``out`` is either
+    complete or absent (one-line DyditError on failure)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DyditError(f"{out} already exists; choose another --out or remove it")
-    export_checks(cfg, sd)
-    weights, routers = to_diffusers(sd, cfg.depth)
+    check_empty_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if routers:
-            meta = {"format": "pt", "router_layout": cfg.router_layout}
-            save_file(routers, str(tmp / ROUTERS_FILE), metadata=meta)
+            save_file(routers, str(tmp / ROUTERS_FILE), metadata={"format": "pt", **(router_meta or {})})
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -16,9 +16,7 @@ they are; only the config changes type (:class:`~dydit.presets.FluxConfig`, from
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from dydit.checkpoint.diffusers import (
     MODEL_INDEX,
     PIPELINE_SUBFOLDER,
     ROUTERS_FILE,
-    WEIGHTS_FILE,
+    check_empty_target,
+    publish_folder,
     read_weights,
 )
 from dydit.checkpoint.files import read_file, read_json
@@ -129,35 +128,14 @@ def write_flux_folder(out: str | os.PathLike, sd: Mapping[str, Tensor], cfg: Flu
     or be empty; it is assembled under a hidden name and renamed into place (complete or absent).
     A text-to-image model's own text encoder (``text_encoder.*``, docs/METHOD.md §17.6) stays out:
     diffusers' FLUX has no such part; a model packing other than 2x2 has no diffusers form at all."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     if cfg.pack != 2:
         raise DyditError(
             f"this FLUX packs {cfg.pack}x{cfg.pack} pixels per token; diffusers' FluxPipeline packs 2x2, "
             "so it has no diffusers form: keep the dydit checkpoint"
         )
+    check_empty_target(out)
     sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DyditError(f"{out} already exists; choose another --out or remove it")
     weights = {k: v.contiguous() for k, v in sd.items() if not is_router_key(k)}
     routers = {k: v.contiguous() for k, v in sd.items() if is_router_key(k)}
     config = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **cfg.to_diffusers()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if routers:
-            save_file(routers, str(tmp / ROUTERS_FILE), metadata={"format": "pt"})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().split("\n")[0]
-        raise DyditError(f"cannot write {out}: {reason}") from None
-    return out
+    return publish_folder(out, config, weights, routers)

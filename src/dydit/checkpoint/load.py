@@ -129,7 +129,7 @@ def model_config(
     ckpt = _as_checkpoint(source)
     if _flux.wants_flux(ckpt, model, config):  # FLUX (docs/METHOD.md §15): checkpoint/flux_load.py
         return _flux.flux_model_config(ckpt, model, config, **overrides)
-    if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §13): checkpoint/uvit.py
+    if _uvit.wants_uvit(ckpt, model):  # U-ViT (docs/METHOD.md §16): checkpoint/uvit.py
         return _uvit.uvit_model_config(ckpt, model, **overrides)
     sd = ckpt.state_dict
     if isinstance(model, ModelConfig):

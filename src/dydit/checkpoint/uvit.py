@@ -1,4 +1,4 @@
-"""Loading U-ViT checkpoints (docs/METHOD.md §13): the official raw state dicts (``nnet.pth``,
+"""Loading U-ViT checkpoints (docs/METHOD.md §16): the official raw state dicts (``nnet.pth``,
 ``imagenet256_uvit_huge.pth``, ...) given the preset name, and dydit's exports of a U-ViT or a DyDiT
 on one (the config is stored). :func:`dydit.load_model` comes here for a ``U-ViT-*`` /
 ``DyDiT-U-ViT-*`` name, a :class:`~dydit.presets.UViTConfig` or a file that stores one.
@@ -129,7 +129,7 @@ def uvit_architecture(cfg: UViTConfig) -> str:
 
 
 def uvit_process_text(cfg: UViTConfig) -> str:
-    """The process a U-ViT was trained with, as ``dydit inspect`` says it (docs/METHOD.md §13.2)."""
+    """The process a U-ViT was trained with, as ``dydit inspect`` says it (docs/METHOD.md §16.2)."""
     if cfg.process == "sd":
         return (
             "Stable Diffusion's discrete scaled-linear betas, t = 1..1000, noise prediction (the "

@@ -129,7 +129,7 @@ def model_config_from_args(args: argparse.Namespace, default_model: str | None =
     from dydit.presets import get_model_config, get_uvit_config, is_uvit_name
 
     name = args.model or default_model
-    get = get_uvit_config if is_uvit_name(name) else get_model_config  # U-ViT: docs/METHOD.md §13
+    get = get_uvit_config if is_uvit_name(name) else get_model_config  # U-ViT: docs/METHOD.md §16
     return get(name, **size_overrides(get(name), args.image_size, args.num_classes))
 
 

@@ -52,6 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--to diffusers: the diffusers config.json (FluxTransformer2DModel) of a FLUX file that "
         "stores none, e.g. the released DyFLUX checkpoint",
     )
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="the source is a TD-LoRA file (or a run directory holding lora.safetensors): write plain "
+        "DyDiT weights with the adapters merged (refused when the adapters' gates depend on t)",
+    )
+    p.add_argument(
+        "--base", default=None, help="--merge-lora: the base weights (default: the base the file names)"
+    )
     p.set_defaults(func=run)
 
 
@@ -61,7 +70,18 @@ def run(args: argparse.Namespace) -> int:
     from dydit.train.state import export_run, state_path
 
     src = Path(args.state)
-    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §13): an official .pth or a U-ViT file
+    if args.merge_lora:
+        from dydit.checkpoint.lora import LORA_FILE, merged_export
+
+        if args.to != "safetensors" or args.model is not None or args.config is not None:
+            raise DyditError("--merge-lora writes a .safetensors export; drop --to, --model and --config")
+        lora = src / LORA_FILE if src.is_dir() else src
+        out = Path(args.out) if args.out else lora.with_name("merged.safetensors")
+        print(merged_export(lora, out, args.base))
+        return 0
+    if args.base is not None:
+        raise DyditError("--base applies to --merge-lora")
+    if _uvit_export(args, src):  # U-ViT (docs/METHOD.md §16): an official .pth or a U-ViT file
         return 0
     if args.to == "diffusers":
         from dydit.checkpoint.export import export_diffusers

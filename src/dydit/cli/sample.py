@@ -99,6 +99,13 @@ def _add_model_group(p: argparse.ArgumentParser) -> None:
     )
     add_engine_options(g)
     g.add_argument(
+        "--lora",
+        default=None,
+        metavar="FILE",
+        help="a TD-LoRA file (lora.safetensors of dydit finetune --lora) applied onto the base "
+        "weights: --checkpoint, else the base the file names (docs/METHOD.md §18)",
+    )
+    g.add_argument(
         "--vae",
         default=None,
         help="AutoencoderKL (diffusers directory or hub id) that decodes a latent model's samples",
@@ -165,8 +172,42 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         "--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one a line"
     )
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
+    add_cache_options(g)
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+
+
+def add_cache_options(g: Any) -> None:
+    """``--cache METHOD:THRESHOLD`` and ``--cache-coefficients FILE`` (docs/METHOD.md §19)."""
+    g.add_argument(
+        "--cache",
+        default=None,
+        metavar="METHOD:THRESHOLD",
+        help="step caching: teacache:T (reuse the blocks' residual while the first block's modulated "
+        "input changes little) or fbcache:T (while the first block's residual does); e.g. "
+        "teacache:0.15. Computed and reused evaluations are printed on stderr",
+    )
+    g.add_argument(
+        "--cache-coefficients",
+        default=None,
+        metavar="FILE",
+        help="TeaCache's rescaling polynomial, the JSON of `dydit cache-calibrate` (default: identity)",
+    )
+
+
+def cache_settings(args: argparse.Namespace) -> Any:
+    """The CacheSettings of ``--cache`` (None without it); one-line errors for bad values."""
+    from dydit.models.cache import CacheSettings, load_coefficients
+
+    if args.cache is None:
+        if args.cache_coefficients is not None:
+            raise DyditError("--cache-coefficients goes with --cache teacache:THRESHOLD")
+        return None
+    coeffs = None if args.cache_coefficients is None else load_coefficients(args.cache_coefficients)
+    settings = CacheSettings.parse(args.cache, coeffs)
+    if coeffs is not None and settings.method != "teacache":
+        raise DyditError("--cache-coefficients is TeaCache's polynomial: use it with --cache teacache:T")
+    return settings
 
 
 def _add_output_group(p: argparse.ArgumentParser) -> None:
@@ -204,6 +245,8 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(ModelConfig, opened Checkpoint or None, description of the weights)."""
     from dydit.cli._common import model_config_from_args, size_overrides
 
+    if getattr(args, "lora", None):
+        return _lora_model_config(args)
     if args.checkpoint is None:
         if args.model is None:
             raise DyditError("give --checkpoint or --model")
@@ -222,6 +265,22 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     cfg = model_config(ckpt, args.model)
     sizes = size_overrides(cfg, args.image_size, args.num_classes)
     return (cfg.replace(**sizes) if sizes else cfg), ckpt, str(Path(args.checkpoint).resolve())
+
+
+def _lora_model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(the DyDiT config a TD-LoRA file stores, its base opened, a description) for ``--lora``."""
+    from dydit.checkpoint import open_checkpoint
+    from dydit.checkpoint.lora import read_lora
+    from dydit.presets import ModelConfig
+
+    if args.random_weights:
+        raise DyditError("--lora applies adapters to real base weights, not to --random-weights")
+    _, _, stored = read_lora(args.lora)
+    base = args.checkpoint or stored.get("base")
+    if not base:
+        raise DyditError(f"{args.lora} names no base weights: give --checkpoint")
+    cfg = ModelConfig.from_dict(stored["model"])
+    return cfg, open_checkpoint(base), f"{Path(base).resolve()} + TD-LoRA {Path(args.lora).resolve()}"
 
 
 def _execution(requested: str | None, cfg: Any) -> str:
@@ -310,6 +369,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.npz is not None and (args.out_dir is None or codec is None):
         raise DyditError("--npz packs the PNGs of --out-dir; give --out-dir (and --vae for a latent model)")
     npz = (args.npz or str(Path(args.out_dir).with_suffix(".npz"))) if args.npz is not None else None
+    cache = cache_settings(args)
     grid = args.grid or (_beside(args.out_dir, ".png") if args.out_dir is not None else DEFAULT_GRID)
     return {
         "weights": source,
@@ -323,13 +383,14 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "codec": codec,
         "execution": execution,
         "engine": options if execution == "sliced" else None,
+        "cache": None if cache is None else {"spec": cache.spec, "coefficients": list(cache.coefficients)},
         "batch_size": args.batch_size,
         "device": args.device,
         "world_size": distributed.world_size(),
         "grid": grid if codec is not None else None,
         "out_dir": args.out_dir,
         "npz": npz,
-        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, prompts),
+        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, cache, prompts),
     }
 
 
@@ -392,6 +453,8 @@ def _describe_times(times: list[float], settings: Any) -> str:
     if settings.flow:
         if not times:
             return "flow times chosen by the adaptive solver"
+        if max(times) > 1:  # a U-ViT's VP-SDE: the network sees 999 (1 - t) (docs/METHOD.md §16.2)
+            return f"{len(times)} network times {times[0]:g}..{times[-1]:g} (999 s: 999 noise, 0 data)"
         return f"{len(times)} flow times {times[0]:g}..{times[-1]:g} (t = 0 noise, 1 data)"
     return f"{len(times)} original timesteps {int(times[0])}..{int(times[-1])}"
 
@@ -402,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # a clear error for cuda without CUDA
     plan = _resolve(args)
-    cfg, ckpt, settings, seeds, labels, diffusion, prompts = plan.pop("_objects")
+    cfg, ckpt, settings, seeds, labels, diffusion, cache, prompts = plan.pop("_objects")
     for path in (plan["grid"], plan["npz"]):  # a device, a folder, a missing folder: refused up front
         if path is not None:
             output_target(path, tree=args.out_dir)
@@ -410,11 +473,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     device = distributed.init(args.device)
-    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, prompts)
+    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache, prompts)
     return 0
 
 
-def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, prompts=None) -> None:
+def _sample(
+    args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache=None, prompts=None
+) -> None:
     import numpy as np
 
     from dydit import distributed
@@ -424,7 +489,14 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, p
 
     if device.startswith("cuda"):
         configure_torch(tf32=True)  # as DiT's sampling scripts
-    model = _build_model(cfg, ckpt, plan["execution"]).to(device)
+    model = _build_model(cfg, ckpt, plan["execution"])
+    if getattr(args, "lora", None):  # adapters and routers onto the base (docs/METHOD.md §18)
+        from dydit.checkpoint.lora import apply_lora
+
+        execution = model.execution
+        model = apply_lora(model, args.lora)
+        model.execution = execution
+    model = model.to(device)
     if plan["execution"] == "sliced":  # options: an engine of its own instead of the model's default one
         from dydit.models.sliced import engine
 
@@ -444,10 +516,17 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, p
     )
     say = print if distributed.is_main() else (lambda *a, **k: None)
     say(_execution_line(cfg, plan["execution"]), file=sys.stderr)
+    if cache is not None:  # step caching around the network (docs/METHOD.md §19)
+        from dydit.models.cache import StepCache
+
+        model = StepCache(model, cache)
+        say(f"cache: {cache.spec} (one decision per batch of <= {args.batch_size} images)", file=sys.stderr)
     if args.out_dir is not None:
         meta = {"weights": plan["weights"], "model": plan["model"]}
         if cfg.dynamic:  # dense computes other images than masked/sliced: never mix them in one directory
             meta["execution"] = plan["execution"]
+        if cache is not None:  # cached images differ too, and depend on the batch size
+            meta["cache"] = {**plan["cache"], "batch_size": args.batch_size}
         res = sample_to_dir(
             model,
             diffusion,
@@ -462,6 +541,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, p
         if prompts is not None and distributed.is_main():  # after the manifest check: never clobbered
             _write_prompts(args.out_dir, prompts)
         say(f"{args.out_dir}: {len(seeds)} images ({res.skipped} already there)", file=sys.stderr)
+        _cache_line(model, say)
         if res.npz is not None:
             say(f"wrote {res.npz}", file=sys.stderr)
         if codec is None or not distributed.is_main():
@@ -475,6 +555,7 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, p
             common.update(condition=condition.select(list(range(min(len(seeds), GRID_MAX)))))
         images, grid_labels = sample_images(model, diffusion, settings, codec, **common)
         grid_labels = None if labels is None else grid_labels
+        _cache_line(model, say)
     if distributed.is_main():
         save_grid(plan["grid"], images, grid_labels)
         say(f"wrote {plan['grid']}", file=sys.stderr)
@@ -490,7 +571,13 @@ def _write_prompts(out_dir: str, prompts: list[str]) -> None:
 
 def _execution_line(cfg: Any, execution: str) -> str:
     if not cfg.dynamic:
-        return "execution: dense (a DiT)"
+        return f"execution: dense (a {getattr(cfg, 'family', 'DiT')})"
     note = {"sliced": "switched-off work skipped", "masked": "masks, no faster than dense",
             "dense": "the full network, routers ignored"}[execution]  # fmt: skip
     return f"execution: {execution} (DyDiT: {note}; --execution sliced|masked|dense)"
+
+
+def _cache_line(model: Any, say: Any) -> None:
+    stats = getattr(model, "stats", None)
+    if stats is not None:
+        say(f"cache: {stats.summary()}", file=sys.stderr)

@@ -213,6 +213,15 @@ def _add_finetune_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         "--distill-from", default=None, metavar="CKPT",
         help="the teacher's weights (default: --init-from, the dense base)",
     )  # fmt: skip
+    g.add_argument(
+        "--lora", type=_non_negative_int, default=d.lora_rank, metavar="RANK",
+        help="TD-LoRA (docs/METHOD.md §18): freeze the base, train rank-RANK adapters on the attention "
+        "and MLP linears with the routers; writes lora.safetensors (default 0 = full fine-tuning)",
+    )  # fmt: skip
+    g.add_argument(
+        "--lora-groups", type=positive_int, default=d.lora_groups, metavar="G",
+        help="split the adapters' rank into G groups switched by a timestep router (default %(default)s)",
+    )  # fmt: skip
 
 
 def _add_run_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -242,6 +251,15 @@ def _add_run_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument(
         "--no-tf32", action="store_true", help="keep full float32 matmuls on GPU (TF32 is on by default)"
     )
+    g.add_argument(
+        "--fsdp", action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard); "
+        "checkpoints become distributed checkpoints (docs/TRAINING.md, FSDP)",
+    )  # fmt: skip
+    g.add_argument(
+        "--fsdp-mixed-precision", choices=("none", "bf16"), default=d.fsdp_mixed_precision,
+        help="with --fsdp: bf16 parameters in compute, float32 gradient reduction and master weights",
+    )  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
 
@@ -269,6 +287,8 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
             reorder=args.reorder,
             distill_weight=args.distill_weight,
             distill_from=args.distill_from,
+            lora_rank=args.lora,
+            lora_groups=args.lora_groups,
         )
     return TrainConfig(
         out_dir=args.out_dir,
@@ -293,6 +313,8 @@ def config_from_args(args: argparse.Namespace, *, finetune: bool):
         grad_threshold=args.grad_threshold,
         bf16=args.bf16,
         grad_checkpointing=args.grad_checkpointing,
+        fsdp=args.fsdp,
+        fsdp_mixed_precision=args.fsdp_mixed_precision,
         device=args.device,
         num_workers=args.num_workers,
         progress=not args.no_progress,

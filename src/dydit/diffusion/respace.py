@@ -47,7 +47,7 @@ def create_diffusion(
         num_timesteps: T of the original process.
         schedule: ``"linear"`` (DiT) or ``"scaled_linear"`` (Stable Diffusion's, U-ViT's H models).
         first_timestep: what the network sees at step 0: 0 (DiT: t = 0..T-1) or 1 (U-ViT's discrete
-            models: t = 1..T, step i with ᾱ of the i+1-th beta; docs/METHOD.md §13.2).
+            models: t = 1..T, step i with ᾱ of the i+1-th beta; docs/METHOD.md §16.2).
     """
     if schedule not in BETA_SCHEDULES:
         raise DyditError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")

@@ -32,7 +32,7 @@ def linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
 
 def scaled_linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
     """Stable Diffusion's "scaled linear" β_1..β_T: √β linear from √SD_BETA_START to √SD_BETA_END,
-    squared (docs/METHOD.md §13.2; U-ViT's H models). Shape (T,), float64."""
+    squared (docs/METHOD.md §16.2; U-ViT's H models). Shape (T,), float64."""
     if num_timesteps < 1:
         raise DyditError(f"the diffusion needs at least one timestep, got {num_timesteps}")
     return np.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, num_timesteps, dtype=np.float64) ** 2

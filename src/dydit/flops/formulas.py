@@ -140,7 +140,7 @@ def flux_macs_table(
 
 
 def uvit_macs_table(c: UViTConfig) -> dict[str, int]:
-    """Per-sample MACs of a U-ViT forward by component, in forward order (docs/METHOD.md §13.3): the
+    """Per-sample MACs of a U-ViT forward by component, in forward order (docs/METHOD.md §16.3): the
     patch convolution, the time MLP (if any), the long-skip linears, attention over the E + N tokens
     of the depth + 1 blocks, the MLP of the N image tokens (routed) and of the E time/class tokens
     (never routed), ``decoder_pred`` on every token and the 3×3 convolution (if any)."""

@@ -54,7 +54,7 @@ __all__ = [
 def create_process(config: Any) -> GaussianDiffusion | Transport:
     """The generative process of a model config: DDPM (T = 1000) or its flow-matching transport.
 
-    A U-ViT config (docs/METHOD.md §13.2) names its own: ``process="sd"``, Stable Diffusion's
+    A U-ViT config (docs/METHOD.md §16.2) names its own: ``process="sd"``, Stable Diffusion's
     scaled-linear betas with t = 1..1000; ``"vpsde"``, the VP path with the network seeing 999·(1 − t).
     """
     if getattr(config, "family", None) == "FLUX":  # FLUX's clock and time shift (docs/METHOD.md §17.6)

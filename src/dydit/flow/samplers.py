@@ -59,6 +59,7 @@ from dydit.flow.transport import Transport
 
 DEFAULT_LAST_STEP = 0.04  # δ, the deterministic last step of the SDE sampler (SiT's default)
 VP_LAST_STEP = 1e-3  # ... and on the VP path (U-ViT's euler_maruyama: eps = 1e-3)
+VP_DPM_EPS = 1e-4  # where DPM-Solver++ ends on the VP path, s = 1e-4 (U-ViT's DPM-Solver)
 
 
 class FlowSampler(Protocol):
@@ -243,15 +244,31 @@ def sample_sde(
 
 
 def dpm_grid(transport: Transport, steps: int) -> list[float]:
-    """The N points DPM-Solver++(2M) evaluates: N − 1 uniform steps in t on ``transport.ode_interval``,
-    within [eps, 1 − eps] where the path is pure noise or pure data at an end (α or σ = 0 there)."""
+    """The N points DPM-Solver++(2M) evaluates: N − 1 steps uniform in the half log-SNR λ_t (DPM-Solver's
+    ``logSNR`` spacing) over ``transport.ode_interval``, kept within [eps, 1 − eps] where the path is pure
+    noise or pure data at an end; the VP path ends at s = 10⁻⁴, as U-ViT's DPM-Solver does."""
     n = _check(transport, steps, minimum=2)
     t0, t1 = transport.ode_interval
-    alpha0 = transport.coefficients(torch.tensor([t0], dtype=torch.float64))[0]
-    sigma1 = transport.coefficients(torch.tensor([t1], dtype=torch.float64))[1]
-    t0 = max(t0, transport.eps) if float(alpha0) <= 0 else t0
-    t1 = min(t1, 1 - transport.eps) if float(sigma1) <= 0 else t1
-    return _uniform(t0, t1, n - 1)
+    if transport.path == "vp" and transport.prediction != "velocity":
+        t1 = 1 - VP_DPM_EPS
+    ends = transport.coefficients(torch.tensor([t0, t1], dtype=torch.float64))
+    t0 = max(t0, transport.eps) if float(ends[0][0]) <= 0 else t0
+    t1 = min(t1, 1 - transport.eps) if float(ends[1][1]) <= 0 else t1
+    lo, hi = _half_log_snr(transport, torch.tensor([t0, t1], dtype=torch.float64)).tolist()
+    target = torch.linspace(lo, hi, n, dtype=torch.float64)
+    a, b = torch.full_like(target, t0), torch.full_like(target, t1)
+    for _ in range(60):  # bisection: λ_t increases with t (toward the data)
+        mid = (a + b) / 2
+        below = _half_log_snr(transport, mid) < target
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    grid = ((a + b) / 2).tolist()
+    grid[0], grid[-1] = t0, t1
+    return grid
+
+
+def _half_log_snr(transport: Transport, t: Tensor) -> Tensor:
+    alpha, sigma, _, _ = transport.coefficients(t)
+    return torch.log(alpha) - torch.log(sigma)
 
 
 @torch.no_grad()
@@ -260,9 +277,10 @@ def sample_dpm(
     generators=None, progress: bool = False,
 ) -> Tensor:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al. 2022) on the path's half log-SNR λ_t = log(α_t / σ_t), with the
-    data prediction x̂ = (x − σ_t ε̂) / α_t; first order on the first and the last update, and the last
-    evaluation returns its x̂ (as :func:`dydit.diffusion.sample_dpmpp_2m` on the discrete process).
-    N evaluations; deterministic. What U-ViT samples its VP models with (there DPM-Solver, 50 steps)."""
+    data prediction x̂ = (x − σ_t ε̂) / α_t, on :func:`dpm_grid` (uniform in λ); first order on the
+    first and the last update, and the last evaluation returns its x̂ (as
+    :func:`dydit.diffusion.sample_dpmpp_2m` on the discrete process). N evaluations; deterministic.
+    U-ViT samples its VP models with DPM-Solver (third order, "fast", 50 steps, the same spacing)."""
     grid = dpm_grid(transport, steps)
     coeffs = [transport.coefficients(torch.tensor([t], dtype=torch.float64)) for t in grid]
     alpha, sigma = [float(c[0]) for c in coeffs], [float(c[1]) for c in coeffs]

@@ -9,7 +9,7 @@ and the training loss.
 - ``gvp`` (generalised variance preserving): α_t = sin(πt/2), σ_t = cos(πt/2), so α² + σ² = 1.
 - ``vp``: the variance-preserving SDE of score-based models with a linear β(s) from β_0 = 0.1 to
   β_1 = 20 in the diffusion time s = 1 − t: α_t = exp(−¼ s² (β_1 − β_0) − ½ s β_0), σ_t = √(1 − α_t²)
-  (SiT's VP path, and the continuous process of U-ViT's pixel and L models, docs/METHOD.md §13.2).
+  (SiT's VP path, and the continuous process of U-ViT's pixel and L models, docs/METHOD.md §16.2).
 
 The velocity of the path is u_t = α'_t x_data + σ'_t ε; the network predicts (``prediction``):
 

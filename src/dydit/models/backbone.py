@@ -41,6 +41,12 @@ router; one with ``reads_state`` also receives ``token_context(state, c)``), and
 weights (all of them with 0/1 masks in the masked layer, the active ones in the sliced engine). A
 backbone may also make the calibration inputs: ``example_inputs(batch, generator) -> (x, y)`` and
 ``time_grid()`` (models/calibrate.py).
+
+Optional, for step caching (models/cache.py, docs/METHOD.md §19): a block whose ``forward(state, c)``
+is its dense layer on the seam's state says so with ``dense_forward = True`` (DiT, FLUX; the cache
+then calls it, so a cached pass computes exactly the network's own forward; otherwise it runs the
+halves with every unit), and a block that gives ``modulated_input(state, mod, static) -> Tensor``
+(the normalised, modulated input its attention reads) supports TeaCache.
 """
 
 from __future__ import annotations

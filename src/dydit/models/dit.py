@@ -78,6 +78,14 @@ class DiTBlock(nn.Module):
         return x
 
     # The backbone contract (models/backbone.py); sizes never change, so units are made once. -------
+    dense_forward = True  # forward(state, c) is the dense layer on the seam's state (step caching)
+
+    @staticmethod
+    def modulated_input(x: Tensor, mod: Sequence[Tensor], static: tuple[float, float]) -> Tensor:
+        """What attention reads: LayerNorm(x) modulated by (shift_msa, scale_msa), (B, N, D) (TeaCache's
+        indicator, docs/METHOD.md §19)."""
+        return modulate(F.layer_norm(x, (x.shape[-1],), eps=static[0]), mod[0], mod[1])
+
     @functools.cached_property
     def head_units(self) -> Units:
         """Head h: rows h·d..(h+1)·d-1 of each of the q, k, v blocks of ``qkv``, columns of ``proj``."""

@@ -34,8 +34,9 @@ from dydit.models.dynamic import (
     register_dynamic_block,
 )
 from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
+from dydit.models.lora import applied, has_lora
 from dydit.models.sliced import SlicedDyDiT
-from dydit.presets import FluxConfig, ModelConfig
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig
 
 EXECUTION_MODES: tuple[str, ...] = ("dense", "masked", "sliced")
 
@@ -83,6 +84,11 @@ class DyDiT(nn.Module):
             from dydit.models.flux import Flux
 
             backbone, config = Flux(config), None
+        if isinstance(config, UViTConfig):  # U-ViT family (docs/METHOD.md §16): a U-ViT backbone
+            from dydit.models.uvit import UViT
+
+            router_layout = router_layout or config.router_layout
+            backbone, config = UViT(config.replace(dynamic=True, router_layout=router_layout)), None
         if backbone is None:
             config = config.replace(dynamic=True, router_layout=router_layout or config.router_layout)
             layout, width = config.router_layout, config.hidden_size
@@ -246,7 +252,11 @@ class DyDiT(nn.Module):
 
     def _forward(self, x: Tensor, t: Tensor, y) -> Tensor:
         if self._execution == "dense":
-            return self.backbone(x, t, y)  # the blocks' own forward: the complete network
+            if not has_lora(self):
+                return self.backbone(x, t, y)  # the blocks' own forward: the complete network
+            t_in = t.expand(x.shape[0]) if t.ndim == 0 else t
+            with applied(self, self.width_embedding(t_in)):  # TD-LoRA adapters (§18)
+                return self.backbone(x, t, y)
         if self._execution == "masked":
             return self.forward_with_routing(x, t, y)[0]
         return self.sliced_engine()(x, t, y)
@@ -279,7 +289,8 @@ class DyDiT(nn.Module):
         """Masked forward pass plus the router decisions the FLOPs loss needs (docs/METHOD.md §5.3)."""
         state, c, e = self.embed(x, t, y)  # DiT: tokens (B, N, D), c (B, D), e = E_t (B, D)
         # Width depends on e only (t alone); each layer's masks are drawn just before it runs.
-        state, stats = masked_layers(self.blocks, state, c, lambda _, block: block.width_masks(e))
+        with applied(self, e):  # TD-LoRA adapters gated by e, if the model has them (§18)
+            state, stats = masked_layers(self.blocks, state, c, lambda _, block: block.width_masks(e))
         return self.head(state, c), stats
 
     # Per-timestep width decisions (inference) ------------------------------------------------

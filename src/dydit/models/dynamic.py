@@ -105,11 +105,9 @@ class DynamicBlock:
         return "attn_rate" in self._modules
 
     def _all_units(self, e: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        b = e.shape[0]
-        ones = (b, self.head_units.count), (b, self.group_units.count)
-        return torch.ones(ones[0], dtype=dtype, device=e.device), torch.ones(
-            ones[1], dtype=dtype, device=e.device
-        )
+        """Every head and group on, (B, H) and (B, G): a block without width routers."""
+        counts = (self.head_units.count, self.group_units.count)
+        return tuple(torch.ones(e.shape[0], k, dtype=dtype, device=e.device) for k in counts)
 
     def width_masks(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """0/1 head and group masks, (B, H) and (B, G), for the width routers' input e (B, D_w);

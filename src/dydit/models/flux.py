@@ -90,6 +90,9 @@ class FluxOutput:
 
     sample: Tensor
 
+    def __getitem__(self, index: int) -> Tensor:  # ``out[0]``, as diffusers' BaseOutput allows
+        return (self.sample,)[index]
+
 
 class Flux(nn.Module):
     """The FLUX transformer: ``model(x, t, y)`` or diffusers' keyword call (module docstring)."""
@@ -117,6 +120,24 @@ class Flux(nn.Module):
         self.__dict__["blocks"] = nn.ModuleList([*self.transformer_blocks, *self.single_transformer_blocks])
 
     def initialize_weights(self) -> None:
+        """diffusers' initialisation: PyTorch's default for every Linear and LayerNorm, RMSNorm
+        weights one (DyDiT.initialize_weights then resets its routers to keep everything). A
+        text-to-image model trained here (one that owns its text encoder) gets DiT's initialisation
+        for training from scratch instead (:meth:`initialize_for_training`, docs/METHOD.md §17.6)."""
+        if self.config.text_encoder is not None:
+            self.initialize_for_training()
+            return
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()
+            elif (
+                hasattr(module, "weight")
+                and isinstance(module.weight, nn.Parameter)
+                and module.weight.ndim == 1
+            ):
+                nn.init.ones_(module.weight)  # the q/k RMSNorms
+
+    def initialize_for_training(self) -> None:
         """DiT's initialisation for training from scratch (docs/METHOD.md §17.6): Xavier-uniform
         linears with zero biases, N(0, 0.02) time/guidance MLPs, every adaLN modulation and the output
         projection zero (adaLN-zero: each block starts as the identity). The text encoder keeps its own."""
@@ -171,7 +192,9 @@ class Flux(nn.Module):
         raise DyditError(f"FLUX is conditioned on text: pass a TextCondition as y, got {type(y).__name__}")
 
     def embed(self, x: Tensor, t: Tensor, y) -> tuple[FluxState, Tensor, Tensor]:
-        """(state, temb (B, D), e (B, D)): e is the time (+ guidance) embedding the width routers read."""
+        """(state, temb (B, D), e (B, D)): e is the time (+ guidance) embedding the width routers read,
+        with the guidance scale ``self.guidance`` (a call's own guidance enters temb only; a diffusers
+        call with one guidance value makes it ``self.guidance`` first)."""
         c, inputs = self.config, self.condition(y)
         text = inputs.embeddings
         b, length = text.shape[0], text.shape[1]
@@ -200,10 +223,21 @@ class Flux(nn.Module):
             raise DyditError(
                 f"expected tokens ({b}, N, {c.in_channels}) for {b} texts, got {tuple(tokens.shape)}"
             )
+        pooled = inputs.pooled
+        if pooled.ndim != 2 or pooled.shape != (b, c.pooled_projection_dim):
+            raise DyditError(
+                f"pooled text must be ({b}, {c.pooled_projection_dim}), got {tuple(pooled.shape)}"
+            )
+        if text.shape[2] != c.joint_attention_dim:
+            raise DyditError(
+                f"text embeddings must be (B, L, {c.joint_attention_dim}), got {tuple(text.shape)}"
+            )
+        t = t.expand(b) if t.ndim == 0 else t
+        if t.shape != (b,):
+            raise DyditError(f"expected one time value per sample ({b},), got {tuple(t.shape)}")
         txt = torch.zeros(length, 3, device=x.device) if inputs.txt_ids is None else inputs.txt_ids
         txt = check_ids(txt, length, "txt_ids")
         rope = rope_table(torch.cat([txt.to(img.device), img]), c.axes_dims_rope)
-        t = t.expand(b) if t.ndim == 0 else t
         guidance = inputs.guidance
         if c.guidance_embeds and guidance is None:
             guidance = torch.full((b,), float(self.guidance), device=x.device)
@@ -221,6 +255,8 @@ class Flux(nn.Module):
             grid,
         )
         temb, e = self.time_text_embed(t, guidance, inputs.pooled.to(dtype))
+        if inputs.guidance is not None and c.guidance_embeds and not bool((guidance == self.guidance).all()):
+            e = self.width_embedding(t)  # the width routers read model.guidance (docs/METHOD.md §15.3)
         return state, temb, e
 
     def head(self, state: FluxState, c: Tensor) -> Tensor:

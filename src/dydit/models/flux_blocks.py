@@ -120,6 +120,13 @@ class FluxBlock(nn.Module):
         return self.finish(state, x, mod, gw, None)
 
     finish_uses_groups = True  # finish(state, x, mod, group weights, group mask): width-routed text MLP
+    dense_forward = True  # forward(state, c) is the dense layer on the seam's state (step caching)
+
+    @staticmethod
+    def modulated_input(state: FluxState, mod: Sequence[Tensor], static) -> Tensor:
+        """The image stream's normalised, modulated input to attention (B, N, D): TeaCache's indicator
+        (docs/METHOD.md §19); both block types modulate it with mod[0], mod[1]."""
+        return modulate(layer_norm(state.img), mod[0], mod[1])
 
 
 class FluxDoubleBlock(FluxBlock):

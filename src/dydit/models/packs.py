@@ -24,7 +24,7 @@ its default engine on ``.to()``, so this concerns engines made with :func:`dydit
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,8 @@ class Pack:
 
     __slots__ = ("count", "_held", "_parts")
 
-    def __init__(self, block: nn.Module, units: Units, active: Tensor):
+    def __init__(self, block: nn.Module, units: Units, active: Tensor, source: Weights | None = None):
+        """``source``: the block's weights to slice instead of its own (TD-LoRA merged, §18)."""
         linears = units.linears()
         device = block.get_submodule(units.parts[0].linear).weight.device
         on = active.nonzero().flatten().to(device)  # (k,)
@@ -55,6 +56,8 @@ class Pack:
         for path, parts in linears.items():
             lin = block.get_submodule(path)
             weight, bias = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+            if source is not None and path in source:
+                weight, bias = source[path]
             dim = parts[0].dim
             if self.count == units.count:
                 self._parts[path] = (weight, bias, dim, None)
@@ -140,21 +143,41 @@ def unit_weight_bytes(blocks: Iterable[nn.Module]) -> int:
 class PackStore:
     """Packs per (layer, pattern) for one model, copies held within ``budget`` × weight bytes."""
 
-    def __init__(self, blocks: nn.ModuleList, budget: float | None, static: bool = False):
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        budget: float | None,
+        static: bool = False,
+        merged: Callable[[nn.Module, Tensor], Weights] | None = None,
+    ):
+        """``merged(block, gates)``: the block's weights with its TD-LoRA adapter of one gate
+        pattern merged (docs/METHOD.md §18); packs of a pattern slice those. Merged weights are kept
+        once per (layer, pattern), outside the budget (``merged_bytes`` of :meth:`memory`)."""
         self.blocks, self.budget, self.static = blocks, budget, static
         self.weight_bytes = unit_weight_bytes(blocks)
-        self.packs: dict[tuple[str, int, bytes], Pack] = {}
+        self.packs: dict[tuple[str, int, bytes, bytes], Pack] = {}
+        self._merged_fn = merged
+        self.merged: dict[tuple[int, bytes], Weights] = {}
         self.uses: Counter[Pack] = Counter()  # plan steps that use each pack
         self._copy_bytes = self._index_bytes = 0
 
-    def get(self, kind: str, layer: int, active: Tensor, hold: bool = True) -> Pack:
-        """The pack of ``kind`` ("attn" or "mlp") for one layer's mask, made on first use and then
-        held if ``hold`` and the budget allows (first come, first held)."""
-        key = (kind, layer, active.cpu().numpy().tobytes())
+    def get(
+        self, kind: str, layer: int, active: Tensor, hold: bool = True, gates: Tensor | None = None
+    ) -> Pack:
+        """The pack of ``kind`` ("attn" or "mlp") for one layer's mask (and TD-LoRA ``gates``),
+        made on first use and then held if ``hold`` and the budget allows (first come, first held)."""
+        pattern = b"" if gates is None else gates.cpu().numpy().tobytes()
+        key = (kind, layer, active.cpu().numpy().tobytes(), pattern)
         pack = self.packs.get(key)
         if pack is None:
             block = self.blocks[layer]
-            pack = Pack(block, block.head_units if kind == "attn" else block.group_units, active)
+            source = None
+            if gates is not None and self._merged_fn is not None:
+                if (layer, pattern) not in self.merged:
+                    self.merged[(layer, pattern)] = self._merged_fn(block, gates)
+                source = self.merged[(layer, pattern)]
+            units = block.head_units if kind == "attn" else block.group_units
+            pack = Pack(block, units, active, source)
             self.packs[key] = pack
             self._index_bytes += pack.index_bytes()
             if hold:
@@ -206,6 +229,7 @@ class PackStore:
             "index_bytes": self._index_bytes,
             "weight_bytes": self.weight_bytes,
             "ratio": self.pack_bytes / self.weight_bytes if self.weight_bytes else 0.0,
+            "merged_bytes": sum(_bytes(w) for ws in self.merged.values() for w, _ in ws.values()),
             "held_packs": held,
             "gathered_packs": sum(1 for p in self.packs.values() if p.sliced) - held,
         }

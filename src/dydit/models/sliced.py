@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,10 @@ from dydit.flops import formulas
 from dydit.flops.counter import is_counting, record
 from dydit.models.dynamic import WidthPlan
 from dydit.models.kernels import RouterWeights, kept_rows, load_kernels
+from dydit.models.lora import gate_plan, has_lora, merged_weights
 from dydit.models.packs import Pack, PackStore, StepPacks, WeightWatch
 
-__all__ = ["DEFAULT_PACK_BUDGET", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
+__all__ = ["DEFAULT_PACK_BUDGET", "EnginePass", "Pack", "SlicedDyDiT", "StepPacks", "engine"]
 
 TokenLogitsFn = Callable[[int, Tensor], Tensor]  # (layer, x (B, N, D)) -> logits (B, N); kept iff > 0
 DEFAULT_PACK_BUDGET = 0.5  # held packs + indices <= this x the blocks' attention+MLP weights
@@ -121,7 +123,8 @@ class SlicedDyDiT(nn.Module):
 
         Never needed after ordinary weight changes, which the engine detects itself."""
         self._steps: dict[float, StepPacks] = {}
-        self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights)
+        merged = merged_weights if has_lora(self.model) else None  # TD-LoRA: merged per step (§18)
+        self._store = PackStore(self.model.blocks, self.pack_budget, self._static_weights, merged)
         self._adaln: tuple[Tensor, Tensor, list[int]] | None = None
         self._routers: list[RouterWeights | None] | None = None
         self._watch = WeightWatch(self.model)
@@ -150,7 +153,7 @@ class SlicedDyDiT(nn.Module):
     def cache_info(self) -> dict[str, int]:
         """Numbers of cached plan steps and packs, and the bytes held by packs (:meth:`memory`)."""
         memory = self.memory()
-        kinds = Counter(kind for kind, _, _ in self._store.packs)
+        kinds = Counter(key[0] for key in self._store.packs)
         return {
             "plans": len(self._steps),
             "attn_packs": kinds["attn"],
@@ -178,13 +181,16 @@ class SlicedDyDiT(nn.Module):
                 f"{tuple(plan.heads.shape)} and {tuple(plan.groups.shape)}"
             )
         uses: Counter[Pack] = Counter()
-        for t, heads, groups in plan.steps():
+        # TD-LoRA: the adapters' gates of each step, merged into its packs (docs/METHOD.md §18).
+        lora = gate_plan(self.model, plan.timesteps) if has_lora(self.model) else None
+        for i, (t, heads, groups) in enumerate(plan.steps()):
             if t not in self._steps:
                 layers = range(self.num_layers)
                 get = self._store.get
+                gates = [None] * self.num_layers if lora is None else lora[i]
                 step = StepPacks(
-                    tuple(get("attn", layer, heads[layer], hold=False) for layer in layers),
-                    tuple(get("mlp", layer, groups[layer], hold=False) for layer in layers),
+                    tuple(get("attn", layer, heads[layer], False, gates[layer]) for layer in layers),
+                    tuple(get("mlp", layer, groups[layer], False, gates[layer]) for layer in layers),
                 )
                 self._steps[t] = step
                 uses.update([*step.attn, *step.mlp])
@@ -249,42 +255,77 @@ class SlicedDyDiT(nn.Module):
         return out
 
     def _forward_one_t(self, x: Tensor, t: Tensor, y: Tensor, t_value: Tensor) -> Tensor:
-        model, step, kernels = self.model, self.plan(t_value), self.kernels
+        run = self.begin(x, t, y, t_value)
+        state = run.state
+        for layer in range(self.num_layers):
+            state = run.layer(layer, state)
+        return run.head(state)
+
+    def begin(self, x: Tensor, t: Tensor, y, t_value: Tensor | float) -> EnginePass:
+        """One pass at the single time value ``t_value`` taken apart: the embedding and the fused
+        adaLN of every layer now, then :meth:`EnginePass.layer` per layer and :meth:`EnginePass.head`
+        (the forward is exactly these in order; step caching, models/cache.py, stops after a layer)."""
+        model = self.model
         x = x.to(next(model.parameters()).dtype)
         state, c, _ = model.embed(x, t, y)  # the blocks' state, c (B, D)
         w, bias, sizes = self._fused_adaln()
         raws = F.linear(F.silu(c), w, bias).split(sizes, dim=1)  # per layer (B, M_l)
         record("adaLN", c.shape[0] * c.shape[1] * sum(sizes))
-        routers = self._router_weights()
-        counting = is_counting()  # the per-layer MACs are computed only for a counter
-        for layer, block in enumerate(model.blocks):
-            ap, mp, router = step.attn[layer], step.mlp[layer], routers[layer]
-            mod = block.split_modulation(raws[layer])
-            if counting:
-                record("attention", block.attention_macs(state, ap.count))
-            state, x, h, logits = kernels.attention(
-                block.attention_half, state, mod, ap.weights, ap.count, block.static, router
+        return EnginePass(self, self.plan(t_value), state, c, raws, self._router_weights(), is_counting())
+
+    def _layer(self, run: EnginePass, layer: int, state):
+        model, step, kernels = self.model, run.step, self.kernels
+        block, c, counting = model.blocks[layer], run.c, run.counting
+        ap, mp, router = step.attn[layer], step.mlp[layer], run.routers[layer]
+        mod = block.split_modulation(run.raws[layer])
+        if counting:
+            record("attention", block.attention_macs(state, ap.count))
+        state, x, h, logits = kernels.attention(
+            block.attention_half, state, mod, ap.weights, ap.count, block.static, router
+        )
+        b, n, d = x.shape
+        if logits is None:
+            logits = (
+                block.token_logits(x, state, c)
+                if self._token_logits is None
+                else self._token_logits(layer, x)
             )
-            b, n, d = x.shape
-            if logits is None:
-                logits = (
-                    block.token_logits(x, state, c)
-                    if self._token_logits is None
-                    else self._token_logits(layer, x)
-                )
-            elif counting:
-                r = router[0].shape[0]  # D/16
-                record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
-            idx, sample, gate, rows = kept_rows(logits, block.mlp_gate(mod), n, self.token_bucket)
-            if rows:
-                x = kernels.mlp(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
-                if counting:
-                    record("mlp", block.mlp_macs(rows, mp.count))
-            if getattr(block, "finish_uses_groups", False):
-                state = block.finish(state, x, mod, mp.weights, None)
-            else:
-                state = block.finish(state, x, mod)
-        return model.head(state, c)
+        elif counting:
+            r = router[0].shape[0]  # D/16
+            record("token_router", b * (formulas.linear_macs(n, d, r) + formulas.linear_macs(n, r, 1)))
+        idx, sample, gate, rows = kept_rows(logits, block.mlp_gate(mod), n, self.token_bucket)
+        if rows:
+            x = kernels.mlp(x.contiguous(), h, idx, sample, gate, block.mlp_half, mp.weights)
+            if counting:
+                record("mlp", block.mlp_macs(rows, mp.count))
+        if getattr(block, "finish_uses_groups", False):
+            return block.finish(state, x, mod, mp.weights, None)
+        return block.finish(state, x, mod)
+
+
+@dataclass
+class EnginePass:
+    """One engine pass at one time value, between its embedding and its head (:meth:`SlicedDyDiT.begin`):
+    the state after the embedding, c, each layer's raw modulation and the plan step's packs."""
+
+    engine: SlicedDyDiT
+    step: StepPacks
+    state: object
+    c: Tensor
+    raws: tuple[Tensor, ...]
+    routers: list[RouterWeights | None]
+    counting: bool
+
+    def layer(self, layer: int, state):
+        """The state after layer ``layer``, given the state before it."""
+        return self.engine._layer(self, layer, state)
+
+    def modulation(self, layer: int):
+        """Layer ``layer``'s modulation vectors (from the fused adaLN already computed)."""
+        return self.engine.model.blocks[layer].split_modulation(self.raws[layer])
+
+    def head(self, state) -> Tensor:
+        return self.engine.model.head(state, self.c)
 
 
 def engine(

@@ -1,4 +1,4 @@
-"""U-ViT (Bao et al., CVPR 2023, "All are Worth Words"; docs/METHOD.md §13), on the backbone seam.
+"""U-ViT (Bao et al., CVPR 2023, "All are Worth Words"; docs/METHOD.md §16), on the backbone seam.
 
 Time and class enter as tokens: the stream is [class token,] time token, image tokens (official
 order), plus a learned position table over all of them. Blocks are pre-norm (affine LayerNorms, no
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,16 @@ from dydit.flops import formulas
 from dydit.flops.counter import record
 from dydit.models.backbone import UnitPart, Units, Weights
 from dydit.models.layers import TimestepEmbedder, attention
+from dydit.models.uvit_layers import (
+    Attention,
+    LabelDropout,
+    Mlp,
+    NoModulation,
+    PatchEmbed,
+    UViTMod,
+    UViTState,
+    uvit_mlp,
+)
 from dydit.presets import UViTConfig
 
 # Checkpoint key names the loaders read shapes from (official U-ViT files).
@@ -49,86 +58,6 @@ UVIT_KEYS = {
     "conv": "final_layer.weight",
 }
 LN_EPS = 1e-5  # nn.LayerNorm's default, as the official blocks use
-
-
-def uvit_mlp(
-    x: Tensor,
-    fc1_weight: Tensor | None,
-    fc1_bias: Tensor | None,
-    fc2_weight: Tensor | None,
-    fc2_bias: Tensor,
-    group_mask: Tensor | None = None,
-) -> Tensor:
-    """fc1 -> GELU (exact, timm's ``Mlp``) -> fc2, (..., D) -> (..., D); ``group_mask`` (B, G) as in
-    :func:`dydit.models.layers.mlp` (x is then (B, N, D)); no weights: ``fc2_bias`` for every row."""
-    if fc1_weight is None:
-        return fc2_bias.expand(*x.shape[:-1], fc2_bias.shape[0])
-    a = F.linear(x, fc1_weight, fc1_bias)
-    if group_mask is not None:
-        b, n, hidden = a.shape
-        m = group_mask.to(a.dtype)[:, None, :, None]
-        a = (a.view(b, n, m.shape[2], -1) * m).view(b, n, hidden)
-    return F.linear(F.gelu(a), fc2_weight, fc2_bias)
-
-
-class UViTState(NamedTuple):
-    """What flows between U-ViT blocks: the stream (B, E + N, D), the in-blocks' outputs not yet
-    taken by an out-block (a stack), and the number E of time/class tokens."""
-
-    tokens: Tensor
-    skips: tuple[Tensor, ...]
-    extras: int
-
-
-class UViTMod(NamedTuple):
-    """A block's fixed tensors, what its halves take in place of an adaLN modulation."""
-
-    skip_weight: Tensor | None
-    skip_bias: Tensor | None
-    norm1: tuple[Tensor, Tensor]
-    norm2: tuple[Tensor, Tensor]
-    gate: Tensor  # (B, 1) ones: U-ViT's MLP update is not gated
-
-
-class Attention(nn.Module):
-    """Self-attention with a fused qkv (no bias in the official configs) and an output projection."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-
-class _NoModulation(NamedTuple):
-    """U-ViT has no adaLN: an empty "modulation linear" (0 outputs) for the engine's fused matmul."""
-
-    weight: Tensor
-    bias: Tensor
-    out_features: int = 0
-
-
-class LabelDropout:
-    """Class dropout in training (the official scripts draw it in the dataset, with ``p_uncond``):
-    labels become the null class ``num_classes`` with probability ``dropout_prob``. A plain object,
-    not a module (no state-dict keys), with the attributes the training loop reads (``y_embedder``)."""
-
-    def __init__(self, num_classes: int, dropout_prob: float):
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
-
-    def __call__(self, labels: Tensor, train: bool) -> Tensor:
-        if not (train and self.dropout_prob > 0):
-            return labels
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
 
 class UViTBlock(nn.Module):
@@ -189,9 +118,9 @@ class UViTBlock(nn.Module):
         return self.attn.proj.out_features
 
     @property
-    def modulation_linear(self) -> _NoModulation:
+    def modulation_linear(self) -> NoModulation:
         w = self.norm1.weight
-        return _NoModulation(w.new_empty(0, w.shape[0]), w.new_empty(0))
+        return NoModulation(w.new_empty(0, w.shape[0]), w.new_empty(0))
 
     def split_modulation(self, raw: Tensor) -> UViTMod:
         """The block's own tensors; ``raw`` (B, 0) only gives the batch. Records the skip's MACs."""
@@ -235,6 +164,12 @@ class UViTBlock(nn.Module):
         return UViTState(torch.cat([x[:, :e], h[:, :e]], 1), skips, e), x[:, e:], h[:, e:]
 
     @staticmethod
+    def modulated_input(state: UViTState, mod: UViTMod, static: tuple[float]) -> Tensor:
+        """The normalised input of an in-block's attention (B, E + N, D): TeaCache's indicator
+        (docs/METHOD.md §19; read from the first block, which merges no skip)."""
+        return F.layer_norm(state.tokens, (state.tokens.shape[-1],), *mod.norm1, static[0])
+
+    @staticmethod
     def mlp_half(h: Tensor, weights: Weights, group_mask: Tensor | None = None) -> Tensor:
         return uvit_mlp(h, *weights["mlp.fc1"], *weights["mlp.fc2"], group_mask)
 
@@ -261,21 +196,6 @@ class UViTBlock(nn.Module):
     def mlp_macs(self, rows: int, count: int) -> int:
         fc1 = self.mlp.fc1
         return formulas.mlp_macs(rows, fc1.in_features, fc1.out_features, count, self.attn.num_heads)
-
-
-class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, N, D) with a stride-p convolution (key ``patch_embed.proj``)."""
-
-    def __init__(self, patch_size: int, in_chans: int, dim: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(x)
-        b, d, h, w = x.shape
-        record("patch_embed", b * formulas.linear_macs(h * w, self.proj.in_channels * self.patch_size**2, d))
-        return x.flatten(2).transpose(1, 2)
 
 
 class UViT(nn.Module):
@@ -417,7 +337,7 @@ class UViT(nn.Module):
         )
 
     def macs_table(self) -> dict[str, int]:
-        """Per-sample MACs of the complete forward by component (docs/METHOD.md §13.3)."""
+        """Per-sample MACs of the complete forward by component (docs/METHOD.md §16.3)."""
         return formulas.uvit_macs_table(self.config)
 
 

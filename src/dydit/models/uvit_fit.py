@@ -1,7 +1,7 @@
 """U-ViT state dicts: telling one apart and naming the config fields its shapes contradict.
 
 The U-ViT counterpart of :mod:`dydit.models.fitting` (which also serves U-ViT for the strict key
-check itself); docs/METHOD.md §13.
+check itself); docs/METHOD.md §16.
 """
 
 from __future__ import annotations

@@ -21,11 +21,19 @@ from dydit.constants import (
 )
 from dydit.errors import DyditError
 from dydit.flops.analytic import check_target
-from dydit.presets import ModelConfig, dydit_name, get_model_config, is_flux_name, is_sit_name
+from dydit.presets import (
+    ModelConfig,
+    dydit_name,
+    get_model_config,
+    get_uvit_config,
+    is_flux_name,
+    is_sit_name,
+)
 
 GradGuard = Literal["clip", "skip", "none"]
 GRAD_GUARDS: tuple[str, ...] = ("clip", "skip", "none")
 FITS: tuple[str, ...] = ("pad", "resize")
+FSDP_PRECISIONS: tuple[str, ...] = ("none", "bf16")
 
 # Fields that may change between an interrupted run and its resumption without changing results
 # (or that only say how far to go); all other fields must match the stored config.
@@ -73,6 +81,13 @@ class TrainConfig:
         ``distill_from`` (None: ``init_from``, the dense base a fine-tune starts from); 0: off.
     Checkpoints: every ``ckpt_every`` steps; ``keep_checkpoints`` numbered copies are kept (0: all).
     Runtime: ``bf16`` autocast, ``grad_checkpointing``, ``device``, ``num_workers``, ``progress``.
+    TD-LoRA (docs/METHOD.md §18, ours): ``lora_rank`` r > 0 freezes the base weights and trains
+        low-rank adapters (rank split into ``lora_groups`` gated by a timestep router) with the
+        DyDiT routers; the run exports ``lora.safetensors`` (adapters and routers) beside the base.
+    Sharding (docs/TRAINING.md, "FSDP"): ``fsdp`` shards parameters, gradients and optimizer state
+        over the processes with FSDP2 (``fully_shard``), ``fsdp_mixed_precision`` "bf16" computes
+        in bfloat16 with float32 gradients reduced and stored; checkpoints are distributed
+        checkpoints (``torch.distributed.checkpoint``).
     """
 
     out_dir: str = "runs/train"
@@ -110,6 +125,10 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    lora_rank: int = 0
+    lora_groups: int = 1
+    fsdp: bool = False
+    fsdp_mixed_precision: str = "none"
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "steps", "ckpt_every", "log_every")
@@ -148,9 +167,21 @@ class TrainConfig:
             raise DyditError("distillation needs a teacher: set --distill-from or --init-from")
         if self.target is not None:
             check_target(self.target)
+        if self.lora_rank:
+            from dydit.models.lora import LoraConfig
+
+            LoraConfig(self.lora_rank, self.lora_groups)  # one-line errors for bad values
+        if self.fsdp_mixed_precision not in FSDP_PRECISIONS:
+            raise DyditError(
+                f"fsdp_mixed_precision must be one of {FSDP_PRECISIONS}, got {self.fsdp_mixed_precision!r}"
+            )
+        if self.fsdp_mixed_precision != "none" and not self.fsdp:
+            raise DyditError("--fsdp-mixed-precision needs --fsdp (without it, use --bf16 autocast)")
         dynamic = self.model_config().dynamic
         if dynamic and self.target is None:
             raise DyditError(f"{self.model} is a DyDiT: set the FLOPs target lambda in (0, 1] (--target)")
+        if self.lora_rank and not dynamic:
+            raise DyditError("TD-LoRA (--lora) fine-tunes a DyDiT: use dydit finetune")
         if not dynamic and (self.target is not None or self.complete_steps or self.reorder):
             raise DyditError(
                 f"{self.model} is a static DiT: a FLOPs target, complete-model steps and reordering "
@@ -249,9 +280,16 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
 
     Used to fine-tune from a checkpoint whose stored config need not match a preset exactly.
     """
-    from dydit.presets import DIT_NAMES, dydit_name, preset_name
+    from dydit.presets import DIT_NAMES, UVIT_NAMES, UViTConfig, dydit_name, preset_name
 
     dynamic = config.dynamic if dynamic is None else dynamic
+    if isinstance(config, UViTConfig):  # a U-ViT (docs/METHOD.md §16): its preset, else the first
+        name = preset_name(config.replace(dynamic=False)) or UVIT_NAMES[0]
+        base = get_uvit_config(name)
+        target = config.replace(dynamic=dynamic)
+        return (dydit_name(name) if dynamic else name), {
+            k: v for k, v in target.to_dict().items() if k != "family" and getattr(base, k) != v
+        }
     name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
     if dynamic and name in DIT_NAMES:
         name = dydit_name(name)

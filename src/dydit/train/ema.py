@@ -17,9 +17,14 @@ from torch import nn
 EMA_WARMUP_OFFSET = 10
 
 
-def create_ema(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode (no gradients, same device and dtype)."""
-    ema = copy.deepcopy(model)
+def create_ema(model: nn.Module, share_frozen: bool = False) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode (no gradients, same device and dtype).
+
+    ``share_frozen``: parameters that do not train (a TD-LoRA run's base) are the model's own
+    tensors, not copies: their average is themselves, and a large base is held once.
+    """
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad} if share_frozen else {}
+    ema = copy.deepcopy(model, memo=dict(frozen))
     ema.requires_grad_(False)
     return ema.eval()
 

@@ -34,10 +34,9 @@ from dydit.flow import create_process
 from dydit.io import locked_dir
 from dydit.log import FILE_ONLY, RunLogger, report
 from dydit.models.dydit import RoutingStats
-from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig, run_model
 from dydit.train.ema import ema_decay, update_ema
-from dydit.train.run import Run, load_teacher, save, set_up
+from dydit.train.run import Run, export_file, load_teacher, save, set_up
 from dydit.train.step import (
     TrainForward,
     compute_loss,
@@ -117,7 +116,8 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     cfg = run.cfg  # resolved: automatic fields from the resumed run or scaled to its length
     model, ema, optimizer, stream, mc = run.model, run.ema, run.optimizer, run.stream, run.model_config
     rank, local_batch, dynamic = distributed.rank(), stream.batch_size, mc.dynamic
-    net = _distribute(TrainForward(model), device)
+    # FSDP shards the model itself (set_up); otherwise DDP wraps the forward under torchrun.
+    net = TrainForward(model) if cfg.fsdp else _distribute(TrainForward(model), device)
     teacher = load_teacher(cfg.teacher_path, mc, device) if cfg.distill_weight > 0 else None
     diffusion = create_process(mc)  # DDPM (T = 1000) or the flow-matching transport
     costs = model.layer_costs()  # the backbone's per-layer (A, M), whatever its family
@@ -173,7 +173,7 @@ def _train(cfg: TrainConfig, device: str, stop_at: int | None) -> TrainResult:
     bar.close()
     if saved != step:
         save(run, step)  # nothing was left to do, but the export must exist
-    export = ckpt.export_path(run.run_dir)
+    export = export_file(run.run_dir, cfg)
     rho = None
     if dynamic and run.start < step:  # the batch of the last step is at hand
         rho = measured_flops_ratio(ema, diffusion, x0, cond, t, noise, costs)

@@ -20,13 +20,16 @@ from torch import nn
 
 from dydit import distributed
 from dydit.checkpoint import file_sha256, fit_state_dict, load_checkpoint
+from dydit.checkpoint.lora import LORA_FILE, is_trained_key, save_lora
 from dydit.data import DataInfo, DataStream, make_dataset
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
 from dydit.log import get_logger, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
 from dydit.models.fitting import size_mismatches
-from dydit.presets import FluxConfig, ModelConfig, is_flux_name
+from dydit.models.lora import LoraConfig, add_lora, freeze_base
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, is_flux_name
+from dydit.train import fsdp
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
 from dydit.train.ema import create_ema
@@ -84,6 +87,9 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
         from dydit.models.reorder import reorder_by_importance
 
         reorder_by_importance(model)  # before the EMA copy; a resumed state is already reordered
+    if cfg.lora_rank:  # TD-LoRA (docs/METHOD.md §18): adapters added, the base frozen
+        add_lora(model, LoraConfig(cfg.lora_rank, cfg.lora_groups))
+        freeze_base(model, ROUTER_KEY_MARKERS)
 
     run_config = {"train": cfg.to_dict(), "model": mc.to_dict(), "data": info.to_dict(), "world_size": world}
     run_config["init_sha256"] = init_digest
@@ -93,12 +99,21 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
         new = f" ({len(tolerated)} router tensors newly initialised)" if tolerated else ""
         logger.info(f"initialised from {cfg.init_from}{new}")
     model.to(device).train()
-    ema = create_ema(model)
+    # A frozen TD-LoRA base is shared with the EMA, not copied (sharded runs shard both instead).
+    ema = create_ema(model, share_frozen=bool(cfg.lora_rank) and not cfg.fsdp)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)  # after the EMA copy, which must stay a plain model
+    if cfg.fsdp:  # FSDP2: blocks and root sharded, model and EMA alike (train/fsdp.py)
+        fsdp.shard(model, cfg.fsdp_mixed_precision)
+        fsdp.shard(ema, cfg.fsdp_mixed_precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            fsdp.load_sharded(run_dir, state["sharded"], model, ema, optimizer)
+        else:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state["rng"])
         logger.info(f"resuming {run_dir} from step {start}")
         del state
@@ -106,8 +121,6 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
         # Steps after ``start`` were logged by a run that died before checkpointing them (or, when
         # no checkpoint exists, by a run killed before its first one): they are logged again.
         truncate_stats(run_dir, start)
-    if cfg.grad_checkpointing:
-        enable_grad_checkpointing(model)  # after the EMA copy, which must stay a plain model
     return Run(
         cfg, device, run_dir, state_file, start, info, mc, stream, model, ema, optimizer, init_digest, logger
     )
@@ -244,7 +257,14 @@ def _init_weights(path: str, mc: ModelConfig) -> dict[str, torch.Tensor]:
     init, §12).
     """
     sd = load_checkpoint(path)
-    wrong = [] if isinstance(mc, FluxConfig) else size_mismatches(mc, sd)  # FLUX: fit_state_dict checks
+    if isinstance(mc, UViTConfig):  # docs/METHOD.md §16
+        from dydit.models.uvit_fit import uvit_size_mismatches
+
+        wrong = uvit_size_mismatches(mc, sd)
+    elif isinstance(mc, FluxConfig):  # FLUX (docs/METHOD.md §17.6): fit_state_dict checks the fit
+        wrong = []
+    else:
+        wrong = size_mismatches(mc, sd)
     if wrong:
         raise CheckpointError(f"{path} does not fit the model: {'; '.join(wrong)}")
     return sd
@@ -289,6 +309,9 @@ def load_teacher(path: str, mc: ModelConfig, device: str) -> nn.Module:
 def save(run: Run, step: int) -> None:
     """Rank 0 writes the training state and the EMA export; every rank learns whether it worked."""
     cfg, mc, info = run.cfg, run.model_config, run.info
+    if cfg.fsdp:
+        _save_sharded(run, step)
+        return
     error: DyditError | None = None
     if distributed.is_main():
         try:
@@ -300,11 +323,50 @@ def save(run: Run, step: int) -> None:
             ckpt.save_state(run.state_file, state)
             ckpt.keep_numbered(run.state_file, step, cfg.keep_checkpoints)
             export_cfg = {"model": mc.to_dict(), "data": info.to_dict(), "train": cfg.to_dict(), "step": step}
-            ckpt.export_weights(ckpt.export_path(run.run_dir), run.ema, export_cfg)
+            if cfg.lora_rank:  # the adapters and routers alone, beside the base they fit
+                base = {"base": cfg.init_from, "base_sha256": run.init_digest}
+                save_lora(export_file(run.run_dir, cfg), run.ema, {**export_cfg, **base})
+            else:
+                ckpt.export_weights(ckpt.export_path(run.run_dir), run.ema, export_cfg)
         except DyditError as e:
             error = e
     if not _agree(error is None, run.device):
         raise error or DyditError("rank 0 could not write the checkpoint")
+
+
+def _save_sharded(run: Run, step: int) -> None:
+    """FSDP: every rank writes its shards, the export is gathered, then rank 0 writes state.pt
+    (pointing at the shards) and the export; every rank learns whether that worked."""
+    cfg, mc, info = run.cfg, run.model_config, run.info
+    name = fsdp.save_sharded(run.run_dir, step, run.model, run.ema, run.optimizer)
+    full = fsdp.full_state_dict(run.ema, is_trained_key if cfg.lora_rank else None)
+    error: DyditError | None = None
+    if distributed.is_main():
+        try:
+            state = ckpt.make_state(
+                model=None, ema=None, optimizer=None, step=step, data=run.stream.state(),
+                config=cfg.to_dict(), model_config=mc.to_dict(), data_info=info.to_dict(),
+                init_sha256=run.init_digest, sharded=name,
+            )  # fmt: skip
+            ckpt.save_state(run.state_file, state)
+            ckpt.keep_numbered(run.state_file, step, cfg.keep_checkpoints)
+            kept = {f"{fsdp.SHARDED_PREFIX}{p.stem}" for p in ckpt.numbered_states(run.run_dir)}
+            fsdp.prune_sharded(run.run_dir, kept | {name})
+            export_cfg = {"model": mc.to_dict(), "data": info.to_dict(), "train": cfg.to_dict(), "step": step}
+            if cfg.lora_rank:
+                base = {"base": cfg.init_from, "base_sha256": run.init_digest}
+                save_lora(export_file(run.run_dir, cfg), run.ema, {**export_cfg, **base}, tensors=full)
+            else:
+                ckpt.export_tensors(ckpt.export_path(run.run_dir), full, export_cfg)
+        except DyditError as e:
+            error = e
+    if not _agree(error is None, run.device):
+        raise error or DyditError("rank 0 could not write the checkpoint")
+
+
+def export_file(run_dir: Path, cfg: TrainConfig) -> Path:
+    """The run's export: ``ema.safetensors``, or ``lora.safetensors`` for a TD-LoRA run."""
+    return run_dir / LORA_FILE if cfg.lora_rank else ckpt.export_path(run_dir)
 
 
 def _agree(ok: bool, device: str) -> bool:

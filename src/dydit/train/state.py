@@ -106,30 +106,38 @@ def _cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def make_state(
     *,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     step: int,
     data: dict[str, int],
     config: dict[str, Any],
     model_config: dict[str, Any],
     data_info: dict[str, Any],
     init_sha256: str | None = None,
+    sharded: str | None = None,
 ) -> dict[str, Any]:
     """The training state as plain containers and tensors (``weights_only``-loadable).
 
     ``init_sha256`` pins the ``init_from`` file a fine-tune started from (checked on resume).
+    ``sharded``: model, EMA and optimizer are in that distributed checkpoint beside the state
+    (``checkpoints/NAME``, train/fsdp.py); the state holds none of their tensors.
     """
     from dydit.version import __version__
 
+    tensors: dict[str, Any] = {"sharded": sharded, "model": {}, "ema": {}, "optimizer": {}}
+    if sharded is None:
+        tensors = {
+            "model": _cpu_state_dict(model),
+            "ema": _cpu_state_dict(ema),
+            "optimizer": optimizer.state_dict(),
+        }
     return {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
         "version": __version__,
         "step": int(step),
-        "model": _cpu_state_dict(model),
-        "ema": _cpu_state_dict(ema),
-        "optimizer": optimizer.state_dict(),
+        **tensors,
         "data": dict(data),
         "rng": capture_rng(),
         "config": {"model": model_config, "data": data_info, "train": config, "init_sha256": init_sha256},
@@ -160,9 +168,20 @@ def export_weights(
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Atomically write ``module``'s weights as safetensors with ``config`` (JSON) under "config"."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    return export_tensors(path, tensors, config, extra_metadata)
+
+
+def export_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, Tensor],
+    config: dict[str, Any],
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """:func:`export_weights` of a state dict already at hand (a sharded model's, gathered)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {"config": json.dumps(config), "format": "pt", **(extra_metadata or {})}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -176,6 +195,10 @@ def export_state(state_file: str | os.PathLike, out: str | os.PathLike, which: s
     if which not in ("ema", "model"):
         raise DyditError(f"export 'ema' or 'model' weights, not {which!r}")
     state = load_state(state_file)
+    if state.get("sharded"):  # an FSDP run: the tensors are in its distributed checkpoint
+        from dydit.train.fsdp import read_sharded
+
+        state[which] = read_sharded(Path(state_file).parent / state["sharded"], which)
     tensors = {k: v.contiguous() for k, v in state[which].items()}
     check_finite(tensors, f"{state_file} ({which} weights)")
     config = {**state["config"], "step": state["step"], "version": state["version"], "weights": which}

@@ -31,6 +31,7 @@ from dydit.diffusion import GaussianDiffusion
 from dydit.flops.analytic import flops_loss, flops_ratio
 from dydit.flow import Transport
 from dydit.models.dydit import RoutingStats, execution
+from dydit.models.lora import recompute_context
 
 # Router statistics are summarised per noise-level quarter (DDPM: t in [k·T/4, (k+1)·T/4), k = 0..3).
 ROUTER_BUCKETS = 4
@@ -193,7 +194,10 @@ def grad_norm(params: list[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+    # Sharded (FSDP) gradients give partial norms: their full value is one collective each.
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def guarded_step(
@@ -277,6 +281,8 @@ def _checkpointed(method: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return method(*args, **kwargs)
-        return checkpoint(method, *args, use_reentrant=False, **kwargs)
+        # TD-LoRA's adapters (if active) are re-entered for the recomputation, same gates.
+        contexts = lambda: (contextlib.nullcontext(), recompute_context())  # noqa: E731
+        return checkpoint(method, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     return run
