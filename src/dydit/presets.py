@@ -365,5 +365,7 @@ def preset_name(cfg: ModelConfig) -> str | None:
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig | UViTConfig:
-    """A stored model config of either family (a U-ViT's says ``"family": "U-ViT"``)."""
+    """A stored model config of any family (a U-ViT's says ``"family": "U-ViT"``, a FLUX's ``"FLUX"``)."""
+    if d.get("family") == FluxConfig.family:
+        return FluxConfig.from_dict(d)
     return UViTConfig.from_dict(d) if d.get("family") == UViTConfig.family else ModelConfig.from_dict(d)

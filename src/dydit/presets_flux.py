@@ -9,6 +9,15 @@ FLOPs tables and the FLOPs ratio are computed at: 128 latents = 1024 px with FLU
 512 for FLUX.1-dev) and the dynamic fields (``dynamic``: routers exist; ``width_routing``: TDW
 width routers beside DyFLUX's token routers; ``router_layout``).
 
+A text-to-image model trained here (docs/METHOD.md §17.6) adds dydit-only fields too: ``pack`` (the
+side of the square of latent pixels packed into one token; FLUX packs 2x2, the pixel-space t2i model
+4x4), ``text_encoder`` (the config dict of the :class:`~dydit.models.text_encoder.TextEncoder` the
+model owns and trains: its vocabulary, width, depth, ...), ``caption_dropout`` (the probability a
+training caption is replaced by the empty one, for classifier-free guidance) and the default
+sampling recipe ``recipe_sampler`` / ``recipe_steps`` / ``recipe_guidance`` that ``dydit sample``
+uses when no flag says otherwise. A config dict carries ``"family": "FLUX"`` so that a stored config
+is read back as a FluxConfig (:func:`dydit.presets.config_from_dict`).
+
 Together with ``presets`` this is the only module that knows preset names; ``presets`` re-exports
 it and ``presets.get_model_config`` resolves FLUX names here.
 """
@@ -36,6 +45,8 @@ FLUX_LIMITS: dict[str, int] = {
     "pooled_projection_dim": 65536,
     "sample_size": 4096,
     "max_text_length": 65536,
+    "pack": 16,
+    "recipe_steps": 1000,
 }
 # The diffusers config keys of the architecture (in diffusers' order); all other keys of a
 # config.json (``_class_name``, ``_diffusers_version``, ``_name_or_path``, ...) are ignored.
@@ -85,11 +96,29 @@ class FluxConfig:
     dynamic: bool = False
     width_routing: bool = True
     router_layout: str = "forced_first"
+    pack: int = 2
+    text_encoder: dict[str, Any] | None = None
+    caption_dropout: float = 0.0
+    recipe_sampler: str = "euler"
+    recipe_steps: int = 28
+    recipe_guidance: float = 1.0
+
+    family = "FLUX"  # not a field: the marker of a stored config dict
 
     def __post_init__(self) -> None:
         if not isinstance(self.axes_dims_rope, (list, tuple)) or len(self.axes_dims_rope) != 3:
             raise DyditError(f"axes_dims_rope must be a list of 3 integers, got {self.axes_dims_rope!r:.60}")
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        if self.text_encoder is not None:
+            if not isinstance(self.text_encoder, dict):
+                raise DyditError(
+                    f"FLUX config field text_encoder must be a dict, got {self.text_encoder!r:.40}"
+                )
+            object.__setattr__(self, "text_encoder", dict(self.text_encoder))
+        if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
+            raise DyditError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if not isinstance(self.recipe_guidance, (int, float)) or not self.recipe_guidance >= 1:
+            raise DyditError(f"recipe_guidance must be >= 1, got {self.recipe_guidance!r}")
         for name in FLUX_LIMITS:
             value = getattr(self, name)
             if name == "out_channels" and value is None:
@@ -111,8 +140,12 @@ class FluxConfig:
             )
         if self.router_layout not in ("forced_first", "all"):
             raise DyditError(f"router_layout must be 'forced_first' or 'all', got {self.router_layout!r}")
-        if self.sample_size % (2 * self.patch_size):
-            raise DyditError(f"sample_size {self.sample_size} must be a multiple of {2 * self.patch_size}")
+        if self.in_channels % self.pack**2:
+            raise DyditError(f"in_channels {self.in_channels} must be a multiple of pack^2 = {self.pack**2}")
+        if self.sample_size % (self.pack * self.patch_size):
+            raise DyditError(
+                f"sample_size {self.sample_size} must be a multiple of {self.pack * self.patch_size}"
+            )
         if self.num_parameters > 40_000_000_000:
             raise DyditError(
                 f"this FLUX config has about {self.num_parameters / 1e9:.0f} B parameters, over 40 B"
@@ -133,13 +166,37 @@ class FluxConfig:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the latent image x (B, C, H, W) before the 2x2 packing: in_channels / 4."""
-        return self.in_channels // 4
+        """Channels of the latent image x (B, C, H, W) before the packing: in_channels / pack^2."""
+        return self.in_channels // self.pack**2
 
     @property
     def num_tokens(self) -> int:
-        """Image tokens at ``sample_size``: (sample_size / 2)^2 after packing 2x2 latents."""
-        return (self.sample_size // (2 * self.patch_size)) ** 2
+        """Image tokens at ``sample_size``: (sample_size / pack)^2 after packing pack x pack latents."""
+        return (self.sample_size // (self.pack * self.patch_size)) ** 2
+
+    @property
+    def time_shift_mu(self) -> float:
+        """FLUX's resolution-dependent time shift μ (FluxPipeline's ``calculate_shift``): linear in the
+        image-token count from 0.5 at 256 tokens to 1.15 at 4096 (docs/METHOD.md §17.6)."""
+        slope = (1.15 - 0.5) / (4096 - 256)
+        return 0.5 + slope * (self.num_tokens - 256)
+
+    # What the training loop and the samplers read from any model config -------------------------
+    @property
+    def objective(self) -> str:
+        return "flow"
+
+    @property
+    def learn_sigma(self) -> bool:
+        return False
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    @property
+    def input_size(self) -> int:
+        return self.sample_size
 
     @property
     def depth(self) -> int:
@@ -165,10 +222,12 @@ class FluxConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["axes_dims_rope"] = list(self.axes_dims_rope)
+        out["family"] = self.family
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
+        d = {k: v for k, v in d.items() if k != "family"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -223,6 +282,9 @@ _TINY = dict(
     sample_size=16,
     max_text_length=16,
 )
+T2I_SHAPE: dict[str, Any] = dict(
+    num_layers=2, num_single_layers=4, heads=4, head_dim=32, axes=(8, 12, 12), text_width=128
+)
 FLUX_PRESETS: dict[str, FluxConfig] = {
     "FLUX.1-dev": FluxConfig(guidance_embeds=True),
     "FLUX.1-schnell": FluxConfig(guidance_embeds=False, max_text_length=256),
@@ -246,6 +308,49 @@ FLUX_PRESETS: dict[str, FluxConfig] = {
         guidance_embeds=True,
         sample_size=32,
         max_text_length=32,
+    ),
+    # The text-to-image model trained here (issue 25, docs/METHOD.md §17.6): pixel space 64x64x3 packed
+    # 4x4 (256 tokens of 48 values), its own text encoder (vocabulary from the training data, filled
+    # in by the training run), true classifier-free guidance (caption dropout 0.1, no guidance
+    # embedding), Euler on FLUX's shifted time grid by default.
+    "FLUX-t2i": FluxConfig(
+        num_layers=T2I_SHAPE["num_layers"],
+        num_single_layers=T2I_SHAPE["num_single_layers"],
+        attention_head_dim=T2I_SHAPE["head_dim"],
+        num_attention_heads=T2I_SHAPE["heads"],
+        axes_dims_rope=T2I_SHAPE["axes"],
+        in_channels=48,
+        pack=4,
+        joint_attention_dim=T2I_SHAPE["text_width"],
+        pooled_projection_dim=T2I_SHAPE["text_width"],
+        guidance_embeds=False,
+        sample_size=64,
+        max_text_length=16,
+        text_encoder={"depth": 2, "heads": 4, "max_length": 16},
+        caption_dropout=0.1,
+        recipe_sampler="euler",
+        recipe_steps=28,
+        recipe_guidance=4.0,
+    ),
+    # Its tiny twin (tests, ``dydit demo t2i --fast``): the same pixel space, packing and encoder kind.
+    "FLUX-t2i-tiny": FluxConfig(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        axes_dims_rope=(4, 6, 6),
+        in_channels=48,
+        pack=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=False,
+        sample_size=64,
+        max_text_length=16,
+        text_encoder={"depth": 1, "heads": 2, "max_length": 16},
+        caption_dropout=0.1,
+        recipe_sampler="euler",
+        recipe_steps=4,
+        recipe_guidance=2.0,
     ),
 }
 # Every dense preset has its DyFLUX twin: DyFLUX-<name without its FLUX prefix>.

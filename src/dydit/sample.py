@@ -321,7 +321,8 @@ def sample_images(
     """
     parts: list[tuple[list[int], np.ndarray, np.ndarray]] = []
     for b in generate(model_fn, diffusion, settings, **kwargs):
-        parts.append((b.indices, to_uint8(codec.decode(b.samples)), b.labels.numpy()))
+        labels = b.labels.numpy() if b.labels is not None else np.zeros(len(b.indices), dtype=np.int64)
+        parts.append((b.indices, to_uint8(codec.decode(b.samples)), labels))
     if distributed.is_initialized():
         gathered: list[Any] = [None] * distributed.world_size()
         torch.distributed.all_gather_object(gathered, parts)
@@ -357,6 +358,7 @@ def sample_to_dir(
     num_classes: int,
     codec: Codec | None,
     labels: Sequence[int] | Tensor | None = None,
+    condition: Condition | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     save_raw: bool = False,
@@ -371,20 +373,28 @@ def sample_to_dir(
     when all its files exist; files are written atomically, so a rerun never keeps a partial one.
     ``sampling.json`` records the settings; a rerun with other settings is refused. With
     ``npz_path`` (requires a codec), rank 0 packs ``arr_0`` (N, H, W, C) uint8 and ``arr_1`` (N,)
-    labels after all ranks finish, written atomically (never a partial npz). Another process
+    labels after all ranks finish, written atomically (never a partial npz). ``condition`` (one row per
+    seed, e.g. a text model's token ids) replaces the labels; the manifest then records its digest
+    (:func:`condition_digest`) and the npz's labels are zeros. Another process
     writing ``out_dir`` is a DyditError before anything is written (:func:`dydit.io.locked_dir`).
     """
     out = Path(out_dir)
     if npz_path is not None and codec is None:
         raise DyditError("an .npz of images needs decoded images; give a codec (e.g. --vae)")
     with locked_dir(out):  # one writer per sample directory; rank 0 holds it for the job
-        all_labels = resolve_labels(seeds, labels, num_classes)
+        if condition is None:
+            all_labels = resolve_labels(seeds, labels, num_classes)
+            label_digest = digest(all_labels.numpy())
+        else:
+            resolve_condition(seeds, labels, condition, num_classes)  # one row per seed
+            all_labels = torch.zeros(len(seeds), dtype=torch.long)
+            label_digest = condition_digest(condition)
         suffixes = ([".npy"] if save_raw or codec is None else []) + ([".png"] if codec is not None else [])
         manifest = {
             "settings": settings.to_dict(),
             "num_images": len(seeds),
             "seeds": digest(seeds),
-            "labels": digest(all_labels.numpy()),
+            "labels": label_digest,
             "shape": list(shape),
             "codec": None if codec is None else codec.spec,
             "files": suffixes,
@@ -398,7 +408,8 @@ def sample_to_dir(
         result = DirResult(out, len(seeds), generated=0, skipped=len(share) - len(todo))
         batches = generate(
             model_fn, diffusion, settings, seeds=seeds, shape=shape, num_classes=num_classes,
-            labels=all_labels, batch_size=batch_size, device=device, indices=todo, progress=progress,
+            labels=all_labels if condition is None else None, condition=condition,
+            batch_size=batch_size, device=device, indices=todo, progress=progress,
         )  # fmt: skip
         for b in batches:
             _write_batch(out, b, codec, suffixes)
@@ -411,6 +422,20 @@ def sample_to_dir(
                 pack_npz(out, len(seeds), all_labels.numpy(), result.npz, progress=progress)
             distributed.barrier()
         return result
+
+
+def condition_digest(condition: Condition) -> str:
+    """A short content hash of a condition's rows: the token ids of a :class:`~dydit.text.TokenIds`,
+    the labels of :class:`ClassLabels`, else the bytes of its tensors (for the sample manifest)."""
+    import hashlib
+
+    if isinstance(condition, ClassLabels):
+        return digest(condition.labels.cpu().numpy())
+    h = hashlib.sha256(type(condition).__name__.encode())
+    for value in vars(condition).values():
+        if isinstance(value, Tensor):
+            h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _write_batch(out: Path, batch: SampleBatch, codec: Codec | None, suffixes: list[str]) -> None:

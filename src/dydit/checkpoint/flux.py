@@ -125,8 +125,16 @@ def flux_folder_problem(path: str | os.PathLike) -> str | None:
 def write_flux_folder(out: str | os.PathLike, sd: Mapping[str, Tensor], cfg: FluxConfig) -> Path:
     """Write a diffusers FLUX folder: the dense network for ``FluxTransformer2DModel.from_pretrained``
     and, for a DyFLUX, its routers in ``dydit_routers.safetensors`` beside it. ``out`` must not exist
-    or be empty; it is assembled under a hidden name and renamed into place (complete or absent)."""
+    or be empty; it is assembled under a hidden name and renamed into place (complete or absent).
+    A text-to-image model's own text encoder (``text_encoder.*``, docs/METHOD.md §17.6) stays out:
+    diffusers' FLUX has no such part; a model packing other than 2x2 has no diffusers form at all."""
+    if cfg.pack != 2:
+        raise DyditError(
+            f"this FLUX packs {cfg.pack}x{cfg.pack} pixels per token; diffusers' FluxPipeline packs 2x2, "
+            "so it has no diffusers form: keep the dydit checkpoint"
+        )
     check_empty_target(out)
+    sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
     weights = {k: v.contiguous() for k, v in sd.items() if not is_router_key(k)}
     routers = {k: v.contiguous() for k, v in sd.items() if is_router_key(k)}
     config = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **cfg.to_diffusers()}

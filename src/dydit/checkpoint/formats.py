@@ -142,7 +142,10 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, Any], weights: str 
 
 
 def _stored_size_mismatches(cfg: ModelConfig | UViTConfig, sd: dict[str, Tensor]) -> list[str]:
-    """:func:`size_mismatches` of a stored config, U-ViT's (docs/METHOD.md §16) included."""
+    """:func:`size_mismatches` of a stored config, U-ViT's (docs/METHOD.md §16) included; a FLUX's
+    fit is checked when it is built (:func:`dydit.checkpoint.flux_load.flux_fit_problem`)."""
+    if isinstance(cfg, FluxConfig):
+        return []
     return uvit_size_mismatches(cfg, sd) if isinstance(cfg, UViTConfig) else size_mismatches(cfg, sd)
 
 

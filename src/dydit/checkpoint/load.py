@@ -179,6 +179,8 @@ def weight_conventions(source: CheckpointSource) -> dict[str, Any]:
     ckpt = _as_checkpoint(source)
     if ckpt.config is None:
         return {"objective": "flow"} if _args_preset(ckpt.args)[1] else {}
+    if isinstance(ckpt.config, FluxConfig):  # a FLUX's conventions are its preset's (METHOD §17.6)
+        return {}
     default = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     return {f: getattr(ckpt.config, f) for f in WEIGHT_FIELDS if getattr(ckpt.config, f) != default[f]}
 

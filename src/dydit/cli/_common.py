@@ -106,7 +106,9 @@ def size_overrides(base, image_size: int | None, num_classes: int | None) -> dic
     if hasattr(base, "max_text_length"):  # a FluxConfig (FLUX family): latents 8x smaller, no classes
         if num_classes is not None:
             raise DyditError("FLUX models are conditioned on text: --num-classes does not apply")
-        if image_size is not None:
+        if image_size is not None and base.latent_channels in (1, 3):  # pixel space (§17.6)
+            overrides["sample_size"] = image_size
+        elif image_size is not None:
             if image_size % 16:
                 raise DyditError(f"image size {image_size} must be divisible by 16 for a FLUX model")
             overrides["sample_size"] = image_size // 8

@@ -24,7 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with the same compute; evaluate FID and the classifier distance, say which wins at equal "
         "compute, and write OUT_DIR/report.md with pictures. Rerunning resumes the fine-tune.",
     )
-    p.add_argument("--out-dir", default="runs/demo", help="where the report, samples and fine-tune go")
+    p.add_argument(
+        "which",
+        nargs="?",
+        choices=("t2i",),
+        default=None,
+        help="t2i: the text-to-image demo instead (FLUX on captioned compositions: dense, DyDiT, equal "
+        "compute, GenEval-style scores; --checkpoint / --dydit-checkpoint name its models)",
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="where the report, samples and fine-tune go (default runs/demo)"
+    )
     p.add_argument(
         "--dydit-checkpoint", default=None,
         help="DyDiT to evaluate (default: the shipped one, for the shipped base at lambda 0.5; "
@@ -66,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dydit.apps.demo import DemoConfig, run_demo, with_overrides
 
+    if args.which == "t2i":
+        return _run_t2i(args)
+    args.out_dir = args.out_dir or "runs/demo"
     base = DemoConfig.smoke() if args.fast else DemoConfig()
     cfg = with_overrides(
         base, out_dir=args.out_dir, checkpoint=args.checkpoint, dydit_checkpoint=args.dydit_checkpoint,
@@ -79,6 +92,37 @@ def run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     report = run_demo(cfg)
+    print(report.read_text())
+    print(f"report written to {report}")
+    return 0
+
+
+def _run_t2i(args: argparse.Namespace) -> int:
+    """``dydit demo t2i`` (:mod:`dydit.apps.demo_t2i`)."""
+    import json
+    import logging
+    from dataclasses import asdict
+
+    from dydit.apps.demo import with_overrides
+    from dydit.apps.demo_t2i import T2IDemoConfig, run_t2i_demo
+    from dydit.errors import DyditError
+
+    for flag, value in (("--target", args.target), ("--finetune-steps", args.finetune_steps),
+                        ("--sampler", args.sampler)):  # fmt: skip
+        if value is not None:
+            raise DyditError(f"{flag} does not apply to the text-to-image demo")
+    base = T2IDemoConfig.smoke() if args.fast else T2IDemoConfig()
+    cfg = with_overrides(
+        base, out_dir=args.out_dir, checkpoint=args.checkpoint, dydit_checkpoint=args.dydit_checkpoint,
+        per_category=args.num_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed,
+        device=resolve_device(args.device), fid=False if args.no_inception else None,
+        progress=False if args.no_progress else None,
+    )  # fmt: skip
+    if args.dry_run:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    report = run_t2i_demo(cfg)
     print(report.read_text())
     print(f"report written to {report}")
     return 0

@@ -8,6 +8,12 @@ engine's options (:func:`dydit.models.sliced.engine`). Without ``--checkpoint`` 
 be random: that needs ``--random-weights``.
 Image i has seed ``--seed + i``, so results do not depend on ``--batch-size`` or on the number of
 processes; the same command runs under ``torchrun --nproc_per_node=N`` (gloo on CPU).
+
+A text-to-image model that owns its text encoder (``FLUX-t2i``, docs/METHOD.md §17.6) samples
+``--prompt`` / ``--prompts FILE`` instead of classes (cycled over the images; unknown words are a
+one-line error naming them) and writes ``prompts.txt`` beside the PNGs of ``--out-dir``, one prompt a
+line in image order, so that ``dydit evaluate --geneval OUT_DIR`` scores the folder. Sampler, steps
+and guidance default to the model's own recipe (its config's ``recipe_*`` fields).
 """
 
 from __future__ import annotations
@@ -119,10 +125,10 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--steps",
         type=_steps,
-        default=250,
+        default=None,
         help="DDPM: network evaluations on evenly spaced original timesteps, or ddimN for DDIM "
         "striding; flow: steps of the uniform time grid, N + 1 points (SiT's num_steps counts the "
-        "points: its N + 1 is N here; default 250)",
+        "points: its N + 1 is N here; default 250, or a text-to-image model's own recipe)",
     )
     g.add_argument(
         "--eta", type=non_negative_float, default=None, help="DDIM noise scale eta (ddim only; default 0)"
@@ -130,8 +136,9 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cfg-scale",
         type=non_negative_float,
-        default=DEFAULT_CFG_SCALE,
-        help="classifier-free guidance scale; 1 disables guidance (default %(default)s)",
+        default=None,
+        help=f"classifier-free guidance scale; 1 disables guidance (default {DEFAULT_CFG_SCALE}, or a "
+        "text-to-image model's own recipe)",
     )
     g.add_argument(
         "--guidance-channels",
@@ -154,6 +161,15 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help=f"number of images (default: the number of --classes, else {DEFAULT_NUM_SAMPLES})",
+    )
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text-to-image models: a prompt (repeat the flag for several; cycled over the images)",
+    )
+    g.add_argument(
+        "--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one a line"
     )
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
     add_cache_options(g)
@@ -302,33 +318,48 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     options = engine_options(args, execution)
     default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
     default_sampler = getattr(cfg, "default_sampler", default_sampler)  # a U-ViT names its own
+    text = is_text_model(cfg)
+    recipe = (cfg.recipe_sampler, cfg.recipe_steps, cfg.recipe_guidance) if text else None
     settings = SamplingSettings(
-        sampler=args.sampler or default_sampler,
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
+        sampler=args.sampler or (recipe[0] if recipe else default_sampler),
+        steps=args.steps if args.steps is not None else (recipe[1] if recipe else 250),
+        cfg_scale=args.cfg_scale
+        if args.cfg_scale is not None
+        else (recipe[2] if recipe else DEFAULT_CFG_SCALE),
         guidance_channels=args.guidance_channels,
         eta=args.eta,
         clip_denoised=args.clip_denoised,
     )
-    if settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
+    prompts = _prompts(args, cfg)
+    if not text and settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
-    n = args.num_samples or (len(args.classes) if args.classes else DEFAULT_NUM_SAMPLES)
+    if text and settings.cfg_scale != 1 and cfg.caption_dropout == 0:
+        raise DyditError(
+            "this model was trained without caption dropout (no null caption); use --cfg-scale 1"
+        )
+    if text and args.classes is not None:
+        raise DyditError("a text-to-image model takes --prompt or --prompts, not --classes")
+    n = args.num_samples or len(prompts or args.classes or [None] * DEFAULT_NUM_SAMPLES)
     if n > MAX_NUM_SAMPLES:
         raise DyditError(f"--num-samples {n} is more than {MAX_NUM_SAMPLES:,} images; split the run")
     seeds = list(range(args.seed, args.seed + n))
-    labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
-    labels = resolve_labels(seeds, labels, _label_classes(cfg))
+    if text:
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        labels = None
+    else:
+        labels = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(n)]
+        labels = resolve_labels(seeds, labels, _label_classes(cfg))
     diffusion = create_process(cfg)  # the process the checkpoint's config names: DDPM or flow
     timesteps = settings.network_times(diffusion)  # the sampler must fit the process
     if args.vae is not None:
         codec = args.vae
-    elif cfg.in_channels in (1, 3):
+    elif _sample_shape(cfg)[0] in (1, 3):
         codec = "pixel"
     else:
         codec = None
         if args.out_dir is None:
             raise DyditError(
-                f"a {cfg.in_channels}-channel latent model needs --vae to make images; "
+                f"a {_sample_shape(cfg)[0]}-channel latent model needs --vae to make images; "
                 "or pass --out-dir to save raw latents"
             )
     if args.out_dir is None and n > GRID_MAX:
@@ -347,7 +378,8 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "timesteps": _describe_times(timesteps, settings),
         "num_samples": n,
         "seeds": f"{seeds[0]}..{seeds[-1]}",
-        "labels": labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
+        "labels": None if labels is None else labels.tolist()[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
+        "prompts": None if prompts is None else prompts[:GRID_MAX] + (["..."] if n > GRID_MAX else []),
         "codec": codec,
         "execution": execution,
         "engine": options if execution == "sliced" else None,
@@ -358,8 +390,47 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "grid": grid if codec is not None else None,
         "out_dir": args.out_dir,
         "npz": npz,
-        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, cache),
+        "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, cache, prompts),
     }
+
+
+def is_text_model(cfg: Any) -> bool:
+    """Whether ``cfg`` is a text-to-image model that owns its text encoder (docs/METHOD.md §17.6)."""
+    return getattr(cfg, "text_encoder", None) is not None
+
+
+def _tokenizer(cfg: Any) -> Any:
+    from dydit.models.flux import text_encoder_config
+    from dydit.text import WordTokenizer
+
+    tc = text_encoder_config(cfg)
+    return WordTokenizer(tc.vocab, tc.max_length)
+
+
+def _prompts(args: argparse.Namespace, cfg: Any) -> list[str] | None:
+    """The prompts of ``--prompt`` and ``--prompts FILE`` (checked against the model's vocabulary)."""
+    if args.prompt is None and args.prompts is None:
+        if is_text_model(cfg):
+            raise DyditError("a text-to-image model needs --prompt TEXT or --prompts FILE")
+        return None
+    if not is_text_model(cfg):
+        raise DyditError("--prompt and --prompts need a text-to-image model (one with its own text encoder)")
+    from dydit.data.compose_grammar import read_prompts
+
+    tokenizer = _tokenizer(cfg)
+    prompts = [" ".join(tokenizer.check(p)) for p in args.prompt or []]
+    if args.prompts is not None:
+        prompts += read_prompts(args.prompts, tokenizer)
+    if not prompts:
+        raise DyditError("--prompt needs a non-empty prompt")
+    return prompts
+
+
+def _sample_shape(cfg: Any) -> tuple[int, int, int]:
+    """(C, H, W) of one sample in model space (a FLUX's before its packing)."""
+    if hasattr(cfg, "latent_channels"):
+        return (cfg.latent_channels, cfg.sample_size, cfg.sample_size)
+    return (cfg.in_channels, cfg.input_size, cfg.input_size)
 
 
 def _label_classes(cfg: Any) -> int:
@@ -394,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # a clear error for cuda without CUDA
     plan = _resolve(args)
-    cfg, ckpt, settings, seeds, labels, diffusion, cache = plan.pop("_objects")
+    cfg, ckpt, settings, seeds, labels, diffusion, cache, prompts = plan.pop("_objects")
     for path in (plan["grid"], plan["npz"]):  # a device, a folder, a missing folder: refused up front
         if path is not None:
             output_target(path, tree=args.out_dir)
@@ -402,11 +473,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     device = distributed.init(args.device)
-    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache)
+    _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache, prompts)
     return 0
 
 
-def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache=None) -> None:
+def _sample(
+    args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, cache=None, prompts=None
+) -> None:
     import numpy as np
 
     from dydit import distributed
@@ -429,10 +502,12 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, c
 
         model = engine(model, **plan["engine"]) if plan["engine"] else model  # generate plans its times
     codec = make_codec(plan["codec"], device) if plan["codec"] is not None else None
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = _sample_shape(cfg)
+    condition = None if prompts is None else _tokenizer(cfg)(prompts)
     common = dict(
         seeds=seeds,
         labels=labels,
+        condition=condition,
         shape=shape,
         num_classes=_label_classes(cfg),
         batch_size=args.batch_size,
@@ -463,6 +538,8 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, c
             meta=meta,
             **common,
         )
+        if prompts is not None and distributed.is_main():  # after the manifest check: never clobbered
+            _write_prompts(args.out_dir, prompts)
         say(f"{args.out_dir}: {len(seeds)} images ({res.skipped} already there)", file=sys.stderr)
         _cache_line(model, say)
         if res.npz is not None:
@@ -471,14 +548,25 @@ def _sample(args, plan, cfg, ckpt, settings, seeds, labels, diffusion, device, c
             return
         n = min(len(seeds), GRID_MAX)
         images = np.stack([load_png(Path(args.out_dir) / image_name(i, ".png")) for i in range(n)])
-        grid_labels = labels[:n].numpy()
+        grid_labels = None if labels is None else labels[:n].numpy()
     else:
-        common.update(seeds=seeds[:GRID_MAX], labels=labels[:GRID_MAX])
+        common.update(seeds=seeds[:GRID_MAX], labels=None if labels is None else labels[:GRID_MAX])
+        if condition is not None:
+            common.update(condition=condition.select(list(range(min(len(seeds), GRID_MAX)))))
         images, grid_labels = sample_images(model, diffusion, settings, codec, **common)
+        grid_labels = None if labels is None else grid_labels
         _cache_line(model, say)
     if distributed.is_main():
         save_grid(plan["grid"], images, grid_labels)
         say(f"wrote {plan['grid']}", file=sys.stderr)
+
+
+def _write_prompts(out_dir: str, prompts: list[str]) -> None:
+    """``prompts.txt`` in ``out_dir``: image i's prompt on line i (what ``--geneval`` reads)."""
+    from dydit.evaluate.geneval import PROMPTS_FILE
+    from dydit.io import save_text
+
+    save_text(Path(out_dir) / PROMPTS_FILE, "".join(p + "\n" for p in prompts), parents=True)
 
 
 def _execution_line(cfg: Any, execution: str) -> str:

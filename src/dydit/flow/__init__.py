@@ -14,6 +14,7 @@ t ∈ [0, 1] (0 = noise, 1 = data); nothing here imports a model class. Typical 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dydit.diffusion import GaussianDiffusion, create_diffusion
@@ -56,6 +57,8 @@ def create_process(config: Any) -> GaussianDiffusion | Transport:
     A U-ViT config (docs/METHOD.md §16.2) names its own: ``process="sd"``, Stable Diffusion's
     scaled-linear betas with t = 1..1000; ``"vpsde"``, the VP path with the network seeing 999·(1 − t).
     """
+    if getattr(config, "family", None) == "FLUX":  # FLUX's clock and time shift (docs/METHOD.md §17.6)
+        return Transport("linear", "velocity", clock="flux", shift=math.exp(config.time_shift_mu))
     process = getattr(config, "process", None)  # a U-ViT's; DiT/SiT configs have none
     if config.objective == "ddpm":
         if process == "sd":

@@ -114,7 +114,7 @@ def _uniform(t0: float, t1: float, n: int) -> list[float]:
 def ode_grid(transport: Transport, steps: int) -> list[float]:
     """The N + 1 points Euler and Heun step through: N uniform steps on ``transport.ode_interval``."""
     n = _check(transport, steps)
-    return _uniform(*transport.ode_interval, n)
+    return transport.warp(_uniform(*transport.ode_interval, n))  # FLUX's time shift (transport.py)
 
 
 def sde_grid(transport: Transport, steps: int, last_step: float = DEFAULT_LAST_STEP) -> list[float]:

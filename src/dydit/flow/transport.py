@@ -28,7 +28,13 @@ and it is what the released SiT checkpoints were trained with, so it is what loa
 the MLP after the sinusoidal features learns the scale. The routers of a DyDiT on a flow model
 therefore see the flow-time embedding, and its width plans are keyed by the float times of the
 sampler's grid. ``"sde999"``: it receives 999·s = 999·(1 − t), as U-ViT's score model hands its
-network the diffusion time (width plans are then keyed by those values).
+network the diffusion time (width plans are then keyed by those values). ``"flux"``: FLUX's own
+convention (docs/METHOD.md §15.1, §17.6): the network receives σ = 1 − t (1 is noise) and predicts
+noise − data, the negative of u_t on the linear path; :meth:`Transport.target` and
+:meth:`Transport.velocity` flip the sign, so the samplers and the loss are unchanged. ``shift`` s is
+FLUX's time shift (``e^μ``, FluxPipeline's resolution-dependent μ): the ODE grids of the samplers are
+uniform in σ and then warped σ -> s·σ / (1 + (s − 1)·σ), spending more steps near noise
+(:meth:`Transport.warp`); 1 leaves them uniform.
 
 Only the first C output channels are used (C = channels of x): the released SiT-XL/2 keeps DiT's
 learned-sigma head of 2C channels and ignores the second half, and so do we.
@@ -52,7 +58,7 @@ PATHS: tuple[str, ...] = FLOW_PATHS  # the registry a model config is checked ag
 PREDICTIONS: tuple[str, ...] = FLOW_PREDICTIONS
 DEFAULT_EPS = 1e-3  # the end-point margin of noise/score predictions (SiT's train/sample eps)
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0  # β(s) of the VP path (score SDEs, SiT, U-ViT)
-CLOCKS: tuple[str, ...] = ("flow", "sde999")
+CLOCKS: tuple[str, ...] = ("flow", "sde999", "flux")
 
 
 def _expand(c: Tensor, like: Tensor) -> Tensor:
@@ -73,10 +79,13 @@ class Transport:
     prediction: Prediction = "velocity"
     eps: float = DEFAULT_EPS
     clock: str = "flow"
+    shift: float = 1.0
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
             raise DyditError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
+        if not self.shift > 0:
+            raise DyditError(f"the time shift must be positive, got {self.shift}")
         if self.path not in PATHS:
             raise DyditError(f"flow path must be one of {PATHS}, got {self.path!r}")
         if self.prediction not in PREDICTIONS:
@@ -136,14 +145,28 @@ class Transport:
         return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
 
     def original_timesteps(self, t: Tensor) -> Tensor:
-        """The time the network receives: t itself, or 999·(1 − t) (``clock``, module docstring)."""
+        """The time the network receives: t itself, 999·(1 − t) or FLUX's σ = 1 − t (``clock``)."""
+        if self.clock == "flux":
+            return 1 - t
         return t if self.clock == "flow" else 999 * (1 - t)
+
+    @property
+    def sign(self) -> float:
+        """−1 where the network predicts noise − data (FLUX's clock), else 1."""
+        return -1.0 if self.clock == "flux" else 1.0
+
+    def warp(self, points: list[float]) -> list[float]:
+        """A sampler's grid of times under the time shift (module docstring); as is when ``shift`` is 1."""
+        if self.shift == 1.0:
+            return points
+        s = self.shift
+        return [1.0 - s * (1.0 - t) / (1.0 + (s - 1.0) * (1.0 - t)) for t in points]
 
     def target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """What the network is regressed on at (x0, t, ε) for this ``prediction``."""
         alpha, sigma, d_alpha, d_sigma = self.coefficients(t)
         if self.prediction == "velocity":
-            return _expand(d_alpha, x0) * x0 + _expand(d_sigma, x0) * noise
+            return self.sign * (_expand(d_alpha, x0) * x0 + _expand(d_sigma, x0) * noise)
         return noise if self.prediction == "noise" else -noise / _expand(sigma, x0)
 
     def loss_terms(self, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
@@ -165,7 +188,7 @@ class Transport:
         """The velocity field at (x, t) implied by the network output ``out`` (first C channels)."""
         pred = out[:, : x.shape[1]]
         if self.prediction == "velocity":
-            return pred
+            return pred if self.sign > 0 else -pred
         alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in self.coefficients(t))
         noise = pred if self.prediction == "noise" else -sigma * pred
         # x = α x_data + σ ε  =>  x_data = (x − σ ε)/α,  u = α' x_data + σ' ε

@@ -49,7 +49,9 @@ from dydit.models.flux_layers import (
     rope_table,
     unpack_latents,
 )
+from dydit.models.text_encoder import TextEncoder, TextEncoderConfig
 from dydit.presets_flux import FluxConfig
+from dydit.text import TokenIds
 
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 
@@ -71,6 +73,17 @@ def flux_macs_table(c: FluxConfig) -> dict[str, int]:
     )
 
 
+def text_encoder_config(c: FluxConfig) -> TextEncoderConfig:
+    """The :class:`TextEncoderConfig` of ``c.text_encoder``: its width is the text stream's
+    (``joint_attention_dim``), its pooled vector ``pooled_projection_dim`` wide."""
+    fields = dict(c.text_encoder or {})
+    if "vocab" not in fields:
+        raise DyditError("the FLUX text encoder config has no vocabulary (text_encoder['vocab'])")
+    fields.update(width=c.joint_attention_dim, pooled_dim=c.pooled_projection_dim)
+    fields.setdefault("max_length", c.max_text_length)
+    return TextEncoderConfig.from_dict(fields)
+
+
 @dataclass
 class FluxOutput:
     """diffusers' ``Transformer2DModelOutput`` shape: the prediction as ``.sample``."""
@@ -89,6 +102,7 @@ class Flux(nn.Module):
         c = self.config = config
         d = c.inner_dim
         self.guidance = DEFAULT_GUIDANCE
+        self.caption_dropout = c.caption_dropout  # 0 while a caller draws the dropout itself
         self.time_text_embed = TimeTextEmbed(d, c.pooled_projection_dim, c.guidance_embeds)
         self.context_embedder = nn.Linear(c.joint_attention_dim, d)
         self.x_embedder = nn.Linear(c.in_channels, d)
@@ -99,12 +113,20 @@ class Flux(nn.Module):
         )
         self.norm_out = AdaNorm(d, 2)
         self.proj_out = nn.Linear(d, c.patch_size**2 * c.output_channels)
+        if c.text_encoder is not None:  # a text-to-image model trained here owns its encoder (§17.6)
+            self.text_encoder = TextEncoder(text_encoder_config(c))
+            self.initialize_weights()  # trained from scratch here: DiT's initialisation
         # Every block in order, for the method; held outside the registries (no duplicate keys).
         self.__dict__["blocks"] = nn.ModuleList([*self.transformer_blocks, *self.single_transformer_blocks])
 
     def initialize_weights(self) -> None:
         """diffusers' initialisation: PyTorch's default for every Linear and LayerNorm, RMSNorm
-        weights one (DyDiT.initialize_weights then resets its routers to keep everything)."""
+        weights one (DyDiT.initialize_weights then resets its routers to keep everything). A
+        text-to-image model trained here (one that owns its text encoder) gets DiT's initialisation
+        for training from scratch instead (:meth:`initialize_for_training`, docs/METHOD.md §17.6)."""
+        if self.config.text_encoder is not None:
+            self.initialize_for_training()
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.LayerNorm)):
                 module.reset_parameters()
@@ -114,6 +136,28 @@ class Flux(nn.Module):
                 and module.weight.ndim == 1
             ):
                 nn.init.ones_(module.weight)  # the q/k RMSNorms
+
+    def initialize_for_training(self) -> None:
+        """DiT's initialisation for training from scratch (docs/METHOD.md §17.6): Xavier-uniform
+        linears with zero biases, N(0, 0.02) time/guidance MLPs, every adaLN modulation and the output
+        projection zero (adaLN-zero: each block starts as the identity). The text encoder keeps its own."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.startswith("text_encoder."):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        embed = self.time_text_embed
+        for mlp in (embed.timestep_embedder, getattr(embed, "guidance_embedder", None)):
+            if mlp is not None:
+                nn.init.normal_(mlp.linear_1.weight, std=0.02)
+                nn.init.normal_(mlp.linear_2.weight, std=0.02)
+        for block in self.transformer_blocks:
+            for norm in (block.norm1, block.norm1_context):
+                nn.init.zeros_(norm.linear.weight)
+        for block in self.single_transformer_blocks:
+            nn.init.zeros_(block.norm.linear.weight)
+        for lin in (self.norm_out.linear, self.proj_out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     # What diffusers' pipelines read from a transformer ------------------------------------------
     @property
@@ -130,9 +174,17 @@ class Flux(nn.Module):
 
     # The forward pass -------------------------------------------------------------------------
     def condition(self, y) -> FluxInputs:
-        """y as :class:`FluxInputs` (a TextCondition: its embeddings and pooled vector)."""
+        """y as :class:`FluxInputs` (a TextCondition: its embeddings and pooled vector; token ids,
+        for a model that owns a text encoder: encoded here, after caption dropout in training)."""
         if isinstance(y, FluxInputs):
             return y
+        if isinstance(y, TokenIds):
+            encoder = self._modules.get("text_encoder")
+            if encoder is None:
+                raise DyditError("this FLUX has no text encoder: pass text embeddings (a TextCondition)")
+            if self.training and self.caption_dropout > 0:
+                y = y.dropout(self.caption_dropout)
+            y = encoder.condition(y)
         if isinstance(y, TextCondition):
             if y.pooled is None:
                 raise DyditError("FLUX needs a pooled text vector (CLIP's role): TextCondition(pooled=...)")
@@ -158,8 +210,8 @@ class Flux(nn.Module):
             if x.shape[1] != c.latent_channels:
                 raise DyditError(f"expected latents with {c.latent_channels} channels, got {tuple(x.shape)}")
             grid = (x.shape[2], x.shape[3])
-            tokens = pack_latents(x)
-            img = image_ids(grid[0] // 2, grid[1] // 2, x.device)
+            tokens = pack_latents(x, c.pack)
+            img = image_ids(grid[0] // c.pack, grid[1] // c.pack, x.device)
         elif x.ndim == 3:
             tokens = x
             if inputs.img_ids is None:
@@ -217,7 +269,7 @@ class Flux(nn.Module):
         )
         scale, shift = self.norm_out.linear(F.silu(c)).chunk(2, dim=1)
         y = self.proj_out(layer_norm(img) * (1 + scale[:, None]) + shift[:, None])
-        return y if state.grid is None else unpack_latents(y, *state.grid)
+        return y if state.grid is None else unpack_latents(y, *state.grid, self.config.pack)
 
     def run(self, x: Tensor, t: Tensor, y) -> Tensor:
         """The dense network on the project's seam."""

@@ -85,20 +85,21 @@ def image_ids(height: int, width: int, device=None) -> Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
 
 
-def pack_latents(x: Tensor) -> Tensor:
-    """(B, C, H, W) latents -> (B, H/2·W/2, 4C) tokens of 2x2 patches (FluxPipeline._pack_latents)."""
+def pack_latents(x: Tensor, p: int = 2) -> Tensor:
+    """(B, C, H, W) latents -> (B, H/p·W/p, p²C) tokens of p x p patches (FluxPipeline._pack_latents
+    for p = 2; the pixel-space text-to-image model packs p = 4, docs/METHOD.md §17.6)."""
     b, c, h, w = x.shape
-    if h % 2 or w % 2:
-        raise DyditError(f"FLUX latents need an even height and width, got {h}x{w}")
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    if h % p or w % p:
+        raise DyditError(f"FLUX latents need a height and width divisible by {p}, got {h}x{w}")
+    x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
-    """Inverse of :func:`pack_latents`: (B, H/2·W/2, 4C) -> (B, C, H, W)."""
+def unpack_latents(tokens: Tensor, height: int, width: int, p: int = 2) -> Tensor:
+    """Inverse of :func:`pack_latents`: (B, H/p·W/p, p²C) -> (B, C, H, W)."""
     b, _, ch = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, ch // 4, height, width)
+    x = tokens.view(b, height // p, width // p, ch // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // (p * p), height, width)
 
 
 def rope_table(ids: Tensor, axes: Sequence[int], theta: int = ROPE_THETA) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from dydit.presets import (
     dydit_name,
     get_model_config,
     get_uvit_config,
+    is_flux_name,
     is_sit_name,
 )
 
@@ -327,7 +328,7 @@ def run_model(
 
         model, stored = model_spec(model_config(str(init_from)), dynamic=True)
         overrides = {**stored, **overrides}
-    elif finetune and is_sit_name(model):
+    elif finetune and (is_sit_name(model) or is_flux_name(model)):  # FLUX: METHOD §17.6
         overrides = {"dynamic": True, **overrides}
     elif finetune:
         model = dydit_name(model)

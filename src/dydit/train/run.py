@@ -28,7 +28,7 @@ from dydit.log import get_logger, truncate_stats
 from dydit.models.dydit import ROUTER_KEY_MARKERS
 from dydit.models.fitting import size_mismatches
 from dydit.models.lora import LoraConfig, add_lora, freeze_base
-from dydit.presets import ModelConfig, UViTConfig
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, is_flux_name
 from dydit.train import fsdp
 from dydit.train import state as ckpt
 from dydit.train.config import TrainConfig
@@ -66,7 +66,9 @@ def set_up(cfg: TrainConfig, device: str) -> Run:
     size = requested_image_size(cfg, state["config"]["model"] if state is not None else None)
     dataset = make_dataset(cfg.data, size, cfg.fit, progress=cfg.progress and distributed.is_main())
     info = dataset.info
-    mc = resolve_model_config(cfg, info.channels, info.image_size, info.num_classes)
+    mc = resolve_model_config(
+        cfg, info.channels, info.image_size, info.num_classes, getattr(dataset, "tokenizer", None)
+    )
     start = int(state["step"]) if state is not None else 0
     position = dict(state["data"]) if state is not None else {"epoch": 0, "batch": 0}
     stream = DataStream(
@@ -157,8 +159,8 @@ def model_input_size(cfg: TrainConfig, resumed_model: dict[str, Any] | None = No
     """The input size the model fixes before any data is read, or None: the resumed run's model
     (``resumed_model``, its stored config), an ``input_size`` model option, else the ``init_from``
     weights' (their stored config, or their shapes)."""
-    if resumed_model is not None:
-        return int(resumed_model["input_size"])
+    if resumed_model is not None:  # a FLUX config stores its pixel side as sample_size
+        return int(resumed_model.get("input_size", resumed_model.get("sample_size")))
     if "input_size" in cfg.model_overrides:
         return cfg.model_config().input_size
     if cfg.init_from:
@@ -196,8 +198,14 @@ def data_image_size(cfg: TrainConfig) -> int | None:
     return dataset_image_size(cfg.data, requested_image_size(cfg, resumed), progress=cfg.progress)
 
 
-def resolve_model_config(cfg: TrainConfig, channels: int, image_size: int, num_classes: int) -> ModelConfig:
-    """The model config for data of this shape: preset <- data shape <- the run's overrides."""
+def resolve_model_config(
+    cfg: TrainConfig, channels: int, image_size: int, num_classes: int, tokenizer: Any = None
+) -> ModelConfig:
+    """The model config for data of this shape: preset <- data shape <- the run's overrides. A FLUX
+    trained here (docs/METHOD.md §17.6) fixes its own shape and takes its text encoder's vocabulary
+    from the data's ``tokenizer``."""
+    if is_flux_name(cfg.model):
+        return _flux_for_data(cfg, channels, image_size, tokenizer)
     mc = cfg.model_config(in_channels=channels, input_size=image_size, num_classes=num_classes)
     if (mc.in_channels, mc.input_size) != (channels, image_size):
         raise DyditError(
@@ -207,6 +215,23 @@ def resolve_model_config(cfg: TrainConfig, channels: int, image_size: int, num_c
     if mc.num_classes < num_classes:
         raise DyditError(f"model has {mc.num_classes} classes but the data {cfg.data!r} has {num_classes}")
     return mc
+
+
+def _flux_for_data(cfg: TrainConfig, channels: int, image_size: int, tokenizer: Any) -> FluxConfig:
+    fc = cfg.model_config()
+    if (fc.latent_channels, fc.sample_size) != (channels, image_size):
+        raise DyditError(
+            f"{cfg.model} expects {fc.latent_channels}x{fc.sample_size}x{fc.sample_size} inputs but the "
+            f"data {cfg.data!r} gives {channels}x{image_size}x{image_size}"
+        )
+    if fc.text_encoder is None:
+        raise DyditError(f"{cfg.model} has no text encoder: it cannot train on captions here")
+    if "vocab" not in fc.text_encoder:
+        if tokenizer is None:
+            raise DyditError(f"the data {cfg.data!r} has no captions for {cfg.model}'s text encoder")
+        words = {"vocab": list(tokenizer.words), "max_length": tokenizer.max_length}
+        fc = fc.replace(text_encoder={**fc.text_encoder, **words})
+    return fc
 
 
 def _prepare_run_dir(run_dir: Path, config: dict, device: str) -> None:
@@ -236,6 +261,8 @@ def _init_weights(path: str, mc: ModelConfig) -> dict[str, torch.Tensor]:
         from dydit.models.uvit_fit import uvit_size_mismatches
 
         wrong = uvit_size_mismatches(mc, sd)
+    elif isinstance(mc, FluxConfig):  # FLUX (docs/METHOD.md §17.6): fit_state_dict checks the fit
+        wrong = []
     else:
         wrong = size_mismatches(mc, sd)
     if wrong:

@@ -160,22 +160,33 @@ def _model(net: nn.Module) -> nn.Module:
     return (net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net).model
 
 
+def _dropout_holder(net: nn.Module) -> tuple[Any, str]:
+    """(object, attribute) of the network's condition dropout probability: DiT's label embedder, or a
+    text-to-image FLUX's ``caption_dropout`` (on the backbone of a DyDiT; docs/METHOD.md §17.6)."""
+    model = _model(net)
+    embedder = getattr(model, "y_embedder", None)
+    if embedder is not None:
+        return embedder, "dropout_prob"
+    return getattr(model, "backbone", model), "caption_dropout"
+
+
 def _drop_labels(net: nn.Module, cond: Condition) -> Condition:
     """Class dropout (docs/METHOD.md §1.2 item 4) drawn outside the network, as the network would
     (:meth:`~dydit.conditioning.Condition.dropout`: rows replaced by the condition's null)."""
-    return cond.dropout(_model(net).y_embedder.dropout_prob)
+    holder, name = _dropout_holder(net)
+    return cond.dropout(getattr(holder, name, 0.0))
 
 
 @contextlib.contextmanager
 def _labels_dropped_by_caller(net: nn.Module):
     """Inside the block the network uses its labels as given (the caller drew the class dropout)."""
-    embedder = _model(net).y_embedder
-    p = embedder.dropout_prob
-    embedder.dropout_prob = 0.0
+    holder, name = _dropout_holder(net)
+    p = getattr(holder, name, 0.0)
+    setattr(holder, name, 0.0)
     try:
         yield
     finally:
-        embedder.dropout_prob = p
+        setattr(holder, name, p)
 
 
 def grad_norm(params: list[Tensor]) -> Tensor:
