@@ -30,7 +30,7 @@ DEFAULT_IMAGES = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dydit.cli.sample import DEFAULT_CFG_SCALE, _add_model_group, _steps
+    from dydit.cli._sample_args import DEFAULT_CFG_SCALE, _add_model_group, _steps
 
     p = sub.add_parser(
         "cache-calibrate",
