@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
 ]
 LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
 LAYERS[-1].add("presets_uvit")  # the U-ViT family's config and presets (issue 26), beside presets
+LAYERS[2].add("sample_settings")  # how to sample (SamplingSettings), beside the sampling workflow
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 # Edges inside one layer that are forbidden as well (package -> packages it must never import).
@@ -49,6 +50,7 @@ FORBIDDEN = {
     "train": {"evaluate"},
     "evaluate": {"train"},
     "sample": {"train", "evaluate"},
+    "sample_settings": {"train", "evaluate", "sample"},
     "factory": {"checkpoint"},
     "models": {"diffusion", "flow", "data"},
     "diffusion": {"models", "flow", "flops", "data"},
