@@ -6,18 +6,13 @@ Each measurement is a :class:`BenchRow`: milliseconds per network forward (the m
 timesteps, whose width plans differ) and, optionally, full-sampler seconds per image (DDIM with
 classifier-free guidance, both halves in one pass). ρ is the realised attention+MLP FLOPs ratio
 (§5.3) counted on the sliced path; speed-up is against the dense DiT with the same compile setting,
-and efficiency = speed-up ÷ (1/ρ) = speed-up·ρ (1.0 would be the ideal of §8). The sliced modes are
-:func:`dydit.models.sliced.engine` with the configured options (compile, token bucket, pack budget);
-their sampler rows give ``pack_memory_ratio``, the bytes of the weight packs that sampler run built
-over the bytes of the blocks' attention+MLP weights (``engine.memory()``).
-
-Routers come from a DyDiT checkpoint or, for models without trained routers (a DiT checkpoint or
-random weights), from :func:`dydit.models.calibrate.calibrate_routers` at a target ρ.
-
-A FLUX preset (``--model FLUX-bench``; docs/METHOD.md §15.5) is timed the same way with random
-weights: the dense FLUX against its DyFLUX (width + token routers), on the backbone's example
-inputs (latents at ``sample_size``, ``max_text_length`` text tokens), at the flow times t/1000 of
-the configured timesteps, without CFG (FLUX embeds its guidance scale) and without sampler rows.
+and efficiency = speed-up·ρ (1.0 would be the ideal of §8). The sliced modes are
+:func:`dydit.models.sliced.engine` with the configured options; their sampler rows give
+``pack_memory_ratio`` (the packs that run built over the blocks' attention+MLP weight bytes).
+Routers come from a DyDiT checkpoint or, without trained routers, from
+:func:`dydit.models.calibrate.calibrate_routers` at a target ρ. A FLUX preset (``--model
+FLUX-bench``; docs/METHOD.md §15.5) is timed the same way on the backbone's example inputs, at the
+flow times t/1000 of the configured timesteps, without CFG rows and without sampler rows.
 """
 
 from __future__ import annotations
