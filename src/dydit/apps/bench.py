@@ -240,8 +240,8 @@ def time_forwards(cfg: BenchConfig, runners: dict, x: Tensor, y: Tensor) -> dict
 def time_sampler(
     cfg: BenchConfig, fn: Callable, noise: Tensor, y: Tensor, null: int, steps: int, learn_sigma: bool = True
 ) -> tuple[float, Tensor]:
-    """Seconds for one DDIM run of ``steps`` steps with CFG; returns (seconds, x_0). (Every family is
-    timed on DDIM steps: one network evaluation each, whatever process the model was trained with.)"""
+    """Seconds for one DDIM run of ``steps`` steps with CFG (every family: one evaluation a step);
+    returns (seconds, x_0)."""
     diffusion = create_diffusion(learn_sigma=learn_sigma)
     model_fn = guided(fn, cfg.cfg_scale, null)
     _sync(cfg.device)
@@ -258,10 +258,8 @@ def _rel_err(a: Tensor, b: Tensor) -> float:
 
 
 class Bench:
-    """Models and runners built once; :meth:`run` measures, :meth:`recalibrate` moves to another ρ.
-
-    Reusing one Bench across measurements keeps compiled graphs (dense and sliced) warm.
-    """
+    """Models and runners built once (compiled graphs stay warm); :meth:`run` measures,
+    :meth:`recalibrate` moves to another ρ."""
 
     def __init__(self, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None):
         if is_flux_name(cfg.model or ""):  # FLUX: flow times in [0, 1], one row per image
