@@ -5,12 +5,13 @@ DiT or DyDiT state dict into a DyDiT strictly (a DiT's weights leave exactly the
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
 from dydit.errors import CheckpointError
 from dydit.models.dydit import DyDiT
-from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
+from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict, has_routers
 
 
 def detect_router_layout(sd: Mapping[str, Tensor], num_heads: int) -> str | None:
@@ -42,6 +43,25 @@ def check_layout(requested: str | None, detected: str | None) -> None:
             f"router layout {requested!r} was requested, but the checkpoint's width routers have "
             f"{'H-1' if detected == 'forced_first' else 'H'} outputs (layout {detected!r})"
         )
+
+
+def with_router_layout(cfg: Any, sd: Mapping[str, Tensor], source: str, overrides: dict[str, Any]) -> Any:
+    """``cfg`` made a DyDiT with the router layout its router weights say (a ``router_layout`` in
+    ``overrides`` must agree), then the other ``overrides`` applied; for any family's config."""
+    overrides = dict(overrides)
+    requested = overrides.pop("router_layout", None)
+    if has_routers(sd):
+        if overrides.get("dynamic") is False:
+            raise CheckpointError(f"{source} holds DyDiT router weights; it loads as a DyDiT only")
+        try:
+            detected = detect_router_layout(sd, cfg.num_heads)
+        except CheckpointError:
+            detected = None  # strict loading reports the mismatch in full
+        check_layout(requested, detected)
+        cfg = cfg.replace(dynamic=True, router_layout=detected or requested or cfg.router_layout)
+    elif requested is not None:
+        cfg = cfg.replace(router_layout=requested)
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 def load_dydit_state_dict(model: DyDiT, sd: Mapping[str, Tensor], layout: str | None = None) -> list[str]:

@@ -23,7 +23,10 @@ from torch import Tensor, nn
 from dydit.checkpoint import flux_load as _flux
 from dydit.checkpoint import uvit as _uvit
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
-from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.checkpoint.layout import (
+    load_dydit_state_dict,
+    with_router_layout,
+)
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
 from dydit.models.dit import KEYS
@@ -148,19 +151,7 @@ def model_config(
             )
         base = get_model_config(name)
         cfg = _sizes_from_shapes(base.replace(objective="flow") if named_sit else base, sd, ckpt.args)
-    requested = overrides.pop("router_layout", None)
-    if has_routers(sd):
-        if overrides.get("dynamic") is False:
-            raise CheckpointError(f"{ckpt.source} holds DyDiT router weights; it loads as a DyDiT only")
-        try:
-            detected = detect_router_layout(sd, cfg.num_heads)
-        except CheckpointError:
-            detected = None  # strict loading reports the mismatch in full
-        check_layout(requested, detected)
-        cfg = cfg.replace(dynamic=True, router_layout=detected or requested or cfg.router_layout)
-    elif requested is not None:
-        cfg = cfg.replace(router_layout=requested)
-    return cfg.replace(**overrides) if overrides else cfg
+    return with_router_layout(cfg, sd, ckpt.source, overrides)
 
 
 # ModelConfig fields that the weights fix beyond their shapes: what they were trained for, and how.

@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 from dydit.checkpoint.files import check_finite
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
-from dydit.checkpoint.layout import check_layout, detect_router_layout, load_dydit_state_dict
+from dydit.checkpoint.layout import (
+    load_dydit_state_dict,
+    with_router_layout,
+)
 from dydit.errors import CheckpointError, DyditError
 from dydit.factory import build_model
 from dydit.io import atomic_write
@@ -64,19 +67,7 @@ def uvit_model_config(
             f"{ckpt.source} is a U-ViT of no preset's size and stores no config: name it "
             f"(--model, or model= of dydit.load_model; presets {', '.join(UVIT_NAMES)})"
         )
-    requested = overrides.pop("router_layout", None)
-    if has_routers(sd):
-        if overrides.get("dynamic") is False:
-            raise CheckpointError(f"{ckpt.source} holds DyDiT router weights; it loads as a DyDiT only")
-        try:
-            detected = detect_router_layout(sd, cfg.num_heads)
-        except CheckpointError:
-            detected = None  # strict loading reports the mismatch in full
-        check_layout(requested, detected)
-        cfg = cfg.replace(dynamic=True, router_layout=detected or requested or cfg.router_layout)
-    elif requested is not None:
-        cfg = cfg.replace(router_layout=requested)
-    return cfg.replace(**overrides) if overrides else cfg
+    return with_router_layout(cfg, sd, ckpt.source, overrides)
 
 
 def uvit_fit_problem(cfg: UViTConfig, sd: Mapping[str, Tensor]) -> str | None:
