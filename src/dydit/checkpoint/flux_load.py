@@ -53,8 +53,7 @@ def flux_model_config(
             "(config= of dydit.load_model, --config) or a FLUX preset name"
         )
     if named is not None and cfg is not named:
-        arch = {k: v for k, v in cfg.to_diffusers().items()}
-        if arch != named.to_diffusers():
+        if cfg.to_diffusers() != named.to_diffusers():
             raise CheckpointError(
                 f"{ckpt.source}: the config given describes another FLUX network than {model}"
             )
