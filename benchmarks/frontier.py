@@ -282,39 +282,50 @@ WINNER = {
 KIND_ORDER = {"dense": 0, "dense+cache": 1, "control": 2, "dydit": 3, "dydit+cache": 4}
 
 
-def dense_frontier(points: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(MACs per image, FID) of the dense DiT's step curve, sorted by compute."""
+def dense_frontier(points: list[dict], metric: str = "FID") -> tuple[np.ndarray, np.ndarray]:
+    """(MACs per image, ``metric``) of the dense model's step curve, sorted by compute."""
     dense = sorted(
-        (p for p in points if p["kind"] == "dense" and "FID" in p), key=lambda p: p["macs_per_image"]
+        (p for p in points if p["kind"] == "dense" and p.get(metric) is not None),
+        key=lambda p: p["macs_per_image"],
     )
-    return np.array([p["macs_per_image"] for p in dense]), np.array([p["FID"] for p in dense])
+    return np.array([p["macs_per_image"] for p in dense]), np.array([p[metric] for p in dense])
 
 
-def equal_compute(point: dict, points: list[dict]) -> dict:
-    """The dense frontier at ``point``'s compute: interpolated FID and the nearest-step dense point.
+def equal_compute(
+    point: dict, points: list[dict], metric: str = "FID", higher_is_better: bool = False
+) -> dict:
+    """The dense frontier at ``point``'s compute: interpolated ``metric`` and the nearest-step dense point.
 
-    The FID of the dense curve is interpolated linearly in MACs per image between the two measured
+    The metric of the dense curve is interpolated linearly in MACs per image between the two measured
     step counts around the point (None outside the measured range). ``dense_steps`` is round(ρ·N),
-    the step count of the dense DiT with the same compute, with its FID when it was measured.
+    the step count of the dense model with the same compute, with its metric when it was measured.
+    Keys are named after the metric (FID: ``frontier_fid``, ``dense_fid``, ``delta_fid``); the
+    verdict compares the point with the interpolated curve, else with the dense point at round(ρ·N)
+    (FID: lower is better; ``higher_is_better`` for scores such as GenEval's overall).
     """
-    macs, fid = dense_frontier(points)
+    name = metric.lower()
+    macs, values = dense_frontier(points, metric)
     dense_by_steps = {p["steps"]: p for p in points if p["kind"] == "dense"}
     out: dict = {}
     if len(macs) >= 2 and macs[0] <= point["macs_per_image"] <= macs[-1]:
-        out["frontier_fid"] = float(np.interp(point["macs_per_image"], macs, fid))
+        out[f"frontier_{name}"] = float(np.interp(point["macs_per_image"], macs, values))
     if dense_by_steps:
         per_step = min(dense_by_steps.values(), key=lambda p: p["steps"])
         per_step = per_step["macs_per_image"] / per_step["steps"]
         n = max(1, round(point["macs_per_image"] / per_step))
         out["dense_steps"] = n
-        if n in dense_by_steps and "FID" in dense_by_steps[n]:
-            out["dense_fid"] = dense_by_steps[n]["FID"]
-    ref = out.get("frontier_fid", out.get("dense_fid"))
-    if ref is not None and "FID" in point:
-        out["delta_fid"] = point["FID"] - ref
+        if n in dense_by_steps and dense_by_steps[n].get(metric) is not None:
+            out[f"dense_{name}"] = dense_by_steps[n][metric]
+    ref = out.get(f"frontier_{name}", out.get(f"dense_{name}"))
+    if ref is not None and point.get(metric) is not None:
+        value = point[metric]
+        out[f"delta_{name}"] = value - ref
+        better = value > ref if higher_is_better else value < ref
         out["verdict"] = (
-            f"{WINNER.get(point['kind'], 'DyDiT')} wins" if point["FID"] <= ref else "fewer dense steps win"
-        )
+            f"{WINNER.get(point['kind'], 'DyDiT')} wins" if better
+            else "a tie" if value == ref
+            else "fewer dense steps win"
+        )  # fmt: skip
     return out
 
 

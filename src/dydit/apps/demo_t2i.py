@@ -112,6 +112,22 @@ def random_routers(model: DyDiT, seed: int = 0) -> DyDiT:
     return model
 
 
+def check_dense_t2i(model: torch.nn.Module, source: str) -> torch.nn.Module:
+    """``model`` when it is a dense text-to-image model with its own text encoder, else a DyditError."""
+    if getattr(model.config, "text_encoder", None) is None or model.config.dynamic:
+        raise DyditError(f"{source} is not a dense text-to-image model with its own text encoder")
+    return model
+
+
+def load_t2i_dydit(path: str | Path) -> DyDiT:
+    """The DyDiT of a text-to-image export, in eval mode and sliced execution."""
+    model = load_model(path).eval()
+    if not isinstance(model, DyDiT):
+        raise DyditError(f"{path} is not a DyDiT")
+    model.execution = "sliced"
+    return model
+
+
 def load_models(cfg: T2IDemoConfig) -> tuple[torch.nn.Module, DyDiT, dict[str, str]]:
     """(dense model, DyDiT in sliced execution, where each came from)."""
     dense_path = Path(cfg.checkpoint) if cfg.checkpoint else T2I_CHECKPOINT
@@ -128,12 +144,9 @@ def load_models(cfg: T2IDemoConfig) -> tuple[torch.nn.Module, DyDiT, dict[str, s
             f"no text-to-image model at {dense_path}: give --checkpoint (a `dydit train --model FLUX-t2i` "
             "export), or --fast for a smoke run"
         )
-    if getattr(dense.config, "text_encoder", None) is None or dense.config.dynamic:
-        raise DyditError(f"{dense_src} is not a dense text-to-image model with its own text encoder")
+    check_dense_t2i(dense, dense_src)
     if dydit_path.is_file():
-        dydit, dydit_src = load_model(dydit_path).eval(), str(dydit_path)
-        if not isinstance(dydit, DyDiT):
-            raise DyditError(f"{dydit_path} is not a DyDiT")
+        dydit, dydit_src = load_t2i_dydit(dydit_path), str(dydit_path)
     elif cfg.fast or cfg.checkpoint:
         dydit = random_routers(DyDiT.from_dit(dense), cfg.seed).eval()
         dydit_src = "the dense model with random routers (no fine-tuned DyDiT given)"
@@ -155,11 +168,14 @@ def sample_prompts(
     model: torch.nn.Module, prompts: list[str], settings: SamplingSettings, cfg: T2IDemoConfig
 ) -> tuple[np.ndarray, dict[str, float]]:
     """uint8 images (N, 64, 64, 3) of ``prompts`` (seeds ``seed·1000003 + i``) and what they cost:
-    seconds, attention+MLP MACs per image and all MACs per image."""
+    seconds, attention+MLP MACs per image and all MACs per image. ``model`` may be a step cache
+    (:func:`dydit.models.cache.cached`) around the model."""
     from dydit.data.codec import PixelCodec
+    from dydit.models.cache import StepCache
 
     mc = model.config
-    condition = model.text_encoder.tokenizer(prompts)
+    net = model.model if isinstance(model, StepCache) else model
+    condition = net.text_encoder.tokenizer(prompts)
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts))]
     with count_flops() as fc, torch.inference_mode():
         start = time.perf_counter()
