@@ -140,6 +140,13 @@ def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Pa
     ``dynamic=False`` fine-tunes the static DiT with the same data, steps, batch, learning rate and
     EMA instead: the control that separates DyDiT's effect from that of extra training.
     """
+    return finetune_run(cfg, base, out, dynamic).export
+
+
+def finetune_run(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True, **options: Any) -> Any:
+    """:func:`finetune`'s run, returning its :class:`~dydit.train.loop.TrainResult`; ``options``
+    are further TrainConfig fields (e.g. ``lora_rank``/``lora_groups`` for TD-LoRA, docs/METHOD.md
+    §18, or ``lr``), given on top of the recipe's."""
     from dydit.train import TrainConfig, train
     from dydit.train.config import model_spec
 
@@ -150,14 +157,14 @@ def finetune(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True) -> Pa
         target_warmup_steps=cfg.target_warmup_steps, complete_steps=cfg.complete_steps,
         distill_weight=cfg.distill_weight, reorder=cfg.reorder,
     ) if dynamic else {}  # fmt: skip
-    tc = TrainConfig(
+    fields = dict(
         out_dir=str(out), model=name, model_overrides=overrides, init_from=str(base),
         data="fashion-mnist", batch_size=cfg.finetune_batch, lr=cfg.lr, steps=cfg.finetune_steps,
         ckpt_every=max(1, cfg.finetune_steps // 2), log_every=max(1, cfg.finetune_steps // 10),
         seed=cfg.seed, ema_decay=cfg.ema_decay, ema_warmup=True, device=cfg.device,
         progress=cfg.progress, **dyn,
     )  # fmt: skip
-    return train(tc).export
+    return train(TrainConfig(**{**fields, **options}))
 
 
 def sample_timed(

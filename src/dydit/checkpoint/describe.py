@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import textwrap
@@ -13,17 +14,21 @@ import torch
 from dydit.checkpoint.flux_load import describe_flux
 from dydit.checkpoint.formats import Checkpoint, open_checkpoint
 from dydit.checkpoint.load import fit_problem, model_config
+from dydit.checkpoint.lora_info import lora_facts, lora_file_of
 from dydit.checkpoint.uvit import uvit_architecture, uvit_process_text
-from dydit.errors import CheckpointError
+from dydit.errors import CheckpointError, DyditError
 from dydit.models.fitting import ROUTER_KEY_MARKERS, has_routers
-from dydit.presets import FluxConfig, ModelConfig, UViTConfig, preset_name
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, config_from_dict, preset_name
 
 _WIDTH = 100
 _SHIFT_NAMES = {0: "official DiT", 1: "diffusers"}
 
 
-def _row(label: str, text: str) -> str:
-    return textwrap.fill(text, _WIDTH, initial_indent=f"{label:<12}", subsequent_indent=" " * 12)
+def _row(label: str, text: str, hyphens: bool = True) -> str:
+    """One labelled row, wrapped; ``hyphens=False`` keeps words such as --merge-lora whole."""
+    return textwrap.fill(
+        text, _WIDTH, initial_indent=f"{label:<12}", subsequent_indent=" " * 12, break_on_hyphens=hyphens
+    )
 
 
 def _config_origin(ckpt: Checkpoint, model: str | None) -> str:
@@ -116,11 +121,79 @@ def _flux_rows(ckpt: Checkpoint, cfg: FluxConfig, config: object) -> list[str]:
     ]
 
 
+def _blocks_text(blocks: list[int], depth: int | None) -> str:
+    if not blocks:
+        return "no block"
+    run = blocks == list(range(blocks[0], blocks[-1] + 1))
+    listed = f"{blocks[0]}-{blocks[-1]}" if run and len(blocks) > 1 else ", ".join(map(str, blocks))
+    of = f" (all {depth})" if depth == len(blocks) else f" ({len(blocks)} of {depth})" if depth else ""
+    return f"block{'s' if len(blocks) > 1 else ''} {listed}{of}"
+
+
+def _lora_rows(facts: dict[str, Any]) -> list[str]:
+    """The lines of a TD-LoRA file (docs/METHOD.md §18): what it is, its adapters, the base it fits."""
+    row = functools.partial(_row, hyphens=False)  # commands and paths stay whole
+    lc, layers, base, n = facts["lora"], facts["layers"], facts["base"], facts["parameters"]
+    alpha = "alpha = rank" if lc["alpha"] is None else f"alpha {lc['alpha']:g}"
+    linears = ", ".join(layers["linears"])
+    if not layers["same_in_every_block"]:
+        linears += " (not in every block)"
+    try:
+        cfg = config_from_dict(facts["model"])
+        model = describe_flux(cfg) if isinstance(cfg, FluxConfig) else _architecture(cfg)
+    except (DyditError, TypeError):
+        model = "unreadable stored config"
+    if not base["path"]:
+        expects = "none named: give the base weights (--checkpoint / --base)"
+    else:
+        state = (
+            "missing: give the base weights (--checkpoint / --base)"
+            if not base["exists"]
+            else "present, sha256 matches"
+            if base["matches"]
+            else "present but CHANGED since the fine-tune: sha256 differs"
+            if base["matches"] is False
+            else "present (not hashed)"
+        )
+        expects = f"{base['path']} ({state}); sha256 {base['sha256'] or 'not recorded'}"
+    what = "the adapters and routers of a dydit finetune --lora run, saved apart from the base weights"
+    groups = f"rank {lc['rank']} in {lc['groups']} group(s) of {lc['rank_per_group']}"
+    adapted = f"{linears} ({layers['adapted_linears']} adapted linears)"
+    rows = [
+        row("format", f"TD-LoRA adapter file: {what} (docs/METHOD.md §18)"),
+        row("adapters", f"{groups} switched by a timestep router per block; {alpha} (scale {lc['scale']:g})"),
+        row("layers", f"{_blocks_text(layers['blocks'], layers['depth'])}: {adapted}"),
+        row("model", model),
+        row("base", expects),
+    ]
+    parts = [f"{n['adapters']:,} adapters", f"{n['adapter_routers']:,} adapter routers"]
+    parts.append(f"{n['dydit_routers']:,} DyDiT routers")
+    text = f"{n['file']:,} in the file ({', '.join(parts)})"
+    if n["trainable_fraction"] is not None:
+        text += f"; base {n['base']:,}; trainable {100 * n['trainable_fraction']:.3g}% of {n['model']:,}"
+    rows.append(row("parameters", text))
+    problem = facts["problem"]
+    fits = "onto the base: every adapter and router, shapes as the stored config"
+    rows.append(row("loads", fits if problem is None else f"NO: {problem}"))
+    if facts["step"] is not None:
+        rows.append(row("step", f"{facts['step']:,}"))
+    train = facts["train"]
+    if isinstance(train, dict):
+        keys = ("model", "data", "steps", "batch_size", "lr", "target", "lora_rank", "lora_groups")
+        rows.append(row("run", " ".join(f"{k}={json.dumps(train[k])}" for k in keys if k in train)))
+    rows += [row("sample", facts["usage"]["sample"]), row("merge", facts["usage"]["merge"])]
+    return rows
+
+
 def inspect_checkpoint(
     path: str | os.PathLike, model: str | None = None, weights: str = "ema", config: object = None
 ) -> tuple[list[str], str | None]:
     """(the lines of :func:`describe_checkpoint`, why the weights do not load, or None if they load
-    strictly into the model dydit builds for them)."""
+    strictly into the model dydit builds for them). A TD-LoRA file is described as one
+    (:func:`dydit.checkpoint.lora_info.lora_facts`); it "loads" when it fits its stored config."""
+    if lora_file_of(path) is not None:
+        facts = lora_facts(path)
+        return [_row("file", facts["file"]), *_lora_rows(facts)], facts["problem"]
     ckpt = open_checkpoint(path, weights)
     sd = ckpt.state_dict
     lines = [_row("file", ckpt.source), _row("format", ckpt.description)]

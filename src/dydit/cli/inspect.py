@@ -5,6 +5,11 @@ diffusers folder), the model and preset it loads into, DiT or DyDiT and the rout
 training objective and numerical conventions, whether it loads strictly, the parameter count,
 and the stored config, training step and ``args`` when the file has them. Weights that do not load
 strictly are described all the same, then reported as an error (exit status 1).
+
+A TD-LoRA file (``lora.safetensors`` of ``dydit finetune --lora``, or a run directory holding one;
+docs/METHOD.md §18) is described as such: rank and groups, the adapted blocks and linears, the base
+it expects (and whether that file is there, unchanged), parameter counts and the trainable
+fraction, and the sample / merge commands that use it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Describe a checkpoint file or diffusers folder on one screen, and check that it "
         "loads strictly into the model dydit would build for it.",
     )
-    p.add_argument("path", help="a .pt/.pth/.bin/.safetensors checkpoint or a diffusers DiT or FLUX folder")
+    p.add_argument(
+        "path",
+        help="a .pt/.pth/.bin/.safetensors checkpoint, a diffusers DiT or FLUX folder, or a TD-LoRA "
+        "file (lora.safetensors, or the run directory holding it)",
+    )
     p.add_argument(
         "--model",
         default=None,
