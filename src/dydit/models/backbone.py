@@ -39,6 +39,9 @@ units (FLUX, docs/ARCHITECTURE.md §7.2): a block may give ``make_token_router()
 router; one with ``reads_state`` also receives ``token_context(state, c)``), and a block with
 ``finish_uses_groups`` gets ``finish(state, x, mod, weights, group_mask)`` with the group units'
 weights (all of them with 0/1 masks in the masked layer, the active ones in the sliced engine). A
+block whose ``finish`` runs its group units' linears complete (a U-ViT's time/class tokens) says
+``finish_uses_complete_mlp``: with TD-LoRA adapters the sliced engine then passes ``finish(state, x,
+mod, weights)`` every group's weights with the step's adapter merged (docs/METHOD.md §18). A
 backbone may also make the calibration inputs: ``example_inputs(batch, generator) -> (x, y)`` and
 ``time_grid()`` (models/calibrate.py).
 

@@ -188,9 +188,11 @@ class SlicedDyDiT(nn.Module):
                 layers = range(self.num_layers)
                 get = self._store.get
                 gates = [None] * self.num_layers if lora is None else lora[i]
+                every = torch.ones(self.num_groups, dtype=torch.bool)
                 step = StepPacks(
                     tuple(get("attn", layer, heads[layer], False, gates[layer]) for layer in layers),
                     tuple(get("mlp", layer, groups[layer], False, gates[layer]) for layer in layers),
+                    None if lora is None else tuple(get("mlp", j, every, False, gates[j]) for j in layers),
                 )
                 self._steps[t] = step
                 uses.update([*step.attn, *step.mlp])
@@ -300,6 +302,8 @@ class SlicedDyDiT(nn.Module):
                 record("mlp", block.mlp_macs(rows, mp.count))
         if getattr(block, "finish_uses_groups", False):
             return block.finish(state, x, mod, mp.weights, None)
+        if step.complete is not None and getattr(block, "finish_uses_complete_mlp", False):
+            return block.finish(state, x, mod, step.complete[layer].weights)  # TD-LoRA merged (§18)
         return block.finish(state, x, mod)
 
 

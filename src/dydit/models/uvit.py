@@ -177,14 +177,19 @@ class UViTBlock(nn.Module):
     def mlp_gate(mod: UViTMod) -> Tensor:
         return mod.gate
 
-    def finish(self, state: UViTState, x: Tensor, mod: UViTMod) -> UViTState:
+    finish_uses_complete_mlp = True  # the sliced engine passes the TD-LoRA-merged MLP (METHOD §18)
+
+    def finish(self, state: UViTState, x: Tensor, mod: UViTMod, weights: Weights | None = None) -> UViTState:
         """The time/class tokens' MLP (complete, never routed), then the stream is whole again; an
-        in-block's output is pushed for its out-block."""
+        in-block's output is pushed for its out-block. ``weights``: the complete MLP's weights to use
+        instead of the block's own (the sliced engine's, with a TD-LoRA adapter merged)."""
         head, skips, e = state
         extras, h = head[:, :e], head[:, e:]
         record("mlp_extras", formulas.mlp_macs(h.shape[0] * e, h.shape[-1], self.mlp.fc1.out_features))
-        f1, f2 = self.mlp.fc1, self.mlp.fc2
-        extras = extras + uvit_mlp(h, f1.weight, f1.bias, f2.weight, f2.bias)
+        if weights is None:
+            f1, f2 = self.mlp.fc1, self.mlp.fc2
+            weights = {"mlp.fc1": (f1.weight, f1.bias), "mlp.fc2": (f2.weight, f2.bias)}
+        extras = extras + uvit_mlp(h, *weights["mlp.fc1"], *weights["mlp.fc2"])
         tokens = torch.cat([extras, x], dim=1)
         return UViTState(tokens, (*skips, tokens) if self.pushes else skips, e)
 
