@@ -1,14 +1,18 @@
 """TD-LoRA files: the adapters and routers of a fine-tune, apart from its base (docs/METHOD.md §18).
 
 A TD-LoRA file is a ``.safetensors`` file holding only what a TD-LoRA fine-tune trained: the
-adapters and their timestep routers (``blocks.i.lora.*``) and the DyDiT routers (``attn_rate``,
-``mlp_rate``, ``token_selection``). Its metadata: ``dydit_format`` = ``"td-lora"``, ``lora`` (the
-:class:`~dydit.models.lora.LoraConfig` as JSON) and ``config`` (JSON: ``model``, the DyDiT's
-ModelConfig; ``base``, the path of the base weights and ``base_sha256``; the run's ``train`` config
-and ``step`` when a run wrote it).
+adapters and their timestep routers (``<block>.lora.*``, the block named as the backbone names it:
+``blocks.i`` of a DiT, ``in_blocks.i``/``mid_block``/``out_blocks.i`` of a U-ViT,
+``transformer_blocks.i``/``single_transformer_blocks.i`` of a FLUX) and the DyDiT routers
+(``attn_rate``, ``mlp_rate``, ``token_selection``). Its metadata: ``dydit_format`` = ``"td-lora"``,
+``lora`` (the :class:`~dydit.models.lora.LoraConfig` as JSON) and ``config`` (JSON: ``model``, the
+fine-tuned DyDiT's model config; ``base``, the path of the base weights and ``base_sha256``; the
+run's ``train`` config and ``step`` when a run wrote it). The model config is any family's (DiT/SiT,
+U-ViT, FLUX: a ``"family"`` field says which), read as the rest of the checkpoint code reads stored
+configs (:func:`~dydit.presets.config_from_dict`).
 
 - :func:`save_lora` writes one from a model with adapters;
-- :func:`apply_lora` puts a file onto a loaded base (a DiT becomes its DyDiT first);
+- :func:`apply_lora` puts a file onto a loaded base (a plain base becomes the file's DyDiT first);
 - :func:`load_with_lora` loads the base (named by the file, or given) and applies the file;
 - :func:`merged_export` writes plain weights with the adapters merged, when they do not depend on t.
 """
@@ -27,9 +31,11 @@ from dydit.checkpoint.files import _read_safetensors, check_finite
 from dydit.errors import CheckpointError, DyditError
 from dydit.io import atomic_write
 from dydit.models.dydit import DyDiT
-from dydit.models.fitting import ROUTER_KEY_MARKERS
+from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
 from dydit.models.lora import LoraConfig, add_lora, is_lora_key, lora_config, merge_lora
-from dydit.presets import ModelConfig
+from dydit.presets import FluxConfig, ModelConfig, UViTConfig, config_from_dict
+
+AnyConfig = ModelConfig | UViTConfig | FluxConfig
 
 LORA_FILE_FORMAT = "td-lora"
 LORA_FILE = "lora.safetensors"
@@ -80,20 +86,50 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], LoraConfig, d
     try:
         lc = LoraConfig(**json.loads(meta["lora"]))
         config = json.loads(meta["config"])
-        ModelConfig.from_dict(config["model"])
-    except (KeyError, ValueError, TypeError) as e:
+        stored_model_config(config)
+    except (KeyError, ValueError, TypeError, DyditError) as e:
         raise CheckpointError(f"{path}: unreadable TD-LoRA metadata ({e})") from None
     check_finite(tensors, path)
     return tensors, lc, config
 
 
+def stored_model_config(config: dict[str, Any]) -> AnyConfig:
+    """The fine-tuned DyDiT's config a TD-LoRA file stores (``config["model"]``), of any family."""
+    model = config["model"]
+    if not isinstance(model, dict):
+        raise TypeError("the stored model config is not a JSON object")
+    cfg = config_from_dict(model)
+    if not cfg.dynamic:
+        raise DyditError("the stored model config is not a DyDiT's")
+    return cfg
+
+
+def _as_dydit(base: nn.Module, cfg: AnyConfig) -> DyDiT:
+    """The file's DyDiT (``cfg``) with ``base``'s weights and fresh routers, as a fine-tune starts
+    from its ``--init-from`` weights; same device, dtype and guidance scale (a FLUX's) as ``base``."""
+    from dydit.factory import build_model
+
+    model = build_model(cfg)
+    if not isinstance(model, DyDiT):
+        raise DyditError("the stored model config is not a DyDiT's")
+    ref = next(base.parameters())
+    model.to(device=ref.device, dtype=ref.dtype)
+    try:
+        fit_state_dict(model, base.state_dict(), allow_missing=ROUTER_KEY_MARKERS)
+    except CheckpointError as e:
+        raise CheckpointError(f"the base does not fit the TD-LoRA file's model: {e}") from None
+    if hasattr(base, "guidance"):
+        model.backbone.guidance = base.guidance
+    return model
+
+
 def apply_lora(model: nn.Module, path: str | os.PathLike) -> DyDiT:
-    """The base ``model`` (a DiT, or a DyDiT whose routers the file replaces) with the file's adapters
-    and routers, strictly: every tensor of the file is used and every adapter/router is in it."""
+    """The base ``model`` (a plain network of any family, or a DyDiT whose routers the file replaces)
+    with the file's adapters and routers, strictly: every tensor of the file is used and every
+    adapter/router is in it."""
     tensors, lc, config = read_lora(path)
     if not isinstance(model, DyDiT):
-        layout = ModelConfig.from_dict(config["model"]).router_layout
-        model = DyDiT.from_dit(model, router_layout=layout)
+        model = _as_dydit(model, stored_model_config(config))
     if lora_config(model) is None:
         add_lora(model, lc)
     own = model.state_dict()
@@ -118,15 +154,20 @@ def load_with_lora(path: str | os.PathLike, base: str | os.PathLike | None = Non
     base = base or config.get("base")
     if not base:
         raise DyditError(f"{path} names no base weights: give them (--checkpoint)")
-    model = load_model(str(base), ModelConfig.from_dict(config["model"]))
+    model = load_model(str(base), stored_model_config(config))
     return apply_lora(model, path)
 
 
-def merge_times(config: ModelConfig) -> Tensor:
-    """The time values a merge is checked at: DDPM's integer steps, or a 1001-point grid of [0, 1]."""
-    if config.objective == "flow":
-        return torch.linspace(0.0, 1.0, 1001)
-    return torch.arange(1000)
+def merge_times(config: AnyConfig) -> Tensor:
+    """The time values a merge is checked at, as the network receives them from its process: every
+    DDPM step (DiT: 0..999; a U-ViT's ``sd`` process: 1..1000), or a flow's 1001-point grid of
+    t in [0, 1] on its clock (t itself, FLUX's sigma = 1 - t, a U-ViT's VP-SDE 999 (1 - t))."""
+    from dydit.flow import Transport, create_process
+
+    process = create_process(config)
+    if isinstance(process, Transport):
+        return process.original_timesteps(torch.linspace(0.0, 1.0, 1001))
+    return process.original_timesteps(torch.arange(process.num_timesteps))
 
 
 def merged_export(

@@ -79,26 +79,58 @@ def _base_facts(config: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def _layers(tensors: dict[str, torch.Tensor], model: torch.nn.Module | None) -> dict[str, Any]:
-    """Blocks carrying adapters and the linears adapted in each (dotted paths when the model is known)."""
-    per_block: dict[int, list[str]] = {}
+def _adapter_keys(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{block prefix: adapted linears (key form, ``attn_qkv``)} from ``<prefix>.lora.adapters.<linear>.down``
+    keys; the prefix is the block's name in the backbone (``blocks.3``, ``mid_block``,
+    ``single_transformer_blocks.0``)."""
+    marker = f".{LORA_ATTR}.adapters."
+    per_prefix: dict[str, list[str]] = {}
     for k in tensors:
-        parts = k.split(".")
-        if (
-            len(parts) == 6
-            and parts[0] == "blocks"
-            and parts[2:4] == [LORA_ATTR, "adapters"]
-            and parts[5] == "down"
-        ):
-            per_block.setdefault(int(parts[1]), []).append(parts[4])
+        prefix, found, rest = k.partition(marker)
+        parts = rest.split(".")
+        if found and prefix and len(parts) == 2 and parts[1] == "down":
+            per_prefix.setdefault(prefix, []).append(parts[0])
+    return per_prefix
+
+
+def _block_index(model: torch.nn.Module) -> dict[str, int]:
+    """{a block's module name in the model: its index in ``model.blocks``} (the backbone's order)."""
+    index = {id(b): i for i, b in enumerate(model.blocks)}
+    return {n: index[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in index}
+
+
+def _natural(prefix: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in prefix.split("."))
+
+
+def _layers(tensors: dict[str, torch.Tensor], model: torch.nn.Module | None) -> dict[str, Any]:
+    """Blocks carrying adapters (indices in ``model.blocks``, the backbone contract's order) and the
+    linears adapted in each (dotted paths when the model is known). Without a model, a DiT's
+    ``blocks.i`` give i; another family's blocks are numbered in the order of their names.
+    ``same_in_every_block``: with the model, every block adapts exactly the linears its units name
+    (a FLUX's double and single blocks name different ones); without, all blocks the same ones."""
+    per_prefix = _adapter_keys(tensors)
+    index = _block_index(model) if model is not None else {}
+    if not index:
+        dit = all(len(p.split(".")) == 2 and p.startswith("blocks.") and p[7:].isdigit() for p in per_prefix)
+        order = sorted(per_prefix, key=_natural)
+        index = {p: int(p[7:]) if dit else i for i, p in enumerate(order)}
+    per_block: dict[int, list[str]] = {}
+    for prefix, keys in per_prefix.items():
+        i = index.get(prefix, -1)  # -1: a prefix that names no block of the model (a misfit file)
+        per_block.setdefault(i, []).extend(keys)
     if model is not None:
         for i, keys in per_block.items():
-            paths = getattr(model.blocks[i], LORA_ATTR).paths if i < len(model.blocks) else ()
+            paths = getattr(model.blocks[i], LORA_ATTR).paths if 0 <= i < len(model.blocks) else ()
             known = [p for p in paths if p.replace(".", "_") in keys]  # in the block's own order
             per_block[i] = known + sorted(set(keys) - {p.replace(".", "_") for p in known})
-    blocks = sorted(per_block)
-    linears = list(dict.fromkeys(name for i in blocks for name in per_block[i]))
-    same = all(sorted(per_block[i]) == sorted(linears) for i in blocks)
+    blocks = sorted(i for i in per_block if i >= 0)
+    linears = list(dict.fromkeys(name for i in sorted(per_block) for name in per_block[i]))
+    if model is not None:  # every block adapts the linears its own units name (FLUX: two kinds)
+        own = [tuple(getattr(b, LORA_ATTR).paths) for b in model.blocks]
+        same = -1 not in per_block and all(tuple(per_block.get(i, ())) == p for i, p in enumerate(own))
+    else:
+        same = all(sorted(per_block[i]) == sorted(linears) for i in per_block)
     return {
         "blocks": blocks,
         "linears": linears,
@@ -123,12 +155,25 @@ def _fit_problem(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> st
     )
 
 
-def usage(path: str | os.PathLike, base: dict[str, Any]) -> dict[str, str]:
-    """The commands that use the file; ``--checkpoint``/``--base`` shown when the named base is gone."""
+def usage(path: str | os.PathLike, base: dict[str, Any], model_cfg: Any = None) -> dict[str, str]:
+    """The commands that use the file; ``--checkpoint``/``--base`` shown when the named base is gone;
+    ``--prompt`` for a text-to-image model (it samples prompts, not classes) and ``--vae`` for a
+    latent one (the images need its decoder), from the stored model config when it is readable."""
     given = "" if base.get("exists") else " --checkpoint BASE"
     merge_base = "" if base.get("exists") else " --base BASE"
+    try:
+        cfg = config_from_dict(model_cfg) if isinstance(model_cfg, dict) else None
+    except (DyditError, TypeError):
+        cfg = None
+    notes = ["the sliced engine merges the adapters per step"]
+    if cfg is not None and getattr(cfg, "text_encoder", None) is not None:
+        given += ' --prompt "TEXT"'
+        notes.insert(0, "or --prompts FILE, one prompt a line")
+    channels = getattr(cfg, "latent_channels", getattr(cfg, "in_channels", None))
+    if channels is not None and channels not in (1, 3):
+        given += " --vae VAE"
     return {
-        "sample": f"dydit sample --lora {path}{given} (the sliced engine merges the adapters per step)",
+        "sample": f"dydit sample --lora {path}{given} ({'; '.join(notes)})",
         "merge": f"dydit export {path} --merge-lora{merge_base} (plain weights in merged.safetensors "
         "beside it, or --out; refused when the adapters' gates change with t)",
     }
@@ -176,5 +221,5 @@ def lora_facts(path: str | os.PathLike) -> dict[str, Any]:
         "step": config.get("step"),
         "train": config.get("train"),
         "problem": problem,
-        "usage": usage(found, base),
+        "usage": usage(found, base, model_cfg),
     }

@@ -84,10 +84,10 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def _lora_model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(the DyDiT config a TD-LoRA file stores, its base opened, a description) for ``--lora``."""
+    """(the DyDiT config a TD-LoRA file stores, of any family, its base opened, a description) for
+    ``--lora``."""
     from dydit.checkpoint import open_checkpoint
-    from dydit.checkpoint.lora import read_lora
-    from dydit.presets import ModelConfig
+    from dydit.checkpoint.lora import read_lora, stored_model_config
 
     if args.random_weights:
         raise DyditError("--lora applies adapters to real base weights, not to --random-weights")
@@ -95,7 +95,7 @@ def _lora_model_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
     base = args.checkpoint or stored.get("base")
     if not base:
         raise DyditError(f"{args.lora} names no base weights: give --checkpoint")
-    cfg = ModelConfig.from_dict(stored["model"])
+    cfg = stored_model_config(stored)
     return cfg, open_checkpoint(base), f"{Path(base).resolve()} + TD-LoRA {Path(args.lora).resolve()}"
 
 
