@@ -131,7 +131,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-coefficients", default=None, metavar="FILE",
                    help="TeaCache's polynomial (dydit cache-calibrate); default: the identity")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
-    p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
+    p.add_argument("--sampler", default=None, help=f"default: the base's own, else {DemoConfig.sampler}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ref-limit", type=int, default=None,
                    help="reference images of the metrics (default: all; few: a path check)")  # fmt: skip
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.base)
+    sampler = args.sampler or getattr(read_checkpoint(base)[1], "default_sampler", DemoConfig.sampler)
     cfg = DemoConfig(
-        num_samples=args.num_samples, sampler=args.sampler, device=args.device, progress=False,
+        num_samples=args.num_samples, sampler=sampler, device=args.device, progress=False,
         ref_limit=args.ref_limit, inception=not args.no_inception,
     )  # fmt: skip
     recipe = replace(cfg, **args.recipe)
