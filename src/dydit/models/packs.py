@@ -128,8 +128,9 @@ class StepPacks:
     attn: tuple[Pack, ...]
     mlp: tuple[Pack, ...]
     # TD-LoRA (docs/METHOD.md §18): each layer's complete MLP with the step's adapter merged, for the
-    # un-routed work of a block that runs it whole (a U-ViT's time/class tokens); None without adapters.
-    complete: tuple[Pack, ...] | None = None
+    # un-routed work of a block that runs it whole (a U-ViT's time/class tokens; None for the other
+    # layers); None without adapters or without such a block.
+    complete: tuple[Pack | None, ...] | None = None
 
 
 def unit_weight_bytes(blocks: Iterable[nn.Module]) -> int:

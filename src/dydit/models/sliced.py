@@ -183,16 +183,24 @@ class SlicedDyDiT(nn.Module):
         uses: Counter[Pack] = Counter()
         # TD-LoRA: the adapters' gates of each step, merged into its packs (docs/METHOD.md §18).
         lora = gate_plan(self.model, plan.timesteps) if has_lora(self.model) else None
+        # Only a block whose finish runs its MLP complete (a U-ViT's time/class tokens) needs that MLP
+        # with the step's adapter merged; other layers get None and no such pack is made for them.
+        whole = [getattr(b, "finish_uses_complete_mlp", False) for b in self.model.blocks]
+        every = torch.ones(self.num_groups, dtype=torch.bool)
+        layers = range(self.num_layers)
+        get = self._store.get
         for i, (t, heads, groups) in enumerate(plan.steps()):
             if t not in self._steps:
-                layers = range(self.num_layers)
-                get = self._store.get
                 gates = [None] * self.num_layers if lora is None else lora[i]
-                every = torch.ones(self.num_groups, dtype=torch.bool)
+                complete = None
+                if lora is not None and any(whole):
+                    complete = tuple(
+                        get("mlp", j, every, False, gates[j]) if whole[j] else None for j in layers
+                    )
                 step = StepPacks(
                     tuple(get("attn", layer, heads[layer], False, gates[layer]) for layer in layers),
                     tuple(get("mlp", layer, groups[layer], False, gates[layer]) for layer in layers),
-                    None if lora is None else tuple(get("mlp", j, every, False, gates[j]) for j in layers),
+                    complete,
                 )
                 self._steps[t] = step
                 uses.update([*step.attn, *step.mlp])
@@ -302,7 +310,7 @@ class SlicedDyDiT(nn.Module):
                 record("mlp", block.mlp_macs(rows, mp.count))
         if getattr(block, "finish_uses_groups", False):
             return block.finish(state, x, mod, mp.weights, None)
-        if step.complete is not None and getattr(block, "finish_uses_complete_mlp", False):
+        if step.complete is not None and step.complete[layer] is not None:
             return block.finish(state, x, mod, step.complete[layer].weights)  # TD-LoRA merged (§18)
         return block.finish(state, x, mod)
 
