@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import json
 import logging
 import re
@@ -282,9 +281,8 @@ def sample_variant(run: dict, lora: bool, cfg: DemoConfig, dense: int, out: Path
 
 def _frontier_verdict(point: dict, path: Path, cfg: DemoConfig) -> dict:
     """The equal-compute comparison of ``benchmarks/frontier.py`` against that file's dense points."""
-    spec = importlib.util.spec_from_file_location("frontier", Path(__file__).with_name("frontier.py"))
-    frontier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frontier)
+    import frontier  # benchmarks/frontier.py, the sibling of this script (its folder is on sys.path)
+
     points = [
         p for p in json.loads(path.read_text())["points"]
         if p.get("sampler") == cfg.sampler and p.get("num_samples") == cfg.num_samples

@@ -43,7 +43,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import shlex
@@ -53,6 +52,9 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+# benchmarks/frontier.py (the class-conditional frontier), for its shared helpers; a script's own
+# folder is on sys.path, so its sibling imports by name.
+import frontier
 import numpy as np
 import torch
 
@@ -75,16 +77,6 @@ from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
 
-
-def _load_frontier():
-    """``benchmarks/frontier.py`` (the class-conditional frontier), for its shared helpers."""
-    spec = importlib.util.spec_from_file_location("frontier", Path(__file__).with_name("frontier.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-frontier = _load_frontier()
 _log = logging.getLogger("t2i_frontier")
 SPLIT_NAMES = {"train": "held-in prompts", "held-out": "held-out prompts"}
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
 from dydit.presets import ModelConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` imported as module ``name``, with its folder on sys.path
+    as when it runs as a script (so it imports its siblings, e.g. ``frontier``, by name)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -6,13 +6,13 @@ weights and inputs, that ρ, speed-up and efficiency are consistent, and that th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import save_file
 
 from dydit.apps.bench import BenchConfig, BenchRow, run_bench
@@ -175,9 +175,7 @@ def test_cli_help_and_dry_run(capsys):
 
 
 def test_gpu_script_dry_path(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
+    gpu_bench = load_benchmark("gpu_bench")
     assert gpu_bench.main(["--dry", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {d["phase"] for d in data} == {name for name, _, _ in gpu_bench.PHASES}

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from dydit.apps.demo_report import equal_compute_verdict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("frontier")
 
 
 def dense(steps: int, fid: float, per_step: float = 1e8) -> dict:

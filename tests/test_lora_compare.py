@@ -3,13 +3,13 @@ engine and are reported (json and markdown), the TD-LoRA run training a smaller 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from dydit.apps import demo
 from dydit.checkpoint.lora import read_lora
@@ -17,16 +17,12 @@ from dydit.factory import build_model
 from dydit.presets import ModelConfig
 from dydit.train.state import export_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def lora_compare():
-    spec = importlib.util.spec_from_file_location("lora_compare", ROOT / "benchmarks" / "lora_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lora_compare")
 
 
 @pytest.fixture

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
-plan = importlib.util.module_from_spec(spec)
-sys.modules["memory_plan"] = plan  # dataclasses look their module up
-spec.loader.exec_module(plan)
+plan = load_benchmark("memory_plan")
 
 
 @pytest.mark.parametrize("shape", [plan.FLUX_1, plan.FLUX_LITE, replace(plan.FLUX_1, guidance_embeds=False)])

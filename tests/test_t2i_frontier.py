@@ -3,18 +3,17 @@ in-process on untrained tiny models (the wiring, resumability and the verdicts; 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from dydit.data.compose_grammar import CATEGORIES
 from dydit.errors import DyditError
 from dydit.evaluate import classifier as clf
 
-ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(
     not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed"
@@ -25,10 +24,7 @@ SPLITS = ("train", "held-out")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("t2i_frontier", ROOT / "benchmarks" / "t2i_frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("t2i_frontier")
 
 
 @pytest.fixture(scope="module")
