@@ -337,7 +337,10 @@ def test_sampler_shape_finiteness_and_seed_determinism(tiny_models, which, sampl
     assert x.shape == (len(seeds), *shape) and x.dtype == torch.float32
     assert torch.isfinite(x).all()
     torch.testing.assert_close(run(batch), x, rtol=0, atol=0)  # same seeds, same images
-    # Any batch size: image i depends on its seed and label only (tiny float drift from batched matmuls).
-    torch.testing.assert_close(run(1), x, rtol=1e-4, atol=1e-5)
+    # Any batch size: image i depends on its seed and label only, up to float32 drift from batched matmuls.
+    # The untrained net's samples reach |x| ~ 1e3, so the drift is bounded relative to the tensor's scale:
+    # an absolute 1e-5 failed on a near-zero pixel of a 655-scale image (2.9e-5 apart, 4e-8 of the scale).
+    scale = max(1.0, x.abs().max().item())
+    torch.testing.assert_close(run(1), x, rtol=1e-4, atol=1e-5 * scale)
     if len(set(seeds)) == len(seeds) > 1:
         assert not torch.equal(x[0], x[1]), "different seeds gave the same image"
