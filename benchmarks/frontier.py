@@ -21,7 +21,10 @@ image, and the dense DiT at round(ρ·N) steps when measured) and the verdict sa
 
 Results accumulate in ``frontier.json`` (a point already measured with the same settings is not
 measured again, so an interrupted run loses nothing); ``--render`` redraws ``frontier.md``,
-``frontier_macs.png`` (FID against MACs per image) and ``frontier_time.png`` (FID against s/image).
+``frontier_macs.png`` (FID against MACs per image) and ``frontier_time.png`` (FID against s/image)
+from that file alone (no sampling, no Inception). ``frontier.md`` ends with a verdict per compute
+budget of ``--budgets``: the best dense-based point (dense, dense + cache) within the budget against
+the best DyDiT-based one (DyDiT, DyDiT + cache); the plots draw each kind's lower envelope.
 
 Usage::
 
@@ -29,6 +32,7 @@ Usage::
     python benchmarks/frontier.py --lambdas 0.5 \
         --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors
     python benchmarks/frontier.py --render runs/frontier/frontier.json
+    python benchmarks/frontier.py --render docs/img/cache/frontier.json --out-dir /tmp/f --budgets 0.5,1,1.5
     python benchmarks/frontier.py --lambdas "" --no-control --caches teacache:0.1,fbcache:0.1 \
         --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors   # + cache points
 """
@@ -56,6 +60,7 @@ from dydit.apps.demo import (
     sample_timed,
 )
 from dydit.checkpoint import read_checkpoint
+from dydit.errors import DyditError
 from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
@@ -86,6 +91,13 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _budgets(text: str) -> list[float]:
+    values = sorted({float(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive GMACs per image, got {text!r}")
+    return values
+
+
 def _caches(text: str) -> list[str]:
     from dydit.models.cache import CacheSettings
 
@@ -107,7 +119,7 @@ def _labelled(text: str) -> tuple[str, str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="runs/frontier", help="runs, samples and frontier.json go here")
+    p.add_argument("--out-dir", default=None, help="runs, samples and frontier.json go here (runs/frontier)")
     p.add_argument("--base", default=str(BASE_CHECKPOINT), help="the dense base DiT (.safetensors export)")
     p.add_argument("--dense-steps", type=_ints, default=_ints("3,4,5,6,8,10,14,20"),
                    help="sampler step counts of the dense frontier")  # fmt: skip
@@ -143,7 +155,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="only re-time every stored point (sampling, no FID) in one process, models "
         "interleaved, so the time plot compares points first measured under other loads",
     )
-    p.add_argument("--render", metavar="JSON", help="only redraw the table and plots of a frontier.json")
+    p.add_argument("--budgets", type=_budgets, default=list(BUDGETS), metavar="GMACS,...",
+                   help="compute budgets (GMACs / image) of the dense- vs DyDiT-based verdicts")  # fmt: skip
+    p.add_argument("--render", metavar="JSON",
+                   help="only redraw the tables and plots of a frontier.json (no sampling), into its "
+                   "folder unless --out-dir is given")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -151,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.render:
         path = Path(args.render)
-        render(json.loads(path.read_text()), path.parent)
+        if not path.is_file():
+            raise DyditError(f"no frontier.json at {path}")
+        out = Path(args.out_dir) if args.out_dir is not None else path.parent
+        out.mkdir(parents=True, exist_ok=True)
+        render(json.loads(path.read_text()), out, args.budgets)
         return
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or "runs/frontier")
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.base)
     sampler = args.sampler or getattr(read_checkpoint(base)[1], "default_sampler", DemoConfig.sampler)
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     result.update(machine=machine_description(), torch=torch.__version__, base=str(base))
     if args.retime:
         retime(result, cfg, base, store)
-        render(result, out)
+        render(result, out, args.budgets)
         return
 
     def run(label: str, kind: str, load, steps: list[int], cache: str | None = None, **extra) -> None:
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 cache=spec, checkpoint=path)  # fmt: skip
     result["config"] = asdict(cfg)
     save_text(store, json.dumps(result, indent=2) + "\n")
-    render(result, out)
+    render(result, out, args.budgets)
 
 
 def cached_model(model: torch.nn.Module, spec: str, cfg: DemoConfig, coefficients: str | None):
@@ -281,6 +301,12 @@ WINNER = {
     "control": "control",
 }
 KIND_ORDER = {"dense": 0, "dense+cache": 1, "control": 2, "dydit": 3, "dydit+cache": 4}
+# Issue 28's goal on the embedded DiT: the best DyDiT-based point on or below the best dense-based one
+# at every budget from 0.5 to 1.9 GMACs per image.
+BUDGETS = (0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7, 1.9)
+SIDES = {"dense-based": ("dense", "dense+cache"), "DyDiT-based": ("dydit", "dydit+cache")}
+ENVELOPE_COLOUR = {"dense": "0.3", "dense+cache": "tab:cyan", "control": "tab:olive", "dydit": "tab:pink",
+                   "dydit+cache": "tab:brown"}  # fmt: skip
 
 
 def dense_frontier(points: list[dict], metric: str = "FID") -> tuple[np.ndarray, np.ndarray]:
@@ -330,13 +356,75 @@ def equal_compute(
     return out
 
 
-def render(result: dict, out: Path) -> None:
-    """Write ``frontier.md`` and the two plots for ``result`` and print the table."""
+def lower_envelope(points: list[dict], metric: str = "FID", key: str = "macs_per_image") -> list[dict]:
+    """The points that beat every cheaper one, by ``key``: the steps of the running minimum of ``metric``.
+
+    What the cheapest run reaching each quality is, so a method is judged by its best setting at a
+    compute (more steps or a looser cache can be worse, and a user would not pick them). ``metric``
+    strictly decreases along it: of two points with the same value the cheaper one is kept, as the
+    dearer buys nothing. Points without ``metric`` are left out. Lower is better (FID).
+    """
+    envelope: list[dict] = []
+    for p in sorted((p for p in points if p.get(metric) is not None), key=lambda p: (p[key], p[metric])):
+        if not envelope or p[metric] < envelope[-1][metric]:
+            envelope.append(p)
+    return envelope
+
+
+def budget_verdicts(points: list[dict], budgets=BUDGETS, metric: str = "FID") -> list[dict]:
+    """Per compute budget (GMACs per image), the best dense-based point against the best DyDiT-based one.
+
+    A user with a budget takes the best run that fits it, whatever the method's knob (steps, cache
+    threshold, λ), so each side is its lower envelope read at the budget: dense-based are the kinds
+    ``dense`` and ``dense+cache`` (free to use on the base), DyDiT-based ``dydit`` and ``dydit+cache``.
+    The static ``control`` is neither: it is a fine-tune without routers, there to tell the
+    fine-tuning's share of a DyDiT's change from the routing's, not an option offered to users.
+
+    Each row: ``budget`` (GMACs), ``best`` (per kind of the four, its best point within the budget or
+    None), ``best_kind`` (the best of the four; on equal ``metric`` the cheaper point's), the two
+    sides' best points (keys ``dense-based`` and ``DyDiT-based``, None when none fits), ``gap``
+    (DyDiT-based minus dense-based ``metric``: negative when DyDiT wins, None without both) and
+    ``verdict`` in words. Lower ``metric`` is better.
+    """
+    kinds = (*SIDES["dense-based"], *SIDES["DyDiT-based"])
+    groups = {**{k: (k,) for k in kinds}, **SIDES, "all": kinds}
+    envelopes = {
+        g: lower_envelope([p for p in points if p["kind"] in ks], metric) for g, ks in groups.items()
+    }
+    rows = []
+    for budget in budgets:
+        if not budget > 0:
+            raise DyditError(f"compute budgets are positive GMACs per image, got {budget!r}")
+        at = {g: next((p for p in reversed(e) if p["macs_per_image"] <= budget * 1e9), None)
+              for g, e in envelopes.items()}  # fmt: skip
+        row: dict = dict(budget=budget, best={k: at[k] for k in kinds}, gap=None)
+        row.update(best_kind=at["all"] and at["all"]["kind"], **{side: at[side] for side in SIDES})
+        dense, dydit = row["dense-based"], row["DyDiT-based"]
+        if dense is None or dydit is None:
+            row["verdict"] = (
+                "no point within budget" if dense is dydit
+                else "no DyDiT point within budget" if dydit is None
+                else "no dense point within budget"
+            )  # fmt: skip
+        else:
+            row["gap"] = gap = dydit[metric] - dense[metric]
+            row["verdict"] = (
+                f"DyDiT-based wins by {-gap:.1f} {metric}" if gap < 0
+                else f"dense-based wins by {gap:.1f} {metric}" if gap > 0
+                else "a tie"
+            )  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def render(result: dict, out: Path, budgets=BUDGETS) -> None:
+    """Write ``frontier.md`` (the points, then the verdict per compute budget) and the two plots for
+    ``result`` and print the tables. Reads the stored points only: nothing is sampled or measured."""
     points = result["points"]
     for p in points:
         if p["kind"] != "dense":
             p.update(equal_compute(p, points))
-    table = _markdown(points, result)
+    table = _markdown(points, result) + "\n" + _budget_markdown(budget_verdicts(points, budgets))
     save_text(out / "frontier.md", table)
     _plot(points, "macs_per_image", 1e-9, "attention + MLP GMACs per image (whole sampling run)",
           out / "frontier_macs.png")  # fmt: skip
@@ -370,6 +458,30 @@ def _markdown(points: list[dict], result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_markdown(rows: list[dict], metric: str = "FID") -> str:
+    def cell(p: dict | None) -> str:
+        if p is None:
+            return "–"
+        return f"{p['label']}, {p['steps']} steps, {p['macs_per_image'] / 1e9:.3f} GMACs: {p[metric]:.1f}"
+
+    lines = [
+        f"Best point within each compute budget ({metric}, lower is better): dense-based = dense or "
+        "dense + cache, DyDiT-based = DyDiT or DyDiT + cache (the static control is neither). "
+        f"Δ{metric} = DyDiT-based minus dense-based: negative when DyDiT-based wins, else what it misses by.",
+        "",
+        f"| budget (GMACs / image) | best dense-based | best DyDiT-based | Δ{metric} | verdict | best kind |",
+        "|---:|---|---|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| ≤ {r['budget']:g} | {cell(r['dense-based'])} | {cell(r['DyDiT-based'])} | "
+            f"{_fmt(r['gap'], '+.1f')} | {r['verdict']} | {r['best_kind'] or '–'} |"
+        )
+    met = sum(r["gap"] is not None and r["gap"] <= 0 for r in rows)
+    lines += ["", f"DyDiT-based on or below dense-based at {met} of {len(rows)} budgets."]
+    return "\n".join(lines) + "\n"
+
+
 def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -377,6 +489,15 @@ def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -
     fig = Figure(figsize=(6, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    kinds = sorted({p["kind"] for p in points}, key=lambda k: KIND_ORDER.get(k, 9))
+    for kind in kinds:
+        envelope = lower_envelope([p for p in points if p["kind"] == kind], key=key)
+        if not envelope:
+            continue  # the best so far, held to the dearest point of the kind (a step line, under the rest)
+        last = max(p[key] for p in points if p["kind"] == kind and "FID" in p)
+        xs, ys = [p[key] * scale for p in envelope] + [last * scale], [p["FID"] for p in envelope]
+        ax.step(xs, [*ys, ys[-1]], where="post", color=ENVELOPE_COLOUR.get(kind, "tab:gray"), lw=5,
+                alpha=0.3, zorder=0, label=f"{kind}: lower envelope (best so far)")  # fmt: skip
     labels = sorted({p["label"] for p in points}, key=lambda s: (not s.endswith("(dense)"), s))
     for label in labels:
         curve = sorted((p for p in points if p["label"] == label and "FID" in p), key=lambda p: p[key])
