@@ -1,22 +1,38 @@
 """Benchmark (not a test): TD-LoRA DyDiT fine-tuning against full DyDiT fine-tuning at equal steps.
 
-Issue 27, evidence item 3, on the embedded DiT (``src/dydit/assets/dit-ti4-fmnist.safetensors``).
-Both fine-tunes follow the shipped DyDiT's recipe (``dydit.apps.demo.SHIPPED_RECIPE`` on the demo's
-settings, as ``benchmarks/frontier.py``) at FLOPs target λ (0.5) for ``--steps`` steps:
+Issue 27, evidence item 3, on the embedded DiT (``src/dydit/assets/dit-ti4-fmnist.safetensors``)
+and, with ``--t2i``, on the text-to-image FLUX (``src/dydit/assets/flux-t2i-fmnist.safetensors``;
+``--base`` names another export, e.g. a checkpoint of its unfinished training). Both fine-tunes run
+at FLOPs target λ (0.5) for ``--steps`` steps:
 
 - **full**: every weight of the DyDiT trains (``dydit finetune``);
 - **TD-LoRA**: the base frozen, rank ``--lora-rank`` adapters in ``--lora-groups`` timestep-gated
   groups and the routers train (``dydit finetune --lora R --lora-groups G``; docs/METHOD.md §18).
 
+The embedded DiT's fine-tunes follow the shipped DyDiT's recipe (``dydit.apps.demo.SHIPPED_RECIPE``
+on the demo's settings, as ``benchmarks/frontier.py``). The text-to-image ones are the DyFLUX-t2i
+fine-tune of issue 25 (checkpoints/README.md): ``dydit finetune --model DyFLUX-t2i --init-from BASE
+--data fmnist-compose --target λ --distill-weight 1``, parsed by the CLI's own parser, with
+``--finetune-args`` appended to both (e.g. ``"--batch-size 32 --lr 3e-4"``) and the exact command of
+each run in the report.
+
 Each run has its own directory under ``--out-dir`` and resumes when rerun. Then each is sampled
-(``--num-samples`` images, the demo's sampler and seeds, the sliced engine; the TD-LoRA model merges
-its adapter into each step's weights) through the frontier's ``measure()`` path, and reported:
+through the sliced engine (the TD-LoRA model merges its adapter into each step's weights) and
+reported:
 
 - trainable-parameter fraction (parameters with gradients / all parameters of the fine-tuned model);
 - ρ reached: attention+MLP multiply-accumulates the sliced engine really performed while sampling,
-  over the dense base DiT's for the same evaluations (``count_flops``); also the training batch's
-  ρ from the run's last log record;
-- FID (offline Inception; ``--no-inception`` skips it) and FD-FMNIST-classifier;
+  over the dense base's for the same evaluations; also the training batch's ρ from the run's last
+  log record. The embedded DiT: the dense DiT's MACs of one evaluation (``count_flops``) times the
+  evaluations made. The text-to-image model: the dense base sampled on the same prompts and seeds;
+- quality. The embedded DiT: ``--num-samples`` images (the demo's sampler and seeds) through the
+  frontier's ``measure()`` path, FID (offline Inception; ``--no-inception`` skips it) and
+  FD-FMNIST-classifier. The text-to-image model: the text-to-image frontier's measuring path
+  (``benchmarks/t2i_frontier.py``'s ``Bench.measure``) on each prompt set of ``--splits`` with
+  ``--per-category`` prompts per category and the model's own recipe (sampler, steps, guidance)
+  unless ``--sample-steps`` / ``--cfg-scale`` say otherwise: the GenEval-style overall and
+  per-category accuracy, FD-cells and (unless ``--no-inception``) the Inception FID against real
+  compositions of the same prompts; the dense base gets the same row for reference;
 - wall seconds per training step: the run's ``stats.jsonl`` windows (checkpoint writes excluded);
 - peak memory per step: on CPU the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` just before the first step and after each checkpoint write) above its
@@ -27,8 +43,8 @@ its adapter into each step's weights) through the frontier's ``measure()`` path,
   AdamW's two moments) is given beside it.
 
 With ``--frontier FILE`` (a ``frontier.json`` of ``benchmarks/frontier.py`` with the same sampler and
-sample count), each point also gets the frontier's equal-compute verdict. ``--t2i`` (the FLUX-t2i)
-is not offered: a TD-LoRA file of a FLUX stores a FLUX config that ``read_lora`` does not read back.
+sample count, or with ``--t2i`` of ``benchmarks/t2i_frontier.py`` with the same sampling settings),
+each point also gets the frontier's equal-compute verdict.
 
 Writes ``lora_compare.json`` and ``lora_compare.md`` (table, command, machine, date) in ``--out-dir``.
 
@@ -36,6 +52,8 @@ Usage::
 
     python benchmarks/lora_compare.py                                  # 1200 steps each, 1000 images
     python benchmarks/lora_compare.py --steps 300 --num-samples 500 --lora-rank 16 --lora-groups 4
+    python benchmarks/lora_compare.py --t2i --base checkpoints/flux-t2i-fmnist-step7000.safetensors \
+        --finetune-args "--batch-size 32" --per-category 10
 """
 
 from __future__ import annotations
@@ -50,28 +68,57 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dydit.apps.demo import BASE_CHECKPOINT, SHIPPED_RECIPE, DemoConfig, finetune_run, load_dit, measure
+from dydit.apps.demo import (
+    BASE_CHECKPOINT,
+    SHIPPED_RECIPE,
+    DemoConfig,
+    finetune_config,
+    load_dit,
+    measure,
+    run_cadence,
+)
+from dydit.apps.demo_t2i import SPLITS, T2I_CHECKPOINT, T2IDemoConfig
 from dydit.checkpoint.lora import load_with_lora
+from dydit.errors import DyditError
 from dydit.flops.counter import count_flops
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
+from dydit.train import TrainConfig, train
 
 _log = logging.getLogger("lora_compare")
 MiB = 2**20
 MEMORY_FILE = "step_memory.json"
+# The DyFLUX-t2i fine-tune of issue 25 (checkpoints/README.md) beyond its --model, --init-from and
+# --target: the captioned compositions, distilled from the frozen dense base.
+T2I_RECIPE = ["--data", "fmnist-compose", "--distill-weight", "1"]
+# Options of one comparison only (their defaults are None so that a stray one is caught).
+DIT_ONLY = ("recipe", "num_samples", "sampler", "ref_limit")
+T2I_ONLY = ("model", "finetune_args", "splits", "per_category", "cfg_scale", "sample_batch")
+
+
+def _splits(text: str) -> list[str]:
+    import t2i_frontier  # benchmarks/t2i_frontier.py, a sibling of this script
+
+    return t2i_frontier._splits(text)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default="runs/lora_compare", help="runs, samples and results go here")
-    p.add_argument("--base", default=str(BASE_CHECKPOINT), help="the dense base DiT (.safetensors export)")
+    p.add_argument("--t2i", action="store_true",
+                   help="compare on the text-to-image FLUX instead of the embedded DiT")  # fmt: skip
+    p.add_argument("--out-dir", default=None,
+                   help="runs, samples and results go here (default runs/lora_compare[_t2i])")  # fmt: skip
+    p.add_argument("--base", default=None,
+                   help=f"the dense base export (default {BASE_CHECKPOINT.name}, with --t2i "
+                   f"{T2I_CHECKPOINT.name}, in src/dydit/assets)")  # fmt: skip
     p.add_argument("--target", type=float, default=0.5, help="FLOPs target λ of both fine-tunes")
     p.add_argument(
         "--steps",
@@ -82,11 +129,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--recipe",
         type=json.loads,
-        default=SHIPPED_RECIPE,
+        default=None,
         metavar="JSON",
-        help=f"DemoConfig fields of both fine-tunes (default {json.dumps(SHIPPED_RECIPE)}); "
+        help=f"embedded DiT: DemoConfig fields of both fine-tunes (default {json.dumps(SHIPPED_RECIPE)}); "
         "--steps replaces its finetune_steps and caps its complete_steps",
     )
+    p.add_argument("--model", default=None,
+                   help="--t2i: the DyDiT preset of both fine-tunes (default DyFLUX-t2i)")  # fmt: skip
+    p.add_argument("--finetune-args", default=None, metavar="OPTIONS",
+                   help="--t2i: further `dydit finetune` options of both fine-tunes, one string (e.g. "
+                   "\"--batch-size 32 --lr 3e-4\"; a lone option as --finetune-args=--bf16)")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=16, help="TD-LoRA rank r (default %(default)s)")
     p.add_argument("--lora-groups", type=int, default=4, help="TD-LoRA groups G (default %(default)s)")
     p.add_argument(
@@ -95,27 +147,44 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="learning rate of the adapters (default: the recipe's, as the full run)",
     )
-    p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per model")
-    p.add_argument("--sampler", default=DemoConfig.sampler, help="sampler (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help=f"embedded DiT: images per model (default {DemoConfig.num_samples})")  # fmt: skip
+    p.add_argument("--sampler", default=None,
+                   help=f"embedded DiT: sampler (default {DemoConfig.sampler})")  # fmt: skip
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help=f"sampler steps (default {DemoConfig.steps}; --t2i: the model's recipe)")  # fmt: skip
+    p.add_argument("--splits", type=_splits, default=None,
+                   help="--t2i: prompt sets, train (held-in) and/or held-out (default both)")  # fmt: skip
+    p.add_argument("--per-category", type=int, default=None,
+                   help=f"--t2i: prompts per GenEval category and prompt set "
+                   f"(default {T2IDemoConfig.per_category})")  # fmt: skip
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="--t2i: classifier-free guidance scale (default: the model's recipe)")  # fmt: skip
+    p.add_argument("--sample-batch", type=int, default=None, help="--t2i: prompts per sampling batch "
+                   f"(default {T2IDemoConfig.sample_batch})")  # fmt: skip
     p.add_argument(
-        "--sample-steps", type=int, default=DemoConfig.steps, help="sampler steps (default %(default)s)"
+        "--no-inception", action="store_true", help="no Inception FID, the classifier distances only"
     )
     p.add_argument(
-        "--no-inception", action="store_true", help="no Inception FID, the classifier distance only"
-    )
-    p.add_argument(
-        "--ref-limit", type=int, default=None, help="reference images of the metrics (default: all)"
+        "--ref-limit", type=int, default=None, help="embedded DiT: reference images of the metrics"
     )
     p.add_argument(
         "--frontier",
         default=None,
         metavar="JSON",
-        help="a frontier.json (benchmarks/frontier.py): add its equal-compute verdicts",
+        help="a frontier.json (benchmarks/frontier.py, --t2i: t2i_frontier.py): add its equal-compute "
+        "verdicts",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--progress", action="store_true", help="progress bars while training and sampling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    stray = [n for n in (DIT_ONLY if args.t2i else T2I_ONLY) if getattr(args, n) is not None]
+    if stray:
+        names = ", ".join("--" + n.replace("_", "-") for n in stray)
+        raise DyditError(f"{names}: not an option of the {'text-to-image' if args.t2i else 'embedded DiT'} "
+                         "comparison")  # fmt: skip
+    return args
 
 
 # Memory of a training step ----------------------------------------------------------------------------
@@ -205,12 +274,11 @@ def seconds_per_step(run_dir: Path) -> tuple[float | None, int, float | None]:
     return (seconds / steps if steps else None), steps, rho
 
 
-def train_variant(
-    name: str, recipe: DemoConfig, base: Path, run_dir: Path, device: str, **options: Any
-) -> dict:
+def train_variant(name: str, config: TrainConfig, device: str) -> dict:
     """Fine-tune (or resume) one variant; its parameters, training speed and step memory."""
+    run_dir = Path(config.out_dir)
     with StepMemory(device) as memory:
-        res = finetune_run(recipe, base, run_dir, dynamic=True, **options)
+        res = train(config)
     stored = run_dir / MEMORY_FILE
     previous = json.loads(stored.read_text()) if stored.exists() else None
     mem = memory.result()
@@ -290,6 +358,184 @@ def _frontier_verdict(point: dict, path: Path, cfg: DemoConfig) -> dict:
     return frontier.equal_compute({**point, "kind": "dydit", "steps": cfg.steps}, points)
 
 
+# The text-to-image model ---------------------------------------------------------------------------------
+def t2i_finetune_argv(args: argparse.Namespace, base: Path, run_dir: Path, lora: bool) -> list[str]:
+    """The ``dydit finetune`` arguments of one text-to-image fine-tune (issue 25's, ``T2I_RECIPE``;
+    the run cadence of the embedded DiT's; then ``--finetune-args``; TD-LoRA's own last)."""
+    argv = ["finetune", "--model", args.model or "DyFLUX-t2i", "--init-from", str(base),
+            "--target", str(args.target), *T2I_RECIPE, "--steps", str(args.steps)]  # fmt: skip
+    for name, value in run_cadence(args.steps).items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    argv += ["--device", args.device, *([] if args.progress else ["--no-progress"])]
+    argv += shlex.split(args.finetune_args or "")
+    if lora:
+        argv += ["--lora", str(args.lora_rank), "--lora-groups", str(args.lora_groups)]
+        if args.lora_lr is not None:
+            argv += ["--lr", str(args.lora_lr)]
+    return [*argv, "--out-dir", str(run_dir)]
+
+
+def cli_config(argv: list[str]) -> TrainConfig:
+    """The TrainConfig ``dydit ARGV`` runs: the CLI's own parser and ``config_from_args``."""
+    from dydit.cli import build_parser
+    from dydit.cli.train import config_from_args
+
+    args = build_parser().parse_args(argv)
+    return config_from_args(args, finetune=args.command == "finetune")
+
+
+def t2i_points(bench: Any, model: torch.nn.Module, label: str, kind: str, tag: str) -> dict[str, dict]:
+    """``model`` sampled and scored on every prompt set of ``bench`` (``t2i_frontier.Bench.measure``:
+    the MACs really performed, seconds, GenEval-style accuracy, FD-cells and the optional FID)."""
+    return {
+        split: bench.measure(model, label, kind, split, bench.settings.steps, None,
+                             bench.out / "samples" / split / f"{tag}.npz", {})
+        for split in bench.args.splits
+    }  # fmt: skip
+
+
+def t2i_summary(points: dict[str, dict], dense: dict[str, dict]) -> dict:
+    """ρ over every evaluation of every prompt set (the dense base's points: the same prompts, seeds
+    and steps), the cost per image, and the points themselves."""
+
+    def total(pts: dict[str, dict], key: str) -> float:
+        return sum(pts[s][key] * pts[s]["prompts"] for s in points)
+
+    images = sum(p["prompts"] for p in points.values())
+    return {
+        "rho": total(points, "macs_per_image") / total(dense, "macs_per_image"),
+        "macs_per_image": total(points, "macs_per_image") / images,
+        "seconds_per_image": total(points, "seconds_per_image") / images,
+        "splits": points,
+    }
+
+
+# The two comparisons -------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """What the embedded DiT's and the text-to-image comparison do differently."""
+
+    family: str  # "dit" or "t2i"
+    variants: dict[str, tuple[str, TrainConfig]]  # key: (label, the run's config)
+    recipe: dict
+    sampling: dict  # what a measurement depends on (with the run's steps: reuse it or not)
+    sample: Callable[[dict, bool, dict], dict]  # (run, TD-LoRA?, result) -> the run's measurement
+    verdict: Callable[[dict], dict]  # a measurement -> its equal-compute verdict (--frontier)
+    commands: dict[str, str]  # key: the run's command line, where it has one
+
+
+def _variant_dirs(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, Path]]:
+    lr_tag = "" if args.lora_lr is None else f"-lr{args.lora_lr:g}"
+    return {
+        "full": ("full DyDiT fine-tune", out / f"full-{args.target:g}"),
+        "lora": (f"TD-LoRA r={args.lora_rank}, G={args.lora_groups}",
+                 out / f"lora-r{args.lora_rank}-g{args.lora_groups}{lr_tag}-{args.target:g}"),
+    }  # fmt: skip
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def dit_comparison(args: argparse.Namespace, out: Path, base: Path) -> Comparison:
+    cfg = DemoConfig(
+        num_samples=_given(args.num_samples, DemoConfig.num_samples),
+        sampler=_given(args.sampler, DemoConfig.sampler), steps=_given(args.sample_steps, DemoConfig.steps),
+        device=args.device, progress=args.progress, ref_limit=args.ref_limit, inception=not args.no_inception,
+    )  # fmt: skip
+    fields = {**_given(args.recipe, SHIPPED_RECIPE), "finetune_steps": args.steps, "target": args.target}
+    recipe = replace(cfg, **fields)
+    recipe = replace(recipe, complete_steps=min(recipe.complete_steps, args.steps))
+    lora: dict[str, Any] = dict(lora_rank=args.lora_rank, lora_groups=args.lora_groups)
+    if args.lora_lr is not None:
+        lora["lr"] = args.lora_lr
+    variants = {
+        key: (label, finetune_config(recipe, base, run_dir, dynamic=True, **(lora if key == "lora" else {})))
+        for key, (label, run_dir) in _variant_dirs(args, out).items()
+    }
+    dense: list[int] = []  # the dense DiT's MACs of one evaluation, counted once when first needed
+
+    def sample(run: dict, is_lora: bool, result: dict) -> dict:
+        if not dense:
+            dense.append(dense_macs_per_evaluation(base, args.device))
+        return sample_variant(run, is_lora, cfg, dense[0], out)
+
+    sampling = {"num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": cfg.steps,
+                "inception": cfg.inception, "ref_limit": cfg.ref_limit}  # fmt: skip
+
+    def verdict(point: dict) -> dict:
+        return _frontier_verdict(point, Path(args.frontier), cfg)
+
+    return Comparison("dit", variants, asdict(recipe), sampling, sample, verdict, {})
+
+
+def t2i_comparison(args: argparse.Namespace, out: Path, base: Path) -> Comparison:
+    import frontier  # benchmarks/frontier.py and t2i_frontier.py, siblings of this script
+    import t2i_frontier
+
+    from dydit.apps.demo_t2i import check_dense_t2i, load_t2i_dydit, recipe
+    from dydit.checkpoint import load_model
+
+    if not base.is_file():
+        raise DyditError(
+            f"no text-to-image model at {base}: give --base (a `dydit train --model FLUX-t2i` export)"
+        )
+    dense_model = check_dense_t2i(load_model(base).eval(), str(base))
+    splits = _given(args.splits, list(SPLITS))
+    cfg = T2IDemoConfig(
+        out_dir=str(out), per_category=_given(args.per_category, T2IDemoConfig.per_category),
+        steps=args.sample_steps, cfg_scale=args.cfg_scale,
+        sample_batch=_given(args.sample_batch, T2IDemoConfig.sample_batch), fid=not args.no_inception,
+        device=args.device, progress=args.progress,
+    )  # fmt: skip
+    settings = recipe(cfg, dense_model.config)
+    bench = t2i_frontier.Bench(argparse.Namespace(splits=splits), cfg, settings, out)
+    argvs = {key: t2i_finetune_argv(args, base, run_dir, key == "lora")
+             for key, (_, run_dir) in _variant_dirs(args, out).items()}  # fmt: skip
+    variants = {key: (label, cli_config(argvs[key])) for key, (label, _) in _variant_dirs(args, out).items()}
+    sampling = dict(
+        splits=splits, per_category=cfg.per_category, sampler=settings.sampler, steps=settings.steps,
+        cfg_scale=settings.cfg_scale, seed=cfg.seed, sample_batch=cfg.sample_batch, fid=cfg.fid,
+    )  # fmt: skip
+
+    def dense_points(result: dict) -> dict[str, dict]:
+        """The dense base on the same prompts, seeds and steps (measured once per sampling setting)."""
+        key = {**sampling, "base": str(base)}
+        if result.get("dense", {}).get("sample_key") != key:
+            label = f"{frontier.family_name(dense_model.config)} (dense base)"
+            _log.info("%s: sampling %d prompts per set", label, len(bench.prompts[splits[0]]))
+            points = t2i_points(bench, dense_model.to(args.device), label, "dense", "dense")
+            result["dense"] = {"label": label, "sample_key": key, "sample": t2i_summary(points, points)}
+        return result["dense"]["sample"]["splits"]
+
+    def sample(run: dict, is_lora: bool, result: dict) -> dict:
+        dense = dense_points(result)
+        # TD-LoRA: adapters and routers onto the base; the sliced engine merges them per step (§18).
+        model = load_with_lora(run["export"]).eval() if is_lora else load_t2i_dydit(run["export"])
+        model.execution = "sliced"
+        tag = Path(run["run_dir"]).name
+        return t2i_summary(t2i_points(bench, model.to(args.device), run["label"], "dydit", tag), dense)
+
+    def verdict(measured: dict) -> dict:
+        """Per prompt set, the equal-compute verdict against a t2i_frontier.py frontier.json."""
+        data = json.loads(Path(args.frontier).read_text())
+        theirs = data.get("settings", {})
+        mine = dict(sampler=settings.sampler, cfg_scale=settings.cfg_scale, per_category=cfg.per_category,
+                    seed=cfg.seed)  # fmt: skip
+        diff = [k for k, v in mine.items() if theirs.get(k) != v]
+        if Path(theirs.get("base", "")).resolve() != base.resolve():
+            diff.append("base")
+        if diff:
+            raise DyditError(f"{args.frontier} was measured with other settings ({', '.join(diff)})")
+        return {s: t2i_frontier.equal_compute(p, data["points"]) for s, p in measured["splits"].items()}
+
+    recipe_fields = variants["full"][1].resolved().to_dict()
+    for name in ("out_dir", "progress", "device"):
+        recipe_fields.pop(name)
+    commands = {key: shlex.join(["dydit", *argv]) for key, argv in argvs.items()}
+    return Comparison("t2i", variants, recipe_fields, sampling, sample, verdict, commands)
+
+
 # Main -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -297,53 +543,56 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out_dir)
+    out = Path(_given(args.out_dir, "runs/lora_compare_t2i" if args.t2i else "runs/lora_compare"))
+    base = Path(_given(args.base, T2I_CHECKPOINT if args.t2i else BASE_CHECKPOINT))
+    comparison = (t2i_comparison if args.t2i else dit_comparison)(args, out, base)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    base = Path(args.base)
-    cfg = DemoConfig(
-        num_samples=args.num_samples, sampler=args.sampler, steps=args.sample_steps, device=args.device,
-        progress=args.progress, ref_limit=args.ref_limit, inception=not args.no_inception,
-    )  # fmt: skip
-    recipe = replace(cfg, **{**args.recipe, "finetune_steps": args.steps, "target": args.target})
-    recipe = replace(recipe, complete_steps=min(recipe.complete_steps, args.steps))
-    lora = dict(lora_rank=args.lora_rank, lora_groups=args.lora_groups)
-    if args.lora_lr is not None:
-        lora["lr"] = args.lora_lr
-    lr_tag = "" if args.lora_lr is None else f"-lr{args.lora_lr:g}"
-    variants = {
-        "full": ("full DyDiT fine-tune", out / f"full-{args.target:g}", {}),
-        "lora": (f"TD-LoRA r={args.lora_rank}, G={args.lora_groups}",
-                 out / f"lora-r{args.lora_rank}-g{args.lora_groups}{lr_tag}-{args.target:g}", lora),
-    }  # fmt: skip
 
     store = out / "lora_compare.json"
-    result = json.loads(store.read_text()) if store.exists() else {"runs": {}}
+    result = json.loads(store.read_text()) if store.exists() else {"runs": {}, "family": comparison.family}
+    if result.get("family", "dit") != comparison.family:  # a file of before --t2i: the embedded DiT's
+        raise DyditError(f"{store} holds the other comparison's results; use another --out-dir")
     result.update(
         command=shlex.join(["python", "benchmarks/lora_compare.py", *argv]),
         machine=machine_description(args.device), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-        base=str(base), target=args.target, steps=args.steps, recipe=asdict(recipe),
-        lora={"rank": args.lora_rank, "groups": args.lora_groups, "lr": args.lora_lr or recipe.lr},
-        sampling={"num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": cfg.steps,
-                  "inception": cfg.inception, "ref_limit": cfg.ref_limit},
+        family=comparison.family, base=str(base), target=args.target, steps=args.steps,
+        recipe=comparison.recipe, sampling=comparison.sampling,
+        lora={"rank": args.lora_rank, "groups": args.lora_groups, "lr": comparison.variants["lora"][1].lr},
     )  # fmt: skip
-    dense = dense_macs_per_evaluation(base, args.device)
-    for key, (label, run_dir, options) in variants.items():
-        _log.info("%s: fine-tuning %d steps in %s", label, args.steps, run_dir)
-        run = train_variant(label, recipe, base, run_dir, args.device, **options)
+    for key, (label, config) in comparison.variants.items():
+        _log.info("%s: fine-tuning %d steps in %s", label, args.steps, config.out_dir)
+        run = train_variant(label, config, args.device)
+        if key in comparison.commands:
+            run["command"] = comparison.commands[key]
         sample_key = {**result["sampling"], "steps_done": run["steps_done"]}
         old = result["runs"].get(key, {})
         if old.get("sample_key") == sample_key and old.get("export") == run["export"]:
             run["sample"], run["sample_key"] = old["sample"], sample_key  # measured already
         else:
-            _log.info("%s: sampling %d images", label, cfg.num_samples)
-            run["sample"], run["sample_key"] = sample_variant(run, key == "lora", cfg, dense, out), sample_key
+            _log.info("%s: sampling", label)
+            run["sample"], run["sample_key"] = comparison.sample(run, key == "lora", result), sample_key
         if args.frontier:
-            run["sample"]["frontier"] = _frontier_verdict(run["sample"], Path(args.frontier), cfg)
+            run["sample"]["frontier"] = comparison.verdict(run["sample"])
         result["runs"][key] = run
         save_text(store, json.dumps(result, indent=2) + "\n")  # after every variant: nothing lost
-    save_text(out / "lora_compare.md", markdown(result))
-    print(markdown(result))
+    text = (markdown_t2i if args.t2i else markdown)(result)
+    save_text(out / "lora_compare.md", text)
+    print(text)
     return result
+
+
+def _memory_note(result: dict) -> str:
+    methods = {
+        run["memory"]["method"] for run in result["runs"].values() if (run["memory"] or {}).get("method")
+    }
+    return f"Peak memory per step: {'; '.join(sorted(methods)) or 'not measured'}."
+
+
+def _training_cells(run: dict) -> str:
+    """The training columns of a fine-tune's row: s / step, peak MiB / step, the training state."""
+    mem, st = run["memory"] or {}, run["state_mib"]
+    state = f"{st['weights_and_ema']:.1f}, {st['gradients']:.1f}, {st['adamw_moments']:.1f}"
+    return f"{_fmt(run['seconds_per_step'], '.3f')} | {_fmt(mem.get('peak_step_mib'), '.1f')} | {state}"
 
 
 def markdown(result: dict) -> str:
@@ -362,19 +611,15 @@ def markdown(result: dict) -> str:
         "FD-FMNIST-classifier | s / step | peak MiB / step | weights+EMA, grads, AdamW MiB | ms / image |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    methods = set()
     for run in result["runs"].values():
-        smp, mem, st = run["sample"], run["memory"] or {}, run["state_mib"]
-        if mem.get("method"):
-            methods.add(mem["method"])
-        state = f"{st['weights_and_ema']:.1f}, {st['gradients']:.1f}, {st['adamw_moments']:.1f}"
+        smp = run["sample"]
         lines.append(
             f"| {run['label']} | {run['trainable_params']:,} | {100 * run['trainable_fraction']:.2f}% | "
             f"{smp['rho']:.3f} ({_fmt(run['train_flops_ratio'], '.3f')}) | {_fmt(smp.get('FID'), '.1f')} | "
-            f"{_fmt(smp.get('FD-FMNIST-classifier'), '.1f')} | {_fmt(run['seconds_per_step'], '.3f')} | "
-            f"{_fmt(mem.get('peak_step_mib'), '.1f')} | {state} | {1e3 * smp['seconds_per_image']:.1f} |"
+            f"{_fmt(smp.get('FD-FMNIST-classifier'), '.1f')} | {_training_cells(run)} | "
+            f"{1e3 * smp['seconds_per_image']:.1f} |"
         )
-    lines += ["", f"Peak memory per step: {'; '.join(sorted(methods)) or 'not measured'}."]
+    lines += ["", _memory_note(result)]
     for run in result["runs"].values():
         eq = run["sample"].get("frontier")
         if eq is not None:
@@ -384,5 +629,84 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_t2i(result: dict) -> str:
+    """The text-to-image comparison: the main table (a column per prompt set for each quality
+    metric), the fine-tunes' commands, and the GenEval-style accuracy per category."""
+    from dydit.data.compose_grammar import CATEGORIES
+
+    s, rec = result["sampling"], result["recipe"]
+    splits = s["splits"]
+    sets = " / ".join(splits)
+    router_lr = _given(rec["router_lr"], rec["lr"])
+
+    def per_set(sample: dict, key: str, spec: str) -> str:
+        return " / ".join(_fmt(sample["splits"][sp].get(key), spec) for sp in splits)
+
+    def quality(sample: dict) -> str:
+        return " | ".join(
+            per_set(sample, k, f) for k, f in (("overall", ".3f"), ("FD-cells", ".1f"), ("FID", ".1f"))
+        )
+
+    dense = result["dense"]
+    lines = [
+        f"TD-LoRA against full DyDiT fine-tuning of the text-to-image FLUX at λ = {result['target']:g}, "
+        f"{result['steps']} steps each (`dydit finetune`: batch {rec['batch_size']}, lr {rec['lr']:g}, "
+        f"router lr {router_lr:g}, complete-model loss {rec['complete_steps']} steps, distillation weight "
+        f"{rec['distill_weight']:g}, EMA decay {rec['ema_decay']:g}), base `{result['base']}`. Sampling: "
+        f"prompt sets {sets}, {s['per_category']} prompts per category, {s['sampler']} {s['steps']} steps, "
+        f"classifier-free guidance {s['cfg_scale']:g}, the same prompts and seeds for every model, DyDiTs "
+        "in the sliced engine; ρ: attention + MLP MACs really performed over the dense base's on the same "
+        "evaluations (both guidance passes).",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}, torch {result['torch']}; date {result['date']}.",
+        "",
+        "Fine-tunes:",
+        "",
+        *[f"    {run['command']}" for run in result["runs"].values()],
+        "",
+        f"| model | trainable params | trainable fraction | ρ sampling (training batch) | GenEval overall "
+        f"({sets}) | FD-cells ({sets}) | FID ({sets}) | s / step | peak MiB / step | weights+EMA, grads, "
+        "AdamW MiB | ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {dense['label']} | – | – | {dense['sample']['rho']:.3f} | {quality(dense['sample'])} | – | – "
+        f"| – | {1e3 * dense['sample']['seconds_per_image']:.1f} |",
+    ]
+    for run in result["runs"].values():
+        smp = run["sample"]
+        lines.append(
+            f"| {run['label']} | {run['trainable_params']:,} | {100 * run['trainable_fraction']:.2f}% | "
+            f"{smp['rho']:.3f} ({_fmt(run['train_flops_ratio'], '.3f')}) | {quality(smp)} | "
+            f"{_training_cells(run)} | {1e3 * smp['seconds_per_image']:.1f} |"
+        )
+    lines += ["", _memory_note(result), "", "GenEval-style accuracy per category:", ""]
+    lines += [
+        "| model | prompt set | " + " | ".join(CATEGORIES) + " | overall |",
+        "|---|---|" + "---:|" * (len(CATEGORIES) + 1),
+    ]
+    for label, smp in [
+        (dense["label"], dense["sample"]),
+        *((r["label"], r["sample"]) for r in result["runs"].values()),
+    ]:
+        for sp in splits:
+            p = smp["splits"][sp]
+            acc = " | ".join(_fmt(p["accuracy"].get(c), ".2f") for c in CATEGORIES)
+            lines.append(f"| {label} | {sp} | {acc} | {p['overall']:.3f} |")
+    for run in result["runs"].values():
+        for sp, eq in (run["sample"].get("frontier") or {}).items():
+            verdict = eq.get("verdict", "no dense point to compare")
+            deltas = (
+                f"Δoverall {_fmt(eq.get('delta_overall'), '+.3f')}, ΔFID {_fmt(eq.get('delta_fid'), '+.1f')}"
+            )
+            lines.append(
+                f"Frontier, {run['label']} ({sp}): {verdict} ({deltas}, dense steps "
+                f"{eq.get('dense_steps', '–')})."
+            )
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DyditError as e:
+        sys.exit(f"error: {e}")

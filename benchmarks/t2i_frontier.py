@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/t2i_frontier.py", *(sys.argv[1:] if argv is None else argv)])
     result.update(settings=run_settings, machine=machine_description(args.device), torch=torch.__version__)
     result["commands"] = [*(c for c in result.get("commands", []) if c != command), command]
-    bench = _Bench(args, cfg, settings, result, store, out)
+    bench = Bench(args, cfg, settings, out, result, store)
     name = f"{frontier.family_name(dense.config)} (dense)"
     for spec in [None, *args.caches]:
         bench.run(name, "dense", lambda: dense, args.dense_steps, cache=spec)
@@ -178,15 +178,21 @@ def _load_dydit(path: str, device: str):
     return load_t2i_dydit(path).to(device)
 
 
-class _Bench:
-    """Measures the points of one run into ``result`` (saved after every point)."""
+class Bench:
+    """Measures the points of one run into ``result`` (saved to ``store`` after every point).
 
-    def __init__(self, args, cfg: T2IDemoConfig, settings, result: dict, store: Path, out: Path):
+    ``args`` needs ``splits`` (and, for :meth:`run`, the cache options). ``benchmarks/lora_compare.py
+    --t2i`` measures its fine-tunes with :meth:`measure` alone, without ``result`` and ``store``.
+    """
+
+    def __init__(
+        self, args, cfg: T2IDemoConfig, settings, out: Path, result: dict | None = None,
+        store: Path | None = None,
+    ):  # fmt: skip
         from dydit.data.compose_grammar import evaluation_prompts
 
-        self.args, self.cfg, self.settings, self.result, self.store, self.out = (
-            args, cfg, settings, result, store, out,
-        )  # fmt: skip
+        self.args, self.cfg, self.settings, self.out = args, cfg, settings, out
+        self.result, self.store = result if result is not None else {"points": []}, store
         self.prompts = {
             s: [p.text for p in evaluation_prompts(s, cfg.per_category, cfg.seed)] for s in args.splits
         }

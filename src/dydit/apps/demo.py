@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from dydit.flow import FLOW_SAMPLERS, Transport, create_process
 from dydit.io import locked_dir, save_text
 from dydit.models.dydit import DyDiT, execution
 from dydit.sample import SamplingSettings, sample_images
+
+if TYPE_CHECKING:
+    from dydit.train import TrainConfig
 
 _log = logging.getLogger("dydit.apps.demo")
 
@@ -147,7 +150,17 @@ def finetune_run(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True, *
     """:func:`finetune`'s run, returning its :class:`~dydit.train.loop.TrainResult`; ``options``
     are further TrainConfig fields (e.g. ``lora_rank``/``lora_groups`` for TD-LoRA, docs/METHOD.md
     §18, or ``lr``), given on top of the recipe's."""
-    from dydit.train import TrainConfig, train
+    from dydit.train import train
+
+    return train(finetune_config(cfg, base, out, dynamic, **options))
+
+
+def finetune_config(
+    cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True, **options: Any
+) -> TrainConfig:
+    """The :class:`~dydit.train.config.TrainConfig` of :func:`finetune_run` (built apart so that a
+    caller can run it under its own measurements, e.g. ``benchmarks/lora_compare.py``)."""
+    from dydit.train import TrainConfig
     from dydit.train.config import model_spec
 
     _, stored = read_checkpoint(base)
@@ -160,11 +173,16 @@ def finetune_run(cfg: DemoConfig, base: Path, out: Path, dynamic: bool = True, *
     fields = dict(
         out_dir=str(out), model=name, model_overrides=overrides, init_from=str(base),
         data="fashion-mnist", batch_size=cfg.finetune_batch, lr=cfg.lr, steps=cfg.finetune_steps,
-        ckpt_every=max(1, cfg.finetune_steps // 2), log_every=max(1, cfg.finetune_steps // 10),
         seed=cfg.seed, ema_decay=cfg.ema_decay, ema_warmup=True, device=cfg.device,
-        progress=cfg.progress, **dyn,
+        progress=cfg.progress, **run_cadence(cfg.finetune_steps), **dyn,
     )  # fmt: skip
-    return train(TrainConfig(**{**fields, **options}))
+    return TrainConfig(**{**fields, **options})
+
+
+def run_cadence(steps: int) -> dict[str, int]:
+    """Checkpoint and log intervals of a short fine-tune of ``steps`` steps: a checkpoint halfway (an
+    interruption loses at most half the run) and ten log records (the speed is read from them)."""
+    return {"ckpt_every": max(1, steps // 2), "log_every": max(1, steps // 10)}
 
 
 def sample_timed(
