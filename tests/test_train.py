@@ -76,6 +76,20 @@ def test_model_spec_reproduces_a_config():
     assert name.startswith("DyDiT-") and get_model_config(name, **overrides) == mc.replace(dynamic=True)
 
 
+@pytest.mark.parametrize("preset, changes", [("FLUX-t2i", {}), ("FLUX-t2i", {"num_single_layers": 1}),
+                                             ("FLUX-tiny", {"num_layers": 1})])  # fmt: skip
+def test_model_spec_reproduces_a_flux_config(preset, changes):
+    """A fine-tune of a FLUX file without --model: the DyFLUX twin of its preset, plus what differs."""
+    from dydit.presets_flux import get_flux_config
+
+    cfg = get_flux_config(preset, **changes)
+    name, overrides = model_spec(cfg, dynamic=True)
+    assert get_flux_config(name, **overrides) == cfg.replace(dynamic=True)
+    if not changes:  # a preset's own config: named by its twin, nothing to override
+        assert name.startswith("DyFLUX") and set(overrides) <= {"dynamic"}
+        assert model_spec(cfg, dynamic=False) == (preset, {})
+
+
 # Step ------------------------------------------------------------------------------------------
 def _batch(b=4):
     g = torch.Generator().manual_seed(0)

@@ -281,8 +281,17 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
     Used to fine-tune from a checkpoint whose stored config need not match a preset exactly.
     """
     from dydit.presets import DIT_NAMES, UVIT_NAMES, UViTConfig, dydit_name, preset_name
+    from dydit.presets_flux import FLUX_PRESETS, FluxConfig, flux_preset_name, get_flux_config
 
     dynamic = config.dynamic if dynamic is None else dynamic
+    if isinstance(config, FluxConfig):  # a FLUX (docs/METHOD.md §15): its preset, else the first
+        name = flux_preset_name(config.replace(dynamic=False)) or next(iter(FLUX_PRESETS))
+        base = get_flux_config(name)
+        target = config.replace(dynamic=dynamic)
+        if dynamic:
+            name = flux_preset_name(target) or name
+        stock = base.to_dict()  # compared as stored (lists, not tuples)
+        return name, {k: v for k, v in target.to_dict().items() if k != "family" and stock[k] != v}
     if isinstance(config, UViTConfig):  # a U-ViT (docs/METHOD.md §16): its preset, else the first
         name = preset_name(config.replace(dynamic=False)) or UVIT_NAMES[0]
         base = get_uvit_config(name)
