@@ -11,10 +11,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import reprlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+# Field checks and size limits shared with the FLUX and U-ViT configs; re-exported here.
+from dydit.config_checks import (
+    MAX_MLP_RATIO,
+    MAX_PARAMETERS,
+    ROUTER_LAYOUTS,
+    SIZE_LIMITS,
+    check_choice,
+    check_divisible,
+    check_fields,
+    check_fraction,
+    check_type,
+    replace_fields,
+    shown,
+)
 from dydit.constants import LAYERNORM_EPS, TIMESTEP_FREQ_DIM
 from dydit.errors import DyditError
 
@@ -44,7 +57,6 @@ from dydit.presets_uvit import (  # noqa: F401
 )
 
 RouterLayout = Literal["forced_first", "all"]
-ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 # What the network was trained for: DDPM epsilon prediction (DiT, DyDiT) or flow matching (SiT).
 Objective = Literal["ddpm", "flow"]
 OBJECTIVES: tuple[str, ...] = ("ddpm", "flow")
@@ -66,39 +78,6 @@ _FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("router_layout", "objective", "flow_path", "flow_prediction"), str),
     "timestep_freq_shift": int,
 }
-_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", bool: "true or false"}
-
-# The most each size may be (docs/METHOD.md §1.1). Configs come from files (a checkpoint's stored
-# config, a diffusers config.json, official training args) and from the command line: a hostile or
-# mistyped size is refused before anything is built. Every bound is far above the published models
-# (DiT-XL/2: depth 28, width 1152, 16 heads of 72, patch 2, 32x32x4 latents, 256 tokens, 675 M
-# parameters).
-SIZE_LIMITS: dict[str, int] = {
-    "depth": 512,
-    "hidden_size": 16384,
-    "num_heads": 512,
-    "head_dim": 1024,  # hidden_size / num_heads
-    "patch_size": 64,
-    "input_size": 4096,  # side of the (latent) image
-    "in_channels": 1024,
-    "num_classes": 1_000_000,
-    "num_tokens": 65536,  # (input_size / patch_size)^2
-}
-MAX_MLP_RATIO = 64
-# Parameters of the dense network, estimated from the config alone (ModelConfig.num_parameters).
-MAX_PARAMETERS = 20_000_000_000
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 40
-_short.maxlevel = 2
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut short: a hostile value (a megabyte string, a nested list) stays one line."""
-    try:
-        return _short.repr(value)
-    except (ValueError, RecursionError):  # an int of more than 4300 digits
-        digits = int(value.bit_length() * math.log10(2)) + 1 if isinstance(value, int) else "too many"
-        return f"a number of {digits} digits"
 
 
 def check_size(field: str, value: int, name: str | None = None) -> None:
@@ -107,8 +86,7 @@ def check_size(field: str, value: int, name: str | None = None) -> None:
     ``name`` is what the message calls it (a key of another format, ``num_layers``); default ``field``.
     """
     name = name or field
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DyditError(f"{name} must be an integer, got {shown(value)}")
+    check_type(name, value, int)
     if value < 1:
         raise DyditError(f"{name} must be positive, got {value}")
     limit = SIZE_LIMITS[field]
@@ -152,10 +130,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Types first: configs also come from JSON in checkpoints and from --model-option KEY=VALUE.
         for name, kind in _FIELD_KINDS.items():
-            value = getattr(self, name)
-            is_bool = isinstance(value, bool)
-            if not (is_bool if kind is bool else isinstance(value, kind) and not is_bool):
-                raise DyditError(f"{name} must be {_KIND_NAMES[kind]}, got {shown(value)}")
+            check_type(name, getattr(self, name), kind)
         if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
             raise DyditError(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
         if self.mlp_ratio > MAX_MLP_RATIO:
@@ -163,13 +138,9 @@ class ModelConfig:
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels"):
             check_size(name, getattr(self, name))
         check_size("num_classes", self.num_classes)
-        if self.hidden_size % self.num_heads:
-            raise DyditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
         check_size("head_dim", self.head_dim, "head_dim (hidden_size / num_heads)")
-        if self.input_size % self.patch_size:
-            raise DyditError(
-                f"image/latent size {self.input_size} is not divisible by the patch size {self.patch_size}"
-            )
+        check_divisible("image/latent size", self.input_size, "the patch size", self.patch_size)
         check_size("num_tokens", self.num_tokens, "num_tokens ((input_size / patch_size)^2)")
         if self.mlp_hidden < 1:
             raise DyditError(f"mlp_ratio {self.mlp_ratio} leaves no MLP width (hidden_size x mlp_ratio < 1)")
@@ -179,20 +150,13 @@ class ModelConfig:
                 f"(depth {self.depth}, hidden_size {self.hidden_size}, {self.num_tokens} tokens, "
                 f"{self.num_classes} classes), over dydit's limit of {MAX_PARAMETERS / 1e9:g} B"
             )
-        if self.router_layout not in ROUTER_LAYOUTS:
-            raise DyditError(f"router_layout must be one of {ROUTER_LAYOUTS}, got {self.router_layout!r}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise DyditError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        check_choice("router_layout", self.router_layout, ROUTER_LAYOUTS)
+        check_fraction("class_dropout_prob", self.class_dropout_prob)
         if self.hidden_size % 4:
             raise DyditError("hidden_size must be divisible by 4 (2-D sin-cos position embedding)")
-        if self.objective not in OBJECTIVES:
-            raise DyditError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.flow_path not in FLOW_PATHS:
-            raise DyditError(f"flow_path must be one of {FLOW_PATHS}, got {self.flow_path!r}")
-        if self.flow_prediction not in FLOW_PREDICTIONS:
-            raise DyditError(
-                f"flow_prediction must be one of {FLOW_PREDICTIONS}, got {self.flow_prediction!r}"
-            )
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("flow_path", self.flow_path, FLOW_PATHS)
+        check_choice("flow_prediction", self.flow_prediction, FLOW_PREDICTIONS)
         if self.objective == "ddpm" and (self.flow_path, self.flow_prediction) != ("linear", "velocity"):
             raise DyditError("flow_path and flow_prediction apply to flow-matching models (objective='flow')")
         if self.timestep_freq_shift not in TIMESTEP_FREQ_SHIFTS:
@@ -245,22 +209,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DyditError(f"unknown model config fields: {shown(sorted(map(str, unknown)))}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise DyditError(f"model config lacks the fields {missing}")
+        check_fields(cls, d, "model")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        bad = set(overrides) - known
-        if bad:
-            raise DyditError(f"unknown model option(s) {sorted(bad)}; valid: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+        return replace_fields(self, overrides, "model")
 
 
 # (depth, width, heads) of the four DiT sizes, docs/METHOD.md §1.1.

@@ -29,6 +29,14 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from dydit.config_checks import (
+    ROUTER_LAYOUTS,
+    check_fields,
+    check_fraction,
+    check_type,
+    replace_fields,
+    shown,
+)
 from dydit.errors import DyditError
 
 # The most each FLUX size may be: far above the published models (FLUX.1: 19 + 38 blocks, 24 heads
@@ -67,10 +75,9 @@ FLUX_CLASS_NAME = "FluxTransformer2DModel"
 
 
 def _check_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DyditError(f"FLUX config field {name} must be an integer, got {value!r:.40}")
+    check_type(name, value, int, "FLUX config field ")
     if not 1 <= value <= FLUX_LIMITS[name]:
-        raise DyditError(f"FLUX config field {name} must be in [1, {FLUX_LIMITS[name]}], got {value}")
+        raise DyditError(f"FLUX config field {name} must be in [1, {FLUX_LIMITS[name]}], got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +122,7 @@ class FluxConfig:
                     f"FLUX config field text_encoder must be a dict, got {self.text_encoder!r:.40}"
                 )
             object.__setattr__(self, "text_encoder", dict(self.text_encoder))
-        if not isinstance(self.caption_dropout, (int, float)) or not 0 <= self.caption_dropout < 1:
-            raise DyditError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        check_fraction("caption_dropout", self.caption_dropout)
         if not isinstance(self.recipe_guidance, (int, float)) or not self.recipe_guidance >= 1:
             raise DyditError(f"recipe_guidance must be >= 1, got {self.recipe_guidance!r}")
         for name in FLUX_LIMITS:
@@ -125,10 +131,7 @@ class FluxConfig:
                 continue
             _check_int(name, value)
         for name in ("guidance_embeds", "dynamic", "width_routing"):
-            if not isinstance(getattr(self, name), bool):
-                raise DyditError(
-                    f"FLUX config field {name} must be true or false, got {getattr(self, name)!r}"
-                )
+            check_type(name, getattr(self, name), bool, "FLUX config field ")
         axes = self.axes_dims_rope
         if not axes or not all(
             isinstance(a, int) and not isinstance(a, bool) and a > 0 and a % 2 == 0 for a in axes
@@ -138,7 +141,7 @@ class FluxConfig:
             raise DyditError(
                 f"axes_dims_rope {list(axes)} must sum to attention_head_dim {self.attention_head_dim}"
             )
-        if self.router_layout not in ("forced_first", "all"):
+        if self.router_layout not in ROUTER_LAYOUTS:
             raise DyditError(f"router_layout must be 'forced_first' or 'all', got {self.router_layout!r}")
         if self.in_channels % self.pack**2:
             raise DyditError(f"in_channels {self.in_channels} must be a multiple of pack^2 = {self.pack**2}")
@@ -228,10 +231,7 @@ class FluxConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
         d = {k: v for k, v in d.items() if k != "family"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DyditError(f"unknown FLUX config fields: {sorted(map(str, unknown))[:8]}")
+        check_fields(cls, d, "FLUX")
         return cls(**d)
 
     @classmethod
@@ -261,11 +261,7 @@ class FluxConfig:
         return out
 
     def replace(self, **overrides: Any) -> FluxConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        bad = set(overrides) - known
-        if bad:
-            raise DyditError(f"unknown model option(s) {sorted(bad)}; valid: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+        return replace_fields(self, overrides, "model")
 
 
 # Presets --------------------------------------------------------------------------------------------

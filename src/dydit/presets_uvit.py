@@ -11,44 +11,33 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import reprlib
 from dataclasses import dataclass
 from typing import Any
 
+from dydit.config_checks import (
+    MAX_MLP_RATIO,
+    MAX_PARAMETERS,
+    ROUTER_LAYOUTS,
+    SIZE_LIMITS,
+    check_choice,
+    check_divisible,
+    check_fields,
+    check_fraction,
+    check_type,
+    replace_fields,
+    shown,
+)
 from dydit.errors import DyditError
 
-# The most each size may be (as presets.SIZE_LIMITS): far above the released U-ViT-H (depth 28, width
-# 1152, 16 heads, 1024 tokens), so a hostile stored config is refused before anything is built.
-UVIT_LIMITS: dict[str, int] = {
-    "depth": 512,
-    "hidden_size": 16384,
-    "num_heads": 512,
-    "patch_size": 64,
-    "input_size": 4096,
-    "in_channels": 1024,
-    "num_classes": 1_000_000,
-    "num_tokens": 65536,
-}
-MAX_MLP_RATIO = 64
-MAX_PARAMETERS = 20_000_000_000
-ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 40
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut short (a hostile value stays one line)."""
-    try:
-        return _short.repr(value)
-    except (ValueError, RecursionError):
-        return "a value too large to show"
+# The most each size may be: dydit's limits for every family (presets.SIZE_LIMITS), far above the
+# released U-ViT-H, so a hostile stored config is refused before anything is built.
+UVIT_LIMITS: dict[str, int] = SIZE_LIMITS
 
 
 def check_size(field: str, value: Any, name: str | None = None) -> None:
     """A one-line DyditError unless ``value`` is an integer from 1 to ``UVIT_LIMITS[field]``."""
     name = name or field
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DyditError(f"{name} must be an integer, got {shown(value)}")
+    check_type(name, value, int)
     if not 1 <= value <= UVIT_LIMITS[field]:
         raise DyditError(f"{name} must be from 1 to {UVIT_LIMITS[field]:,}, got {shown(value)}")
 
@@ -101,8 +90,7 @@ class UViTConfig:
         for name in _UVIT_INTS:
             check_size(name, getattr(self, name))
         for name in _UVIT_BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise DyditError(f"{name} must be true or false, got {shown(getattr(self, name))}")
+            check_type(name, getattr(self, name), bool)
         if (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)
@@ -115,24 +103,17 @@ class UViTConfig:
             check_size("num_classes", self.num_classes)
         elif self.class_dropout_prob:
             raise DyditError("an unconditional U-ViT (num_classes 0) has no null class: class_dropout_prob 0")
-        if not (isinstance(self.class_dropout_prob, int | float) and 0.0 <= self.class_dropout_prob < 1.0):
-            raise DyditError(f"class_dropout_prob must be in [0, 1), got {shown(self.class_dropout_prob)}")
+        check_fraction("class_dropout_prob", self.class_dropout_prob)
         ratio = self.mlp_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= MAX_MLP_RATIO:
             raise DyditError(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO}], got {shown(ratio)}")
-        if self.hidden_size % self.num_heads:
-            raise DyditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.input_size % self.patch_size:
-            raise DyditError(
-                f"input_size {self.input_size} is not divisible by the patch size {self.patch_size}"
-            )
+        check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        check_divisible("input_size", self.input_size, "the patch size", self.patch_size)
         check_size("num_tokens", self.num_tokens, "num_tokens ((input_size / patch_size)^2)")
         if self.mlp_hidden < 1:
             raise DyditError(f"mlp_ratio {self.mlp_ratio} leaves no MLP width")
-        if self.process not in UVIT_PROCESSES:
-            raise DyditError(f"process must be one of {UVIT_PROCESSES}, got {shown(self.process)}")
-        if self.router_layout not in ROUTER_LAYOUTS:
-            raise DyditError(f"router_layout must be one of {ROUTER_LAYOUTS}, got {self.router_layout!r}")
+        check_choice("process", self.process, UVIT_PROCESSES)
+        check_choice("router_layout", self.router_layout, ROUTER_LAYOUTS)
         if self.num_parameters > MAX_PARAMETERS:
             raise DyditError(f"this config describes over {MAX_PARAMETERS / 1e9:g} B parameters")
 
@@ -226,23 +207,11 @@ class UViTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UViTConfig:
         d = {k: v for k, v in d.items() if k != "family"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DyditError(f"unknown U-ViT config fields: {shown(sorted(map(str, unknown)))}")
-        missing = [
-            f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d
-        ]
-        if missing:
-            raise DyditError(f"U-ViT config lacks the fields {missing}")
+        check_fields(cls, d, "U-ViT")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> UViTConfig:
-        known = {f.name for f in dataclasses.fields(self)}
-        bad = set(overrides) - known
-        if bad:
-            raise DyditError(f"unknown U-ViT option(s) {sorted(bad)}; valid: {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+        return replace_fields(self, overrides, "U-ViT")
 
 
 def _uvit(depth: int, width: int, heads: int, patch: int, size: int, **kw: Any) -> UViTConfig:
