@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from dydit.errors import DyditError
+from dydit.errors import CheckpointError, DyditError
 from dydit.factory import create_model
 from dydit.flops.analytic import flops_loss, flops_ratio
 from dydit.flops.formulas import layer_costs
 from dydit.models.dit import DiT
 from dydit.models.dydit import DyDiT, RoutingStats, execution
+from dydit.models.fitting import ROUTER_KEY_MARKERS
 from dydit.models.layers import modulate
 
 T = torch.tensor([0, 300, 600, 999])
@@ -135,6 +136,20 @@ def test_dense_equals_dit_for_any_router_weights(training):
         out = model(x, t, y)
         assert not torch.allclose(model.forward_with_routing(x, t, y)[0], ref, atol=1e-3)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_from_weights_keeps_the_source_and_adds_only_routers():
+    dit = random_dit(dtype=torch.float64).eval()
+    cfg = dit.config.replace(dynamic=True, router_layout="all")
+    model = DyDiT.from_weights(cfg, dit)
+    assert model.router_layout == "all" and not model.training
+    assert next(model.parameters()).dtype == torch.float64
+    sd, own = dit.state_dict(), model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items())
+    added = set(own) - set(sd)
+    assert added and all(any(m in k for m in ROUTER_KEY_MARKERS) for k in added)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.2\."):
+        DyDiT.from_weights(cfg.replace(depth=3), dit)
 
 
 # Masked semantics ----------------------------------------------------------------------------

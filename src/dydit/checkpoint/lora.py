@@ -31,7 +31,7 @@ from dydit.checkpoint.files import _read_safetensors, check_finite
 from dydit.errors import CheckpointError, DyditError
 from dydit.io import atomic_write
 from dydit.models.dydit import DyDiT
-from dydit.models.fitting import ROUTER_KEY_MARKERS, fit_state_dict
+from dydit.models.fitting import ROUTER_KEY_MARKERS
 from dydit.models.lora import LoraConfig, add_lora, is_lora_key, lora_config, merge_lora
 from dydit.presets import FluxConfig, ModelConfig, UViTConfig, config_from_dict
 
@@ -107,20 +107,12 @@ def stored_model_config(config: dict[str, Any]) -> AnyConfig:
 def _as_dydit(base: nn.Module, cfg: AnyConfig) -> DyDiT:
     """The file's DyDiT (``cfg``) with ``base``'s weights and fresh routers, as a fine-tune starts
     from its ``--init-from`` weights; same device, dtype and guidance scale (a FLUX's) as ``base``."""
-    from dydit.factory import build_model
-
-    model = build_model(cfg)
-    if not isinstance(model, DyDiT):
+    if not cfg.dynamic:
         raise DyditError("the stored model config is not a DyDiT's")
-    ref = next(base.parameters())
-    model.to(device=ref.device, dtype=ref.dtype)
     try:
-        fit_state_dict(model, base.state_dict(), allow_missing=ROUTER_KEY_MARKERS)
+        return DyDiT.from_weights(cfg, base)
     except CheckpointError as e:
         raise CheckpointError(f"the base does not fit the TD-LoRA file's model: {e}") from None
-    if hasattr(base, "guidance"):
-        model.backbone.guidance = base.guidance
-    return model
 
 
 def apply_lora(model: nn.Module, path: str | os.PathLike) -> DyDiT:

@@ -182,11 +182,26 @@ class DyDiT(nn.Module):
         if not isinstance(dit, DiT):
             return cls._from_backbone(dit, router_layout)
         cfg = dit.config.replace(dynamic=True, router_layout=router_layout or dit.config.router_layout)
-        model = cls(cfg)
-        ref = next(dit.parameters())
+        return cls.from_weights(cfg, dit)
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: ModelConfig | UViTConfig | FluxConfig,
+        source: nn.Module,
+        allow_missing: tuple[str, ...] = ROUTER_KEY_MARKERS,
+    ) -> DyDiT:
+        """A DyDiT of ``config`` with ``source``'s weights, device, dtype, training mode and guidance
+        scale (a FLUX's, not in the state dict). Keys with one of ``allow_missing`` (the routers
+        ``source`` lacks) keep their keep-everything initialisation, so the DyDiT computes what
+        ``source`` does; any other mismatch is a CheckpointError naming it."""
+        model = cls(config)
+        ref = next(source.parameters())
         model.to(device=ref.device, dtype=ref.dtype)
-        fit_state_dict(model, dit.state_dict(), allow_missing=ROUTER_KEY_MARKERS)
-        return model.train(dit.training)
+        fit_state_dict(model, source.state_dict(), allow_missing=allow_missing)
+        if hasattr(source, "guidance"):  # a DyDiT source reads its backbone's
+            model.backbone.guidance = source.guidance
+        return model.train(source.training)
 
     @classmethod
     def _from_backbone(cls, net: nn.Module, router_layout: str | None) -> DyDiT:
@@ -205,13 +220,7 @@ class DyDiT(nn.Module):
         if model.width_routing:
             raise DyditError("this DyDiT has width routers already")
         cfg = model.config.replace(width_routing=True, router_layout=router_layout or model.router_layout)
-        new = cls(cfg)
-        ref = next(model.parameters())
-        new.to(device=ref.device, dtype=ref.dtype)
-        fit_state_dict(new, model.state_dict(), allow_missing=(".attn_rate.", ".mlp_rate."))
-        if hasattr(model.backbone, "guidance"):
-            new.backbone.guidance = model.backbone.guidance
-        return new.train(model.training)
+        return cls.from_weights(cfg, model, allow_missing=(".attn_rate.", ".mlp_rate."))
 
     # The backbone's ends ---------------------------------------------------------------------
     def embed(self, x: Tensor, t: Tensor, y):
