@@ -14,19 +14,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from dydit.config_checks import (
-    MAX_MLP_RATIO,
-    MAX_PARAMETERS,
-    ROUTER_LAYOUTS,
-    SIZE_LIMITS,
-    check_choice,
-    check_divisible,
-    check_fields,
-    check_fraction,
-    check_type,
-    replace_fields,
-    shown,
-)
+from dydit import config_checks as checks
+
+# Names this module has always had (before the checks were shared with presets and presets_flux).
+from dydit.config_checks import MAX_MLP_RATIO, MAX_PARAMETERS, ROUTER_LAYOUTS, SIZE_LIMITS, shown
 from dydit.errors import DyditError
 
 # The most each size may be: dydit's limits for every family (presets.SIZE_LIMITS), far above the
@@ -37,7 +28,7 @@ UVIT_LIMITS: dict[str, int] = SIZE_LIMITS
 def check_size(field: str, value: Any, name: str | None = None) -> None:
     """A one-line DyditError unless ``value`` is an integer from 1 to ``UVIT_LIMITS[field]``."""
     name = name or field
-    check_type(name, value, int)
+    checks.check_type(name, value, int)
     if not 1 <= value <= UVIT_LIMITS[field]:
         raise DyditError(f"{name} must be from 1 to {UVIT_LIMITS[field]:,}, got {shown(value)}")
 
@@ -90,7 +81,7 @@ class UViTConfig:
         for name in _UVIT_INTS:
             check_size(name, getattr(self, name))
         for name in _UVIT_BOOLS:
-            check_type(name, getattr(self, name), bool)
+            checks.check_type(name, getattr(self, name), bool)
         if (
             not isinstance(self.num_classes, int)
             or isinstance(self.num_classes, bool)
@@ -103,17 +94,17 @@ class UViTConfig:
             check_size("num_classes", self.num_classes)
         elif self.class_dropout_prob:
             raise DyditError("an unconditional U-ViT (num_classes 0) has no null class: class_dropout_prob 0")
-        check_fraction("class_dropout_prob", self.class_dropout_prob)
+        checks.check_fraction("class_dropout_prob", self.class_dropout_prob)
         ratio = self.mlp_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= MAX_MLP_RATIO:
             raise DyditError(f"mlp_ratio must be a number in (0, {MAX_MLP_RATIO}], got {shown(ratio)}")
-        check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
-        check_divisible("input_size", self.input_size, "the patch size", self.patch_size)
+        checks.check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
+        checks.check_divisible("input_size", self.input_size, "the patch size", self.patch_size)
         check_size("num_tokens", self.num_tokens, "num_tokens ((input_size / patch_size)^2)")
         if self.mlp_hidden < 1:
             raise DyditError(f"mlp_ratio {self.mlp_ratio} leaves no MLP width")
-        check_choice("process", self.process, UVIT_PROCESSES)
-        check_choice("router_layout", self.router_layout, ROUTER_LAYOUTS)
+        checks.check_choice("process", self.process, UVIT_PROCESSES)
+        checks.check_choice("router_layout", self.router_layout, ROUTER_LAYOUTS)
         if self.num_parameters > MAX_PARAMETERS:
             raise DyditError(f"this config describes over {MAX_PARAMETERS / 1e9:g} B parameters")
 
@@ -207,11 +198,11 @@ class UViTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UViTConfig:
         d = {k: v for k, v in d.items() if k != "family"}
-        check_fields(cls, d, "U-ViT")
+        checks.check_fields(cls, d, "U-ViT")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> UViTConfig:
-        return replace_fields(self, overrides, "U-ViT")
+        return checks.replace_fields(self, overrides, "U-ViT")
 
 
 def _uvit(depth: int, width: int, heads: int, patch: int, size: int, **kw: Any) -> UViTConfig:
