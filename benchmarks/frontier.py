@@ -10,8 +10,12 @@ same seeds and labels from
 - the static control (the base fine-tuned with the same recipe, no routers) at ``--control-steps``,
 - with ``--caches`` (e.g. ``teacache:0.1,teacache:0.2,fbcache:0.1``), step caching (docs/METHOD.md
   §19) on the dense base (kind ``dense+cache``) and on every DyDiT (kind ``dydit+cache``) at
-  ``--cache-steps``; TeaCache's polynomial comes from ``--cache-coefficients`` (``dydit
-  cache-calibrate``), else the identity. The MACs are those the cached run really performed,
+  ``--cache-steps``. TeaCache's polynomial is per model by default (``--cache-coefficients auto``):
+  each model (the base, every DyDiT) is fitted on its own trajectories, with the run's sampler,
+  guidance and every step count of ``--cache-steps``, through ``dydit cache-calibrate``'s fit, and
+  kept as ``OUT_DIR/teacache-<label>.json`` (reused on a rerun); ``--cache-coefficients FILE``
+  gives one file to every model, ``LABEL=FILE`` one model its own. Each cache point records the
+  file it used (path, sha256, coefficients). The MACs are those the cached run really performed,
 
 and records for each point the attention+MLP multiply-accumulates per image that the layers really
 performed over the whole sampling run, the sampling seconds per image, the FID (offline Inception)
@@ -35,6 +39,8 @@ Usage::
     python benchmarks/frontier.py --render docs/img/cache/frontier.json --out-dir /tmp/f --budgets 0.5,1,1.5
     python benchmarks/frontier.py --lambdas "" --no-control --caches teacache:0.1,fbcache:0.1 \
         --checkpoint shipped=src/dydit/assets/dydit-ti4-fmnist-0.5.safetensors   # + cache points
+    python benchmarks/frontier.py --caches teacache:0.05 --cache-coefficients teacache-dit.json \
+        --cache-coefficients "shipped=teacache-shipped.json" --checkpoint shipped=...   # given fits
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +67,16 @@ from dydit.apps.demo import (
     load_sliced_dydit,
     measure,
     sample_timed,
+    sampling_settings,
 )
 from dydit.checkpoint import read_checkpoint
+from dydit.checkpoint.files import file_sha256
 from dydit.errors import DyditError
 from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
+from dydit.models.cache import calibrate_teacache
 
 _log = logging.getLogger("frontier")
 
@@ -140,8 +152,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "DyDiT: points of kinds dense+cache and dydit+cache")  # fmt: skip
     p.add_argument("--cache-steps", type=_ints, default=_ints("10,20"),
                    help="sampler step counts of the cache points")  # fmt: skip
-    p.add_argument("--cache-coefficients", default=None, metavar="FILE",
-                   help="TeaCache's polynomial (dydit cache-calibrate); default: the identity")  # fmt: skip
+    add_coefficient_options(p)
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=None, help=f"default: the base's own, else {DemoConfig.sampler}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -193,32 +204,51 @@ def main(argv: list[str] | None = None) -> None:
         render(result, out, args.budgets)
         return
 
-    def run(label: str, kind: str, load, steps: list[int], cache: str | None = None, **extra) -> None:
-        model = None
+    (out / "samples").mkdir(exist_ok=True)
+    dense_name = f"{family_name(read_checkpoint(base)[1])} (dense)"
+    recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
+    lambda_labels = {lam: f"DyDiT λ={lam:g} ({recipe_name})" for lam in args.lambdas}
+    labels = [dense_name, *lambda_labels.values(), *(label for label, _ in args.checkpoint)]
+    coefficients = TeaCacheCoefficients.from_args(args, labels, out)  # checked before any work
+
+    def teacache(name: str, model: torch.nn.Module, weights: Path) -> dict:
+        """The polynomial record of ``name``'s TeaCache points (fitted first under ``auto``)."""
+        mc, process = model.config, create_process(model.config)
+        runs = [sampling_settings(replace(cfg, steps=n), process) for n in args.cache_steps]
+        shape = (mc.in_channels, mc.input_size, mc.input_size)
+        fit = partial(calibrate_teacache, model, process, shape=shape, num_classes=mc.num_classes,
+                      device=args.device)  # fmt: skip
+        return coefficients.resolve(name, runs, fit, weights=str(weights.resolve()))
+
+    def run(label: str, kind: str, load, steps: list[int], cache: str | None = None, weights: Path = base,
+            **extra) -> None:  # fmt: skip
+        model, name, polynomial = None, label, {}
         if cache is not None:  # step caching around the model (docs/METHOD.md §19)
             label, kind, steps = f"{label} + {cache}", f"{kind}+cache", args.cache_steps
-            extra = dict(extra, cache=cache, cache_coefficients=args.cache_coefficients)
+            extra = dict(extra, cache=cache)
         for n in steps:
             key = dict(label=label, steps=n, num_samples=cfg.num_samples, sampler=cfg.sampler)
             if any(all(p.get(k) == v for k, v in key.items()) for p in result["points"]):
                 continue
             model = model or load()
+            if cache is not None and is_teacache(cache) and not polynomial:
+                polynomial = teacache(name, model, weights)
             _log.info("%s at %d steps", label, n)
             point_cfg = replace(cfg, steps=n)
-            fn = model if cache is None else cached_model(model, cache, point_cfg, args.cache_coefficients)
+            fn = model
+            if cache is not None:  # with the polynomial the point records (fbcache: none)
+                fn = cached_model(model, cache, point_cfg, polynomial.get("cache_polynomial"))
             r = measure(label, fn, point_cfg, out / "samples" / f"{_slug(label)}-{n}.npz")
             stats = {} if cache is None else {
                 "evaluations_computed": fn.stats.computed, "evaluations_reused": fn.stats.reused,
             }  # warm-up batch included  # fmt: skip
             result["points"].append(dict(
                 **key, kind=kind, macs_per_image=r.macs_attn_mlp / r.images,
-                seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **stats,
-                **r.metrics,
+                seconds_per_image=r.seconds_per_image, date=time.strftime("%Y-%m-%d"), **extra, **polynomial,
+                **stats, **r.metrics,
             ))  # fmt: skip
             save_text(store, json.dumps(result, indent=2) + "\n")  # after every point: nothing lost
 
-    (out / "samples").mkdir(exist_ok=True)
-    dense_name = f"{family_name(read_checkpoint(base)[1])} (dense)"
     run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps)
     for spec in args.caches:
         run(dense_name, "dense", lambda: load_dit(base, args.device), args.dense_steps, cache=spec)
@@ -228,32 +258,160 @@ def main(argv: list[str] | None = None) -> None:
             args.control_steps, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
     for lam in args.lambdas:
         ckpt = finetune(replace(recipe, target=lam), base, out / f"dydit-{lam:g}{'-' + tag if tag else ''}")
-        recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
-        label = f"DyDiT λ={lam:g} ({recipe_name})"
         for spec in [None, *args.caches]:
-            run(label, "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device), args.dydit_steps,
-                cache=spec, target=lam, recipe=args.recipe, checkpoint=str(ckpt))  # fmt: skip
+            run(lambda_labels[lam], "dydit", lambda c=ckpt: load_sliced_dydit(c, args.device),
+                args.dydit_steps, cache=spec, weights=ckpt, target=lam, recipe=args.recipe,
+                checkpoint=str(ckpt))  # fmt: skip
     for label, path in args.checkpoint:
         for spec in [None, *args.caches]:
             run(label, "dydit", lambda p=path: load_sliced_dydit(Path(p), args.device), args.dydit_steps,
-                cache=spec, checkpoint=path)  # fmt: skip
+                cache=spec, weights=Path(path), checkpoint=path)  # fmt: skip
     result["config"] = asdict(cfg)
     save_text(store, json.dumps(result, indent=2) + "\n")
     render(result, out, args.budgets)
 
 
-def cached_model(model: torch.nn.Module, spec: str, cfg: DemoConfig, coefficients: str | None):
+def cached_model(
+    model: torch.nn.Module, spec: str, cfg: DemoConfig, coefficients: str | Sequence[float] | None
+):
     """``model`` with the step cache ``spec``, told the evaluation times of one sampling run (the demo's
-    sampling wraps the model in a counter, so ``generate`` cannot start the cache's runs itself)."""
+    sampling wraps the model in a counter, so ``generate`` cannot start the cache's runs itself).
+    ``coefficients``: TeaCache's polynomial or its file (None: the identity; fbcache ignores it)."""
     from dydit.models.cache import CacheSettings, cached
-    from dydit.sample import SamplingSettings
 
     settings = CacheSettings.parse(spec)
-    flow = cfg.sampler in ("euler", "heun", "sde", "adaptive")
-    sampling = SamplingSettings(sampler=cfg.sampler, steps=cfg.steps, clip_denoised=not flow)
-    times = sampling.function.times(create_process(model.config), cfg.steps, **sampling.sampler_options())
+    process = create_process(model.config)
+    sampling = sampling_settings(cfg, process)
+    times = sampling.function.times(process, cfg.steps, **sampling.sampler_options())
     coeffs = coefficients if settings.method == "teacache" else None
     return cached(model, settings.method, settings.threshold, coeffs, times=times)
+
+
+# TeaCache's polynomial per model ------------------------------------------------------------------
+AUTO = "auto"
+
+
+def is_teacache(spec: str) -> bool:
+    """Whether the cache ``spec`` (METHOD:THRESHOLD) reads a polynomial (fbcache needs none)."""
+    from dydit.models.cache import CacheSettings
+
+    return CacheSettings.parse(spec).method == "teacache"
+
+
+def add_coefficient_options(p: argparse.ArgumentParser) -> None:
+    """``--cache-coefficients`` and ``--cache-calibration-samples`` (this script and t2i_frontier.py)."""
+    from dydit.models.cache_settings import CALIBRATION_IMAGES
+
+    p.add_argument("--cache-coefficients", action="append", default=None, metavar="auto|FILE|LABEL=FILE",
+                   help="TeaCache's polynomial (docs/METHOD.md §19): auto (the default) fits each model on "
+                   "its own trajectories with the run's sampling, kept as OUT_DIR/teacache-<label>.json and "
+                   "reused on a rerun; FILE (dydit cache-calibrate) serves every model; LABEL=FILE one "
+                   "model (a row's label without its cache), others the default (repeatable)")  # fmt: skip
+    p.add_argument("--cache-calibration-samples", type=int, default=CALIBRATION_IMAGES, metavar="N",
+                   help="images per step count of each auto fit (default %(default)s, as dydit "
+                   "cache-calibrate)")  # fmt: skip
+
+
+class TeaCacheCoefficients:
+    """Which TeaCache polynomial each model of a run uses (``--cache-coefficients``).
+
+    A model's trajectories set how far its first block's input moves per step, so one polynomial
+    fitted on the dense DiT misjudges a DyDiT's; ``auto`` fits each model on its own. The values:
+    at most one default for every model (``auto``, else a FILE), and ``LABEL=FILE`` for one model
+    (a label of the run; a path that exists is a FILE even with an ``=`` in it). Given files are
+    read at once, so a bad one fails before any sampling. Under ``auto`` a model's file is
+    ``out/teacache-<slug>.json``: fitted once (:func:`~dydit.models.cache.calibrate_teacache`, the
+    code of ``dydit cache-calibrate``), then reused while it records the same fit (sampling, images,
+    weights); a file of another fit is an error, not silently reused nor overwritten.
+    """
+
+    def __init__(self, values: Sequence[str] | None, labels: Sequence[str], out: Path, samples: int):
+        from dydit.models.cache import load_coefficients
+
+        if samples < 1:
+            raise DyditError(f"--cache-calibration-samples must be positive, got {samples}")
+        self.out, self.samples = out, samples
+        self.default: str | Path = AUTO
+        self.files: dict[str, Path] = {}
+        defaults = []
+        for value in values or []:
+            if value == AUTO or Path(value).is_file():
+                defaults.append(value)
+                self.default = value if value == AUTO else Path(value)
+                continue
+            label, sep, path = value.rpartition("=")
+            if not sep or not label:
+                raise DyditError(
+                    f"--cache-coefficients {value!r}: no such file (give auto, FILE or LABEL=FILE)"
+                )
+            if label not in labels:
+                known = ", ".join(repr(v) for v in labels)
+                raise DyditError(f"--cache-coefficients {value!r}: no model {label!r} in this run ({known})")
+            if not Path(path).is_file():
+                raise DyditError(f"--cache-coefficients {value!r}: no such file {path}")
+            self.files[label] = Path(path)
+        if len(defaults) > 1:
+            raise DyditError(
+                f"--cache-coefficients takes one default (auto or FILE), got {', '.join(defaults)}"
+            )
+        for path in {*self.files.values(), *([self.default] if self.default != AUTO else [])}:
+            load_coefficients(path)  # a bad file fails now, not after hours of sampling
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, labels: Sequence[str], out: Path) -> TeaCacheCoefficients:
+        """The run's choice; ``--cache-coefficients`` without a teacache in ``--caches`` is an error
+        (fbcache reads no polynomial, and a recorded file would claim otherwise)."""
+        if args.cache_coefficients and not any(is_teacache(spec) for spec in args.caches):
+            raise DyditError("--cache-coefficients applies to teacache caches only; --caches has none")
+        return cls(args.cache_coefficients, labels, out, args.cache_calibration_samples)
+
+    def path(self, label: str) -> Path:
+        """The polynomial file of model ``label`` (under ``auto``: where its fit is kept)."""
+        chosen = self.files.get(label, self.default)
+        return self.out / f"teacache-{_slug(label)}.json" if chosen == AUTO else Path(chosen)
+
+    def resolve(self, label: str, runs: Sequence, calibrate: Callable[..., object], **meta) -> dict:
+        """What a TeaCache point of model ``label`` records about its polynomial: ``cache_coefficients``
+        (the file), ``cache_coefficients_sha256`` and ``cache_polynomial`` (the coefficients, highest
+        power first). Under ``auto`` without a stored fit, ``calibrate(runs=..., out=..., seeds=...,
+        **meta)`` fits it first on ``runs`` (the run's sampling at each cache step count)."""
+        from dydit.models.cache import calibration_meta, load_coefficients
+
+        path = self.path(label)
+        if label not in self.files and self.default == AUTO:
+            want = {**calibration_meta(runs, self.samples), "label": label, **meta}
+            if path.is_file():
+                load_coefficients(path)  # a damaged file: a one-line error
+                stored = json.loads(path.read_text())
+                differ = [k for k, v in want.items() if stored.get(k) != v]
+                if differ:
+                    raise DyditError(
+                        f"{path} holds a fit of other settings ({', '.join(differ)}): delete it to fit "
+                        "again, or give it with --cache-coefficients FILE"
+                    )
+            else:
+                _log.info("%s: fitting TeaCache's polynomial (%d images) into %s", label, self.samples, path)
+                calibrate(runs=runs, out=path, seeds=list(range(self.samples)), label=label, **meta)
+        return dict(
+            cache_coefficients=str(path), cache_coefficients_sha256=file_sha256(path),
+            cache_polynomial=list(load_coefficients(path)),
+        )  # fmt: skip
+
+
+def coefficient_notes(points: list[dict]) -> list[str]:
+    """Lines naming the TeaCache polynomial of each teacache row (none recorded: the identity)."""
+    used: dict[str, set[str]] = {}
+    for p in points:
+        if p.get("cache") and is_teacache(p["cache"]):
+            path, sha = p.get("cache_coefficients"), p.get("cache_coefficients_sha256")
+            source = (
+                "the identity" if path is None else f"`{path}`" + (f" (sha256 {sha[:12]})" if sha else "")
+            )
+            used.setdefault(p["label"], set()).add(source)
+    if not used:
+        return []
+    return ["", "TeaCache polynomials (docs/METHOD.md §19):", "",
+            *(f"- {label}: {', '.join(sorted(s))}" for label, s in sorted(used.items()))]  # fmt: skip
 
 
 def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
@@ -272,10 +430,9 @@ def retime(result: dict, cfg: DemoConfig, base: Path, store: Path) -> None:
             models[p["label"]] = load({**p, "kind": p["kind"].removesuffix("+cache")})
     for p in sorted(result["points"], key=lambda p: (p["steps"], p["label"])):
         model = models[p["label"]]
-        if p.get("cache"):
-            model = cached_model(
-                model, p["cache"], replace(cfg, steps=p["steps"]), p.get("cache_coefficients")
-            )
+        if p.get("cache"):  # the polynomial it recorded, else its file (points of before)
+            coeffs = p.get("cache_polynomial", p.get("cache_coefficients"))
+            model = cached_model(model, p["cache"], replace(cfg, steps=p["steps"]), coeffs)
         mc = model.config
         _log.info("re-timing %s at %d steps", p["label"], p["steps"])
         with torch.inference_mode():
@@ -455,7 +612,7 @@ def _markdown(points: list[dict], result: dict) -> str:
             f"{_fmt(p.get('FD-FMNIST-classifier'), '.1f')} | {eq} | {_fmt(p.get('delta_fid'), '+.1f')} | "
             f"{p.get('verdict', '–') if p['kind'] not in ('dense', 'control') else '–'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + coefficient_notes(points)) + "\n"
 
 
 def _budget_markdown(rows: list[dict], metric: str = "FID") -> str:
@@ -520,4 +677,7 @@ def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DyditError as e:
+        sys.exit(f"error: {e}")

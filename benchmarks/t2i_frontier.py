@@ -10,7 +10,11 @@ captioned Fashion-MNIST compositions (docs/METHOD.md §17). For each prompt set 
 - every DyDiT export of ``--checkpoint LABEL=PATH`` (e.g. width + token routing and the token-only
   control; default: the shipped DyDiT when it exists) in the sliced engine at ``--dydit-steps``,
 - with ``--caches`` (e.g. ``teacache:0.1,fbcache:0.1``), step caching (docs/METHOD.md §19) on the
-  dense model (kind ``dense+cache``) and on every DyDiT (kind ``dydit+cache``) at ``--cache-steps``,
+  dense model (kind ``dense+cache``) and on every DyDiT (kind ``dydit+cache``) at ``--cache-steps``;
+  TeaCache's polynomial as in ``benchmarks/frontier.py`` (``--cache-coefficients``: ``auto`` by
+  default, each model fitted on its own trajectories, here of the held-in prompts cycled over
+  ``--cache-calibration-samples`` seeds, with the run's recipe at every cache step count, kept as
+  ``OUT_DIR/teacache-<label>.json``; a FILE for every model; ``LABEL=FILE`` for one),
 
 with the model's own recipe (sampler and guidance stored in its config, ``dydit demo t2i``'s
 :func:`~dydit.apps.demo_t2i.recipe`) unless ``--cfg-scale`` is given. Every point records the
@@ -48,6 +52,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -73,9 +78,11 @@ from dydit.apps.demo_t2i import (
 from dydit.checkpoint import load_model
 from dydit.data.compose_grammar import CATEGORIES
 from dydit.errors import DyditError
+from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
+from dydit.models.cache import calibrate_teacache
 
 _log = logging.getLogger("t2i_frontier")
 SPLIT_NAMES = {"train": "held-in prompts", "held-out": "held-out prompts"}
@@ -106,8 +113,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "DyDiT: points of kinds dense+cache and dydit+cache")  # fmt: skip
     p.add_argument("--cache-steps", type=frontier._ints, default=frontier._ints("14,28"),
                    help="step counts of the cache points (default 14,28)")  # fmt: skip
-    p.add_argument("--cache-coefficients", default=None, metavar="FILE",
-                   help="TeaCache's polynomial (dydit cache-calibrate); default: the identity")  # fmt: skip
+    frontier.add_coefficient_options(p)
     p.add_argument("--splits", type=_splits, default=list(SPLITS),
                    help="prompt sets: train (held-in) and/or held-out (default: both)")  # fmt: skip
     p.add_argument("--per-category", type=int, default=T2IDemoConfig.per_category,
@@ -162,14 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/t2i_frontier.py", *(sys.argv[1:] if argv is None else argv)])
     result.update(settings=run_settings, machine=machine_description(args.device), torch=torch.__version__)
     result["commands"] = [*(c for c in result.get("commands", []) if c != command), command]
-    bench = Bench(args, cfg, settings, out, result, store)
     name = f"{frontier.family_name(dense.config)} (dense)"
+    labels = [name, *(label for label, _ in checkpoints)]
+    coefficients = frontier.TeaCacheCoefficients.from_args(args, labels, out)  # checked before any work
+    bench = Bench(args, cfg, settings, out, result, store, coefficients)
     for spec in [None, *args.caches]:
-        bench.run(name, "dense", lambda: dense, args.dense_steps, cache=spec)
+        bench.run(name, "dense", lambda: dense, args.dense_steps, cache=spec, weights=base)
     for label, path in checkpoints:
         for spec in [None, *args.caches]:
             load = partial(_load_dydit, path, args.device)
-            bench.run(label, "dydit", load, args.dydit_steps, cache=spec, checkpoint=path)
+            bench.run(label, "dydit", load, args.dydit_steps, cache=spec, weights=Path(path), checkpoint=path)
     bench.save()
     render(result, out)
 
@@ -181,17 +189,19 @@ def _load_dydit(path: str, device: str):
 class Bench:
     """Measures the points of one run into ``result`` (saved to ``store`` after every point).
 
-    ``args`` needs ``splits`` (and, for :meth:`run`, the cache options). ``benchmarks/lora_compare.py
-    --t2i`` measures its fine-tunes with :meth:`measure` alone, without ``result`` and ``store``.
+    ``args`` needs ``splits`` (and, for :meth:`run`, the cache options, with ``coefficients`` the
+    run's :class:`frontier.TeaCacheCoefficients`). ``benchmarks/lora_compare.py --t2i`` measures its
+    fine-tunes with :meth:`measure` alone, without ``result`` and ``store``.
     """
 
     def __init__(
         self, args, cfg: T2IDemoConfig, settings, out: Path, result: dict | None = None,
-        store: Path | None = None,
+        store: Path | None = None, coefficients: frontier.TeaCacheCoefficients | None = None,
     ):  # fmt: skip
         from dydit.data.compose_grammar import evaluation_prompts
 
         self.args, self.cfg, self.settings, self.out = args, cfg, settings, out
+        self.coefficients = coefficients
         self.result, self.store = result if result is not None else {"points": []}, store
         self.prompts = {
             s: [p.text for p in evaluation_prompts(s, cfg.per_category, cfg.seed)] for s in args.splits
@@ -223,11 +233,16 @@ class Bench:
             write_npz(path, images, np.zeros(len(images), dtype=np.int64))
         return path
 
-    def run(self, label: str, kind: str, load, steps: list[int], cache: str | None = None, **extra) -> None:
-        """Measure ``label`` at every step count and prompt set not in the results yet."""
+    def run(
+        self, label: str, kind: str, load, steps: list[int], cache: str | None = None,
+        weights: Path | None = None, **extra,
+    ) -> None:  # fmt: skip
+        """Measure ``label`` at every step count and prompt set not in the results yet (``weights``:
+        the model's file, recorded in its TeaCache fit)."""
+        name = label
         if cache is not None:  # step caching around the model (docs/METHOD.md §19)
             label, kind, steps = f"{label} + {cache}", f"{kind}+cache", self.args.cache_steps
-            extra = dict(extra, cache=cache, cache_coefficients=self.args.cache_coefficients)
+            extra = dict(extra, cache=cache)
         model = None
         for split in self.args.splits:
             for n in steps:
@@ -241,10 +256,33 @@ class Bench:
                         self.save()
                     continue
                 model = model or load()
+                if cache is not None and frontier.is_teacache(cache) and "cache_polynomial" not in extra:
+                    extra = {**extra, **self.teacache(name, model, weights)}
                 _log.info("%s at %d steps (%s)", label, n, SPLIT_NAMES[split])
                 point = self.measure(model, label, kind, split, n, cache, samples, extra)
                 self.result["points"].append(point)
                 self.save()  # after every point: nothing lost
+
+    def teacache(self, name: str, model: torch.nn.Module, weights: Path | None) -> dict:
+        """The polynomial record of model ``name``'s TeaCache points (fitted first under ``auto``): its
+        trajectories are those of the held-in prompts (cycled over the calibration seeds) with the
+        run's recipe at every cache step count."""
+        from dydit.data.compose_grammar import evaluation_prompts
+
+        if self.coefficients is None:
+            raise DyditError(
+                "a TeaCache point needs the run's --cache-coefficients (Bench(coefficients=...))"
+            )
+        mc = model.config
+        runs = [replace(self.settings, steps=n) for n in self.args.cache_steps]
+        prompts = [p.text for p in evaluation_prompts("train", self.cfg.per_category, self.cfg.seed)]
+        rows = [prompts[i % len(prompts)] for i in range(self.coefficients.samples)]
+        fit = partial(
+            calibrate_teacache, model, create_process(mc), shape=(mc.latent_channels, mc.sample_size,
+            mc.sample_size), condition=model.text_encoder.tokenizer(rows), device=self.cfg.device,
+        )  # fmt: skip
+        meta = {} if weights is None else {"weights": str(Path(weights).resolve())}
+        return self.coefficients.resolve(name, runs, fit, prompts="train", **meta)
 
     def find(self, label: str, split: str, steps: int) -> dict | None:
         """The point of ``label`` at ``steps`` on ``split`` already measured, if any."""
@@ -258,7 +296,7 @@ class Bench:
 
         prompts = self.prompts[split]
         settings = replace(self.settings, steps=steps)
-        fn = model if cache is None else cached_model(model, cache, self.args.cache_coefficients)
+        fn = model if cache is None else cached_model(model, cache, extra.get("cache_polynomial"))
         images, cost = sample_prompts(fn, prompts, settings, self.cfg)
         scores = score_images(images, prompts, self.classifier, self.cfg)
         samples.parent.mkdir(parents=True, exist_ok=True)
@@ -277,8 +315,9 @@ class Bench:
         )  # fmt: skip
 
 
-def cached_model(model: torch.nn.Module, spec: str, coefficients: str | None):
-    """``model`` with the step cache ``spec`` (``generate`` starts a cache run for every batch)."""
+def cached_model(model: torch.nn.Module, spec: str, coefficients: str | Sequence[float] | None):
+    """``model`` with the step cache ``spec`` (``generate`` starts a cache run for every batch);
+    ``coefficients``: TeaCache's polynomial or its file (None: the identity; fbcache ignores it)."""
     from dydit.models.cache import CacheSettings, cached
 
     settings = CacheSettings.parse(spec)
@@ -365,7 +404,7 @@ def markdown(result: dict) -> str:
                 f"{_fmt(eq.get('delta_fid'), '+.1f')} | "
                 f"{eq.get('verdict', '–')} |"
             )  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + frontier.coefficient_notes(points)) + "\n"
 
 
 def _plot(points: list[dict], metric: str, ylabel: str, path: Path) -> None:

@@ -194,11 +194,7 @@ def sample_timed(
 
     config = getattr(model_fn, "config", None)
     process = create_process(config) if config is not None else create_diffusion()
-    flow = isinstance(process, Transport)
-    # Pixel-space DDPM model: clip the predicted x0 to the data range at every step.
-    settings = SamplingSettings(
-        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, clip_denoised=not flow
-    )
+    settings = sampling_settings(cfg, process)
     seeds = [cfg.seed * 1_000_003 + i for i in range(cfg.num_samples)]
     labels = [i % num_classes for i in range(cfg.num_samples)]
     calls = 0
@@ -226,6 +222,15 @@ def sample_timed(
         seconds = time.perf_counter() - start
     core = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
     return images, labs, ModelResult(name, seconds, core, fc.total, calls, len(images))
+
+
+def sampling_settings(cfg: DemoConfig, process: Any) -> SamplingSettings:
+    """How the demo samples with ``process``: ``cfg``'s sampler, steps and guidance; a DDPM sampler
+    clips the predicted x0 to the data range at every step (the models are pixel-space)."""
+    flow = isinstance(process, Transport)
+    return SamplingSettings(
+        sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, clip_denoised=not flow
+    )
 
 
 def load_sliced_dydit(path: Path, device: str) -> DyDiT:

@@ -25,8 +25,7 @@ from dydit.cli._common import (
 )
 from dydit.diffusion import GUIDANCE_CHANNELS
 from dydit.errors import DyditError
-
-DEFAULT_IMAGES = 8
+from dydit.models.cache_settings import CALIBRATION_BATCH, CALIBRATION_IMAGES, DEFAULT_DEGREE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--out", required=True, help="the JSON file to write (coefficients, highest power first)")
     g.add_argument(
-        "--degree", type=positive_int, default=4, help="polynomial degree (default 4, as TeaCache)"
+        "--degree",
+        type=positive_int,
+        default=DEFAULT_DEGREE,
+        help="polynomial degree (default %(default)s, as TeaCache)",
     )
     g.add_argument("--sampler", choices=sampler_names(), default=None, help=sampler_help())
     g.add_argument("--steps", type=_steps, default=50, help="sampling steps (default 50)")
@@ -61,10 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="guide all channels (default) or only the first 3, as in dydit sample",
     )
     g.add_argument(
-        "--num-samples", type=positive_int, default=DEFAULT_IMAGES, help="images (default %(default)s)"
+        "--num-samples", type=positive_int, default=CALIBRATION_IMAGES, help="images (default %(default)s)"
     )
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=CALIBRATION_BATCH, help="images per forward pass"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=run)
 
@@ -74,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from dydit.cli.sample import _build_model, _execution, _label_classes, _model_config
     from dydit.flow import create_process
     from dydit.io import output_target
-    from dydit.models.cache import ChangeRecorder, fit_coefficients, save_coefficients
+    from dydit.models.cache import calibrate_teacache
     from dydit.models.sliced import engine
-    from dydit.sample import SamplingSettings, generate
+    from dydit.sample import SamplingSettings
 
     device = resolve_device(args.device)
     output_target(args.out)
@@ -94,22 +98,14 @@ def run(args: argparse.Namespace) -> int:
     model = _build_model(cfg, ckpt, execution).to(device)
     if execution == "sliced" and options:
         model = engine(model, **options)
-    recorder = ChangeRecorder(model)
     seeds = list(range(args.seed, args.seed + args.num_samples))
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    batches = generate(
-        recorder, create_process(cfg), settings, seeds=seeds, shape=shape,
-        num_classes=_label_classes(cfg), batch_size=args.batch_size, device=device, progress=False,
-    )  # fmt: skip
-    for _ in batches:
-        pass
-    coeffs = fit_coefficients(recorder.pairs, args.degree)
-    save_coefficients(
-        args.out, coeffs, degree=args.degree, pairs=len(recorder.pairs), weights=source, execution=execution,
-        sampling=settings.to_dict(), num_samples=args.num_samples, batch_size=args.batch_size,
+    _, pairs = calibrate_teacache(
+        model, create_process(cfg), [settings], out=args.out, seeds=seeds,
+        shape=(cfg.in_channels, cfg.input_size, cfg.input_size), num_classes=_label_classes(cfg),
+        degree=args.degree, batch_size=args.batch_size, device=device, weights=source, execution=execution,
     )  # fmt: skip
     print(
-        f"wrote {Path(args.out)}: degree-{args.degree} polynomial from {len(recorder.pairs)} pairs "
+        f"wrote {Path(args.out)}: degree-{args.degree} polynomial from {pairs} pairs "
         f"({args.num_samples} images, {settings.sampler} {settings.steps} steps)",
         file=sys.stderr,
     )

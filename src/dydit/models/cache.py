@@ -41,6 +41,8 @@ from dydit.errors import DyditError
 from dydit.flops.counter import is_counting, record
 from dydit.models.backbone import full_weights
 from dydit.models.cache_settings import (  # noqa: F401  (public here too)
+    CALIBRATION_BATCH,
+    CALIBRATION_IMAGES,
     DEFAULT_DEGREE,
     IDENTITY,
     METHODS,
@@ -370,3 +372,58 @@ class ChangeRecorder:
             self.pairs.append((relative_l1([inp], [self._prev[0]]), relative_l1([out], [self._prev[1]])))
         self._prev = (inp, out)
         return out
+
+
+def calibration_meta(
+    runs: Sequence[Any], num_samples: int, batch_size: int = CALIBRATION_BATCH, degree: int = DEFAULT_DEGREE
+) -> dict[str, Any]:
+    """What a calibration file records about how it was fitted, besides its coefficients and pairs:
+    a caller that reuses a stored file compares these with the fit it would make."""
+    sampling = [s.to_dict() for s in runs]
+    return dict(
+        degree=degree, sampling=sampling[0] if len(sampling) == 1 else sampling,
+        num_samples=num_samples, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def calibrate_teacache(
+    model: Any,
+    process: Any,
+    runs: Sequence[Any],
+    *,
+    out: str | Path,
+    seeds: Sequence[int],
+    shape: tuple[int, int, int],
+    num_classes: int | None = None,
+    condition: Any = None,
+    degree: int = DEFAULT_DEGREE,
+    batch_size: int = CALIBRATION_BATCH,
+    device: str | torch.device = "cpu",
+    **meta: Any,
+) -> tuple[tuple[float, ...], int]:
+    """Fit TeaCache's polynomial on ``model``'s own uncached trajectories and write it to ``out``.
+
+    ``model`` samples ``seeds`` (class labels drawn from the seeds, or ``condition``: one row per
+    seed, e.g. prompts) once per :class:`~dydit.sample.SamplingSettings` of ``runs`` through a
+    :class:`ChangeRecorder`; the pairs of every run are fitted together, so a polynomial meant for
+    several step counts sees the changes of each (fewer steps: larger changes). ``meta`` is
+    written beside the coefficients, with :func:`calibration_meta` and the number of pairs.
+    ``dydit cache-calibrate`` (one run) and the frontier benchmarks (``--cache-coefficients
+    auto``) fit through here. Returns (coefficients, pairs).
+    """
+    from dydit.sample import generate  # dydit.sample imports this module
+
+    if not runs:
+        raise DyditError("a TeaCache calibration needs at least one sampling run")
+    recorder = ChangeRecorder(model)
+    for settings in runs:
+        batches = generate(
+            recorder, process, settings, seeds=seeds, shape=shape, num_classes=num_classes,
+            condition=condition, batch_size=batch_size, device=device, progress=False,
+        )  # fmt: skip
+        for _ in batches:
+            pass
+    coeffs = fit_coefficients(recorder.pairs, degree)
+    fitted = calibration_meta(runs, len(seeds), batch_size, degree)
+    save_coefficients(out, coeffs, pairs=len(recorder.pairs), **fitted, **meta)
+    return coeffs, len(recorder.pairs)

@@ -20,6 +20,8 @@ from dydit.errors import DyditError
 METHODS: tuple[str, ...] = ("teacache", "fbcache")
 IDENTITY: tuple[float, ...] = (1.0, 0.0)  # the rescaling polynomial when none was fitted: P(x) = x
 DEFAULT_DEGREE = 4  # TeaCache fits a degree-4 polynomial
+CALIBRATION_IMAGES = 8  # images a calibration samples by default (dydit cache-calibrate, frontier auto)
+CALIBRATION_BATCH = 8  # images per forward pass of a calibration (each change is one number per batch)
 
 
 @dataclass(frozen=True)
