@@ -76,7 +76,7 @@ from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
-from dydit.models.cache import calibrate_teacache
+from dydit.sample import calibrate_teacache
 
 _log = logging.getLogger("frontier")
 
@@ -320,7 +320,7 @@ class TeaCacheCoefficients:
     at most one default for every model (``auto``, else a FILE), and ``LABEL=FILE`` for one model
     (a label of the run; a path that exists is a FILE even with an ``=`` in it). Given files are
     read at once, so a bad one fails before any sampling. Under ``auto`` a model's file is
-    ``out/teacache-<slug>.json``: fitted once (:func:`~dydit.models.cache.calibrate_teacache`, the
+    ``out/teacache-<slug>.json``: fitted once (:func:`~dydit.sample.calibrate_teacache`, the
     code of ``dydit cache-calibrate``), then reused while it records the same fit (sampling, images,
     weights); a file of another fit is an error, not silently reused nor overwritten.
     """
@@ -375,7 +375,8 @@ class TeaCacheCoefficients:
         (the file), ``cache_coefficients_sha256`` and ``cache_polynomial`` (the coefficients, highest
         power first). Under ``auto`` without a stored fit, ``calibrate(runs=..., out=..., seeds=...,
         **meta)`` fits it first on ``runs`` (the run's sampling at each cache step count)."""
-        from dydit.models.cache import calibration_meta, load_coefficients
+        from dydit.models.cache import load_coefficients
+        from dydit.sample import calibration_meta
 
         path = self.path(label)
         if label not in self.files and self.default == AUTO:

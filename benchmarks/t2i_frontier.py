@@ -82,7 +82,7 @@ from dydit.flow import create_process
 from dydit.io import save_text
 from dydit.log import format_number as _fmt
 from dydit.log import machine_description
-from dydit.models.cache import calibrate_teacache
+from dydit.sample import calibrate_teacache
 
 _log = logging.getLogger("t2i_frontier")
 SPLIT_NAMES = {"train": "held-in prompts", "held-out": "held-out prompts"}

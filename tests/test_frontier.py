@@ -166,3 +166,160 @@ def test_render_only_writes_the_budget_table_from_a_stored_file(frontier, tmp_pa
     assert table.rstrip().endswith("DyDiT-based on or below dense-based at 1 of 2 budgets.")
     with pytest.raises(SystemExit):
         frontier.parse(["--budgets", "0.5,-1"])
+
+
+# TeaCache's polynomial per model (--cache-coefficients) ----------------------------------------------
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """A tiny DiT with random weights and a DyDiT of it with routers set to half the width (other
+    trajectories), as exports."""
+    import torch
+
+    from dydit.models.calibrate import calibrate_routers
+    from dydit.models.dit import DiT
+    from dydit.models.dydit import DyDiT
+    from dydit.presets import ModelConfig
+    from dydit.train.state import export_weights
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("frontier-models")
+    mc = ModelConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1,
+                     num_classes=4)  # fmt: skip
+    dense = DiT(mc).eval()
+    with torch.no_grad():  # not the zero-initialised output layers: the trajectories move
+        for p in dense.parameters():
+            p.normal_(0, 0.1)
+    dydit = DyDiT.from_dit(dense)
+    calibrate_routers(dydit, heads=0.5, groups=0.5, tokens=0.75)
+    paths = folder / "dit.safetensors", folder / "dydit.safetensors"
+    for path, model in zip(paths, (dense, dydit)):
+        export_weights(path, model, {"model": model.config.to_dict()})
+    return paths
+
+
+@pytest.fixture
+def cache_run(frontier, two_models, tmp_path, monkeypatch):
+    """``run(*options)``: frontier.main on the two models with a stand-in for the (slow, FID-scoring)
+    measurement; returns (points by label, calibrations made in this call)."""
+    from dydit.apps.demo import ModelResult
+
+    def measured(name, fn, cfg, npz):
+        used[name] = getattr(fn, "settings", None)  # a step cache's method, threshold and polynomial
+        return ModelResult(name, 0.01, 10**6 * cfg.steps, 10**6 * cfg.steps, cfg.steps, 1, {"FID": 100.0})
+
+    fits, used = [], {}
+    real_fit = frontier.calibrate_teacache
+
+    def counted(*args, **kwargs):
+        fits.append(kwargs["label"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(frontier, "measure", measured)
+    monkeypatch.setattr(frontier, "calibrate_teacache", counted)
+    dense, dydit = two_models
+    out = tmp_path / "run"
+
+    def run(*options: str) -> tuple[dict, list[str]]:
+        fits.clear()
+        frontier.main([
+            "--base", str(dense), "--checkpoint", f"dy={dydit}", "--lambdas", "", "--no-control",
+            "--dense-steps", "2", "--dydit-steps", "2", "--cache-steps", "4,5", "--num-samples", "2",
+            "--sampler", "dpm++2m", "--cache-calibration-samples", "2", "--out-dir", str(out), *options,
+        ])  # fmt: skip
+        points = json.loads((out / "frontier.json").read_text())["points"]
+        return {(p["label"], p["steps"]): p for p in points}, list(fits)
+
+    run.out, run.used = out, used
+    return run
+
+
+DENSE, TEA, FB = "DiT (dense)", "teacache:0.1", "fbcache:0.1"
+
+
+def test_auto_fits_each_model_on_its_own_trajectories_once(frontier, cache_run):
+    from dydit.checkpoint.files import file_sha256
+    from dydit.models.cache import load_coefficients
+
+    points, fits = cache_run("--caches", f"{TEA},{FB}")
+    assert sorted(fits) == [DENSE, "dy"]  # one fit per model, none for fbcache
+    files = {DENSE: cache_run.out / "teacache-DiT__dense.json", "dy": cache_run.out / "teacache-dy.json"}
+    coeffs = {label: load_coefficients(path) for label, path in files.items()}
+    assert coeffs[DENSE] != coeffs["dy"]  # a DyDiT's trajectories are not the dense DiT's
+    for label, path in files.items():
+        stored = json.loads(path.read_text())
+        assert [s["steps"] for s in stored["sampling"]] == [4, 5] and stored["num_samples"] == 2
+        assert stored["label"] == label and stored["pairs"] == 3 + 4  # one batch per run: steps - 1
+        for n in (4, 5):
+            p = points[f"{label} + {TEA}", n]
+            assert p["cache_coefficients"] == str(path) and p["cache_polynomial"] == list(coeffs[label])
+            assert p["cache_coefficients_sha256"] == file_sha256(path)
+            assert "cache_coefficients" not in points[f"{label} + {FB}", n]  # fbcache reads none
+    table = (cache_run.out / "frontier.md").read_text()
+    assert f"- {DENSE} + {TEA}: `{files[DENSE]}` (sha256 {file_sha256(files[DENSE])[:12]})" in table
+
+    # A rerun fits nothing: the points are there; measured again, they reuse the stored fits.
+    store = cache_run.out / "frontier.json"
+    assert cache_run("--caches", f"{TEA},{FB}")[1] == []
+    result = json.loads(store.read_text())
+    result["points"] = [p for p in result["points"] if p.get("cache") != TEA]
+    store.write_text(json.dumps(result))
+    again, fits = cache_run("--caches", f"{TEA},{FB}")
+    assert fits == [] and again[f"dy + {TEA}", 4]["cache_polynomial"] == list(coeffs["dy"])
+    # A stored fit of other settings is neither reused nor overwritten.
+    store.write_text(json.dumps(result))
+    with pytest.raises(DyditError, match="other settings .*num_samples"):
+        cache_run("--caches", TEA, "--cache-calibration-samples", "3")
+    assert load_coefficients(files["dy"]) == coeffs["dy"]
+
+
+def test_fbcache_alone_fits_nothing(cache_run):
+    points, fits = cache_run("--caches", FB)
+    assert fits == [] and not list(cache_run.out.glob("teacache-*.json"))
+    assert (
+        points[f"dy + {FB}", 4]["evaluations_computed"] >= 0
+        and "cache_polynomial" not in points[f"dy + {FB}", 4]
+    )
+    with pytest.raises(DyditError, match="teacache caches only"):
+        cache_run("--caches", FB, "--cache-coefficients", "auto")
+
+
+def test_given_files_serve_every_model_or_one(cache_run, tmp_path):
+    from dydit.models.cache import save_coefficients
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    save_coefficients(one, [0.5, 0.0])
+    save_coefficients(two, [2.0, 0.01])
+    points, fits = cache_run("--caches", TEA, "--cache-coefficients", str(one))
+    assert fits == []
+    for label in (DENSE, "dy"):
+        p = points[f"{label} + {TEA}", 5]
+        assert p["cache_coefficients"] == str(one) and p["cache_polynomial"] == [0.5, 0.0]
+        assert cache_run.used[f"{label} + {TEA}"].coefficients == (0.5, 0.0)  # what the cache ran with
+    # LABEL=FILE for one model; the other the default (auto: fitted).
+    (cache_run.out / "frontier.json").unlink()
+    points, fits = cache_run("--caches", TEA, "--cache-coefficients", f"dy={two}")
+    assert fits == [DENSE]
+    assert points[f"dy + {TEA}", 4]["cache_polynomial"] == [2.0, 0.01]
+    assert cache_run.used[f"dy + {TEA}"].coefficients == (2.0, 0.01)
+    assert points[f"{DENSE} + {TEA}", 4]["cache_coefficients"].endswith("teacache-DiT__dense.json")
+
+
+def test_bad_coefficient_options_are_one_line_errors(cache_run, tmp_path):
+    from dydit.models.cache import save_coefficients
+
+    good = tmp_path / "good.json"
+    save_coefficients(good, [1.0, 0.0])
+    (tmp_path / "bad.json").write_text("{}")
+    cases = {
+        f"nobody={good}": "no model 'nobody' in this run",
+        f"dy={tmp_path / 'missing.json'}": "no such file",
+        str(tmp_path / "missing.json"): "no such file",
+        str(tmp_path / "bad.json"): "coefficients",
+    }
+    for value, message in cases.items():
+        with pytest.raises(DyditError, match=message) as e:
+            cache_run("--caches", TEA, "--cache-coefficients", value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DyditError, match="one default"):
+        cache_run("--caches", TEA, "--cache-coefficients", "auto", "--cache-coefficients", str(good))
+    assert not (cache_run.out / "frontier.json").exists()  # nothing measured before the check

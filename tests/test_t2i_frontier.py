@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_benchmark
@@ -166,3 +167,67 @@ def test_verdicts_compare_geneval_with_the_dense_curve_of_the_same_prompts(bench
     assert train.index("| FLUX (dense) | dense | 2 |") < train.index("teacache") < train.index(DYDIT)
     for png in ("frontier_geneval.png", "frontier_fid.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_teacache_auto_fits_each_model_on_its_prompts_once(bench, tmp_path, monkeypatch, one_thread):
+    """``--cache-coefficients auto`` (the default with a teacache): one fit per model, on its own
+    trajectories, recorded by its points and reused by a rerun (sampling and scoring stubbed)."""
+    from dydit.apps.demo_t2i import random_routers, untrained_t2i
+    from dydit.models.cache import load_coefficients
+    from dydit.models.dydit import DyDiT
+    from dydit.train.state import export_weights
+
+    dense = untrained_t2i(0)
+    with torch.no_grad():  # not the zero-initialised output layers: the trajectories move
+        for p in dense.parameters():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    dydit = random_routers(DyDiT.from_dit(dense), 0).eval()
+    paths = tmp_path / "flux.safetensors", tmp_path / "dyflux.safetensors"
+    for path, model in zip(paths, (dense, dydit)):
+        export_weights(path, model, {"model": model.config.to_dict()})
+
+    used, fits = set(), []
+
+    def sampled(model, prompts, settings, cfg):
+        if hasattr(model, "settings"):  # a step cache: the polynomial it runs with
+            used.add(model.settings.coefficients)
+        cost = {"seconds": 1.0, "macs_attn_mlp": 1e6, "macs_total": 2e6}
+        return np.zeros((len(prompts), 64, 64, 3), np.uint8), cost
+
+    real_fit = bench.calibrate_teacache
+
+    def counted(*args, **kwargs):
+        fits.append(kwargs["label"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "sample_prompts", sampled)
+    monkeypatch.setattr(bench, "score_images", lambda *a: {"overall": 0.5, "accuracy": {}})
+    monkeypatch.setattr(bench, "calibrate_teacache", counted)
+    out = tmp_path / "frontier"
+    argv = [
+        "--base", str(paths[0]), "--checkpoint", f"{DYDIT}={paths[1]}", "--dense-steps", "1",
+        "--dydit-steps", "1", "--caches", "teacache:0.1", "--cache-steps", "4,5", "--splits", "train",
+        "--per-category", "1", "--cache-calibration-samples", "2", "--no-inception", "--no-progress",
+        "--out-dir", str(out),
+    ]  # fmt: skip
+    bench.main(argv)
+    assert sorted(fits) == sorted(["FLUX (dense)", DYDIT])
+    points = {
+        p["label"]: p for p in json.loads((out / "frontier.json").read_text())["points"] if p.get("cache")
+    }
+    files = {
+        label.removesuffix(" + teacache:0.1"): Path(p["cache_coefficients"]) for label, p in points.items()
+    }
+    assert {f.name for f in files.values()} == {"teacache-FLUX__dense.json", "teacache-DyDiT_λ_0.5.json"}
+    coeffs = {label: load_coefficients(f) for label, f in files.items()}
+    assert coeffs["FLUX (dense)"] != coeffs[DYDIT]
+    for label, p in points.items():
+        assert p["cache_polynomial"] == list(coeffs[label.removesuffix(" + teacache:0.1")])
+        assert json.loads(files[label.removesuffix(" + teacache:0.1")].read_text())["prompts"] == "train"
+    assert used == set(coeffs.values())
+    fits.clear()
+    result = json.loads((out / "frontier.json").read_text())
+    result["points"] = [p for p in result["points"] if not p.get("cache")]
+    (out / "frontier.json").write_text(json.dumps(result))
+    bench.main(argv)  # measured again: the stored fits serve
+    assert fits == [] and "teacache-FLUX__dense.json" in (out / "frontier.md").read_text()

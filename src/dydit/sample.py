@@ -33,7 +33,14 @@ from dydit.data.codec import Codec
 from dydit.diffusion import GaussianDiffusion, ModelFn, guided
 from dydit.errors import DyditError
 from dydit.io import locked_dir
-from dydit.models.cache import ChangeRecorder, StepCache
+from dydit.models.cache import (
+    CALIBRATION_BATCH,
+    DEFAULT_DEGREE,
+    ChangeRecorder,
+    StepCache,
+    fit_coefficients,
+    save_coefficients,
+)
 from dydit.models.dydit import DyDiT
 from dydit.models.sliced import SlicedDyDiT
 from dydit.presets import ModelConfig
@@ -239,6 +246,64 @@ def sample_images(
     order = np.argsort(np.concatenate([np.asarray(p[0]) for p in parts]))
     images = np.concatenate([p[1] for p in parts])[order]
     return images, np.concatenate([p[2] for p in parts])[order]
+
+
+# TeaCache's calibration (docs/METHOD.md §19) -----------------------------------------------------
+def calibration_meta(
+    runs: Sequence[SamplingSettings],
+    num_samples: int,
+    batch_size: int = CALIBRATION_BATCH,
+    degree: int = DEFAULT_DEGREE,
+) -> dict[str, Any]:
+    """What a calibration file records about how it was fitted, besides its coefficients and pairs:
+    a caller that reuses a stored file compares these with the fit it would make."""
+    sampling = [s.to_dict() for s in runs]
+    return dict(
+        degree=degree, sampling=sampling[0] if len(sampling) == 1 else sampling,
+        num_samples=num_samples, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def calibrate_teacache(
+    model: ModelFn,
+    process: GaussianDiffusion,
+    runs: Sequence[SamplingSettings],
+    *,
+    out: str | Path,
+    seeds: Sequence[int],
+    shape: tuple[int, int, int],
+    num_classes: int | None = None,
+    condition: Condition | None = None,
+    degree: int = DEFAULT_DEGREE,
+    batch_size: int = CALIBRATION_BATCH,
+    device: str | torch.device = "cpu",
+    **meta: Any,
+) -> tuple[tuple[float, ...], int]:
+    """Fit TeaCache's polynomial on ``model``'s own uncached trajectories and write it to ``out``.
+
+    ``model`` samples ``seeds`` (class labels drawn from the seeds, or ``condition``: one row per
+    seed, e.g. prompts) once per :class:`SamplingSettings` of ``runs`` through a
+    :class:`~dydit.models.cache.ChangeRecorder`; the pairs of every run are fitted together, so a
+    polynomial meant for several step counts sees the changes of each (fewer steps: larger
+    changes). ``meta`` is written beside the coefficients, with :func:`calibration_meta` and the
+    number of pairs.
+    ``dydit cache-calibrate`` (one run) and the frontier benchmarks (``--cache-coefficients
+    auto``) fit through here. Returns (coefficients, pairs).
+    """
+    if not runs:
+        raise DyditError("a TeaCache calibration needs at least one sampling run")
+    recorder = ChangeRecorder(model)
+    for settings in runs:
+        batches = generate(
+            recorder, process, settings, seeds=seeds, shape=shape, num_classes=num_classes,
+            condition=condition, batch_size=batch_size, device=device, progress=False,
+        )  # fmt: skip
+        for _ in batches:
+            pass
+    coeffs = fit_coefficients(recorder.pairs, degree)
+    fitted = calibration_meta(runs, len(seeds), batch_size, degree)
+    save_coefficients(out, coeffs, pairs=len(recorder.pairs), **fitted, **meta)
+    return coeffs, len(recorder.pairs)
 
 
 # Output directories --------------------------------------------------------------------------

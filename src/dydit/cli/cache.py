@@ -78,9 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from dydit.cli.sample import _build_model, _execution, _label_classes, _model_config
     from dydit.flow import create_process
     from dydit.io import output_target
-    from dydit.models.cache import calibrate_teacache
     from dydit.models.sliced import engine
-    from dydit.sample import SamplingSettings
+    from dydit.sample import SamplingSettings, calibrate_teacache
 
     device = resolve_device(args.device)
     output_target(args.out)
