@@ -204,12 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         render(result, out, args.budgets)
         return
 
-    (out / "samples").mkdir(exist_ok=True)
     dense_name = f"{family_name(read_checkpoint(base)[1])} (dense)"
     recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
     lambda_labels = {lam: f"DyDiT λ={lam:g} ({recipe_name})" for lam in args.lambdas}
     labels = [dense_name, *lambda_labels.values(), *(label for label, _ in args.checkpoint)]
     coefficients = TeaCacheCoefficients.from_args(args, labels, out)  # checked before any work
+    (out / "samples").mkdir(exist_ok=True)
 
     def teacache(name: str, model: torch.nn.Module, weights: Path) -> dict:
         """The polynomial record of ``name``'s TeaCache points (fitted first under ``auto``)."""
