@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
 ]
 LAYERS[-1].add("presets_flux")  # the FLUX family's config and presets (issue 24), beside presets
 LAYERS[-1].add("presets_uvit")  # the U-ViT family's config and presets (issue 26), beside presets
+LAYERS[-1].add("config_checks")  # the config classes' shared field checks, beneath every presets module
 LAYERS[2].add("sample_settings")  # how to sample (SamplingSettings), beside the sampling workflow
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -60,6 +61,7 @@ FORBIDDEN = {
     "presets": {"io", "log", "distributed"},
     "presets_flux": {"presets", "io", "log", "distributed"},
     "presets_uvit": {"presets", "presets_flux", "io", "log", "distributed"},
+    "config_checks": {"presets", "presets_flux", "presets_uvit", "io", "log", "distributed"},
     "io": {"presets", "log", "seeds"},
     "seeds": {"presets", "io", "log", "distributed", "constants"},
     "sample_io": {"models", "diffusion", "flow", "flops", "data", "viz"},
