@@ -351,6 +351,59 @@ def test_cli_calibrates_and_samples_with_a_cache(tmp_path, capsys):
     assert main(["sample", *args, "--cache", "fbcache:0.1", "--cache-coefficients", str(coeffs)]) == 1
 
 
+def test_cli_calibrates_a_text_to_image_flux_on_prompts_and_samples_with_the_file(tmp_path, capsys):
+    """``dydit cache-calibrate`` on a FLUX-t2i: its own recipe, ``--prompt`` (or held-in evaluation
+    prompts by default) as the condition; ``dydit sample --prompt ... --cache-coefficients`` reads it."""
+    from dydit.apps.demo_t2i import untrained_t2i
+    from dydit.cli import main
+    from dydit.data.compose_grammar import evaluation_prompts
+    from dydit.train.state import export_weights
+
+    model = untrained_t2i(0)
+    ckpt = tmp_path / "t2i.safetensors"
+    export_weights(ckpt, model, {"model": model.config.to_dict()})
+    base = ["cache-calibrate", "--checkpoint", str(ckpt), "--device", "cpu", "--num-samples", "2"]
+    base += ["--degree", "2"]
+    coeffs, default = tmp_path / "tc.json", tmp_path / "tc-default.json"
+    prompts = ["two bags", "a red sneaker left of a bag"]
+    assert main([*base, "--prompt", prompts[0], "--prompt", prompts[1], "--out", str(coeffs)]) == 0
+    stored = json.loads(coeffs.read_text())
+    assert len(stored["coefficients"]) == 3 and stored["prompts"] == prompts
+    sampling, recipe = stored["sampling"], model.config
+    assert (sampling["sampler"], sampling["steps"]) == (recipe.recipe_sampler, recipe.recipe_steps)
+    assert sampling["cfg_scale"] == recipe.recipe_guidance
+    assert main([*base, "--out", str(default)]) == 0  # no prompts: held-in evaluation prompts
+    held_in = [p.text for p in evaluation_prompts("train", per_category=1)]
+    assert json.loads(default.read_text())["prompts"] == held_in
+    file = tmp_path / "prompts.txt"
+    file.write_text("two bags\n")
+    assert main([*base, "--prompts", str(file), "--steps", "5", "--out", str(default)]) == 0
+    assert json.loads(default.read_text())["sampling"]["steps"] == 5
+    capsys.readouterr()
+
+    args = [
+        "sample",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        prompts[0],
+        "--num-samples",
+        "2",
+        "--no-progress",
+    ]
+    args += ["--device", "cpu", "--grid", str(tmp_path / "grid.png")]
+    assert main([*args, "--cache", "teacache:0.1", "--cache-coefficients", str(coeffs)]) == 0
+    assert "cache: teacache:0.1" in capsys.readouterr().err and (tmp_path / "grid.png").is_file()
+
+    dit = random_dit(depth=2)
+    dit_ckpt = tmp_path / "dit.safetensors"
+    export_weights(dit_ckpt, dit, {"model": dit.config.to_dict()})
+    argv = ["cache-calibrate", "--checkpoint", str(dit_ckpt), "--prompt", "two bags", "--out", str(default)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "text-to-image model" in err and len(err.splitlines()) == 1
+
+
 def test_a_wrapped_cache_told_its_times_restarts_after_each_run():
     """A caller that hides the cache from generate (a counting wrapper) gives the run's times."""
     model = random_dit()

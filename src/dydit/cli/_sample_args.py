@@ -127,19 +127,29 @@ def _add_sampling_group(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"number of images (default: the number of --classes, else {DEFAULT_NUM_SAMPLES})",
     )
-    g.add_argument(
-        "--prompt",
-        action="append",
-        default=None,
-        help="text-to-image models: a prompt (repeat the flag for several; cycled over the images)",
-    )
-    g.add_argument(
-        "--prompts", default=None, metavar="FILE", help="text-to-image models: prompts, one a line"
-    )
+    add_prompt_options(g)
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
     add_cache_options(g)
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass and process")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+
+
+def add_prompt_options(g: Any, default: str = "") -> None:
+    """``--prompt TEXT`` (repeatable) and ``--prompts FILE``: a text-to-image model's condition
+    (read by :func:`dydit.cli.sample._prompts`); ``default`` ends the help with what is used without
+    either."""
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text-to-image models: a prompt (repeat the flag for several; cycled over the images)" + default,
+    )
+    g.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="text-to-image models: prompts, one a line" + default,
+    )
 
 
 def add_cache_options(g: Any) -> None:

@@ -7,6 +7,11 @@ modulated input and of the network output (:class:`dydit.models.cache.ChangeReco
 polynomial from the first to the second (``numpy.polyfit``) and writes it as JSON, which
 ``dydit sample --cache teacache:T --cache-coefficients FILE`` and ``dydit.cached(...,
 coefficients=FILE)`` read.
+
+A text-to-image model (``FLUX-t2i``, docs/METHOD.md §17.6) samples ``--prompt`` / ``--prompts FILE``
+as ``dydit sample`` does (cycled over the images), by default one held-in evaluation prompt per
+category (:func:`dydit.data.compose_grammar.evaluation_prompts`), with its own recipe's sampler,
+steps and guidance unless given; the file records the prompts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from dydit.cli._common import (
     non_negative_float,
@@ -27,9 +33,11 @@ from dydit.diffusion import GUIDANCE_CHANNELS
 from dydit.errors import DyditError
 from dydit.models.cache_settings import CALIBRATION_BATCH, CALIBRATION_IMAGES, DEFAULT_DEGREE
 
+DEFAULT_STEPS = 50  # a class-conditional model's; a text-to-image model's recipe names its own
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from dydit.cli._sample_args import DEFAULT_CFG_SCALE, _add_model_group, _steps
+    from dydit.cli._sample_args import DEFAULT_CFG_SCALE, _add_model_group, _steps, add_prompt_options
 
     p = sub.add_parser(
         "cache-calibrate",
@@ -49,12 +57,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="polynomial degree (default %(default)s, as TeaCache)",
     )
     g.add_argument("--sampler", choices=sampler_names(), default=None, help=sampler_help())
-    g.add_argument("--steps", type=_steps, default=50, help="sampling steps (default 50)")
+    g.add_argument(
+        "--steps",
+        type=_steps,
+        default=None,
+        help=f"sampling steps (default {DEFAULT_STEPS}, or a text-to-image model's own recipe)",
+    )
     g.add_argument(
         "--cfg-scale",
         type=non_negative_float,
-        default=DEFAULT_CFG_SCALE,
-        help="guidance (default %(default)s)",
+        default=None,
+        help=f"guidance (default {DEFAULT_CFG_SCALE}, or a text-to-image model's own recipe)",
     )
     g.add_argument(
         "--guidance-channels",
@@ -65,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--num-samples", type=positive_int, default=CALIBRATION_IMAGES, help="images (default %(default)s)"
     )
+    add_prompt_options(g, ". Default: one held-in evaluation prompt per category")
     g.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default 0)")
     g.add_argument(
         "--batch-size", type=positive_int, default=CALIBRATION_BATCH, help="images per forward pass"
@@ -73,13 +87,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _calibration_prompts(args: argparse.Namespace, cfg: Any) -> list[str] | None:
+    """The prompts of ``--prompt`` / ``--prompts`` (read as ``dydit sample`` reads them: a one-line
+    error for a class-conditional model), else for a text-to-image model one held-in evaluation
+    prompt per category: captions of the kind it was trained on, each category's trajectories."""
+    from dydit.cli.sample import _prompts, _tokenizer, is_text_model
+
+    if not is_text_model(cfg) or args.prompt is not None or args.prompts is not None:
+        return _prompts(args, cfg)
+    from dydit.data.compose_grammar import evaluation_prompts
+
+    tokenizer = _tokenizer(cfg)  # a model of another vocabulary: a one-line error naming the words
+    return [" ".join(tokenizer.check(p.text)) for p in evaluation_prompts("train", per_category=1)]
+
+
 def run(args: argparse.Namespace) -> int:
     from dydit.cli._common import engine_options
-    from dydit.cli.sample import _build_model, _execution, _label_classes, _model_config
+    from dydit.cli.sample import (
+        _build_model,
+        _check_guidance,
+        _execution,
+        _label_classes,
+        _model_config,
+        _sample_shape,
+        _settings,
+        _tokenizer,
+    )
     from dydit.flow import create_process
     from dydit.io import output_target
     from dydit.models.sliced import engine
-    from dydit.sample import SamplingSettings, calibrate_teacache
+    from dydit.sample import calibrate_teacache
 
     device = resolve_device(args.device)
     output_target(args.out)
@@ -88,24 +125,26 @@ def run(args: argparse.Namespace) -> int:
     options = engine_options(args, execution)
     if getattr(args, "lora", None):
         raise DyditError("cache-calibrate takes a checkpoint without --lora")
-    sampler = args.sampler or getattr(cfg, "default_sampler", "euler" if cfg.objective == "flow" else "ddpm")
-    settings = SamplingSettings(
-        sampler=sampler, steps=args.steps, cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels
-    )
-    if settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
-        raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
+    settings = _settings(args, cfg, default_steps=DEFAULT_STEPS)
+    prompts = _calibration_prompts(args, cfg)
+    _check_guidance(cfg, settings)
+    seeds = list(range(args.seed, args.seed + args.num_samples))
+    condition, meta = None, {}
+    if prompts is not None:  # cycled over the images, as dydit sample does
+        condition = _tokenizer(cfg)([prompts[i % len(prompts)] for i in range(len(seeds))])
+        meta["prompts"] = prompts
     model = _build_model(cfg, ckpt, execution).to(device)
     if execution == "sliced" and options:
         model = engine(model, **options)
-    seeds = list(range(args.seed, args.seed + args.num_samples))
     _, pairs = calibrate_teacache(
-        model, create_process(cfg), [settings], out=args.out, seeds=seeds,
-        shape=(cfg.in_channels, cfg.input_size, cfg.input_size), num_classes=_label_classes(cfg),
-        degree=args.degree, batch_size=args.batch_size, device=device, weights=source, execution=execution,
+        model, create_process(cfg), [settings], out=args.out, seeds=seeds, shape=_sample_shape(cfg),
+        num_classes=_label_classes(cfg), condition=condition, degree=args.degree,
+        batch_size=args.batch_size, device=device, weights=source, execution=execution, **meta,
     )  # fmt: skip
+    shown = "" if prompts is None else f", {len(prompts)} prompt(s)"
     print(
         f"wrote {Path(args.out)}: degree-{args.degree} polynomial from {pairs} pairs "
-        f"({args.num_samples} images, {settings.sampler} {settings.steps} steps)",
+        f"({args.num_samples} images{shown}, {settings.sampler} {settings.steps} steps)",
         file=sys.stderr,
     )
     return 0

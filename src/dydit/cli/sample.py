@@ -127,32 +127,15 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the run needs, validated; what --dry-run prints."""
     from dydit import distributed
     from dydit.flow import create_process
-    from dydit.sample import SamplingSettings, resolve_labels
+    from dydit.sample import resolve_labels
 
     cfg, ckpt, source = _model_config(args)
     execution = _execution(args.execution, cfg)
     options = engine_options(args, execution)
-    default_sampler = "euler" if cfg.objective == "flow" else "ddpm"
-    default_sampler = getattr(cfg, "default_sampler", default_sampler)  # a U-ViT names its own
     text = is_text_model(cfg)
-    recipe = (cfg.recipe_sampler, cfg.recipe_steps, cfg.recipe_guidance) if text else None
-    settings = SamplingSettings(
-        sampler=args.sampler or (recipe[0] if recipe else default_sampler),
-        steps=args.steps if args.steps is not None else (recipe[1] if recipe else 250),
-        cfg_scale=args.cfg_scale
-        if args.cfg_scale is not None
-        else (recipe[2] if recipe else DEFAULT_CFG_SCALE),
-        guidance_channels=args.guidance_channels,
-        eta=args.eta,
-        clip_denoised=args.clip_denoised,
-    )
+    settings = _settings(args, cfg, default_steps=250)
     prompts = _prompts(args, cfg)
-    if not text and settings.cfg_scale != 1 and cfg.class_dropout_prob == 0:
-        raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
-    if text and settings.cfg_scale != 1 and cfg.caption_dropout == 0:
-        raise DyditError(
-            "this model was trained without caption dropout (no null caption); use --cfg-scale 1"
-        )
+    _check_guidance(cfg, settings)
     if text and args.classes is not None:
         raise DyditError("a text-to-image model takes --prompt or --prompts, not --classes")
     n = args.num_samples or len(prompts or args.classes or [None] * DEFAULT_NUM_SAMPLES)
@@ -208,6 +191,40 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         "npz": npz,
         "_objects": (cfg, ckpt, settings, seeds, labels, diffusion, cache, prompts),
     }
+
+
+def _settings(args: argparse.Namespace, cfg: Any, default_steps: int) -> Any:
+    """The SamplingSettings of the sampling options; what they leave out is a text-to-image model's
+    own recipe (its config's ``recipe_*`` fields), else the family's sampler, ``default_steps`` and
+    DEFAULT_CFG_SCALE. ``dydit cache-calibrate`` resolves through here too: its fit must follow the
+    trajectories ``dydit sample`` will run."""
+    from dydit.sample import SamplingSettings
+
+    if is_text_model(cfg):
+        recipe = (cfg.recipe_sampler, cfg.recipe_steps, cfg.recipe_guidance)
+    else:
+        sampler = getattr(cfg, "default_sampler", "euler" if cfg.objective == "flow" else "ddpm")  # U-ViT
+        recipe = (sampler, default_steps, DEFAULT_CFG_SCALE)
+    return SamplingSettings(
+        sampler=args.sampler or recipe[0],
+        steps=recipe[1] if args.steps is None else args.steps,
+        cfg_scale=recipe[2] if args.cfg_scale is None else args.cfg_scale,
+        guidance_channels=args.guidance_channels,
+        eta=getattr(args, "eta", None),
+        clip_denoised=getattr(args, "clip_denoised", False),
+    )
+
+
+def _check_guidance(cfg: Any, settings: Any) -> None:
+    """Guidance needs the unconditional branch the model was trained with: a null class or caption."""
+    if settings.cfg_scale == 1:
+        return
+    if not is_text_model(cfg) and cfg.class_dropout_prob == 0:
+        raise DyditError("this model has no null-class embedding (class_dropout_prob 0); use --cfg-scale 1")
+    if is_text_model(cfg) and cfg.caption_dropout == 0:
+        raise DyditError(
+            "this model was trained without caption dropout (no null caption); use --cfg-scale 1"
+        )
 
 
 def is_text_model(cfg: Any) -> bool:
