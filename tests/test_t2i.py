@@ -229,6 +229,51 @@ class _UniformClassifier:
         return {"logits": torch.zeros(len(x), 10), "pool": torch.randn(len(x), 128)}
 
 
+def test_prompts_are_timed_after_an_untimed_warm_up_that_changes_no_image(monkeypatch) -> None:
+    """``sample_prompts`` (the t2i demo's and frontier's timing) runs the first batch once untimed,
+    uncounted and outside a step cache's stats, as the DiT demo's ``sample_timed``. A simulated clock
+    (no wall-clock assertion): a network call costs 1 per row, plus 100 the first time a (batch
+    shape, t) pair is met and 1000 on the very first call. The timed seconds must be the warm cost
+    alone, and the images those of the same seeds sampled without any warm-up."""
+    from dydit.apps import demo_t2i
+    from dydit.data.codec import PixelCodec
+    from dydit.models.cache import cached
+    from dydit.sample import sample_images
+
+    model = demo_t2i.untrained_t2i(0)
+    clock, seen = [0.0], set()
+
+    def cost(module, inputs) -> None:
+        x, t = inputs[0], inputs[1]
+        key = (tuple(x.shape), tuple(t.tolist()))
+        clock[0] += x.shape[0] + (0 if key in seen else 100) + (0 if seen else 1000)
+        seen.add(key)
+
+    prompts = ["two bags", "a red sneaker left of a bag", "a blue shirt", "three bags"]
+    cfg = demo_t2i.T2IDemoConfig(sample_batch=2, seed=3, device="cpu", progress=False)
+    settings = demo_t2i.recipe(cfg, model.config)
+    mc = model.config
+    with torch.inference_mode():  # the same seeds, no warm-up
+        want, _ = sample_images(
+            model, create_process(mc), settings, PixelCodec(), seeds=[3 * 1_000_003 + i for i in range(4)],
+            shape=(mc.latent_channels, mc.sample_size, mc.sample_size), batch_size=2,
+            condition=model.text_encoder.tokenizer(prompts), progress=False,
+        )  # fmt: skip
+    hook = model.register_forward_pre_hook(cost)
+    monkeypatch.setattr(demo_t2i.time, "perf_counter", lambda: clock[0])
+    images, spent = demo_t2i.sample_prompts(model, prompts, settings, cfg)
+    np.testing.assert_array_equal(images, want)
+    rows = 2 * 4 * settings.steps  # the timed run: guidance doubles the 4 images' rows at every step
+    assert spent["seconds"] == rows  # nothing cold was left for the timed run
+    assert clock[0] > spent["seconds"]  # ... because the warm-up paid for it
+    hook.remove()
+    step_cache = cached(model, "teacache", 0.0)
+    images, _ = demo_t2i.sample_prompts(step_cache, prompts, settings, cfg)
+    np.testing.assert_array_equal(images, want)
+    stats = step_cache.stats  # the timed run's two batches only
+    assert (stats.runs, stats.computed, stats.reused) == (2, 2 * settings.steps, 0)
+
+
 def test_diffusers_export_leaves_the_text_encoder_out_and_refuses_other_packings(tmp_path) -> None:
     from safetensors.torch import load_file
 

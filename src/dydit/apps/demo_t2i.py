@@ -168,8 +168,10 @@ def sample_prompts(
     model: torch.nn.Module, prompts: list[str], settings: SamplingSettings, cfg: T2IDemoConfig
 ) -> tuple[np.ndarray, dict[str, float]]:
     """uint8 images (N, 64, 64, 3) of ``prompts`` (seeds ``seed·1000003 + i``) and what they cost:
-    seconds, attention+MLP MACs per image and all MACs per image. ``model`` may be a step cache
-    (:func:`dydit.models.cache.cached`) around the model."""
+    seconds, attention+MLP MACs per image and all MACs per image, timed and counted after an
+    untimed warm-up pass over the first batch (as the DiT demo's ``sample_timed``). ``model`` may
+    be a step cache (:func:`dydit.models.cache.cached`) around the model; its ``stats`` then count
+    the timed run only."""
     from dydit.data.codec import PixelCodec
     from dydit.models.cache import StepCache
 
@@ -177,13 +179,28 @@ def sample_prompts(
     net = model.model if isinstance(model, StepCache) else model
     condition = net.text_encoder.tokenizer(prompts)
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts))]
+
+    def run(count: int, progress: bool) -> np.ndarray:
+        images, _ = sample_images(
+            model, create_process(mc), settings, PixelCodec(), seeds=seeds[:count],
+            shape=(mc.latent_channels, mc.sample_size, mc.sample_size),
+            condition=condition.select(list(range(count))), batch_size=cfg.sample_batch,
+            device=cfg.device, progress=progress,
+        )  # fmt: skip
+        return images
+
+    # Warm-up, untimed, uncounted and outside a cache's stats: the first batch once through the whole
+    # sampling path at the timed run's batch size and steps (first-call allocations, kernel selection,
+    # the sliced engine's per-step plans). Without it the first model timed paid these. Every image
+    # draws its noise from its own seed's generator, so the timed run's images are unchanged.
+    stats = replace(model.stats) if isinstance(model, StepCache) else None
+    with torch.inference_mode():
+        run(min(cfg.sample_batch, len(prompts)), progress=False)
+    if stats is not None:
+        model.stats = stats
     with count_flops() as fc, torch.inference_mode():
         start = time.perf_counter()
-        images, _ = sample_images(
-            model, create_process(mc), settings, PixelCodec(), seeds=seeds,
-            shape=(mc.latent_channels, mc.sample_size, mc.sample_size), condition=condition,
-            batch_size=cfg.sample_batch, device=cfg.device, progress=cfg.progress,
-        )  # fmt: skip
+        images = run(len(prompts), progress=cfg.progress)
         seconds = time.perf_counter() - start
     core = fc.by_component.get("attention", 0) + fc.by_component.get("mlp", 0)
     n = len(prompts)
