@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dydit.cli import main
+from dydit.errors import DyditError
 from dydit.evaluate import write_npz
 from dydit.factory import build_model
 from dydit.models.dit import DiT
@@ -464,6 +465,42 @@ def test_model_sizes_over_the_limits_are_refused(tmp_path, capsys, refuse_builds
                       "cpu", "--grid", str(tmp_path / "g.png")], capsys, "sample")  # fmt: skip
     assert "num_tokens ((input_size / patch_size)^2) 4194304 is over dydit's limit of 65,536" in line
     assert not list(tmp_path.iterdir())
+
+
+HUGE = 10**5000  # over 4300 digits: Python refuses to print it (ValueError); float() overflows on it
+
+
+def test_integers_too_long_to_print_are_one_line_errors_in_every_config_field():
+    """An int of more than 4300 digits crashed the DiT config's mlp_ratio, mlp_norm_eps and
+    timestep_freq_shift checks and the FLUX config's axes_dims_rope, router_layout and text_encoder
+    messages (ValueError, OverflowError). Files cannot carry one (JSON and the safe unpickler refuse
+    it); the Python API can (``get_model_config(name, **overrides)``, ``replace``). Every field of
+    every family, given one alone or inside a list, is accepted or refused with one short line."""
+    import dataclasses
+
+    from dydit.presets import get_model_config, get_uvit_config
+
+    dit, flux = get_model_config("DiT-S/2"), get_model_config("FLUX-t2i-tiny")
+    shown = "a number of 5001 digits"
+    for config, field, value, needle in (
+        (dit, "mlp_ratio", HUGE, f"mlp_ratio {shown} is over dydit's limit of 64"),
+        (dit, "mlp_norm_eps", HUGE, f"mlp_norm_eps must be in (0, 1), got {shown}"),
+        (dit, "timestep_freq_shift", HUGE, f"or 1 (diffusers), got {shown}"),
+        (flux, "axes_dims_rope", HUGE, f"axes_dims_rope must be a list of 3 integers, got {shown}"),
+        (flux, "axes_dims_rope", [HUGE, 2, 2], f"axes_dims_rope [{shown}, 2, 2] must sum to"),
+        (flux, "router_layout", HUGE, f"router_layout must be one of ('forced_first', 'all'), got {shown}"),
+        (flux, "text_encoder", HUGE, f"text_encoder must be a dict, got {shown}"),
+    ):
+        with pytest.raises(DyditError) as refused:
+            dataclasses.replace(config, **{field: value})
+        assert needle in str(refused.value), (field, str(refused.value))
+    for config in (dit, flux, get_uvit_config("U-ViT-S/2")):
+        for field in dataclasses.fields(config):
+            for value in (HUGE, -HUGE, [HUGE, 2, 2]):
+                try:
+                    dataclasses.replace(config, **{field.name: value})
+                except DyditError as e:
+                    assert "\n" not in str(e) and len(str(e)) < 200, (field.name, str(e)[:300])
 
 
 def test_nan_weights_are_caught_before_they_reach_disk(tmp_path, capsys):

@@ -39,7 +39,24 @@ MAX_MLP_RATIO = 64
 MAX_PARAMETERS = 20_000_000_000
 ROUTER_LAYOUTS: tuple[str, ...] = ("forced_first", "all")
 
-_short = reprlib.Repr()
+
+def _digits(value: int) -> str:
+    """An int by its length: Python refuses to print one of more than 4300 digits (a ValueError)."""
+    return f"a number of {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's cut-short repr, with an int too long to print shown by its length, also inside a
+    list or a dict (``axes_dims_rope [10**5000, 2, 2]``): a message must never crash on its value."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            return _digits(x)
+
+
+_short = _ShortRepr()
 _short.maxstring = _short.maxother = 40
 _short.maxlevel = 2
 # What check_type says a field must be, by the type (or types) it accepts.
@@ -52,9 +69,8 @@ def shown(value: Any) -> str:
     """``repr(value)``, cut short: a hostile value (a megabyte string, a nested list) stays one line."""
     try:
         return _short.repr(value)
-    except (ValueError, RecursionError):  # an int of more than 4300 digits
-        digits = int(value.bit_length() * math.log10(2)) + 1 if isinstance(value, int) else "too many"
-        return f"a number of {digits} digits"
+    except (ValueError, RecursionError):  # an int subclass of more than 4300 digits; a hostile repr
+        return _digits(value) if isinstance(value, int) else f"a {type(value).__name__} that cannot be shown"
 
 
 def check_type(name: str, value: Any, kind: type | tuple[type, ...], label: str = "") -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,7 +87,7 @@ def check_size(field: str, value: int, name: str | None = None) -> None:
     name = name or field
     check_type(name, value, int)
     if value < 1:
-        raise DyditError(f"{name} must be positive, got {value}")
+        raise DyditError(f"{name} must be positive, got {shown(value)}")
     limit = SIZE_LIMITS[field]
     if value > limit:
         of = "" if name.startswith(field) else f" for {field}"
@@ -131,10 +130,10 @@ class ModelConfig:
         # Types first: configs also come from JSON in checkpoints and from --model-option KEY=VALUE.
         for name, kind in _FIELD_KINDS.items():
             check_type(name, getattr(self, name), kind)
-        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
-            raise DyditError(f"mlp_ratio must be a positive number, got {self.mlp_ratio}")
-        if self.mlp_ratio > MAX_MLP_RATIO:
-            raise DyditError(f"mlp_ratio {self.mlp_ratio} is over dydit's limit of {MAX_MLP_RATIO}")
+        if not self.mlp_ratio > 0:  # NaN too; no math.isfinite: it overflows on an int of 309+ digits
+            raise DyditError(f"mlp_ratio must be a positive number, got {shown(self.mlp_ratio)}")
+        if not self.mlp_ratio <= MAX_MLP_RATIO:  # inf too
+            raise DyditError(f"mlp_ratio {shown(self.mlp_ratio)} is over dydit's limit of {MAX_MLP_RATIO}")
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels"):
             check_size(name, getattr(self, name))
         check_size("num_classes", self.num_classes)
@@ -162,10 +161,10 @@ class ModelConfig:
         if self.timestep_freq_shift not in TIMESTEP_FREQ_SHIFTS:
             raise DyditError(
                 f"timestep_freq_shift must be 0 (official DiT) or 1 (diffusers), "
-                f"got {self.timestep_freq_shift}"
+                f"got {shown(self.timestep_freq_shift)}"
             )
-        if not (math.isfinite(self.mlp_norm_eps) and 0 < self.mlp_norm_eps < 1):
-            raise DyditError(f"mlp_norm_eps must be in (0, 1), got {self.mlp_norm_eps}")
+        if not 0 < self.mlp_norm_eps < 1:  # NaN and inf too
+            raise DyditError(f"mlp_norm_eps must be in (0, 1), got {shown(self.mlp_norm_eps)}")
 
     def require_ddpm(self, action: str) -> None:
         """Raise a one-line DyditError when ``action`` (something DDPM-only) meets a flow model."""

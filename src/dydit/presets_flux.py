@@ -31,6 +31,7 @@ from typing import Any
 
 from dydit.config_checks import (
     ROUTER_LAYOUTS,
+    check_choice,
     check_fields,
     check_fraction,
     check_type,
@@ -114,17 +115,17 @@ class FluxConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.axes_dims_rope, (list, tuple)) or len(self.axes_dims_rope) != 3:
-            raise DyditError(f"axes_dims_rope must be a list of 3 integers, got {self.axes_dims_rope!r:.60}")
+            raise DyditError(f"axes_dims_rope must be a list of 3 integers, got {shown(self.axes_dims_rope)}")
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         if self.text_encoder is not None:
             if not isinstance(self.text_encoder, dict):
                 raise DyditError(
-                    f"FLUX config field text_encoder must be a dict, got {self.text_encoder!r:.40}"
+                    f"FLUX config field text_encoder must be a dict, got {shown(self.text_encoder)}"
                 )
             object.__setattr__(self, "text_encoder", dict(self.text_encoder))
         check_fraction("caption_dropout", self.caption_dropout)
         if not isinstance(self.recipe_guidance, (int, float)) or not self.recipe_guidance >= 1:
-            raise DyditError(f"recipe_guidance must be >= 1, got {self.recipe_guidance!r}")
+            raise DyditError(f"recipe_guidance must be >= 1, got {shown(self.recipe_guidance)}")
         for name in FLUX_LIMITS:
             value = getattr(self, name)
             if name == "out_channels" and value is None:
@@ -136,13 +137,12 @@ class FluxConfig:
         if not axes or not all(
             isinstance(a, int) and not isinstance(a, bool) and a > 0 and a % 2 == 0 for a in axes
         ):
-            raise DyditError(f"axes_dims_rope must be positive even integers, got {list(axes)}")
+            raise DyditError(f"axes_dims_rope must be positive even integers, got {shown(list(axes))}")
         if sum(axes) != self.attention_head_dim:
             raise DyditError(
-                f"axes_dims_rope {list(axes)} must sum to attention_head_dim {self.attention_head_dim}"
+                f"axes_dims_rope {shown(list(axes))} must sum to attention_head_dim {self.attention_head_dim}"
             )
-        if self.router_layout not in ROUTER_LAYOUTS:
-            raise DyditError(f"router_layout must be 'forced_first' or 'all', got {self.router_layout!r}")
+        check_choice("router_layout", self.router_layout, ROUTER_LAYOUTS)
         if self.in_channels % self.pack**2:
             raise DyditError(f"in_channels {self.in_channels} must be a multiple of pack^2 = {self.pack**2}")
         if self.sample_size % (self.pack * self.patch_size):
