@@ -55,6 +55,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from itertools import zip_longest
 from pathlib import Path
 
 # benchmarks/frontier.py (the class-conditional frontier), for its shared helpers; a script's own
@@ -186,6 +187,19 @@ def _load_dydit(path: str, device: str):
     return load_t2i_dydit(path).to(device)
 
 
+def calibration_prompts(per_category: int, seed: int, n: int) -> list[str]:
+    """The ``n`` held-in prompts a TeaCache fit samples: round-robin over the categories (the
+    evaluation list is grouped by category), so that even a few calibration images see every kind
+    of prompt, not only the first category's; cycled when ``n`` exceeds the list."""
+    from dydit.data.compose_grammar import evaluation_prompts
+
+    by_category: dict[str, list[str]] = {}
+    for p in evaluation_prompts("train", per_category, seed):
+        by_category.setdefault(p.category, []).append(p.text)
+    prompts = [text for group in zip_longest(*by_category.values()) for text in group if text is not None]
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 class Bench:
     """Measures the points of one run into ``result`` (saved to ``store`` after every point).
 
@@ -265,18 +279,15 @@ class Bench:
 
     def teacache(self, name: str, model: torch.nn.Module, weights: Path | None) -> dict:
         """The polynomial record of model ``name``'s TeaCache points (fitted first under ``auto``): its
-        trajectories are those of the held-in prompts (cycled over the calibration seeds) with the
+        trajectories are those of the held-in prompts (:func:`calibration_prompts`) with the
         run's recipe at every cache step count."""
-        from dydit.data.compose_grammar import evaluation_prompts
-
         if self.coefficients is None:
             raise DyditError(
                 "a TeaCache point needs the run's --cache-coefficients (Bench(coefficients=...))"
             )
         mc = model.config
         runs = [replace(self.settings, steps=n) for n in self.args.cache_steps]
-        prompts = [p.text for p in evaluation_prompts("train", self.cfg.per_category, self.cfg.seed)]
-        rows = [prompts[i % len(prompts)] for i in range(self.coefficients.samples)]
+        rows = calibration_prompts(self.cfg.per_category, self.cfg.seed, self.coefficients.samples)
         fit = partial(
             calibrate_teacache, model, create_process(mc), shape=(mc.latent_channels, mc.sample_size,
             mc.sample_size), condition=model.text_encoder.tokenizer(rows), device=self.cfg.device,

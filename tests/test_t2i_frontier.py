@@ -231,3 +231,16 @@ def test_teacache_auto_fits_each_model_on_its_prompts_once(bench, tmp_path, monk
     (out / "frontier.json").write_text(json.dumps(result))
     bench.main(argv)  # measured again: the stored fits serve
     assert fits == [] and "teacache-FLUX__dense.json" in (out / "frontier.md").read_text()
+
+
+def test_calibration_prompts_cover_every_category_round_robin(bench):
+    """A TeaCache fit on a few images sees every category (the evaluation list is grouped by it)."""
+    from dydit.data.compose_grammar import CATEGORIES, parse_caption
+
+    rows = bench.calibration_prompts(per_category=3, seed=0, n=len(CATEGORIES))
+    assert [parse_caption(r).category for r in rows] == list(
+        dict.fromkeys(parse_caption(r).category for r in rows)
+    )
+    assert {parse_caption(r).category for r in rows} == set(CATEGORIES)
+    many = bench.calibration_prompts(per_category=2, seed=0, n=40)
+    assert len(many) == 40 and len(set(many)) <= 2 * len(CATEGORIES) and many[0] == many[len(set(many))]
