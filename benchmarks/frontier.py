@@ -155,6 +155,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add_coefficient_options(p)
     p.add_argument("--num-samples", type=int, default=DemoConfig.num_samples, help="images per point")
     p.add_argument("--sampler", default=None, help=f"default: the base's own, else {DemoConfig.sampler}")
+    p.add_argument("--seed", type=int, default=DemoConfig.seed,
+                   help="seed set of every point: image i uses seed SEED·1000003 + i (fine-tunes: seed "
+                   "SEED); one seed per run directory (the FID spread: a directory per seed)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ref-limit", type=int, default=None,
                    help="reference images of the metrics (default: all; few: a path check)")  # fmt: skip
@@ -191,14 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     sampler = args.sampler or getattr(read_checkpoint(base)[1], "default_sampler", DemoConfig.sampler)
     cfg = DemoConfig(
         num_samples=args.num_samples, sampler=sampler, device=args.device, progress=False,
-        ref_limit=args.ref_limit, inception=not args.no_inception,
+        ref_limit=args.ref_limit, inception=not args.no_inception, seed=args.seed,
     )  # fmt: skip
     recipe = replace(cfg, **args.recipe)
     tag = "-".join(f"{k}{v}" for k, v in sorted(args.recipe.items()))
 
     store = out / "frontier.json"
-    result = json.loads(store.read_text()) if store.exists() else {"points": []}
-    result.update(machine=machine_description(), torch=torch.__version__, base=str(base))
+    result = json.loads(store.read_text()) if store.exists() else {"points": [], "seed": args.seed}
+    if result.get("seed", DemoConfig.seed) != args.seed:  # stored points are matched without it
+        raise DyditError(f"{store} holds points of seed {result.get('seed', DemoConfig.seed)}, not "
+                         f"{args.seed}: give another --out-dir")  # fmt: skip
+    result.update(seed=args.seed, machine=machine_description(), torch=torch.__version__, base=str(base))
     if args.retime:
         retime(result, cfg, base, store)
         render(result, out, args.budgets)

@@ -323,3 +323,21 @@ def test_bad_coefficient_options_are_one_line_errors(cache_run, tmp_path):
     with pytest.raises(DyditError, match="one default"):
         cache_run("--caches", TEA, "--cache-coefficients", "auto", "--cache-coefficients", str(good))
     assert not (cache_run.out / "frontier.json").exists()  # nothing measured before the check
+
+
+def test_seed_sets_every_points_seeds_and_one_directory_holds_one_seed(frontier, cache_run, monkeypatch):
+    """--seed reaches every measured point (the FID spread is one run directory per seed set); a
+    directory measured with another seed is refused, since stored points are matched without it."""
+    from dydit.errors import DyditError
+
+    seeds, measured = [], frontier.measure
+    monkeypatch.setattr(
+        frontier,
+        "measure",
+        lambda name, fn, cfg, npz: (seeds.append(cfg.seed), measured(name, fn, cfg, npz))[1],
+    )
+    points, _ = cache_run("--seed", "2")
+    assert seeds and set(seeds) == {2} and len(points) == 2
+    assert json.loads((cache_run.out / "frontier.json").read_text())["seed"] == 2
+    with pytest.raises(DyditError, match="seed 2, not 0"):
+        cache_run()
