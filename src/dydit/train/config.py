@@ -284,27 +284,26 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
     from dydit.presets_flux import FLUX_PRESETS, FluxConfig, flux_preset_name, get_flux_config
 
     dynamic = config.dynamic if dynamic is None else dynamic
-    if isinstance(config, FluxConfig):  # a FLUX (docs/METHOD.md §15): its preset, else the first
-        name = flux_preset_name(config.replace(dynamic=False)) or next(iter(FLUX_PRESETS))
-        base = get_flux_config(name)
-        target = config.replace(dynamic=dynamic)
-        if dynamic:
-            name = flux_preset_name(target) or name
-        stock = base.to_dict()  # compared as stored (lists, not tuples)
-        return name, {k: v for k, v in target.to_dict().items() if k != "family" and stock[k] != v}
+    target = config.replace(dynamic=dynamic)
+    if isinstance(
+        config, FluxConfig
+    ):  # a FLUX (docs/METHOD.md §15): its preset (DyFLUX twin), else the first
+        name = flux_preset_name(target) or next(iter(FLUX_PRESETS))
+        return name, _changed_fields(get_flux_config(name), target)
     if isinstance(config, UViTConfig):  # a U-ViT (docs/METHOD.md §16): its preset, else the first
         name = preset_name(config.replace(dynamic=False)) or UVIT_NAMES[0]
-        base = get_uvit_config(name)
-        target = config.replace(dynamic=dynamic)
-        return (dydit_name(name) if dynamic else name), {
-            k: v for k, v in target.to_dict().items() if k != "family" and getattr(base, k) != v
-        }
+        return (dydit_name(name) if dynamic else name), _changed_fields(get_uvit_config(name), target)
     name = preset_name(config.replace(dynamic=False)) or DIT_NAMES[0]
     if dynamic and name in DIT_NAMES:
         name = dydit_name(name)
-    target = config.replace(dynamic=dynamic)
-    base = get_model_config(name)
-    return name, {k: v for k, v in target.to_dict().items() if getattr(base, k) != v}
+    return name, _changed_fields(get_model_config(name), target)
+
+
+def _changed_fields(base: Any, target: Any) -> dict[str, Any]:
+    """The fields of config ``target`` that differ from ``base``'s, compared as stored (``to_dict``:
+    lists, not tuples), without the family marker."""
+    stock = base.to_dict()
+    return {k: v for k, v in target.to_dict().items() if k != "family" and stock.get(k) != v}
 
 
 def run_model(
