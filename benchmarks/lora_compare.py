@@ -614,10 +614,7 @@ def markdown(result: dict) -> str:
     for run in result["runs"].values():
         smp = run["sample"]
         lines.append(
-            f"| {run['label']} | {run['trainable_params']:,} | {100 * run['trainable_fraction']:.2f}% | "
-            f"{smp['rho']:.3f} ({_fmt(run['train_flops_ratio'], '.3f')}) | {_fmt(smp.get('FID'), '.1f')} | "
-            f"{_fmt(smp.get('FD-FMNIST-classifier'), '.1f')} | {_training_cells(run)} | "
-            f"{1e3 * smp['seconds_per_image']:.1f} |"
+            _run_row(run, f"{_fmt(smp.get('FID'), '.1f')} | {_fmt(smp.get('FD-FMNIST-classifier'), '.1f')}")
         )
     lines += ["", _memory_note(result)]
     for run in result["runs"].values():
@@ -627,6 +624,17 @@ def markdown(result: dict) -> str:
             delta, steps = _fmt(eq.get("delta_fid"), "+.1f"), eq.get("dense_steps", "–")
             lines.append(f"Frontier, {run['label']}: {verdict} (ΔFID {delta}, dense steps {steps}).")
     return "\n".join(lines) + "\n"
+
+
+def _run_row(run: dict, quality: str) -> str:
+    """A fine-tune's row of either comparison's table: its trainable parameters, ρ, the ``quality``
+    cells (the variant's metrics, already joined by " | "), the training cells and ms / image."""
+    smp = run["sample"]
+    return (
+        f"| {run['label']} | {run['trainable_params']:,} | {100 * run['trainable_fraction']:.2f}% | "
+        f"{smp['rho']:.3f} ({_fmt(run['train_flops_ratio'], '.3f')}) | {quality} | "
+        f"{_training_cells(run)} | {1e3 * smp['seconds_per_image']:.1f} |"
+    )
 
 
 def markdown_t2i(result: dict) -> str:
@@ -672,13 +680,7 @@ def markdown_t2i(result: dict) -> str:
         f"| {dense['label']} | – | – | {dense['sample']['rho']:.3f} | {quality(dense['sample'])} | – | – "
         f"| – | {1e3 * dense['sample']['seconds_per_image']:.1f} |",
     ]
-    for run in result["runs"].values():
-        smp = run["sample"]
-        lines.append(
-            f"| {run['label']} | {run['trainable_params']:,} | {100 * run['trainable_fraction']:.2f}% | "
-            f"{smp['rho']:.3f} ({_fmt(run['train_flops_ratio'], '.3f')}) | {quality(smp)} | "
-            f"{_training_cells(run)} | {1e3 * smp['seconds_per_image']:.1f} |"
-        )
+    lines += [_run_row(run, quality(run["sample"])) for run in result["runs"].values()]
     lines += ["", _memory_note(result), "", "GenEval-style accuracy per category:", ""]
     lines += [
         "| model | prompt set | " + " | ".join(CATEGORIES) + " | overall |",
