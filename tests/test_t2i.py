@@ -159,6 +159,13 @@ def test_train_sample_resume_and_geneval_through_the_cli(tmp_path, capsys, monke
     dy = load_model(tmp_path / "ft" / "ema.safetensors")
     assert isinstance(dy, DyDiT) and dy.config.text_encoder == model.config.text_encoder
     capsys.readouterr()
+    assert main(["flops", "--checkpoint", str(export)]) == 0  # a dense FLUX file: its preset's table
+    out = capsys.readouterr().out
+    assert out.startswith("FLUX-t2i-tiny: 3x64x64 pixels,") and "| **total** |" in out
+    assert main(["flops", "--checkpoint", str(tmp_path / "ft" / "ema.safetensors"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out  # its DyDiT: routing measured along its recipe's prompted trajectory
+    assert "DyFLUX-t2i-tiny" in out and "text-stream MLP" in out and "cfg scale 2," in out
+    assert 0 < float(out.split("attn+MLP ratio ")[-1].split(";")[0]) <= 1
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         "a red sneaker left of a bag\n# a comment\ntwo bags\na blue shirt and a yellow trouser\n"

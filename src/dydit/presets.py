@@ -298,10 +298,13 @@ def preset_name(cfg: ModelConfig) -> str | None:
     """The preset whose architecture (depth, width, heads, patch) and objective match ``cfg``, if any.
 
     A DyDiT of a DDPM preset is named ``DyDiT-*``; a dynamic flow model has no preset name. A U-ViT
-    config gets its U-ViT preset's name (:func:`uvit_preset_name`).
+    config gets its U-ViT preset's name (:func:`uvit_preset_name`), a FLUX config its FLUX preset's
+    (:func:`flux_preset_name`).
     """
     if isinstance(cfg, UViTConfig):
         return uvit_preset_name(cfg)
+    if isinstance(cfg, FluxConfig):
+        return flux_preset_name(cfg)
     if cfg.dynamic and cfg.objective != "ddpm":
         return None
     for name, p in MODEL_PRESETS.items():

@@ -61,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cfg-scale",
         type=non_negative_float,
-        default=1.5,
-        help="classifier-free guidance scale of the measured trajectory (default 1.5; 1 = none)",
+        default=None,
+        help="classifier-free guidance scale of the measured trajectory (default 1.5, a FLUX its "
+        "recipe's; 1 = none)",
     )
     p.add_argument(
         "--text-length",
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(ckpt, cfg)
     default = "euler" if cfg.objective == "flow" else "ddpm"
     sampler = args.sampler or getattr(cfg, "default_sampler", default)  # a U-ViT names its own
-    settings = dict(sampler=sampler, samples=args.samples, cfg_scale=args.cfg_scale, seed=args.seed)
+    scale = args.cfg_scale if args.cfg_scale is not None else getattr(cfg, "recipe_guidance", 1.5)
+    settings = dict(sampler=sampler, samples=args.samples, cfg_scale=scale, seed=args.seed)
     rows = schedule_flops(model, steps=args.steps, device=resolve_device(args.device), **settings)
     name = args.model or preset_name(cfg) or "DyDiT"
     title = f"{name} checkpoint {args.checkpoint}"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dydit.conditioning import Condition
 from dydit.diffusion import create_diffusion, guided
 from dydit.diffusion.samplers import DEFAULT_STEPS
 from dydit.errors import DyditError
@@ -39,7 +40,9 @@ class RoutingRecorder:
         self.model = model
         self.by_timestep: dict[int | float, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | Condition) -> Tensor:
+        if isinstance(y, Condition):  # guidance passes a text condition on as one (2B rows)
+            y = y.network_input()
         out, stats = self.model.forward_with_routing(x, t, y)
         for tv in t.unique().tolist():  # the samplers use one timestep per call; be general anyway
             rows = t == tv
@@ -86,19 +89,27 @@ def schedule_flops(
     process = create_process(cfg)
     settings = SamplingSettings(sampler=sampler, steps=steps or DEFAULT_STEPS)
     times = settings.network_times(process)  # the sampler's declared times; validates the pairing
-    if cfg_scale != 1.0 and cfg.class_dropout_prob == 0:
+    flux = isinstance(cfg, FluxConfig)
+    if cfg_scale != 1.0 and not flux and cfg.class_dropout_prob == 0:
         raise DyditError("this model has no null class, so it cannot use guidance; pass --cfg-scale 1")
     dev = torch.device(device)
     model.to(dev).eval()
     recorder = RoutingRecorder(model)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(samples)]
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = (
+        (cfg.latent_channels, cfg.sample_size, cfg.sample_size)
+        if flux
+        else (cfg.in_channels, cfg.input_size, cfg.input_size)
+    )
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
-    # (an unconditional U-ViT, num_classes 0, ignores its labels)
-    y = torch.randint(max(cfg.num_classes, 1), (samples,), generator=torch.Generator().manual_seed(seed))
-    fn = guided(recorder, cfg_scale, null_class=cfg.num_classes)
+    if flux:
+        y: Any = _flux_condition(model, samples, seed).to(dev)
+    else:  # (an unconditional U-ViT, num_classes 0, ignores its labels)
+        y = torch.randint(max(cfg.num_classes, 1), (samples,), generator=torch.Generator().manual_seed(seed))
+        y = y.to(dev)
+    fn = guided(recorder, cfg_scale, null_class=None if flux else cfg.num_classes)
     with torch.no_grad():
-        settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y.to(dev)), generators=gens)
+        settings.function(fn, noise, process, settings.steps, model_kwargs=dict(y=y), generators=gens)
     attn_cost, mlp_cost = model.layer_costs()
     rows = []
     # in the sampler's order, from the noise end: t = T-1 down for DDPM, t = 0 up for flow matching
@@ -116,6 +127,19 @@ def schedule_flops(
             )
         )
     return rows
+
+
+def _flux_condition(model: Any, samples: int, seed: int) -> Condition:
+    """The text condition of ``samples`` images of a FLUX: the caption grammar's held-in evaluation
+    prompts for a model with its own text encoder (docs/METHOD.md §17), cycled; otherwise random
+    encoder outputs of the model's text width and length (seeded), as calibration uses."""
+    if model.config.text_encoder:
+        from dydit.data.compose_grammar import evaluation_prompts
+
+        pool = [p.text for p in evaluation_prompts("train", per_category=max(1, samples), seed=seed)]
+        return model.text_encoder.tokenizer([pool[i % len(pool)] for i in range(samples)])
+    backbone = getattr(model, "backbone", model)
+    return backbone.example_inputs(samples, torch.Generator().manual_seed(seed))[1]
 
 
 @dataclass(frozen=True)
@@ -165,8 +189,10 @@ def static_flops_markdown(title: str, cfg: ModelConfig | FluxConfig) -> str:
 
         table = flux_macs_table(cfg)
         side = cfg.sample_size
+        # a FLUX with its own text encoder is one trained here, in pixel space (§17.6); others are latent
+        size = "pixels" if cfg.text_encoder else f"latents ({8 * side} px)"
         head = (
-            f"{title}: latents {cfg.latent_channels}x{side}x{side} ({8 * side} px), {cfg.num_tokens} image "
+            f"{title}: {cfg.latent_channels}x{side}x{side} {size}, {cfg.num_tokens} image "
             f"tokens + {cfg.max_text_length} text tokens"
         )
     else:
@@ -184,7 +210,7 @@ def static_flops_markdown(title: str, cfg: ModelConfig | FluxConfig) -> str:
 
 
 def schedule_flops_markdown(
-    cfg: ModelConfig,
+    cfg: ModelConfig | FluxConfig,
     rows: list[StepFlops],
     *,
     title: str,
@@ -195,16 +221,25 @@ def schedule_flops_markdown(
     per_timestep: bool = False,
 ) -> str:
     """The :func:`schedule_flops` measurement of a DyDiT with config ``cfg`` as Markdown tables."""
-    table = config_macs_table(cfg)
+    flux = isinstance(cfg, FluxConfig)
+    if flux:  # FLUX (§15.4): the text stream's MLP is never routed, so it counts with the rest
+        from dydit.models.flux import flux_macs_table
+
+        table = flux_macs_table(cfg)
+        layers, width = cfg.depth, cfg.inner_dim  # double + single blocks, each routed
+        channels = cfg.latent_channels
+    else:
+        table = config_macs_table(cfg)
+        layers = getattr(cfg, "num_layers", cfg.depth)  # a U-ViT routes depth + 1 blocks
+        width, channels = cfg.hidden_size, cfg.in_channels
     dense = sum(table.values())
     other = dense - table["attention"] - table["mlp"]
-    # Token routers run on every token of every layer; width routers are precomputed per t (§7.3).
-    layers = getattr(cfg, "num_layers", cfg.depth)  # a U-ViT routes depth + 1 blocks
-    router = layers * token_router_macs(cfg.num_tokens, cfg.hidden_size)
+    # Token routers run on every image token of every layer; width routers are precomputed per t (§7.3).
+    router = layers * token_router_macs(cfg.num_tokens, width)
     static_core = table["attention"] + table["mlp"]
     lines = [
         f"{title}: router layout {cfg.router_layout}, "
-        f"input {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens",
+        f"input {channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} image tokens",
         f"token keep rates measured on the {sampler} trajectory: {len(rows)} timesteps, "
         f"{samples} images, cfg scale {cfg_scale:g}, seed {seed}",
     ]
@@ -222,7 +257,7 @@ def schedule_flops_markdown(
     total = other + router + attn + mlp
     lines += ["| component (mean over the schedule) | GFLOPs | share |", "|---|---:|---:|"]
     parts = (
-        ("embedders, adaLN, final layer", other),
+        ("embedders, adaLN, final layer" + (", text-stream MLP" if flux else ""), other),
         ("attention", attn),
         ("mlp", mlp),
         ("token routers", router),
