@@ -113,6 +113,21 @@ def test_the_model_owns_its_text_encoder_and_drops_captions_only_in_training() -
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # a stored config reads back
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("recipe_sampler", 5, "recipe_sampler must be a string, got 5"),
+        ("recipe_sampler", "", "recipe_sampler must name a sampler"),
+        ("recipe_guidance", 0.5, "recipe_guidance must be >= 1, got 0.5"),
+        ("recipe_steps", 0, "recipe_steps"),
+    ],
+)
+def test_a_stored_sampling_recipe_of_the_wrong_kind_is_a_one_line_error(field, value, message) -> None:
+    stored = t2i_config("FLUX-t2i").to_dict()
+    with pytest.raises(DyditError, match=message):
+        config_from_dict({**stored, field: value})
+
+
 def test_dydit_of_the_t2i_model_sliced_equals_masked() -> None:
     torch.manual_seed(1)
     dense = build_model(t2i_config())

@@ -205,3 +205,24 @@ def test_encoder_learns_what_captions_say(one_thread) -> None:
     for k in targets:
         acc = (out[k].argmax(1) == targets[k]).float().mean()
         assert acc > 0.95, k
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"vocab": "ab"}, "vocab must be a list of words"),
+        ({"vocab": ["a", "a"]}, "distinct words"),
+        ({"vocab": ["a", 3]}, "vocab must be a list of words"),
+        ({"width": "64"}, "width must be an integer"),
+        ({"depth": True}, "depth must be an integer"),
+        ({"width": 10**9}, r"width must be in \[0, 65,536\]"),
+        ({"mlp_ratio": 0}, r"mlp_ratio must be in \(0, 64\]"),
+        ({"max_length": 0}, "max_length must be positive"),
+        ({"pooled_dim": 1.5}, "pooled_dim must be an integer"),
+    ],
+)
+def test_a_stored_text_encoder_config_of_the_wrong_kind_is_a_one_line_error(fields, message) -> None:
+    stored = {"vocab": ["a", "bag"], "width": 8, "heads": 2, **fields}
+    with pytest.raises(DyditError, match=message) as err:
+        TextEncoderConfig.from_dict(stored)
+    assert "\n" not in str(err.value)

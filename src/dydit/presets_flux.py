@@ -124,6 +124,9 @@ class FluxConfig:
                 )
             object.__setattr__(self, "text_encoder", dict(self.text_encoder))
         check_fraction("caption_dropout", self.caption_dropout)
+        check_type("recipe_sampler", self.recipe_sampler, str, "FLUX config field ")
+        if not self.recipe_sampler:
+            raise DyditError("FLUX config field recipe_sampler must name a sampler, got ''")
         if not isinstance(self.recipe_guidance, (int, float)) or not self.recipe_guidance >= 1:
             raise DyditError(f"recipe_guidance must be >= 1, got {shown(self.recipe_guidance)}")
         for name in FLUX_LIMITS:

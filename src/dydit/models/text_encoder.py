@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dydit.conditioning import Condition, NullText, TextCondition
+from dydit.config_checks import check_type, shown
 from dydit.errors import DyditError
 from dydit.text import BOS_ID, TokenIds, WordTokenizer
 
@@ -48,7 +49,25 @@ class TextEncoderConfig:
     pooled_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vocab, (list, tuple)) or not all(isinstance(w, str) and w for w in self.vocab):
+            raise DyditError(f"text encoder vocab must be a list of words, got {shown(self.vocab)}")
+        if len(set(self.vocab)) != len(self.vocab) or len(self.vocab) > 1_000_000:
+            raise DyditError(
+                f"text encoder vocab must hold distinct words (at most 1,000,000), got {len(self.vocab)}"
+            )
         object.__setattr__(self, "vocab", tuple(self.vocab))
+        for name, top in (("max_length", 65_536), ("width", 65_536), ("depth", 256), ("heads", 1024)):
+            value = getattr(self, name)
+            check_type(name, value, int, "text encoder field ")
+            if not 0 <= value <= top:
+                raise DyditError(f"text encoder field {name} must be in [0, {top:,}], got {value}")
+        if self.pooled_dim is not None:
+            check_type("pooled_dim", self.pooled_dim, int, "text encoder field ")
+        check_type("mlp_ratio", self.mlp_ratio, (int, float), "text encoder field ")
+        if not 0 < self.mlp_ratio <= 64:
+            raise DyditError(f"text encoder field mlp_ratio must be in (0, 64], got {self.mlp_ratio}")
+        if self.max_length < 1:
+            raise DyditError("text encoder field max_length must be positive, got 0")
         if self.width < 1 or self.depth < 0 or self.heads < 1 or self.width % self.heads:
             raise DyditError(
                 f"text encoder width {self.width} must be positive and divisible by its {self.heads} heads"
