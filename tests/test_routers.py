@@ -29,6 +29,20 @@ def test_training_forward_is_hard_and_gradient_is_soft():
     torch.testing.assert_close(z.grad, soft * (1 - soft) / GUMBEL_TAU)
 
 
+def test_bf16_autocast_keeps_the_straight_through_gradient_of_a_saturated_router():
+    # A token router starts at bias 35: sigmoid(35 / 5) = 0.99909, which bfloat16 rounds to 1, so a
+    # sigmoid taken in bf16 has gradient s(1 - s) = 0 and the FLOPs loss can never move the router.
+    z = torch.full((64,), 35.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(z[:, None], torch.ones(1, 1)).squeeze(-1)  # bf16 logits
+        assert logits.dtype == torch.bfloat16
+        out = gumbel_sigmoid(logits, training=True)
+    assert out.dtype == torch.bfloat16 and set(out.detach().unique().tolist()) <= {0.0, 1.0}
+    out.float().sum().backward()
+    assert z.grad is not None and float(z.grad.min()) > 0  # float32: about 1.8e-4 each
+    assert float(z.grad.max()) < 1e-2
+
+
 def test_training_noise_is_logistic_per_element():
     # 1[z + g1 - g2 > 0] with two Gumbels is Bernoulli(sigmoid(z)), whatever the temperature.
     torch.manual_seed(0)

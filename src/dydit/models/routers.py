@@ -41,10 +41,15 @@ def gumbel_sigmoid(logits: Tensor, training: bool, tau: float = GUMBEL_TAU) -> T
     """
     if not training:
         return (logits > 0).to(logits.dtype)
-    soft = torch.sigmoid((logits + _gumbel(logits) - _gumbel(logits)) / tau)
-    hard = (soft > 0.5).to(soft.dtype)
-    # hard + (soft - soft.detach()) is exactly ``hard`` in the forward pass and has soft's gradient.
-    return hard + (soft - soft.detach())
+    # In float32 even under bf16 autocast: bfloat16 rounds sigmoid(7) = 0.99909 to 1, so the
+    # straight-through gradient s·(1 − s) of a router started at bias 35 (τ = 5) would be exactly 0
+    # and its FLOPs loss could never move it. The masks go back in the logits' dtype.
+    with torch.autocast(logits.device.type, enabled=False):
+        z = logits.float()
+        soft = torch.sigmoid((z + _gumbel(z) - _gumbel(z)) / tau)
+        hard = (soft > 0.5).to(soft.dtype)
+        # hard + (soft - soft.detach()) is exactly ``hard`` in the forward pass and has soft's gradient.
+        return (hard + (soft - soft.detach())).to(logits.dtype)
 
 
 class WidthRouter(nn.Module):
