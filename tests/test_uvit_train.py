@@ -3,6 +3,8 @@ runs on the digits data through the command line, then sampling from the export 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ import dydit
 from dydit.cli import main
 from dydit.models.dydit import DyDiT
 from dydit.models.uvit import UViT
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--model-option", "depth=2", "--model-option", "hidden_size=32", "--model-option", "num_heads=2"]
@@ -39,3 +43,27 @@ def test_pretrain_finetune_and_sample_a_tiny_u_vit(tmp_path, capsys):
     assert grid.is_file()
     x = torch.randn(2, 1, 8, 8)
     assert torch.isfinite(model(x, torch.tensor([999.0, 10.0]), torch.tensor([1, 2]))).all()
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_shipped_u_vit_predicts_the_noise_near_pure_noise():
+    """The shipped U-ViT-Ti/4 (assets/README.md) is trained: near pure noise its ε-error is a small
+    fraction of an untrained network's (benchmarks/eps_error.py measures 0.0003 at α = 0.007)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("eps_error", root / "benchmarks" / "eps_error.py")
+    eps_error = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eps_error)
+    path = Path(dydit.__file__).parent / "assets" / "uvit-ti4-fmnist.safetensors"
+    model = dydit.load_model(path)
+    assert isinstance(model, UViT) and model.config.process == "vpsde"
+    from dydit.data import make_dataset
+
+    ds = make_dataset("fashion-mnist", image_size=32)
+    x0 = torch.stack([ds[i][0] for i in range(64)])
+    y = torch.tensor([ds[i][1] for i in range(64)])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    (alpha, err), (_, err_mid) = eps_error.eps_errors(str(path), x0, y, noise, [0.007, 0.44])
+    assert abs(alpha - 0.007) < 1e-3
+    assert err < 0.002 and err_mid < 0.05, (err, err_mid)  # untrained: about 1
