@@ -14,12 +14,13 @@ used this to tell an undertrained U-ViT from a broken one). Guidance is off; the
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 import dydit
 from dydit.data import make_dataset
-from dydit.diffusion import GaussianDiffusion, create_diffusion
+from dydit.diffusion import GaussianDiffusion
 from dydit.flow import create_process
 
 DEFAULT_ALPHAS = "0.007,0.017,0.04,0.16,0.44,0.81,0.95,0.985"
@@ -35,25 +36,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def eps_errors(path: str, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, alphas: list[float]):
-    """[(α used, ε-MSE)] of the model at ``path`` at the noise level nearest each α."""
-    model = dydit.load_model(path).eval()
+def eps_errors(
+    model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, alphas: list[float]
+):
+    """[(α used, ε-MSE)] of ``model`` (eval mode) at the noise level nearest each α."""
     process = create_process(model.config)
+    n = len(x0)
+    if isinstance(process, GaussianDiffusion):  # DDPM: the discrete steps' √ᾱ
+        signal = torch.as_tensor(process.alphas_cumprod, dtype=torch.float64).sqrt()
+    else:  # continuous VP (U-ViT): α on a fine grid of t in (0, 1]
+        grid = torch.linspace(1e-3, 1, 4000)
+        signal = process.coefficients(grid)[0].reshape(-1)
     out = []
     for alpha in alphas:
-        n = len(x0)
-        if isinstance(process, GaussianDiffusion):  # DDPM: the discrete step with √ᾱ nearest α
-            diffusion = create_diffusion(learn_sigma=model.config.learn_sigma)
-            abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
-            k = int(torch.argmin((abar.sqrt() - alpha).abs()))
-            a, s = abar[k].sqrt().item(), (1 - abar[k]).sqrt().item()
-            x_t, t = a * x0 + s * noise, torch.full((n,), k)
-        else:  # continuous VP (U-ViT): the time t in (0, 1] whose α is nearest
-            grid = torch.linspace(1e-3, 1, 4000)
-            a_grid = process.coefficients(grid)[0].reshape(-1)
-            tv = grid[int(torch.argmin((a_grid - alpha).abs()))]
-            t = torch.full((n,), tv.item())
-            a = process.coefficients(t)[0].reshape(-1)[0].item()
+        k = int(torch.argmin((signal - alpha).abs()))
+        a = signal[k].item()
+        if isinstance(process, GaussianDiffusion):  # the step k itself
+            x_t, t = a * x0 + math.sqrt(1 - a * a) * noise, torch.full((n,), k)
+        else:  # the time grid[k]
+            t = torch.full((n,), grid[k].item())
             x_t, t = process.q_sample(x0, t, noise), process.original_timesteps(t)
         with torch.no_grad():
             eps = model(x_t, t, y)[:, : x0.shape[1]]  # a learned-sigma DiT: the ε channels
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | " + " | ".join(f"α {a:g}" for a in alphas) + " |")
     print("|---|" + "---:|" * len(alphas))
     for path in args.checkpoints:
-        rows = eps_errors(path, x0, y, noise, alphas)
+        rows = eps_errors(dydit.load_model(path).eval(), x0, y, noise, alphas)
         print(f"| {path} | " + " | ".join(f"{e:.5f}" for _, e in rows) + " |")
 
 

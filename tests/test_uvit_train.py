@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 import dydit
 from dydit.cli import main
@@ -49,14 +50,9 @@ def test_pretrain_finetune_and_sample_a_tiny_u_vit(tmp_path, capsys):
 def test_shipped_u_vit_predicts_the_noise_near_pure_noise():
     """The shipped U-ViT-Ti/4 (assets/README.md) is trained: near pure noise its ε-error is a small
     fraction of an untrained network's (benchmarks/eps_error.py measures 0.0003 at α = 0.007)."""
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("eps_error", root / "benchmarks" / "eps_error.py")
-    eps_error = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eps_error)
+    eps_error = load_benchmark("eps_error")
     path = Path(dydit.__file__).parent / "assets" / "uvit-ti4-fmnist.safetensors"
-    model = dydit.load_model(path)
+    model = dydit.load_model(path).eval()
     assert isinstance(model, UViT) and model.config.process == "vpsde"
     from dydit.data import make_dataset
 
@@ -64,6 +60,6 @@ def test_shipped_u_vit_predicts_the_noise_near_pure_noise():
     x0 = torch.stack([ds[i][0] for i in range(64)])
     y = torch.tensor([ds[i][1] for i in range(64)])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    (alpha, err), (_, err_mid) = eps_error.eps_errors(str(path), x0, y, noise, [0.007, 0.44])
+    (alpha, err), (_, err_mid) = eps_error.eps_errors(model, x0, y, noise, [0.007, 0.44])
     assert abs(alpha - 0.007) < 1e-3
     assert err < 0.002 and err_mid < 0.05, (err, err_mid)  # untrained: about 1
