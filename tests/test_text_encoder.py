@@ -215,9 +215,10 @@ def test_encoder_learns_what_captions_say(one_thread) -> None:
         ({"vocab": ["a", 3]}, "vocab must be a list of words"),
         ({"width": "64"}, "width must be an integer"),
         ({"depth": True}, "depth must be an integer"),
-        ({"width": 10**9}, r"width must be in \[0, 65,536\]"),
+        ({"width": 10**9}, r"width must be in \[1, 65,536\], got 1000000000"),
+        ({"width": 6, "heads": 4}, "width 6 must be divisible by its 4 heads"),
         ({"mlp_ratio": 0}, r"mlp_ratio must be in \(0, 64\]"),
-        ({"max_length": 0}, "max_length must be positive"),
+        ({"max_length": 0}, r"max_length must be in \[1, 65,536\], got 0"),
         ({"pooled_dim": 1.5}, "pooled_dim must be an integer"),
     ],
 )

@@ -56,24 +56,25 @@ class TextEncoderConfig:
                 f"text encoder vocab must hold distinct words (at most 1,000,000), got {len(self.vocab)}"
             )
         object.__setattr__(self, "vocab", tuple(self.vocab))
-        for name, top in (("max_length", 65_536), ("width", 65_536), ("depth", 256), ("heads", 1024)):
+        for name, low, top in (
+            ("max_length", 1, 65_536),
+            ("width", 1, 65_536),
+            ("depth", 0, 256),
+            ("heads", 1, 1024),
+        ):
             value = getattr(self, name)
             check_type(name, value, int, "text encoder field ")
-            if not 0 <= value <= top:
-                raise DyditError(f"text encoder field {name} must be in [0, {top:,}], got {value}")
+            if not low <= value <= top:
+                raise DyditError(f"text encoder field {name} must be in [{low}, {top:,}], got {value}")
+        if self.width % self.heads:
+            raise DyditError(f"text encoder width {self.width} must be divisible by its {self.heads} heads")
         if self.pooled_dim is not None:
             check_type("pooled_dim", self.pooled_dim, int, "text encoder field ")
+            if self.pooled_dim < 1:
+                raise DyditError(f"text encoder pooled_dim must be positive, got {self.pooled_dim}")
         check_type("mlp_ratio", self.mlp_ratio, (int, float), "text encoder field ")
         if not 0 < self.mlp_ratio <= 64:
             raise DyditError(f"text encoder field mlp_ratio must be in (0, 64], got {self.mlp_ratio}")
-        if self.max_length < 1:
-            raise DyditError("text encoder field max_length must be positive, got 0")
-        if self.width < 1 or self.depth < 0 or self.heads < 1 or self.width % self.heads:
-            raise DyditError(
-                f"text encoder width {self.width} must be positive and divisible by its {self.heads} heads"
-            )
-        if self.pooled_dim is not None and self.pooled_dim < 1:
-            raise DyditError(f"text encoder pooled_dim must be positive, got {self.pooled_dim}")
 
     @property
     def pooled(self) -> int:
