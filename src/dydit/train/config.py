@@ -285,9 +285,8 @@ def model_spec(config: ModelConfig, dynamic: bool | None = None) -> tuple[str, d
 
     dynamic = config.dynamic if dynamic is None else dynamic
     target = config.replace(dynamic=dynamic)
-    if isinstance(
-        config, FluxConfig
-    ):  # a FLUX (docs/METHOD.md §15): its preset (DyFLUX twin), else the first
+    # a FLUX (docs/METHOD.md §15): its preset (its DyFLUX twin when dynamic), else the first
+    if isinstance(config, FluxConfig):
         name = flux_preset_name(target) or next(iter(FLUX_PRESETS))
         return name, _changed_fields(get_flux_config(name), target)
     if isinstance(config, UViTConfig):  # a U-ViT (docs/METHOD.md §16): its preset, else the first
