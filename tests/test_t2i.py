@@ -368,3 +368,19 @@ def test_shipped_t2i_model_follows_single_object_prompts_far_above_chance() -> N
     assert got.overall >= 0.25, got.format()  # 0.5 and 0.47 on 15 prompts each (assets/README.md)
     noise = np.random.default_rng(0).integers(0, 256, size=images.shape, dtype=np.uint8)
     assert score(prompts, read_cells(noise, net)).overall == 0.0
+
+
+def test_shipped_dyflux_routes_both_width_and_tokens() -> None:
+    """The shipped DyFLUX (assets/README.md) halves its compute with both kinds of routing: at high
+    noise its token routers drop image tokens and its width routers switch heads off. Its predecessor,
+    fine-tuned before the bf16 Gumbel-sigmoid fix, kept every token at every t."""
+    from dydit.apps import demo_t2i
+
+    model = load_model(demo_t2i.T2I_DYDIT).eval()
+    assert isinstance(model, DyDiT)
+    ids = model.text_encoder.tokenizer(["a red sneaker", "two bags", "a coat above a sandal", "a blue shirt"] * 2)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, stats = model.forward_with_routing(x, torch.full((8,), 0.95), ids)  # FLUX clock: t = 1 is noise
+    assert 0.5 < stats.tokens.float().mean() < 0.95
+    assert 0.25 < stats.heads.float().mean() < 0.75 and stats.groups.float().mean() < 0.75
