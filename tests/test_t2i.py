@@ -378,7 +378,8 @@ def test_shipped_dyflux_routes_both_width_and_tokens() -> None:
 
     model = load_model(demo_t2i.T2I_DYDIT).eval()
     assert isinstance(model, DyDiT)
-    ids = model.text_encoder.tokenizer(["a red sneaker", "two bags", "a coat above a sandal", "a blue shirt"] * 2)
+    prompts = ["a red sneaker", "two bags", "a coat above a sandal", "a blue shirt"]
+    ids = model.text_encoder.tokenizer(prompts * 2)
     x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, stats = model.forward_with_routing(x, torch.full((8,), 0.95), ids)  # FLUX clock: t = 1 is noise
