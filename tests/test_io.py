@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from faultkit import temp_files
 
 from dydit import io
@@ -180,6 +181,14 @@ def test_preset_names_convert_between_dit_and_dydit():
 
 # Reports ----------------------------------------------------------------------------------------
 def test_machine_and_number_formatting():
-    assert device_name("cpu") and machine_description("cpu").endswith("torch threads")
+    assert device_name("cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert machine_description("cpu").endswith(", 2 torch threads")
+        torch.set_num_threads(1)
+        assert machine_description("cpu").endswith(", 1 torch thread")
+    finally:
+        torch.set_num_threads(threads)
     assert format_number(None) == "–" and format_number(float("nan")) == "–"
     assert format_number(1.23456) == "1.235" and format_number(2.5, ".1f") == "2.5"

@@ -211,7 +211,8 @@ def machine_description(device: str = "cpu") -> str:
     """The CPU or GPU name and the torch thread count, for reports."""
     import torch
 
-    return f"{device_name(device)}, {torch.get_num_threads()} torch threads"
+    n = torch.get_num_threads()
+    return f"{device_name(device)}, {n} torch thread{'' if n == 1 else 's'}"
 
 
 def format_number(value: Any, spec: str = ".3f") -> str:
