@@ -24,7 +24,8 @@ with the dense frontier at equal compute (FID of the dense curve interpolated at
 image, and the dense DiT at round(ρ·N) steps when measured) and the verdict says which wins.
 
 Results accumulate in ``frontier.json`` (a point already measured with the same settings is not
-measured again, so an interrupted run loses nothing); ``--render`` redraws ``frontier.md``,
+measured again, so an interrupted run loses nothing; ``--include`` adds another run's points, so
+that only the new ones are sampled); ``--render`` redraws ``frontier.md``,
 ``frontier_macs.png`` (FID against MACs per image) and ``frontier_time.png`` (FID against s/image)
 from that file alone (no sampling, no Inception). ``frontier.md`` ends with a verdict per compute
 budget of ``--budgets``: the best dense-based point (dense, dense + cache) within the budget against
@@ -171,6 +172,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--budgets", type=_budgets, default=list(BUDGETS), metavar="GMACS,...",
                    help="compute budgets (GMACs / image) of the dense- vs DyDiT-based verdicts")  # fmt: skip
+    p.add_argument("--include", action="append", default=[], metavar="JSON",
+                   help="points of another frontier.json (same base, sampler, seed set and images per "
+                   "point) to add to this run's, not sampled again; a point already here wins "
+                   "(repeatable; e.g. docs/img/frontier.json: only the new points are sampled)")  # fmt: skip
     p.add_argument("--render", metavar="JSON",
                    help="only redraw the tables and plots of a frontier.json (no sampling), into its "
                    "folder unless --out-dir is given")  # fmt: skip
@@ -179,6 +184,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.render and args.include:
+        raise DyditError("--include adds points to a run's frontier.json; --render draws one file")
     if args.render:
         path = Path(args.render)
         if not path.is_file():
@@ -204,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     if result.get("seed", DemoConfig.seed) != args.seed:  # stored points are matched without it
         raise DyditError(f"{store} holds points of seed {result.get('seed', DemoConfig.seed)}, not "
                          f"{args.seed}: give another --out-dir")  # fmt: skip
+    for path in args.include:
+        include_points(result, Path(path), base, args.seed)
     result.update(seed=args.seed, machine=machine_description(), torch=torch.__version__, base=str(base))
     if args.retime:
         retime(result, cfg, base, store)
@@ -234,7 +243,18 @@ def main(argv: list[str] | None = None) -> None:
             extra = dict(extra, cache=cache)
         for n in steps:
             key = dict(label=label, steps=n, num_samples=cfg.num_samples, sampler=cfg.sampler)
-            if any(all(p.get(k) == v for k, v in key.items()) for p in result["points"]):
+            stored = next((p for p in result["points"] if all(p.get(k) == v for k, v in key.items())), None)
+            if stored is not None:
+                if cache is not None and is_teacache(cache) and "cache_polynomial" in stored:
+                    model = model or load()  # a stored point of another polynomial is not this one
+                    polynomial = polynomial or teacache(name, model, weights)
+                    if stored["cache_polynomial"] != polynomial["cache_polynomial"]:
+                        raise DyditError(
+                            f"{store}: {label} at {n} steps was measured with the TeaCache polynomial of "
+                            f"{stored.get('cache_coefficients')}, not this run's "
+                            f"{polynomial['cache_coefficients']}: give that --cache-coefficients or another "
+                            "--out-dir"
+                        )
                 continue
             model = model or load()
             if cache is not None and is_teacache(cache) and not polynomial:
@@ -275,6 +295,29 @@ def main(argv: list[str] | None = None) -> None:
     result["config"] = asdict(cfg)
     save_text(store, json.dumps(result, indent=2) + "\n")
     render(result, out, args.budgets)
+
+
+POINT_KEY = ("label", "steps", "num_samples", "sampler")
+
+
+def include_points(result: dict, path: Path, base: Path, seed: int) -> None:
+    """Add the points of the frontier.json at ``path`` (``--include``) that ``result`` lacks, each
+    marked ``included_from`` (its first source, if it was included there too)."""
+    if not path.is_file():
+        raise DyditError(f"--include {path}: no such file")
+    try:
+        other = json.loads(path.read_text())
+        points = other["points"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DyditError(f"--include {path}: not a frontier.json ({e})") from None
+    if (theirs := other.get("seed", DemoConfig.seed)) != seed:
+        raise DyditError(f"--include {path}: its points are of seed {theirs}, not {seed}")
+    if Path(other.get("base", base)).name != base.name:
+        raise DyditError(f"--include {path}: its points are of the base {other['base']}, not {base}")
+    have = {tuple(p.get(k) for k in POINT_KEY) for p in result["points"]}
+    for p in points:
+        if tuple(p.get(k) for k in POINT_KEY) not in have:
+            result["points"].append({**p, "included_from": p.get("included_from", str(path))})
 
 
 def cached_model(

@@ -341,3 +341,61 @@ def test_seed_sets_every_points_seeds_and_one_directory_holds_one_seed(frontier,
     assert json.loads((cache_run.out / "frontier.json").read_text())["seed"] == 2
     with pytest.raises(DyditError, match="seed 2, not 0"):
         cache_run()
+
+
+def test_a_stored_teacache_point_of_another_polynomial_is_refused(cache_run, tmp_path):
+    """Rerunning a directory with other --cache-coefficients does not pass its old points off as new."""
+    from dydit.models.cache import save_coefficients
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    save_coefficients(one, [0.5, 0.0])
+    save_coefficients(two, [2.0, 0.01])
+    cache_run("--caches", TEA, "--cache-coefficients", str(one))
+    cache_run("--caches", TEA, "--cache-coefficients", str(one))  # the same file: nothing to redo
+    with pytest.raises(DyditError, match=r"measured with the TeaCache polynomial of .*one\.json") as e:
+        cache_run("--caches", TEA, "--cache-coefficients", str(two))
+    assert "\n" not in str(e.value)
+
+
+def stored_points(folder) -> dict:
+    return {(p["label"], p["steps"]): p for p in json.loads((folder / "frontier.json").read_text())["points"]}
+
+
+def test_include_adds_another_runs_points_without_sampling_them(frontier, cache_run, tmp_path, monkeypatch):
+    points, _ = cache_run("--caches", FB)
+    first = cache_run.out / "frontier.json"
+    other = tmp_path / "other"
+    calls, measured = [], frontier.measure
+
+    def counted(name, fn, cfg, npz):
+        calls.append((name, cfg.steps))
+        return measured(name, fn, cfg, npz)
+
+    monkeypatch.setattr(frontier, "measure", counted)
+    # Same options into another directory, the first run included: only the new step count is sampled.
+    cache_run("--caches", FB, "--dense-steps", "2,3", "--out-dir", str(other), "--include", str(first))
+    assert calls == [(DENSE, 3)]
+    merged = stored_points(other)
+    assert set(merged) == set(points) | {(DENSE, 3)}
+    assert merged[DENSE, 2]["included_from"] == str(first) and "included_from" not in merged[DENSE, 3]
+    assert merged[f"dy + {FB}", 4]["FID"] == points[f"dy + {FB}", 4]["FID"]
+    # Points already in the run win; a chain keeps the first source.
+    third = tmp_path / "third"
+    cache_run("--caches", FB, "--out-dir", str(third), "--include", str(other / "frontier.json"))
+    chained = stored_points(third)
+    assert chained[DENSE, 2]["included_from"] == str(first)
+    assert chained[DENSE, 3]["included_from"] == str(other / "frontier.json")
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    cases = {
+        str(tmp_path / "missing.json"): "no such file",
+        str(bad): "not a frontier.json",
+    }
+    for value, message in cases.items():
+        with pytest.raises(DyditError, match=message):
+            cache_run("--include", value, "--out-dir", str(tmp_path / "x"))
+    with pytest.raises(DyditError, match="seed 0, not 3"):
+        cache_run("--include", str(first), "--seed", "3", "--out-dir", str(tmp_path / "y"))
+    with pytest.raises(DyditError, match="--render draws one file"):
+        frontier.main(["--render", str(first), "--include", str(first)])
