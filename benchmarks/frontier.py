@@ -644,9 +644,9 @@ def _markdown(points: list[dict], result: dict) -> str:
     lines = [
         f"Machine: {result.get('machine', '?')}, torch {result.get('torch', '?')}.",
         "",
-        "| model | steps | GMACs / image | ms / image | FID | FD-FMNIST-classifier | dense at equal compute: "
-        "steps, FID (interpolated) | ΔFID | verdict |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---|",
+        "| model | steps | evaluations computed / reused | GMACs / image | ms / image | FID "
+        "| FD-FMNIST-classifier | dense at equal compute: steps, FID (interpolated) | ΔFID | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for p in sorted(points, key=lambda p: (KIND_ORDER.get(p["kind"], 9), p["label"], p["steps"])):
         eq = "–"
@@ -657,12 +657,19 @@ def _markdown(points: list[dict], result: dict) -> str:
             )
             eq = f"{p.get('dense_steps', '–')}, {dense_fid} ({frontier})"
         lines.append(
-            f"| {p['label']} | {p['steps']} | {p['macs_per_image'] / 1e9:.3f} | "
+            f"| {p['label']} | {p['steps']} | {_evaluations(p)} | {p['macs_per_image'] / 1e9:.3f} | "
             f"{1e3 * p['seconds_per_image']:.1f} | {_fmt(p.get('FID'), '.1f')} | "
             f"{_fmt(p.get('FD-FMNIST-classifier'), '.1f')} | {eq} | {_fmt(p.get('delta_fid'), '+.1f')} | "
             f"{p.get('verdict', '–') if p['kind'] not in ('dense', 'control') else '–'} |"
         )
     return "\n".join(lines + coefficient_notes(points)) + "\n"
+
+
+def _evaluations(point: dict) -> str:
+    """A cache point's network evaluations computed / reused over its run (warm-up batch included)."""
+    if point.get("evaluations_computed") is None:
+        return "–"
+    return f"{point['evaluations_computed']} / {point.get('evaluations_reused', 0)}"
 
 
 def _budget_markdown(rows: list[dict], metric: str = "FID") -> str:

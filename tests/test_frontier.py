@@ -62,14 +62,16 @@ def test_demo_verdict_names_the_winner_at_equal_compute():
 
 
 def test_cache_points_are_compared_with_the_dense_frontier(frontier, tmp_path):
-    cache = dict(dense(10, 90.0), label="DiT (dense) + teacache:0.1", kind="dense+cache", macs_per_image=6e8)
+    cache = dict(dense(10, 90.0), label="DiT (dense) + teacache:0.1", kind="dense+cache", macs_per_image=6e8,
+                 evaluations_computed=7, evaluations_reused=3)  # fmt: skip
     both = dict(dydit(10, 120.0), label="DyDiT λ=0.5 + fbcache:0.1", kind="dydit+cache", macs_per_image=4.5e8)
     assert frontier.equal_compute(cache, POINTS)["verdict"] == "dense + cache wins"  # 90 vs 100.4
     assert frontier.equal_compute(both, POINTS)["verdict"] == "fewer dense steps win"  # 120 vs 118
     assert frontier.equal_compute({**both, "FID": 110.0}, POINTS)["verdict"] == "DyDiT + cache wins"
     frontier.render({"points": [*POINTS, cache, both, dydit(10, 100.0)]}, tmp_path)
     table = (tmp_path / "frontier.md").read_text()
-    assert "| DiT (dense) + teacache:0.1 | 10 |" in table and "dense + cache wins" in table
+    assert "| DiT (dense) + teacache:0.1 | 10 | 7 / 3 |" in table and "dense + cache wins" in table
+    assert "| DyDiT λ=0.5 | 10 | – |" in table and "| DyDiT λ=0.5 + fbcache:0.1 | 10 | – |" in table
     assert table.index("teacache") < table.index("DyDiT λ=0.5 |") < table.index("fbcache")
 
 
