@@ -26,8 +26,9 @@ image, and the dense DiT at round(ρ·N) steps when measured) and the verdict sa
 Results accumulate in ``frontier.json`` (a point already measured with the same settings is not
 measured again, so an interrupted run loses nothing; ``--include`` adds another run's points, so
 that only the new ones are sampled); ``--render`` redraws ``frontier.md``,
-``frontier_macs.png`` (FID against MACs per image) and ``frontier_time.png`` (FID against s/image)
-from that file alone (no sampling, no Inception). ``frontier.md`` ends with a verdict per compute
+``frontier_macs.png`` (FID against MACs per image), ``frontier_time.png`` (FID against s/image) and
+``frontier_budgets.png`` (each side's best FID within a budget) from that file alone (no sampling,
+no Inception). ``frontier.md`` ends with a verdict per compute
 budget of ``--budgets``: the best dense-based point (dense, dense + cache) within the budget against
 the best DyDiT-based one (DyDiT, DyDiT + cache); the plots draw each kind's lower envelope.
 
@@ -637,6 +638,7 @@ def render(result: dict, out: Path, budgets=BUDGETS) -> None:
           out / "frontier_macs.png")  # fmt: skip
     _plot(points, "seconds_per_image", 1e3, "sampling ms per image (same process, same machine)",
           out / "frontier_time.png")  # fmt: skip
+    _budget_plot(points, budgets, out / "frontier_budgets.png")
     print(table)
 
 
@@ -729,6 +731,54 @@ def _plot(points: list[dict], key: str, scale: float, xlabel: str, path: Path) -
     ax.set_title(f"Fashion-MNIST, {sampler}: DyDiT vs fewer dense steps (numbers: sampler steps)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _budget_plot(points: list[dict], budgets, path: Path, metric: str = "FID") -> None:
+    """The verdict per budget as a picture, read on a fine grid over the range of ``budgets`` (the
+    table's budgets marked): above, each side's best ``metric`` within the budget (log scale); below,
+    their gap (DyDiT-based minus dense-based, symmetric-log scale: small gaps stay readable beside
+    large ones), shaded where DyDiT-based is on or below."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = np.linspace(min(budgets), max(budgets), 400)
+    rows = budget_verdicts(points, grid, metric)
+    fig = Figure(figsize=(6, 5.2))
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    best = {}
+    for side, colour in (("dense-based", "0.2"), ("DyDiT-based", "tab:red")):
+        best[side] = np.array([r[side][metric] if r[side] is not None else np.nan for r in rows])
+        kinds = " or ".join(k.replace("dydit", "DyDiT") for k in SIDES[side])
+        top.plot(grid, best[side], color=colour, lw=2, drawstyle="steps-post", label=f"best {side} ({kinds})")
+    gap = best["DyDiT-based"] - best["dense-based"]
+    bottom.plot(grid, gap, color="tab:red", lw=2, drawstyle="steps-post")
+    bottom.axhline(0, color="0.2", lw=0.8)
+    bottom.fill_between(grid, 0, 1, where=gap <= 0, transform=bottom.get_xaxis_transform(), color="tab:red",
+                        alpha=0.08, step="post", label="DyDiT-based on or below")  # fmt: skip
+    if np.isfinite(best["dense-based"]).any() or np.isfinite(best["DyDiT-based"]).any():
+        top.set_yscale("log")
+    bottom.set_yscale("symlog", linthresh=3)
+    finite = gap[np.isfinite(gap)]
+    if finite.size:
+        span = (min(finite.min(), -1), max(finite.max(), 1))
+        ticks = [
+            t
+            for t in (-300, -100, -30, -10, -3, 0, 3, 10, 30, 100, 300)
+            if span[0] * 1.5 <= t <= span[1] * 1.5
+        ]
+        bottom.set_yticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
+    for ax in (top, bottom):
+        for b in budgets:
+            ax.axvline(b, color="0.8", lw=0.6, zorder=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    top.set_ylabel(f"best {metric} within budget")
+    bottom.set_ylabel(f"Δ{metric}: DyDiT − dense")
+    bottom.set_xlabel("compute budget: attention + MLP GMACs per image")
+    top.set_title("The verdict per compute budget (lower is better)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

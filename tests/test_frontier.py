@@ -51,7 +51,7 @@ def test_render_writes_the_table_and_both_plots(frontier, tmp_path):
     frontier.render(json.loads(json.dumps(result)), tmp_path)
     table = (tmp_path / "frontier.md").read_text()
     assert "| DyDiT λ=0.5 | 10 |" in table and "DyDiT wins" in table and "fewer dense steps win" in table
-    for png in ("frontier_macs.png", "frontier_time.png"):
+    for png in ("frontier_macs.png", "frontier_time.png", "frontier_budgets.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
 
