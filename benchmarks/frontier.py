@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
             label, kind, steps = f"{label} + {cache}", f"{kind}+cache", args.cache_steps
             extra = dict(extra, cache=cache)
         for n in steps:
-            key = dict(label=label, steps=n, num_samples=cfg.num_samples, sampler=cfg.sampler)
-            stored = next((p for p in result["points"] if all(p.get(k) == v for k, v in key.items())), None)
+            key = dict(zip(POINT_KEY, (label, n, cfg.num_samples, cfg.sampler)))
+            stored = next((p for p in result["points"] if point_key(p) == tuple(key.values())), None)
             if stored is not None:
                 if cache is not None and is_teacache(cache) and "cache_polynomial" in stored:
                     model = model or load()  # a stored point of another polynomial is not this one
@@ -298,7 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     render(result, out, args.budgets)
 
 
+# What makes two points the same measurement (a rerun or --include skips a point already stored).
 POINT_KEY = ("label", "steps", "num_samples", "sampler")
+
+
+def point_key(point: dict) -> tuple:
+    return tuple(point.get(k) for k in POINT_KEY)
 
 
 def include_points(result: dict, path: Path, base: Path, seed: int) -> None:
@@ -315,9 +320,9 @@ def include_points(result: dict, path: Path, base: Path, seed: int) -> None:
         raise DyditError(f"--include {path}: its points are of seed {theirs}, not {seed}")
     if Path(other.get("base", base)).name != base.name:
         raise DyditError(f"--include {path}: its points are of the base {other['base']}, not {base}")
-    have = {tuple(p.get(k) for k in POINT_KEY) for p in result["points"]}
+    have = {point_key(p) for p in result["points"]}
     for p in points:
-        if tuple(p.get(k) for k in POINT_KEY) not in have:
+        if point_key(p) not in have:
             result["points"].append({**p, "included_from": p.get("included_from", str(path))})
 
 
