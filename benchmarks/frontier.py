@@ -522,6 +522,18 @@ ENVELOPE_COLOUR = {"dense": "0.3", "dense+cache": "tab:cyan", "control": "tab:ol
                    "dydit+cache": "tab:brown"}  # fmt: skip
 
 
+# The decimals each metric is shown with (tables, verdicts): a difference that rounds to zero there is
+# "a tie", not a win for either side (e.g. a cache that reuses nothing, sampled with another thread
+# count: its FID differs from the uncached one's in the fourth decimal). Other metrics: exact.
+SHOWN_DECIMALS = {"FID": 1, "overall": 3}
+
+
+def is_tie(difference: float, metric: str = "FID") -> bool:
+    """Whether ``difference`` of ``metric`` is zero at the precision the tables show it with."""
+    decimals = SHOWN_DECIMALS.get(metric)
+    return difference == 0 if decimals is None else round(difference, decimals) == 0
+
+
 def dense_frontier(points: list[dict], metric: str = "FID") -> tuple[np.ndarray, np.ndarray]:
     """(MACs per image, ``metric``) of the dense model's step curve, sorted by compute."""
     dense = sorted(
@@ -541,7 +553,8 @@ def equal_compute(
     the step count of the dense model with the same compute, with its metric when it was measured.
     Keys are named after the metric (FID: ``frontier_fid``, ``dense_fid``, ``delta_fid``); the
     verdict compares the point with the interpolated curve, else with the dense point at round(ρ·N)
-    (FID: lower is better; ``higher_is_better`` for scores such as GenEval's overall).
+    (FID: lower is better; ``higher_is_better`` for scores such as GenEval's overall); a difference
+    that is zero at the shown precision (:func:`is_tie`) is "a tie".
     """
     name = metric.lower()
     macs, values = dense_frontier(points, metric)
@@ -562,8 +575,8 @@ def equal_compute(
         out[f"delta_{name}"] = value - ref
         better = value > ref if higher_is_better else value < ref
         out["verdict"] = (
-            f"{WINNER.get(point['kind'], 'DyDiT')} wins" if better
-            else "a tie" if value == ref
+            "a tie" if is_tie(value - ref, metric)
+            else f"{WINNER.get(point['kind'], 'DyDiT')} wins" if better
             else "fewer dense steps win"
         )  # fmt: skip
     return out
@@ -622,9 +635,9 @@ def budget_verdicts(points: list[dict], budgets=BUDGETS, metric: str = "FID") ->
         else:
             row["gap"] = gap = dydit[metric] - dense[metric]
             row["verdict"] = (
-                f"DyDiT-based wins by {-gap:.1f} {metric}" if gap < 0
-                else f"dense-based wins by {gap:.1f} {metric}" if gap > 0
-                else "a tie"
+                "a tie" if is_tie(gap, metric)
+                else f"DyDiT-based wins by {-gap:.1f} {metric}" if gap < 0
+                else f"dense-based wins by {gap:.1f} {metric}"
             )  # fmt: skip
         rows.append(row)
     return rows

@@ -143,6 +143,26 @@ def test_budget_verdicts_take_each_sides_best_point_within_the_budget(frontier):
     assert (r["dense-based"]["FID"], r["DyDiT-based"]["FID"]) == (82.0, 95.0) and r["best_kind"] == "dense"
 
 
+def test_a_difference_below_the_shown_precision_is_a_tie(frontier):
+    # A cache that reuses nothing, sampled with another thread count: the same images up to the 4th
+    # decimal of the FID. Shown as +0.0, it must not read as a win for either side.
+    cache = dict(dense(10, 82.0 + 3e-4), label="DiT (dense) + teacache:0.05", kind="dense+cache")
+    eq = frontier.equal_compute(cache, POINTS)
+    assert eq["delta_fid"] == pytest.approx(3e-4) and eq["verdict"] == "a tie"
+    assert frontier.equal_compute({**cache, "FID": 82.0 - 0.06}, POINTS)["verdict"] == "dense + cache wins"
+    assert frontier.equal_compute({**cache, "FID": 82.0 + 0.06}, POINTS)["verdict"] == "fewer dense steps win"
+    (row,) = frontier.budget_verdicts([dense(5, 100.0), dydit(10, 100.0 - 0.04)], (0.5,))
+    assert row["gap"] == pytest.approx(-0.04) and row["verdict"] == "a tie"
+    (row,) = frontier.budget_verdicts([dense(5, 100.0), dydit(10, 100.0 - 0.06)], (0.5,))
+    assert row["verdict"] == "DyDiT-based wins by 0.1 FID"
+    # GenEval's overall score is shown with three decimals, higher is better.
+    t2i = [dict(dense(4, 0.0), overall=0.500), dict(dense(8, 0.0), overall=0.600)]
+    point = dict(dydit(12, 0.0), overall=0.5503)  # 6 dense steps' compute: the curve's 0.550
+    assert frontier.equal_compute(point, t2i, "overall", higher_is_better=True)["verdict"] == "a tie"
+    point["overall"] = 0.552
+    assert frontier.equal_compute(point, t2i, "overall", higher_is_better=True)["verdict"] == "DyDiT wins"
+
+
 def test_budget_verdicts_call_a_tie_and_reject_bad_budgets(frontier):
     (row,) = frontier.budget_verdicts([dense(5, 100.0), dydit(10, 100.0)], (0.5,))
     assert row["gap"] == 0 and row["verdict"] == "a tie"
