@@ -100,6 +100,20 @@ def test_a_run_recorded_before_a_field_existed_resumes_with_its_default():
     assert cfg.replace(distill_weight=1.0).resume_conflicts(old) == ["distill_weight: 0.0 -> 1.0"]
 
 
+def test_an_automatic_stratified_t_resumes_as_what_it_resolves_to():
+    # A Python-API run stores stratified_t None (on for a DyDiT); the CLI resumes it saying True.
+    api = TrainConfig(model="DyDiT-Ti/2", target=0.5, init_from="base.pt")
+    cli = api.replace(stratified_t=True)
+    assert cli.resume_conflicts(api.to_dict()) == [] and api.resume_conflicts(cli.to_dict()) == []
+    off = api.replace(stratified_t=False)
+    assert off.resume_conflicts(api.to_dict()) == ["stratified_t: True -> False"]
+    assert api.resume_conflicts(off.to_dict()) == ["stratified_t: False -> True"]
+    dense = TrainConfig(model="DiT-Ti/2", init_from="base.pt")  # None is off for a static DiT
+    assert dense.replace(stratified_t=False).resume_conflicts(dense.to_dict()) == []
+    on = dense.replace(stratified_t=True)
+    assert on.resume_conflicts(dense.to_dict()) == ["stratified_t: False -> True"]
+
+
 def test_finetune_with_distillation_logs_the_term_and_resumes(tmp_path):
     base = TrainConfig(
         out_dir=str(tmp_path / "dit"), model="DiT-Ti/2", model_overrides=TINY, data="digits",

@@ -247,6 +247,12 @@ class TrainConfig:
             f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING
         }
         old = {k: stored.get(k, defaults.get(k)) for k in mine}
+        # stratified_t None means "on for a DyDiT, off for a DiT" (the Python API's default, where the
+        # CLI says True or False): compare what the two runs do, not how each said it.
+        if None in (old["stratified_t"], mine["stratified_t"]):
+            old["stratified_t"], mine["stratified_t"] = (
+                self.dynamic if v is None else v for v in (old["stratified_t"], mine["stratified_t"])
+            )
         return [
             f"{k}: {old[k]!r} -> {mine[k]!r}"
             for k in mine
