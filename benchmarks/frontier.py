@@ -221,7 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     dense_name = f"{family_name(read_checkpoint(base)[1])} (dense)"
-    recipe_name = "shipped recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
+    # Named by what it is, not by being shipped: points stored under "(shipped recipe)" are the 1200-step
+    # recipe shipped until 2026-12-07, and a label must not change its meaning with a later recipe.
+    recipe_name = (
+        f"{recipe.finetune_steps}-step recipe" if args.recipe == SHIPPED_RECIPE else tag or "demo recipe"
+    )
     lambda_labels = {lam: f"DyDiT λ={lam:g} ({recipe_name})" for lam in args.lambdas}
     labels = [dense_name, *lambda_labels.values(), *(label for label, _ in args.checkpoint)]
     coefficients = TeaCacheCoefficients.from_args(args, labels, out)  # checked before any work
@@ -246,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
             key = dict(zip(POINT_KEY, (label, n, cfg.num_samples, cfg.sampler)))
             stored = next((p for p in result["points"] if point_key(p) == tuple(key.values())), None)
             if stored is not None:
+                if "recipe" in extra and stored.get("recipe", extra["recipe"]) != extra["recipe"]:
+                    raise DyditError(  # the same label, fine-tuned otherwise: not this run's point
+                        f"{store}: {label} at {n} steps was fine-tuned with the recipe "
+                        f"{json.dumps(stored['recipe'])}, not this run's {json.dumps(extra['recipe'])}: "
+                        "give another --out-dir"
+                    )
                 if cache is not None and is_teacache(cache) and "cache_polynomial" in stored:
                     model = model or load()  # a stored point of another polynomial is not this one
                     polynomial = polynomial or teacache(name, model, weights)

@@ -421,3 +421,30 @@ def test_include_adds_another_runs_points_without_sampling_them(frontier, cache_
         cache_run("--include", str(first), "--seed", "3", "--out-dir", str(tmp_path / "y"))
     with pytest.raises(DyditError, match="--render draws one file"):
         frontier.main(["--render", str(first), "--include", str(first)])
+
+
+def test_a_stored_point_of_another_recipe_is_refused(frontier, cache_run, two_models, monkeypatch):
+    """A λ point is the fine-tune of its recipe: a rerun whose recipe differs under the same label
+    stops, and the shipped recipe's points are named by the recipe, not by being shipped."""
+    from dydit.apps.demo import SHIPPED_RECIPE
+
+    tunes = []
+
+    def finetune(cfg, base, out, dynamic=True):  # a stand-in: the fixture's DyDiT is "the fine-tune"
+        tunes.append(cfg.finetune_steps)
+        return two_models[1]
+
+    monkeypatch.setattr(frontier, "finetune", finetune)
+    points, _ = cache_run("--lambdas", "0.5")
+    name = f"DyDiT λ=0.5 ({SHIPPED_RECIPE['finetune_steps']}-step recipe)"
+    assert points[name, 2]["recipe"] == SHIPPED_RECIPE and tunes == [SHIPPED_RECIPE["finetune_steps"]]
+    cache_run("--lambdas", "0.5")  # the same recipe: its point is kept, not sampled again
+    store = cache_run.out / "frontier.json"
+    result = json.loads(store.read_text())
+    for p in result["points"]:
+        if p["label"] == name:
+            p["recipe"] = {**SHIPPED_RECIPE, "finetune_steps": 1}
+    store.write_text(json.dumps(result))
+    with pytest.raises(DyditError, match=r"fine-tuned with the recipe .*\"finetune_steps\": 1,") as e:
+        cache_run("--lambdas", "0.5")
+    assert "\n" not in str(e.value)
