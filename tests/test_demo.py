@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dydit.apps.demo import BASE_CHECKPOINT, SHIPPED_DYDIT, DemoConfig
+from dydit.apps.demo import BASE_CHECKPOINT, SHIPPED_DYDIT, SHIPPED_RECIPE, DemoConfig
 from dydit.cli import main
 from dydit.errors import DyditError
 
@@ -57,6 +57,19 @@ def test_shipped_dydit_is_the_base_with_routers_at_lambda_half() -> None:
     assert set(model.state_dict()) > set(base_sd)  # the base's keys plus the routers
     meta = json.loads(safe_open_metadata(SHIPPED_DYDIT)["config"])
     assert meta["train"]["target"] == 0.5 and meta["train"]["init_from"].endswith(BASE_CHECKPOINT.name)
+    # The recipe the frontier and lora_compare call the shipped one is the one it was trained with.
+    train, demo = meta["train"], DemoConfig()
+    assert (train["steps"], train["complete_steps"]) == (
+        SHIPPED_RECIPE["finetune_steps"],
+        SHIPPED_RECIPE["complete_steps"],
+    )
+    assert train["distill_weight"] == SHIPPED_RECIPE["distill_weight"]
+    assert (train["batch_size"], train["lr"], train["router_lr"]) == (
+        demo.finetune_batch,
+        demo.lr,
+        demo.router_lr,
+    )
+    assert (train["ema_decay"], train["seed"]) == (demo.ema_decay, demo.seed)
 
 
 def safe_open_metadata(path) -> dict:
