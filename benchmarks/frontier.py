@@ -614,7 +614,10 @@ def budget_verdicts(points: list[dict], budgets=BUDGETS, metric: str = "FID") ->
     threshold, λ), so each side is its lower envelope read at the budget: dense-based are the kinds
     ``dense`` and ``dense+cache`` (free to use on the base), DyDiT-based ``dydit`` and ``dydit+cache``.
     The static ``control`` is neither: it is a fine-tune without routers, there to tell the
-    fine-tuning's share of a DyDiT's change from the routing's, not an option offered to users.
+    fine-tuning's share of a DyDiT's change from the routing's, not an option offered to users; it
+    is read at the budget beside them (``control``: its best point within the budget or None, and
+    ``control_gap``: DyDiT-based minus it, None without both), so that a DyDiT-based win can be told
+    apart from one the extra training alone would have brought.
 
     Each row: ``budget`` (GMACs), ``best`` (per kind of the four, its best point within the budget or
     None), ``best_kind`` (the best of the four; on equal ``metric`` the cheaper point's), the two
@@ -623,7 +626,7 @@ def budget_verdicts(points: list[dict], budgets=BUDGETS, metric: str = "FID") ->
     ``verdict`` in words. Lower ``metric`` is better.
     """
     kinds = (*SIDES["dense-based"], *SIDES["DyDiT-based"])
-    groups = {**{k: (k,) for k in kinds}, **SIDES, "all": kinds}
+    groups = {**{k: (k,) for k in kinds}, **SIDES, "all": kinds, "control": ("control",)}
     envelopes = {
         g: lower_envelope([p for p in points if p["kind"] in ks], metric) for g, ks in groups.items()
     }
@@ -633,9 +636,12 @@ def budget_verdicts(points: list[dict], budgets=BUDGETS, metric: str = "FID") ->
             raise DyditError(f"compute budgets are positive GMACs per image, got {budget!r}")
         at = {g: next((p for p in reversed(e) if p["macs_per_image"] <= budget * 1e9), None)
               for g, e in envelopes.items()}  # fmt: skip
-        row: dict = dict(budget=budget, best={k: at[k] for k in kinds}, gap=None)
+        row: dict = dict(budget=budget, best={k: at[k] for k in kinds}, gap=None, control=at["control"])
         row.update(best_kind=at["all"] and at["all"]["kind"], **{side: at[side] for side in SIDES})
         dense, dydit = row["dense-based"], row["DyDiT-based"]
+        row["control_gap"] = None if dydit is None or at["control"] is None else (
+            dydit[metric] - at["control"][metric]
+        )  # fmt: skip
         if dense is None or dydit is None:
             row["verdict"] = (
                 "no point within budget" if dense is dydit
@@ -708,6 +714,7 @@ def _budget_markdown(rows: list[dict], metric: str = "FID") -> str:
             return "–"
         return f"{p['label']}, {p['steps']} steps, {p['macs_per_image'] / 1e9:.3f} GMACs: {p[metric]:.1f}"
 
+    controlled = any(r.get("control") is not None for r in rows)
     lines = [
         f"Best point within each compute budget ({metric}, lower is better): dense-based = dense or "
         "dense + cache, DyDiT-based = DyDiT or DyDiT + cache (the static control is neither). "
@@ -716,13 +723,29 @@ def _budget_markdown(rows: list[dict], metric: str = "FID") -> str:
         f"| budget (GMACs / image) | best dense-based | best DyDiT-based | Δ{metric} | verdict | best kind |",
         "|---:|---|---|---:|---|---|",
     ]
+    if controlled:  # the static fine-tune beside them: what the extra training alone brings
+        lines[0] += (
+            " Δ vs control = DyDiT-based minus the static control's best point within the budget (the "
+            "base fine-tuned without routers): negative where routing beats the extra training alone."
+        )
+        lines[2] += " best static control | Δ vs control |"
+        lines[3] += "---|---:|"
     for r in rows:
         lines.append(
             f"| ≤ {r['budget']:g} | {cell(r['dense-based'])} | {cell(r['DyDiT-based'])} | "
             f"{_fmt(r['gap'], '+.1f')} | {r['verdict']} | {r['best_kind'] or '–'} |"
         )
+        if controlled:
+            lines[-1] += f" {cell(r.get('control'))} | {_fmt(r.get('control_gap'), '+.1f')} |"
     met = sum(r["gap"] is not None and r["gap"] <= 0 for r in rows)
     lines += ["", f"DyDiT-based on or below dense-based at {met} of {len(rows)} budgets."]
+    if controlled:
+        gaps = [r.get("control_gap") for r in rows]
+        beaten = sum(g is not None and g <= 0 for g in gaps)
+        lines[-1] += (
+            f" On or below the static control at {beaten} of {sum(g is not None for g in gaps)} budgets "
+            "with both."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -781,6 +804,10 @@ def _budget_plot(points: list[dict], budgets, path: Path, metric: str = "FID") -
         best[side] = np.array([r[side][metric] if r[side] is not None else np.nan for r in rows])
         kinds = " or ".join(k.replace("dydit", "DyDiT") for k in SIDES[side])
         top.plot(grid, best[side], color=colour, lw=2, drawstyle="steps-post", label=f"best {side} ({kinds})")
+    if any(r["control"] is not None for r in rows):
+        control = np.array([r["control"][metric] if r["control"] is not None else np.nan for r in rows])
+        top.plot(grid, control, color=ENVELOPE_COLOUR["control"], lw=1.5, ls="--", drawstyle="steps-post",
+                 label="best static control (fine-tuned, no routers)")  # fmt: skip
     gap = best["DyDiT-based"] - best["dense-based"]
     bottom.plot(grid, gap, color="tab:red", lw=2, drawstyle="steps-post")
     bottom.axhline(0, color="0.2", lw=0.8)

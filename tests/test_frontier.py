@@ -143,6 +143,34 @@ def test_budget_verdicts_take_each_sides_best_point_within_the_budget(frontier):
     assert (r["dense-based"]["FID"], r["DyDiT-based"]["FID"]) == (82.0, 95.0) and r["best_kind"] == "dense"
 
 
+def test_budget_verdicts_read_the_static_control_beside_the_sides(frontier, tmp_path):
+    # The control (fine-tuned, no routers) is not an option for users, but a DyDiT-based win that the
+    # extra training alone also brings must show: each budget reads the control's best point too.
+    control = [
+        kind(dense(5, 90.0), "control", "control", 5e8),
+        kind(dense(10, 80.0), "control", "control", 1e9),
+    ]
+    rows = {
+        r["budget"]: r for r in frontier.budget_verdicts([*BUDGET_POINTS[:-1], *control], (0.3, 0.5, 1.0))
+    }
+    assert rows[0.3]["control"] is None and rows[0.3]["control_gap"] is None
+    r = rows[0.5]  # DyDiT-based 100 beats dense-based 105, but not the control's 90
+    assert r["verdict"] == "DyDiT-based wins by 5.0 FID" and r["control"]["FID"] == 90.0
+    assert r["control_gap"] == pytest.approx(10.0)
+    assert rows[1.0]["control"]["FID"] == 80.0 and rows[1.0]["control_gap"] == pytest.approx(15.0)
+    table = frontier._budget_markdown(list(rows.values()))
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| budget"))
+    assert header.endswith("| best kind | best static control | Δ vs control |")
+    row = next(line for line in lines if line.startswith("| ≤ 0.5 "))
+    assert row.count("|") == header.count("|") and row.endswith(
+        "control, 5 steps, 0.500 GMACs: 90.0 | +10.0 |"
+    )
+    assert table.rstrip().endswith("On or below the static control at 0 of 2 budgets with both.")
+    plain = frontier._budget_markdown(frontier.budget_verdicts(BUDGET_POINTS[:-1], (0.5,)))
+    assert "static control" not in plain.splitlines()[2] and "Δ vs control" not in plain
+
+
 def test_a_difference_below_the_shown_precision_is_a_tie(frontier):
     # A cache that reuses nothing, sampled with another thread count: the same images up to the 4th
     # decimal of the FID. Shown as +0.0, it must not read as a win for either side.
@@ -185,7 +213,10 @@ def test_render_only_writes_the_budget_table_from_a_stored_file(frontier, tmp_pa
     assert [line.split(" | ")[0] for line in rows] == ["| ≤ 0.3", "| ≤ 0.5"]
     assert "no dense point within budget" in rows[0] and "DyDiT-based wins by 5.0 FID" in rows[1]
     assert "DiT (dense), 5 steps, 0.500 GMACs: 105.0" in rows[1] and "| -5.0 |" in rows[1]
-    assert table.rstrip().endswith("DyDiT-based on or below dense-based at 1 of 2 budgets.")
+    assert table.rstrip().endswith(
+        "DyDiT-based on or below dense-based at 1 of 2 budgets. "
+        "On or below the static control at 0 of 2 budgets with both."
+    )
     with pytest.raises(SystemExit):
         frontier.parse(["--budgets", "0.5,-1"])
 
