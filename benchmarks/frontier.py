@@ -804,19 +804,23 @@ def _budget_plot(points: list[dict], budgets, path: Path, metric: str = "FID") -
         best[side] = np.array([r[side][metric] if r[side] is not None else np.nan for r in rows])
         kinds = " or ".join(k.replace("dydit", "DyDiT") for k in SIDES[side])
         top.plot(grid, best[side], color=colour, lw=2, drawstyle="steps-post", label=f"best {side} ({kinds})")
+    gap = best["DyDiT-based"] - best["dense-based"]
+    bottom.plot(grid, gap, color="tab:red", lw=2, drawstyle="steps-post", label="DyDiT-based − dense-based")
+    spanned = gap  # what the ticks must cover
     if any(r["control"] is not None for r in rows):
         control = np.array([r["control"][metric] if r["control"] is not None else np.nan for r in rows])
         top.plot(grid, control, color=ENVELOPE_COLOUR["control"], lw=1.5, ls="--", drawstyle="steps-post",
                  label="best static control (fine-tuned, no routers)")  # fmt: skip
-    gap = best["DyDiT-based"] - best["dense-based"]
-    bottom.plot(grid, gap, color="tab:red", lw=2, drawstyle="steps-post")
+        bottom.plot(grid, best["DyDiT-based"] - control, color=ENVELOPE_COLOUR["control"], lw=1.5, ls="--",
+                    drawstyle="steps-post", label="DyDiT-based − static control")  # fmt: skip
+        spanned = np.concatenate([gap, best["DyDiT-based"] - control])
     bottom.axhline(0, color="0.2", lw=0.8)
     bottom.fill_between(grid, 0, 1, where=gap <= 0, transform=bottom.get_xaxis_transform(), color="tab:red",
                         alpha=0.08, step="post", label="DyDiT-based on or below")  # fmt: skip
     if np.isfinite(best["dense-based"]).any() or np.isfinite(best["DyDiT-based"]).any():
         top.set_yscale("log")
     bottom.set_yscale("symlog", linthresh=3)
-    finite = gap[np.isfinite(gap)]
+    finite = spanned[np.isfinite(spanned)]
     if finite.size:
         span = (min(finite.min(), -1), max(finite.max(), 1))
         ticks = [
