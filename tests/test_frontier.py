@@ -143,7 +143,7 @@ def test_budget_verdicts_take_each_sides_best_point_within_the_budget(frontier):
     assert (r["dense-based"]["FID"], r["DyDiT-based"]["FID"]) == (82.0, 95.0) and r["best_kind"] == "dense"
 
 
-def test_budget_verdicts_read_the_static_control_beside_the_sides(frontier, tmp_path):
+def test_budget_verdicts_read_the_static_control_beside_the_sides(frontier):
     # The control (fine-tuned, no routers) is not an option for users, but a DyDiT-based win that the
     # extra training alone also brings must show: each budget reads the control's best point too.
     control = [
